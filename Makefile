@@ -1,0 +1,35 @@
+# The two commands of the README: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build by default; on a GPU host: make serve TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
+TORCH ?= torch==2.13.0
+
+.PHONY: serve test install install-test demo clean
+
+serve: install
+	$(PY) -m server
+
+test: install-test
+	$(PY) -m pytest
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Rebuild the embedded demo model and adapters (committed; only needed after changing server/demo/build.py).
+demo: install
+	$(PY) -m server.demo build
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,76 @@
+"""Settings, validated once at start: MIXSERVE_* environment variables and `python -m server` flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_MODEL = "demo"
+DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MIXSERVE_",
+        cli_prog_name="python -m server",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
+
+    model: str = Field(DEMO_MODEL, description="local path of a transformers causal LM, or 'demo'")
+    adapters_dir: Path = Field(Path("adapters_store"), description="the adapter store: one subfolder per adapter")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_adapters_per_request: int = Field(8, ge=1, le=64)
+    max_new_tokens: int = Field(1024, ge=1, description="the most tokens one request may ask for")
+    max_input_tokens: int = Field(4096, ge=1, description="the longest prompt accepted, in tokens")
+    allow_pickle: bool = Field(False, description="also load adapter_model.bin (pickle) adapters")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str) -> str:
+        if value != DEMO_MODEL and not Path(value).is_dir():
+            raise ValueError(f"{value!r} is not a directory (no model hub is reachable: give a local path)")
+        return value
+
+    @field_validator("adapters_dir")
+    @classmethod
+    def _store_exists(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"adapter store {str(value)!r} is not a directory")
+        return value.resolve()
+
+    @field_validator("device")
+    @classmethod
+    def _cuda_present(cls, value: str) -> str:
+        if value == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+        return value
+
+    @property
+    def model_path(self) -> Path:
+        return DEMO_MODEL_DIR if self.model == DEMO_MODEL else Path(self.model)
+
+    @property
+    def model_id(self) -> str:
+        return "mixserve-demo" if self.model == DEMO_MODEL else self.model_path.name
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
