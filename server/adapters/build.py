@@ -1,0 +1,130 @@
+"""From an adapter's files to its weights on each Linear layer, checked against the base model.
+
+Nothing here touches the live model: a failure leaves no trace.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from peft import PeftConfig
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from server.adapters.kinds import CANONICAL_ORDER, KINDS, Kind, LayerAdapter
+from server.adapters.store import AdapterFiles
+from server.errors import AdapterInvalid
+
+SAVED_PREFIX = "base_model.model."
+
+
+class BaseLayout:
+    """The base model's modules as they were before any adapter was attached."""
+
+    def __init__(self, model: nn.Module):
+        self.model_type = getattr(model.config, "model_type", None)
+        self.modules = dict(model.named_modules())
+        self.linears = {name: m for name, m in self.modules.items() if isinstance(m, nn.Linear)}
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.output_embedding = next((n for n, m in self.modules.items() if m is output), None)
+
+
+@dataclass
+class BuiltAdapter:
+    name: str
+    version: str
+    kind: Kind
+    config: PeftConfig
+    layers: dict[str, LayerAdapter]  # module name -> weights on that layer
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers.values())
+
+
+def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device, dtype: torch.dtype) -> BuiltAdapter:
+    name = files.name
+    kind, config = parse_config(name, files.config)
+    targeted = targeted_modules(name, config, layout)
+    by_module = _group_tensors(name, kind, files.tensors)
+    missing, extra = targeted - by_module.keys(), by_module.keys() - targeted
+    if missing:
+        raise AdapterInvalid(name, f"no weights for targeted module(s) {_few(missing)}: the weights file is incomplete")
+    if extra:
+        raise AdapterInvalid(name, f"weights for module(s) {_few(extra)} that the config does not target")
+    layers = {}
+    for module_name in sorted(by_module):
+        tensors = {
+            param: t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
+            for param, t in by_module[module_name].items()
+        }
+        if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+            raise AdapterInvalid(name, f"{module_name}: weights contain NaN or infinity")
+        try:
+            layer = kind.build(config, module_name, layout.linears[module_name], tensors, dtype)
+        except ValueError as exc:
+            raise AdapterInvalid(name, f"does not fit the base model at {module_name}: {exc}") from exc
+        if layer is not None:
+            layers[module_name] = layer
+    return BuiltAdapter(name=name, version=files.version, kind=kind, config=config, layers=layers)
+
+
+def parse_config(name: str, raw: dict) -> tuple[Kind, PeftConfig]:
+    peft_type = raw.get("peft_type")
+    if peft_type not in KINDS:
+        raise AdapterInvalid(
+            name, f"adapter type {peft_type!r} cannot be mixed; supported types: {', '.join(CANONICAL_ORDER)}"
+        )
+    kind = KINDS[peft_type]
+    try:
+        config = PeftConfig.from_peft_type(**raw)
+    except Exception as exc:
+        raise AdapterInvalid(name, f"invalid adapter_config.json: {exc}") from exc
+    problems = kind.problems(config)
+    if problems:
+        raise AdapterInvalid(name, "; ".join(problems))
+    return kind, config
+
+
+def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout) -> set[str]:
+    """The modules peft would wrap for this config on the base model (a mixed model's rules)."""
+    config = copy.copy(config)
+    if config.target_modules is None:
+        defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(layout.model_type)
+        if defaults is None:
+            raise AdapterInvalid(name, f"target_modules is not set and peft has no default for {layout.model_type!r}")
+        config.target_modules = set(defaults)
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        found = set(layout.linears) - {layout.output_embedding}
+    else:
+        found = {m for m in layout.modules if m and check_target_module_exists(config, m)}
+    not_linear = {m for m in found if m not in layout.linears}
+    if not_linear:
+        m = min(not_linear)
+        raise AdapterInvalid(
+            name, f"targets {m} ({type(layout.modules[m]).__name__}); only Linear layers are supported"
+        )
+    if not found:
+        raise AdapterInvalid(name, f"target_modules {config.target_modules!r} match no layer of the base model")
+    return found
+
+
+def _group_tensors(name: str, kind: Kind, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """`base_model.model.<module>.<param>` -> {module: {param: tensor}}."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        param = next((p for p in kind.param_names if key.endswith("." + p)), None)
+        if not key.startswith(SAVED_PREFIX) or param is None:
+            raise AdapterInvalid(name, f"unexpected tensor {key!r} for a {kind.peft_type} adapter")
+        module = key[len(SAVED_PREFIX) : -len(param) - 1]
+        grouped.setdefault(module, {})[param] = tensor
+    return grouped
+
+
+def _few(names: set[str]) -> str:
+    shown = sorted(names)[:3]
+    more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+    return ", ".join(shown) + more

@@ -1,0 +1,102 @@
+"""The interface every adapter type implements: its weights on one Linear layer, and how to build them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from peft import PeftConfig
+from peft.utils.other import get_pattern_key
+from torch import nn
+
+# Options that put adapter weights outside the Linear layers this server wraps.
+_UNSUPPORTED_OPTIONS = ("modules_to_save", "trainable_token_indices", "target_parameters", "layer_replication")
+
+
+class LayerAdapter:
+    """One adapter's weights on one Linear layer of the base model.
+
+    Semantics, for the rows x of that layer's input, with the adapters in canonical nesting order (DESIGN.md):
+        x' = rotate_k(... rotate_1(x))                         # OFT: rotates_input
+        W' = W + S_1 + ... + S_m                               # SHiRA: adds_to_weight
+        y  = F.linear(x', W', b) + sum(delta(x) for LoRA, AdaLoRA, LoHa, LoKr)
+    """
+
+    rotates_input = False
+    adds_to_weight = False
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_to(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class Kind:
+    """One adapter type (a PEFT tuner that PEFT can mix)."""
+
+    peft_type: str
+    # Suffixes of the state-dict keys that hold this type's weights, after the module path.
+    param_names: tuple[str, ...]
+
+    def problems(self, config: PeftConfig) -> list[str]:
+        """What in this config the server cannot serve exactly; empty if nothing."""
+        found = []
+        for option in _UNSUPPORTED_OPTIONS:
+            if getattr(config, option, None):
+                found.append(f"{option} is not supported")
+        bias = getattr(config, "bias", "none")
+        if bias != "none":
+            found.append(f"bias={bias!r} is not supported (it trains the base model's biases); use bias='none'")
+        return found
+
+    def build(
+        self, config: PeftConfig, module_name: str, linear: nn.Linear, tensors: dict[str, torch.Tensor], dtype
+    ) -> LayerAdapter | None:
+        """This adapter on one layer; None where its weights have no effect (rank 0).
+
+        `tensors` hold this module's weights in float32 on the model's device, keyed by param name.
+        Raises ValueError with the reason when they do not fit the layer.
+        """
+        raise NotImplementedError
+
+    def rank(self, config: PeftConfig) -> int | None:
+        return getattr(config, "r", None)
+
+
+def pattern_value(pattern: dict | None, module_name: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup."""
+    if not pattern:
+        return default
+    return pattern.get(get_pattern_key(pattern.keys(), module_name), default)
+
+
+def expect_params(tensors: dict[str, torch.Tensor], required: set[str], optional: set[str] = frozenset()) -> None:
+    missing = required - tensors.keys()
+    unexpected = tensors.keys() - required - optional
+    if missing:
+        raise ValueError(f"missing tensors {sorted(missing)}")
+    if unexpected:
+        raise ValueError(f"unexpected tensors {sorted(unexpected)}")
+
+
+def expect_shape(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    tensor = tensors[name]
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, the base layer needs {tuple(shape)}")
+    return tensor
+
+
+def config_fields(config: PeftConfig) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config)}

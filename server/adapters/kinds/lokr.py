@@ -1,0 +1,50 @@
+"""LoKr: delta(x) = x kron(W1, W2)^T * scaling, computed without building the Kronecker product."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lokr.layer import factorization
+
+from .base import Kind, LayerAdapter, expect_params, expect_shape, pattern_value
+
+
+class LoKrLayer(LayerAdapter):
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, scaling: float):
+        self.w1 = w1  # [a, c]
+        self.w2 = w2  # [b, d]; out = a*b, in = c*d
+        self.scaling = scaling
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        # kron(W1, W2)[i*b+j, k*d+l] = W1[i,k] W2[j,l], so with X = x viewed as [..., c, d]: y = W1 X W2^T
+        (a, c), (b, d) = self.w1.shape, self.w2.shape
+        xs = x.reshape(*x.shape[:-1], c, d)
+        y = self.w1 @ (xs @ self.w2.T)  # [..., a, b]
+        return y.reshape(*x.shape[:-1], a * b) * self.scaling
+
+
+class LoKrKind(Kind):
+    peft_type = "LOKR"
+    param_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+    def build(self, config, module_name, linear, tensors, dtype):
+        r = pattern_value(config.rank_pattern, module_name, config.r)
+        alpha = pattern_value(config.alpha_pattern, module_name, config.alpha)
+        # the shapes peft's lokr.Linear gives this layer
+        out_l, out_k = factorization(linear.out_features, config.decompose_factor)
+        in_m, in_n = factorization(linear.in_features, config.decompose_factor)
+        full_w1 = not (config.decompose_both and r < max(out_l, in_m) / 2)
+        full_w2 = not (r < max(out_k, in_n) / 2)
+        expect_params(
+            tensors,
+            ({"lokr_w1"} if full_w1 else {"lokr_w1_a", "lokr_w1_b"})
+            | ({"lokr_w2"} if full_w2 else {"lokr_w2_a", "lokr_w2_b"}),
+        )
+        if full_w1:
+            w1 = expect_shape(tensors, "lokr_w1", (out_l, in_m))
+        else:
+            w1 = expect_shape(tensors, "lokr_w1_a", (out_l, r)) @ expect_shape(tensors, "lokr_w1_b", (r, in_m))
+        if full_w2:
+            w2 = expect_shape(tensors, "lokr_w2", (out_k, in_n))
+        else:
+            w2 = expect_shape(tensors, "lokr_w2_a", (out_k, r)) @ expect_shape(tensors, "lokr_w2_b", (r, in_n))
+        return LoKrLayer(w1.to(dtype), w2.to(dtype), alpha / r)

@@ -1,0 +1,104 @@
+"""Where adapters come from: a local directory with one subfolder per adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+from server.errors import AdapterInvalid, AdapterNotFound, ValidationError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """One adapter as read from the store, not yet checked against the base model."""
+
+    name: str
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    version: str  # sha256 of the files' bytes, shortened
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ValidationError(f"invalid adapter name {name!r}: names match {NAME_PATTERN.pattern} (no paths, no '..')")
+
+
+class AdapterStore:
+    def __init__(self, root: Path, allow_pickle: bool = False):
+        self.root = root.resolve()
+        self.allow_pickle = allow_pickle
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if NAME_PATTERN.fullmatch(p.name) and p.is_dir())
+
+    def path(self, name: str) -> Path:
+        """The adapter's folder. Refuses bad names, unknown names and folders that resolve outside the store."""
+        check_name(name)
+        candidate = self.root / name
+        if not candidate.is_dir():
+            raise AdapterNotFound(f"adapter {name!r} not found in the store")
+        if not candidate.resolve().is_relative_to(self.root):
+            raise AdapterInvalid(name, "its folder resolves outside the adapter store")
+        return candidate
+
+    def read_config(self, name: str) -> dict:
+        return _read_config(name, self._file(name, CONFIG_FILE))
+
+    def read(self, name: str) -> AdapterFiles:
+        config_path = self._file(name, CONFIG_FILE)
+        config_bytes = config_path.read_bytes()
+        config = _read_config(name, config_path, config_bytes)
+        weights_path = self._weights_file(name)
+        weights_bytes = weights_path.read_bytes()
+        try:
+            if weights_path.name == SAFETENSORS_FILE:
+                tensors = load_safetensors(weights_bytes)
+            else:
+                tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterInvalid(name, f"cannot read {weights_path.name}: {exc}") from exc
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise AdapterInvalid(name, f"{weights_path.name} is not a mapping of names to tensors")
+        version = hashlib.sha256(config_bytes + weights_bytes).hexdigest()[:16]
+        return AdapterFiles(name=name, config=config, tensors=tensors, version=version)
+
+    def _file(self, name: str, filename: str) -> Path:
+        path = self.path(name) / filename
+        if not path.is_file():
+            raise AdapterInvalid(name, f"{filename} is missing")
+        if not path.resolve().is_relative_to(self.root):
+            raise AdapterInvalid(name, f"{filename} resolves outside the adapter store")
+        return path
+
+    def _weights_file(self, name: str) -> Path:
+        folder = self.path(name)
+        if (folder / SAFETENSORS_FILE).is_file():
+            return self._file(name, SAFETENSORS_FILE)
+        if (folder / PICKLE_FILE).is_file():
+            if not self.allow_pickle:
+                raise AdapterInvalid(
+                    name, f"only {PICKLE_FILE} (pickle) is present; set MIXSERVE_ALLOW_PICKLE=1 to load it"
+                )
+            return self._file(name, PICKLE_FILE)
+        raise AdapterInvalid(name, f"{SAFETENSORS_FILE} is missing")
+
+
+def _read_config(name: str, path: Path, data: bytes | None = None) -> dict:
+    try:
+        config = json.loads(path.read_bytes() if data is None else data)
+    except (OSError, ValueError) as exc:
+        raise AdapterInvalid(name, f"cannot read {CONFIG_FILE}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise AdapterInvalid(name, f"{CONFIG_FILE} is not a JSON object")
+    return config

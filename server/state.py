@@ -1,0 +1,42 @@
+"""Everything the routes need, built once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import AdapterStore
+from server.config import Settings
+from server.engine.engine import Engine
+from server.engine.model import load_model, load_tokenizer
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    store: AdapterStore
+    registry: AdapterRegistry
+    engine: Engine
+    tokenizer: object
+    max_total_tokens: int | None  # the model's context length, where its config says
+
+    @classmethod
+    def start(cls, settings: Settings) -> ServerState:
+        device, dtype = settings.torch_device, settings.torch_dtype
+        model = load_model(settings.model_path, device, dtype)
+        tokenizer = load_tokenizer(settings.model_path)
+        store = AdapterStore(settings.adapters_dir, allow_pickle=settings.allow_pickle)
+        registry = AdapterRegistry(model, store, device, dtype)
+        engine = Engine(model, tokenizer, registry)
+        engine.start()
+        return cls(
+            settings=settings,
+            store=store,
+            registry=registry,
+            engine=engine,
+            tokenizer=tokenizer,
+            max_total_tokens=getattr(model.config, "max_position_embeddings", None),
+        )
+
+    def stop(self) -> None:
+        self.engine.stop()

@@ -1,0 +1,82 @@
+"""The oracle of DESIGN.md: a fresh PeftMixedModel with exactly the combination, loaded in canonical order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftMixedModel
+from peft.tuners.adalora import AdaLoraLayer
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+# DESIGN.md: nesting, innermost first; within a type, the order of the request
+CANONICAL = ["SHIRA", "OFT", "LORA", "ADALORA", "LOHA", "LOKR"]
+
+
+def peft_type(store: Path, name: str) -> str:
+    return json.loads((store / name / "adapter_config.json").read_text())["peft_type"]
+
+
+def canonical(store: Path, names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: CANONICAL.index(peft_type(store, n)))
+
+
+def reference_model(model_dir: Path, store: Path, names: list[str]):
+    """PeftMixedModel (or the plain base for no adapters) with `names` active, loaded in canonical order."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if not names:
+        return base
+    mixed = None
+    ordered = canonical(store, names)
+    for i, name in enumerate(ordered):
+        internal = f"a{i}"  # store names may hold '.', which peft adapter names cannot
+        config = PeftConfig.from_pretrained(store / name)
+        pattern = getattr(config, "rank_pattern", None) if config.peft_type == "ADALORA" else None
+        if pattern:
+            config.rank_pattern = None  # PeftMixedModel cannot resize AdaLoRA modules; done below
+        if mixed is None:
+            mixed = PeftMixedModel(base, config, internal)  # from_pretrained would refuse OFT first
+        else:
+            mixed.add_adapter(internal, config)
+        if pattern:
+            _resize_adalora(mixed, internal, config, pattern)
+        result = set_peft_model_state_dict(mixed, load_file(store / name / "adapter_model.safetensors"), internal)
+        assert not result.unexpected_keys, result.unexpected_keys
+    mixed.set_adapter([f"a{i}" for i in range(len(ordered))])
+    return mixed.eval()
+
+
+def _resize_adalora(mixed, internal: str, config, pattern: dict) -> None:
+    """peft's AdaLoraModel.resize_modules_by_rank_pattern, for a mixed model."""
+    for key, mask in pattern.items():
+        layer = mixed.base_model.model.get_submodule(key.removesuffix(".lora_E"))
+        while not isinstance(layer, AdaLoraLayer):
+            layer = layer.base_layer
+        ranknum = layer.ranknum[internal]
+        rank = sum(mask)
+        layer.update_layer(internal, rank, config.lora_alpha, config=config)
+        if rank > 0:
+            with torch.no_grad():
+                layer.ranknum[internal].copy_(ranknum)
+
+
+@torch.no_grad()
+def reference_logits(model_dir: Path, store: Path, names: list[str], ids: list[int]) -> torch.Tensor:
+    return reference_model(model_dir, store, names)(torch.tensor([ids])).logits[0]
+
+
+@torch.no_grad()
+def reference_greedy(model_dir: Path, store: Path, names: list[str], ids: list[int], new_tokens: int) -> list[int]:
+    model = reference_model(model_dir, store, names)
+    out = model.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(ids) :].tolist()

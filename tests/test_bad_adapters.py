@@ -1,0 +1,184 @@
+"""Bad adapters on disk: each refused with a clear 4xx naming the reason; the model keeps no trace; serving goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, LlamaConfig
+
+from server.adapters.mixing import MixedLinear
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import AdapterStore
+from server.demo.build import save_adapter
+from server.engine.model import encode_prompt, load_model
+from server.engine.runner import ModelRunner
+from tests.reference import reference_greedy
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def _copy(store: Path, source: str, name: str) -> Path:
+    shutil.copytree(store / source, store / name)
+    return store / name
+
+
+def _edit_weights(folder: Path, edit) -> None:
+    tensors = load_file(folder / WEIGHTS)
+    edit(tensors)
+    save_file(tensors, folder / WEIGHTS)
+
+
+def _save_peft(model_dir: Path, config, out: Path) -> None:
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    model.save_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def broken(llama, tmp_path_factory) -> Path:
+    """A store holding the good adapters of `llama` and one broken adapter per failure mode."""
+    root = tmp_path_factory.mktemp("broken")
+    store = root / "store"
+    shutil.copytree(llama.store, store)
+
+    (_copy(store, "lora", "no-config") / CONFIG).unlink()
+    (_copy(store, "lora", "no-weights") / WEIGHTS).unlink()
+    folder = _copy(store, "lora", "truncated")
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
+    (_copy(store, "lora", "garbage") / WEIGHTS).write_bytes(os.urandom(4096))
+    (_copy(store, "lora", "bad-json") / CONFIG).write_text("{not json")
+    folder = _copy(store, "lora", "unknown-type")
+    (folder / CONFIG).write_text(json.dumps({**json.loads((folder / CONFIG).read_text()), "peft_type": "FOO"}))
+    _edit_weights(_copy(store, "lora", "nan"), lambda t: next(iter(t.values())).fill_(float("nan")))
+    _edit_weights(
+        _copy(store, "lora", "missing-module"), lambda t: [t.pop(k) for k in list(t) if ".layers.1.mlp.down_proj." in k]
+    )
+    # fails on the last module only: everything before it would have been attached by a naive loader
+    _edit_weights(
+        _copy(store, "lora", "wrong-shape-last"),
+        lambda t: t.update({k: torch.zeros(7, 4) for k in t if ".layers.1.mlp.down_proj.lora_B" in k}),
+    )
+    folder = _copy(store, "lora", "pickle-only")
+    torch.save(load_file(folder / WEIGHTS), folder / "adapter_model.bin")
+    (folder / WEIGHTS).unlink()
+
+    _save_peft(
+        llama.model_dir,
+        IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        store / "ia3",
+    )
+    _save_peft(llama.model_dir, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), store / "prefix")
+    save_adapter(llama.model_dir, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), store / "dora", 1, "x")
+    save_adapter(
+        llama.model_dir,
+        LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        store / "with-head",
+        1,
+        "x",
+    )
+    folder = _copy(store, "lora", "not-linear")
+    (folder / CONFIG).write_text(json.dumps({**json.loads((folder / CONFIG).read_text()), "target_modules": ["mlp"]}))
+
+    other = root / "other-base"
+    tokenizer = ByT5Tokenizer()
+    AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(other)
+    save_adapter(other, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), store / "other-base", 1, "x")
+
+    outside = root / "outside"
+    shutil.copytree(llama.store / "lora", outside)
+    (store / "escape").symlink_to(outside, target_is_directory=True)
+    (store / "alias").symlink_to(store / "lora", target_is_directory=True)  # inside the store: fine
+    return store
+
+
+CASES = {
+    "no-config": (422, "adapter_config.json is missing"),
+    "no-weights": (422, "adapter_model.safetensors is missing"),
+    "truncated": (422, "cannot read adapter_model.safetensors"),
+    "garbage": (422, "cannot read adapter_model.safetensors"),
+    "bad-json": (422, "cannot read adapter_config.json"),
+    "unknown-type": (422, "adapter type 'FOO' cannot be mixed; supported types: SHIRA, OFT, LORA, ADALORA, LOHA, LOKR"),
+    "ia3": (422, "adapter type 'IA3' cannot be mixed"),
+    "prefix": (422, "adapter type 'PREFIX_TUNING' cannot be mixed"),
+    "nan": (422, "NaN or infinity"),
+    "missing-module": (422, "no weights for targeted module(s) model.layers.1.mlp.down_proj"),
+    "wrong-shape-last": (422, "model.layers.1.mlp.down_proj: lora_B.weight has shape (7, 4), the base layer needs"),
+    "pickle-only": (422, "set MIXSERVE_ALLOW_PICKLE=1"),
+    "dora": (422, "LoRA variants are not supported: use_dora"),
+    "with-head": (422, "modules_to_save is not supported"),
+    "not-linear": (422, "only Linear layers are supported"),
+    "other-base": (422, "does not fit the base model at model.layers.0.self_attn.q_proj"),
+    "escape": (422, "resolves outside the adapter store"),
+    "../lora": (422, "invalid adapter name"),
+    "..": (422, "invalid adapter name"),
+    "/etc": (422, "invalid adapter name"),
+    "a/b": (422, "invalid adapter name"),
+    "": (422, "invalid adapter name"),
+    "not-there": (404, "adapter 'not-there' not found"),
+}
+
+
+@pytest.fixture(scope="module")
+def server(serve, llama, broken):
+    return serve(llama.settings(adapters_dir=broken))
+
+
+@pytest.mark.parametrize("name", CASES, ids=lambda n: n or "empty")
+def test_bad_adapter_is_refused_and_leaves_no_trace(server, llama, name):
+    status, reason = CASES[name]
+    with server.client() as client:
+        response = client.post(
+            "/generate", json={"inputs": "Hi", "adapters": [name], "parameters": {"max_new_tokens": 2}}
+        )
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert reason in body["error"], body
+        assert set(body) == {"error", "error_type"}
+        assert not any(isinstance(m, MixedLinear) for m in server.state.engine.model.modules())
+        assert client.get("/adapters").json() == {"adapters": []}
+        ok = client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}})
+        assert ok.status_code == 200
+    ids = encode_prompt(server.state.tokenizer, "Hi")
+    expected = reference_greedy(llama.model_dir, llama.store, [], ids, 4)
+    assert ok.json()["generated_text"] == server.state.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_symlink_inside_the_store_and_listing_with_errors(server):
+    with server.client() as client:
+        assert (
+            client.post(
+                "/generate", json={"inputs": "Hi", "adapters": ["alias"], "parameters": {"max_new_tokens": 2}}
+            ).status_code
+            == 200
+        )
+        listed = {a["name"]: a for a in client.get("/adapters", params={"all": "true"}).json()["adapters"]}
+        assert listed["alias"]["loaded"] is True
+        assert listed["bad-json"]["loaded"] is False and "cannot read" in listed["bad-json"]["error"]
+        assert listed["ia3"]["type"] == "IA3"
+        assert "escape" in listed
+
+
+def test_pickle_loads_when_allowed_and_matches_safetensors(llama, broken):
+    model = load_model(llama.model_dir, torch.device("cpu"), torch.float32)
+    registry = AdapterRegistry(model, AdapterStore(broken, allow_pickle=True), torch.device("cpu"), torch.float32)
+    runner = ModelRunner(model, registry.context)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    from_pickle = runner.forward(ids, [registry.row_group(registry.combination(["pickle-only"]))])
+    from_safetensors = runner.forward(ids, [registry.row_group(registry.combination(["lora"]))])
+    assert torch.equal(from_pickle, from_safetensors)

@@ -1,0 +1,168 @@
+"""End to end over a real uvicorn on loopback, with httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import httpx
+import pytest
+
+from server.engine.model import encode_prompt
+from tests.reference import canonical, reference_greedy, reference_logits
+
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def server(serve, llama):
+    return serve(llama.settings(max_adapters_per_request=4, max_new_tokens=64, max_input_tokens=100))
+
+
+@pytest.fixture()
+def client(server):
+    with server.client() as c:
+        yield c
+
+
+def generate(client: httpx.Client, **body) -> httpx.Response:
+    return client.post("/generate", json={"inputs": PROMPT, **body})
+
+
+def test_health(client):
+    response = client.get("/health")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("names", [[], ["oft"], ["lokr", "lora", "shira"]], ids=["base", "one", "three"])
+def test_generate_equals_reference(client, server, llama, names):
+    response = generate(client, adapters=names, parameters={"max_new_tokens": 10, "details": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    details = body["details"]
+    tokenizer = server.state.tokenizer
+    ids = encode_prompt(tokenizer, PROMPT)
+    expected = reference_greedy(llama.model_dir, llama.store, names, ids, 10)
+    tokens = [t["id"] for t in details["tokens"]]
+    assert tokens == expected[: len(tokens)]
+    assert details["adapters"] == canonical(llama.store, names)
+    assert details["generated_tokens"] == len(tokens)
+    assert details["finish_reason"] in ("length", "eos_token")
+    assert details["seed"] is None
+    assert body["generated_text"] == tokenizer.decode(tokens, skip_special_tokens=True)
+    # the first token's logprob is the reference's log-softmax at the prompt's last position
+    first = reference_logits(llama.model_dir, llama.store, names, ids)[-1].log_softmax(-1)[tokens[0]]
+    assert math.isclose(details["tokens"][0]["logprob"], float(first), abs_tol=1e-5)
+
+
+def test_combination_fields_are_equivalent(client):
+    outputs = [
+        generate(client, adapters=["loha", "oft"], parameters={"max_new_tokens": 6}),
+        generate(client, parameters={"adapters": ["loha", "oft"], "max_new_tokens": 6}),
+        generate(client, parameters={"adapter_id": "loha+oft", "max_new_tokens": 6}),
+        generate(client, adapters=["loha", "oft"], parameters={"adapter_id": "loha+oft", "max_new_tokens": 6}),
+    ]
+    assert all(o.status_code == 200 for o in outputs), [o.text for o in outputs]
+    assert len({o.json()["generated_text"] for o in outputs}) == 1
+
+
+def test_adapters_listing(client):
+    generate(client, adapters=["lora", "adalora"], parameters={"max_new_tokens": 1})
+    loaded = {a["name"]: a for a in client.get("/adapters").json()["adapters"]}
+    assert {"lora", "adalora"} <= set(loaded)
+    lora = loaded["lora"]
+    assert lora["loaded"] is True and lora["type"] == "LORA" and lora["rank"] == 4
+    assert "model.layers.0.self_attn.q_proj" in lora["target_modules"]
+    assert lora["bytes"] > 0 and lora["last_used"] >= lora["loaded_at"]
+    assert loaded["adalora"]["rank"] == 6
+    everything = {a["name"]: a for a in client.get("/adapters", params={"all": "true"}).json()["adapters"]}
+    assert set(everything) >= set(loaded) | {"lokr.decomposed", "oft.by-rank"}
+    unloaded = [a for a in everything.values() if not a["loaded"]]
+    assert unloaded and all(a["type"] for a in unloaded)
+
+
+def test_sampling_is_reproducible_with_a_seed(client):
+    params = {
+        "max_new_tokens": 12,
+        "do_sample": True,
+        "temperature": 0.9,
+        "top_k": 50,
+        "top_p": 0.95,
+        "repetition_penalty": 1.1,
+        "seed": 1234,
+        "details": True,
+    }
+    first = generate(client, adapters=["lokr"], parameters=params).json()
+    second = generate(client, adapters=["lokr"], parameters=params).json()
+    assert first == second
+    assert first["details"]["seed"] == 1234
+    unseeded = generate(client, parameters={**params, "seed": None}).json()
+    assert isinstance(unseeded["details"]["seed"], int)
+
+
+def test_stop_sequence_and_full_text(client):
+    free = generate(client, parameters={"max_new_tokens": 12}).json()["generated_text"]
+    stop = free[3:5]
+    assert len(stop) == 2
+    body = generate(
+        client, parameters={"max_new_tokens": 12, "stop": [stop], "details": True, "return_full_text": True}
+    ).json()
+    assert body["details"]["finish_reason"] == "stop_sequence"
+    assert body["generated_text"] == PROMPT + free[: free.index(stop) + len(stop)]
+
+
+@pytest.mark.parametrize(
+    "body, status, reason",
+    [
+        ({"adapters": ["nope"]}, 404, "adapter 'nope' not found"),
+        ({"parameters": {"adapter_id": "lora+nope"}}, 404, "adapter 'nope' not found"),
+        ({"adapters": ["lora", "oft", "lora"]}, 422, "adapters listed more than once: lora"),
+        ({"adapters": ["lora", "oft", "loha", "lokr", "shira"]}, 422, "5 adapters requested; at most 4"),
+        ({"adapters": ["lora"], "parameters": {"adapter_id": "oft"}}, 422, "given differently"),
+        ({"parameters": {"adapter_id": "lora++oft"}}, 422, "invalid adapter name ''"),
+        ({"parameters": {"temperature": 0}}, 422, "parameters.temperature: Input should be greater than 0"),
+        ({"parameters": {"top_p": 1.5}}, 422, "parameters.top_p"),
+        ({"parameters": {"max_new_tokens": 0}}, 422, "parameters.max_new_tokens"),
+        ({"parameters": {"max_new_tokens": 65}}, 422, "max_new_tokens is 65; at most 64"),
+        ({"parameters": {"stop": ["a", "b", "c", "d", "e"]}}, 422, "parameters.stop"),
+        ({"parameters": {"best_of": 2}}, 422, "not supported by this server: best_of=2"),
+        ({"parameters": {"no_such": 1}}, 422, "parameters.no_such: Extra inputs are not permitted"),
+        ({"inputs": ""}, 422, "inputs: String should have at least 1 character"),
+        ({"inputs": "x" * 101}, 422, "inputs are 101 tokens; at most 100"),
+        ({"inputs": 5}, 422, "inputs: Input should be a valid string"),
+        ({"stream": True}, 422, "stream"),
+    ],
+)
+def test_invalid_requests_get_a_clear_4xx(client, body, status, reason):
+    response = client.post("/generate", json={"inputs": PROMPT, **body})
+    assert response.status_code == status, response.text
+    assert reason in response.json()["error"]
+    assert set(response.json()) == {"error", "error_type"}
+    assert generate(client, parameters={"max_new_tokens": 1}).status_code == 200
+
+
+@pytest.mark.parametrize("content", [b"{bad", b"", b"[1, 2]", b'{"inputs": "x"'])
+def test_malformed_json_is_422(client, content):
+    response = client.post("/generate", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error_type"] == "validation"
+
+
+def test_unknown_route_is_a_json_404(client):
+    response = client.get("/nope")
+    assert response.status_code == 404 and response.json()["error_type"] == "http"
+
+
+def test_concurrent_requests_each_get_their_own_combination(server):
+    combinations = [[], ["lora"], ["oft", "shira"], ["loha", "lokr", "adalora"], ["lora.rs-bias"], ["oft"]] * 2
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8}}
+    with server.client() as client:
+        alone = [client.post("/generate", json={**body, "adapters": c}).json() for c in combinations]
+
+    async def together():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/generate", json={**body, "adapters": c}) for c in combinations))
+
+    responses = asyncio.run(together())
+    assert [r.json() for r in responses] == alone
+    assert len({r["generated_text"] for r in alone}) > 3

@@ -1,0 +1,73 @@
+"""The first test oracle (DESIGN.md): every combination equals a fresh PeftMixedModel in canonical order."""
+
+from __future__ import annotations
+
+import asyncio
+from itertools import combinations
+
+import pytest
+import torch
+from peft.tuners.mixed import COMPATIBLE_TUNER_TYPES
+
+from server.adapters.kinds import CANONICAL_ORDER
+from server.engine.model import encode_prompt
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import GenerationRequest
+from server.state import ServerState
+from tests.builders import ADALORA_PRUNED, ADAPTERS, VARIANTS
+from tests.reference import CANONICAL, canonical, reference_greedy, reference_logits
+
+TYPES = list(ADAPTERS)  # one adapter per type, named after it
+COMBINATIONS = (
+    [[t] for t in TYPES]
+    + [list(pair) for pair in combinations(TYPES, 2)]
+    + [TYPES, list(reversed(TYPES))]
+    + [[v] for v in VARIANTS]
+    + [[ADALORA_PRUNED], [ADALORA_PRUNED, "oft.shared-coft", "lora.rs-bias", "loha.dense", "lokr.decomposed"]]
+    + [["lora", "lora.rs-bias", "lora.patterns", "oft", "oft.by-rank"]]  # several of one type
+)
+PROMPT = "The quick brown fox jumps over the lazy dog."
+ATOL = 1e-5
+
+
+def test_every_mixable_type_is_served_in_the_designed_order():
+    assert set(CANONICAL_ORDER) == {t.value for t in COMPATIBLE_TUNER_TYPES}
+    assert list(CANONICAL_ORDER) == CANONICAL
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def oracle_world(request, world_factory):
+    world = world_factory(request.param)
+    runner, registry, tokenizer = world.runner()
+    return world, runner, registry, encode_prompt(tokenizer, PROMPT)
+
+
+@pytest.mark.parametrize("names", COMBINATIONS, ids=["+".join(c) for c in COMBINATIONS])
+def test_logits_equal_reference(oracle_world, names):
+    world, runner, registry, ids = oracle_world
+    adapters = registry.combination(names)
+    assert [a.name for a in adapters] == canonical(world.store, names)
+    ours = runner.forward(torch.tensor([ids]), [registry.row_group(adapters)], last_only=False)[0]
+    expected = reference_logits(world.model_dir, world.store, names, ids)
+    base = reference_logits(world.model_dir, world.store, [], ids)
+    assert (expected - base).abs().max() > 1e-2, "the combination should change the output"
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def engine_world(world_factory):
+    world = world_factory("llama")
+    state = ServerState.start(world.settings())
+    yield world, state
+    state.stop()
+
+
+@pytest.mark.parametrize("names", [[]] + COMBINATIONS[:22], ids=["base"] + ["+".join(c) for c in COMBINATIONS[:22]])
+def test_greedy_tokens_equal_reference(engine_world, names):
+    world, state = engine_world
+    ids = encode_prompt(state.tokenizer, PROMPT)
+    request = GenerationRequest("oracle", ids, names, SamplingParams(max_new_tokens=12))
+    seq = asyncio.run(state.engine.generate(request))
+    expected = reference_greedy(world.model_dir, world.store, names, ids, 12)
+    assert seq.tokens == expected[: len(seq.tokens)]
+    assert len(seq.tokens) == 12 or seq.finish_reason == "eos_token"
