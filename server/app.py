@@ -35,8 +35,8 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def _error(status: int, message: str, error_type: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "error_type": error_type})
+def _error(status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, "error_type": error_type}, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -50,7 +50,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             exc.status_code,
             exc.message,
         )
-        return _error(exc.status_code, exc.message, exc.error_type)
+        return _error(exc.status_code, exc.message, exc.error_type, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     max_adapters_per_request: int = Field(8, ge=1, le=64)
     max_new_tokens: int = Field(1024, ge=1, description="the most tokens one request may ask for")
     max_input_tokens: int = Field(4096, ge=1, description="the longest prompt accepted, in tokens")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="the most sequences decoded together")
+    max_batch_tokens: int = Field(4096, ge=16, description="the most prompt tokens prefilled in one step (padded)")
+    max_queue: int = Field(256, ge=0, description="requests waiting beyond this get 429 with Retry-After")
     allow_pickle: bool = Field(False, description="also load adapter_model.bin (pickle) adapters")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -4,6 +4,7 @@
 class MixserveError(Exception):
     status_code = 500
     error_type = "internal"
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -29,3 +30,20 @@ class AdapterInvalid(MixserveError):
     def __init__(self, name: str, reason: str):
         super().__init__(f"adapter {name!r}: {reason}")
         self.name = name
+
+
+class Overloaded(MixserveError):
+    status_code = 429
+    error_type = "overloaded"
+    headers = {"Retry-After": "1"}
+
+
+class ShuttingDown(MixserveError):
+    status_code = 503
+    error_type = "unavailable"
+    headers = {"Retry-After": "5"}
+
+
+class ClientDisconnected(MixserveError):
+    status_code = 499
+    error_type = "client_closed_request"

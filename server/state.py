@@ -27,7 +27,14 @@ class ServerState:
         tokenizer = load_tokenizer(settings.model_path)
         store = AdapterStore(settings.adapters_dir, allow_pickle=settings.allow_pickle)
         registry = AdapterRegistry(model, store, device, dtype)
-        engine = Engine(model, tokenizer, registry)
+        engine = Engine(
+            model,
+            tokenizer,
+            registry,
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_queue=settings.max_queue,
+        )
         engine.start()
         return cls(
             settings=settings,

@@ -179,6 +179,6 @@ def test_pickle_loads_when_allowed_and_matches_safetensors(llama, broken):
     registry = AdapterRegistry(model, AdapterStore(broken, allow_pickle=True), torch.device("cpu"), torch.float32)
     runner = ModelRunner(model, registry.context)
     ids = torch.tensor([[5, 6, 7, 8]])
-    from_pickle = runner.forward(ids, [registry.row_group(registry.combination(["pickle-only"]))])
-    from_safetensors = runner.forward(ids, [registry.row_group(registry.combination(["lora"]))])
+    from_pickle = runner.score(ids, [tuple(a.slot for a in registry.combination(["pickle-only"]))])
+    from_safetensors = runner.score(ids, [tuple(a.slot for a in registry.combination(["lora"]))])
     assert torch.equal(from_pickle, from_safetensors)

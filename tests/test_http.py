@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import httpx
@@ -166,3 +167,26 @@ def test_concurrent_requests_each_get_their_own_combination(server):
     responses = asyncio.run(together())
     assert [r.json() for r in responses] == alone
     assert len({r["generated_text"] for r in alone}) > 3
+
+
+def test_stream_is_tgi_shaped_and_equals_the_plain_response(client):
+    body = {"inputs": PROMPT, "adapters": ["lora", "oft"], "parameters": {"max_new_tokens": 9, "details": True}}
+    plain = client.post("/generate", json=body).json()
+    with client.stream("POST", "/generate_stream", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+    assert [e["index"] for e in events] == list(range(len(events)))
+    assert [e["token"] for e in events] == plain["details"]["tokens"]
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    assert events[-1]["generated_text"] == plain["generated_text"]
+    assert events[-1]["details"] == {
+        "finish_reason": plain["details"]["finish_reason"],
+        "generated_tokens": plain["details"]["generated_tokens"],
+        "seed": None,
+    }
+
+
+def test_stream_reports_errors_before_it_starts_as_http_errors(client):
+    response = client.post("/generate_stream", json={"inputs": PROMPT, "adapters": ["nope"]})
+    assert response.status_code == 404 and response.json()["error_type"] == "adapter_not_found"

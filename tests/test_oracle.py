@@ -47,7 +47,7 @@ def test_logits_equal_reference(oracle_world, names):
     world, runner, registry, ids = oracle_world
     adapters = registry.combination(names)
     assert [a.name for a in adapters] == canonical(world.store, names)
-    ours = runner.forward(torch.tensor([ids]), [registry.row_group(adapters)], last_only=False)[0]
+    ours = runner.score(torch.tensor([ids]), [tuple(a.slot for a in adapters)])[0]
     expected = reference_logits(world.model_dir, world.store, names, ids)
     base = reference_logits(world.model_dir, world.store, [], ids)
     assert (expected - base).abs().max() > 1e-2, "the combination should change the output"

@@ -1,13 +1,17 @@
 """Per-row adapter combinations on the model's Linear layers.
 
-The model runner says, for each forward pass, which rows of the batch use which adapters (a `MixingContext`);
-every wrapped layer computes the base output once and applies each row's own adapters. Nothing walks the module
-tree per pass, and no adapter is ever "active" outside the pass that asked for it.
+For each forward pass the model runner publishes a `BatchPlan` (which adapters each batch row uses) in the
+`MixingContext`. Every wrapped layer computes the base output once for the whole batch and applies each row's own
+adapters, grouped by adapter rather than by row: all low-rank deltas (LoRA, AdaLoRA, factorised LoHa) of the batch
+in two matmuls with a per-row scale mask, the others on the rows that use them. Nothing walks the module tree per
+pass, and no adapter is "active" outside the pass that asked for it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,26 +21,74 @@ from torch import nn
 
 from server.adapters.kinds import LayerAdapter
 
+_plan_ids = itertools.count()
 
-@dataclass(frozen=True)
-class RowGroup:
-    slots: tuple[int, ...]  # loaded adapters, in canonical order
-    rows: torch.Tensor | None = None  # batch rows (dim 0) that use them; None: every row
+
+class BatchPlan:
+    """Rows of one forward pass (dim 0 of every layer's input) and the adapter slots each uses, canonical order.
+
+    Layers ask it for row selections by pattern; layers with the same adapters share one tensor per pattern.
+    """
+
+    def __init__(self, combos: tuple[tuple[int, ...], ...], device: torch.device, gather: bool = False):
+        self.combos = combos
+        self.device = device
+        self.gather = gather  # many tokens per row: compute each adapter on its own rows only
+        self.id = next(_plan_ids)
+        self._cache: dict = {}
+
+    def mask(self, pattern: tuple[bool, ...], dtype: torch.dtype = torch.bool) -> torch.Tensor | None:
+        """[rows, 1, 1]: 1 where pattern holds; None when it holds for every row."""
+        if all(pattern):
+            return None
+        return self.cached(("mask", pattern, dtype), lambda: torch.tensor(pattern, dtype=dtype)[:, None, None])
+
+    def indices(self, pattern: tuple[bool, ...]) -> torch.Tensor | None:
+        """The rows where pattern holds; None when it holds for every row."""
+        if all(pattern):
+            return None
+        return self.cached(("indices", pattern), lambda: torch.tensor([i for i, p in enumerate(pattern) if p]))
+
+    def cached(self, key, build):
+        if key not in self._cache:
+            self._cache[key] = build().to(self.device)
+        return self._cache[key]
 
 
 class MixingContext:
-    """The row groups of the forward pass in progress; set only by the thread that runs the model."""
+    """The plan of the forward pass in progress; set only by the thread that runs the model."""
 
     def __init__(self) -> None:
-        self.groups: tuple[RowGroup, ...] = ()
+        self.plan: BatchPlan | None = None
 
     @contextmanager
-    def use(self, groups: Sequence[RowGroup]) -> Iterator[None]:
-        self.groups = tuple(g for g in groups if g.slots)
+    def use(self, plan: BatchPlan | None) -> Iterator[None]:
+        self.plan = plan if plan is not None and any(plan.combos) else None
         try:
             yield
         finally:
-            self.groups = ()
+            self.plan = None
+
+
+@dataclass
+class _LayerPlan:
+    """What one layer does for one BatchPlan. Row selections are None where every row takes part.
+
+    Rows are a mask [B, 1, 1] (bool, or 0/1 in the weight's dtype) or row indices (int64). In a decode pass a small
+    op costs more in overhead than in arithmetic: deltas and rotations run on the whole batch and are kept on their
+    rows by the mask (unused rows add exactly zero), and all low-rank adapters share two matmuls. In a prefill pass
+    (BatchPlan.gather) arithmetic dominates: each adapter runs on its own rows only. SHiRA, whose dense weight costs
+    as much as the base layer, always runs on its rows only.
+    """
+
+    rotations: list[tuple[torch.Tensor | None, list[LayerAdapter]]]  # (rows, adapters in order)
+    sparse: list[tuple[torch.Tensor | None, list[LayerAdapter]]]  # (row indices, adapters)
+    low_rank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # A_cat [R, in], B_cat [out, R], mask [B,1,R]
+    other: list[tuple[torch.Tensor | None, LayerAdapter]]  # (rows, adapter)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.rotations or self.sparse or self.low_rank or self.other)
 
 
 class MixedLinear(nn.Module):
@@ -45,11 +97,15 @@ class MixedLinear(nn.Module):
     Semantics: see LayerAdapter; rows whose adapters do not touch this layer get the base output.
     """
 
+    PLANS_KEPT = 4  # a prefill plan and a decode plan alternate; keep a few
+
     def __init__(self, base: nn.Linear, context: MixingContext):
         super().__init__()
         self.base = base
         self.context = context
         self.adapters: dict[int, LayerAdapter] = {}
+        self._plans: OrderedDict[int, _LayerPlan] = OrderedDict()  # by BatchPlan.id
+        self._stacks: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -67,53 +123,118 @@ class MixedLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    def attach(self, slot: int, adapter: LayerAdapter) -> None:
+        self.adapters[slot] = adapter
+        self._plans.clear()
+
+    def detach(self, slot: int) -> None:
+        del self.adapters[slot]
+        self._plans.clear()
+        self._stacks.clear()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [batch, ..., in]
-        plans = []
-        for group in self.context.groups:
-            present = [self.adapters[s] for s in group.slots if s in self.adapters]
-            if present:
-                plans.append((group.rows, present))
-        if not plans:
+        # x: [rows, tokens, in]
+        plan = self.context.plan
+        if plan is None:
+            return self.base(x)
+        layer = self._layer_plan(plan)
+        if layer.empty:
             return self.base(x)
 
-        x_in = x  # the input the base weight sees: rotated for rows with OFT adapters
-        for rows, present in plans:
-            rotations = [a for a in present if a.rotates_input]
-            if not rotations:
-                continue
-            rotated = x if rows is None else x.index_select(0, rows)
+        x_in = x  # what the base weight sees: rotated on rows with OFT adapters
+        for rows, rotations in layer.rotations:
+            rotated = x if rows is None or rows.dtype == torch.bool else x.index_select(0, rows)
             for adapter in rotations:
                 rotated = adapter.rotate(rotated)
             if rows is None:
                 x_in = rotated
+            elif rows.dtype == torch.bool:
+                x_in = torch.where(rows, rotated, x_in)
             else:
                 x_in = x.clone() if x_in is x else x_in
                 x_in.index_copy_(0, rows, rotated)
 
-        y = self._base_output(x_in, plans)
-        for rows, present in plans:
-            for adapter in present:
-                if adapter.rotates_input or adapter.adds_to_weight:
-                    continue
-                if rows is None:
-                    y += adapter.delta(x)
-                else:
-                    y.index_add_(0, rows, adapter.delta(x.index_select(0, rows)))
+        y = self._base_output(x_in, layer.sparse)
+        if layer.low_rank is not None:
+            a_cat, b_cat, mask = layer.low_rank
+            y += F.linear(F.linear(x, a_cat) * mask, b_cat)
+        for rows, adapter in layer.other:
+            if rows is None:
+                y += adapter.delta(x)
+            elif rows.dtype == torch.long:
+                y.index_add_(0, rows, adapter.delta(x.index_select(0, rows)))
+            else:
+                y.addcmul_(adapter.delta(x), rows)
         return y
 
-    def _base_output(self, x_in: torch.Tensor, plans: list) -> torch.Tensor:
-        """F.linear(x', W', b) per row: W' = W for most rows, W plus the row's SHiRA deltas for the others."""
+    def _base_output(self, x_in: torch.Tensor, sparse: list) -> torch.Tensor:
+        """F.linear(x', W', b) per row, W' = W plus the row's SHiRA deltas: built densely as peft does."""
         y = None
-        for rows, present in plans:
-            sparse = [a for a in present if a.adds_to_weight]
-            if not sparse:
-                continue
+        for rows, adapters in sparse:
             weight = self.base.weight.clone()
-            for adapter in sparse:
+            for adapter in adapters:
                 adapter.add_to(weight)
             if rows is None:
                 return F.linear(x_in, weight, self.base.bias)
             y = self.base(x_in) if y is None else y
             y.index_copy_(0, rows, F.linear(x_in.index_select(0, rows), weight, self.base.bias))
         return self.base(x_in) if y is None else y
+
+    def _layer_plan(self, plan: BatchPlan) -> _LayerPlan:
+        layer = self._plans.get(plan.id)
+        if layer is None:
+            layer = self._plans[plan.id] = self._build_layer_plan(plan)
+            while len(self._plans) > self.PLANS_KEPT:
+                self._plans.popitem(last=False)
+        return layer
+
+    def _build_layer_plan(self, plan: BatchPlan) -> _LayerPlan:
+        present = {combo: tuple(s for s in combo if s in self.adapters) for combo in set(plan.combos)}
+        rows = [present[combo] for combo in plan.combos]
+
+        def groups(kind, select) -> list:
+            """Rows grouped by the sequence of their adapters of one kind (order matters)."""
+            chosen = [tuple(s for s in slots if kind(self.adapters[s])) for slots in rows]
+            return [
+                (select(tuple(c == sequence for c in chosen)), [self.adapters[s] for s in sequence])
+                for sequence in dict.fromkeys(chosen)
+                if sequence
+            ]
+
+        used = list(dict.fromkeys(s for slots in rows for s in slots))  # first-use order
+        additive = [s for s in used if not (a := self.adapters[s]).rotates_input and not a.adds_to_weight]
+        fused = () if plan.gather else tuple(s for s in additive if self.adapters[s].low_rank is not None)
+        dtype = self.base.weight.dtype
+
+        def select(pattern: tuple[bool, ...]) -> torch.Tensor | None:
+            return plan.indices(pattern) if plan.gather else plan.mask(pattern, dtype)
+
+        return _LayerPlan(
+            rotations=groups(lambda a: a.rotates_input, plan.indices if plan.gather else plan.mask),
+            sparse=groups(lambda a: a.adds_to_weight, plan.indices),
+            low_rank=self._low_rank(plan, rows, fused) if fused else None,
+            other=[(select(tuple(s in slots for slots in rows)), self.adapters[s]) for s in additive if s not in fused],
+        )
+
+    def _low_rank(self, plan: BatchPlan, rows: list[tuple[int, ...]], slots: tuple[int, ...]):
+        """Every low-rank adapter of the batch side by side, A_cat [R, in] and B_cat [out, R], and a mask
+        [rows, 1, R] holding each row's scale on the ranks of its own adapters, zero elsewhere."""
+        if slots not in self._stacks:
+            parts = [self.adapters[s].low_rank for s in slots]
+            self._stacks[slots] = (torch.cat([a for a, _, _ in parts]), torch.cat([b for _, b, _ in parts], dim=1))
+            while len(self._stacks) > self.PLANS_KEPT:
+                self._stacks.popitem(last=False)
+        a_cat, b_cat = self._stacks[slots]
+        spans = tuple((s, self.adapters[s].low_rank[0].shape[0], self.adapters[s].low_rank[2]) for s in slots)
+
+        def build() -> torch.Tensor:
+            mask = torch.zeros(len(rows), 1, a_cat.shape[0], dtype=a_cat.dtype)
+            start = 0
+            for slot, width, scale in spans:
+                for row, row_slots in enumerate(rows):
+                    if slot in row_slots:
+                        mask[row, 0, start : start + width] = scale
+                start += width
+            return mask
+
+        return a_cat, b_cat, plan.cached(("low_rank", spans, tuple(rows)), build)

@@ -13,7 +13,7 @@ from torch import nn
 
 from server.adapters.build import BaseLayout, BuiltAdapter, build_adapter
 from server.adapters.kinds import CANONICAL_ORDER
-from server.adapters.mixing import MixedLinear, MixingContext, RowGroup
+from server.adapters.mixing import MixedLinear, MixingContext
 from server.adapters.store import AdapterStore
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class AdapterRegistry:
         built = build_adapter(self.store.read(name), self._layout, self.device, self.dtype)
         adapter = LoadedAdapter(built=built, slot=next(self._slots))
         for module_name, layer in built.layers.items():
-            self._wrapper(module_name).adapters[adapter.slot] = layer
+            self._wrapper(module_name).attach(adapter.slot, layer)
         with self._lock:
             self._loaded[name] = adapter
         log.info(
@@ -99,7 +99,7 @@ class AdapterRegistry:
             adapter = self._loaded.pop(name)
         for module_name in adapter.built.layers:
             wrapper = self._wrappers[module_name]
-            del wrapper.adapters[adapter.slot]
+            wrapper.detach(adapter.slot)
             if not wrapper.adapters:
                 self._replace(module_name, wrapper.base)
                 del self._wrappers[module_name]
@@ -110,11 +110,10 @@ class AdapterRegistry:
         adapters = [self.load(name) for name in names]
         return sorted(adapters, key=lambda a: CANONICAL_ORDER.index(a.peft_type))
 
-    def row_group(self, adapters: list[LoadedAdapter], rows: torch.Tensor | None = None) -> RowGroup:
+    def touch(self, adapters: list[LoadedAdapter]) -> None:
         now = time.time()
         for adapter in adapters:
             adapter.last_used = now
-        return RowGroup(slots=tuple(a.slot for a in adapters), rows=rows)
 
     def _wrapper(self, module_name: str) -> MixedLinear:
         if module_name not in self._wrappers:

@@ -72,7 +72,7 @@ class GenerateRequest(BaseModel):
     inputs: str = Field(min_length=1)
     adapters: list[str] | None = Field(None, description="the combination; empty or absent: the base model")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-    stream: Literal[False] = Field(False, description="streaming is served at /generate_stream")
+    stream: bool = Field(False, description="accepted for TGI clients; streaming is served at /generate_stream")
 
 
 class Token(BaseModel):
@@ -89,6 +89,19 @@ class Details(BaseModel):
     prefill: list[Token] = Field(default_factory=list)
     tokens: list[Token]
     adapters: list[str] = Field(description="the adapters applied, in canonical composition order")
+
+
+class StreamDetails(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+
+
+class StreamResponse(BaseModel):
+    index: int
+    token: Token
+    generated_text: str | None = None
+    details: StreamDetails | None = None
 
 
 class GenerateResponse(BaseModel):

@@ -1,4 +1,8 @@
-"""The engine: HTTP handlers enqueue requests; one worker thread owns the model and generates."""
+"""The engine: handlers submit requests; one worker thread owns the model and runs iteration-level batching.
+
+Each step: drop what clients cancelled, admit waiting requests (their adapters made resident), prefill them,
+then decode one token for every running sequence. Requests join and leave the batch between steps.
+"""
 
 from __future__ import annotations
 
@@ -7,116 +11,211 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from server.adapters.registry import AdapterRegistry
 from server.engine.runner import ModelRunner
 from server.engine.sampling import TokenChooser
-from server.engine.sequence import GenerationRequest, Sequence
-from server.errors import MixserveError
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import EventOutbox, GenerationRequest, RequestHandle, Sequence
+from server.errors import MixserveError, Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
 
 
-class Cancelled(Exception):
-    """The client went away; its work stops."""
-
-
-@dataclass
-class _Job:
-    request: GenerationRequest
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
-
-
 class Engine:
-    def __init__(self, model, tokenizer, registry: AdapterRegistry):
-        self.model = model
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        registry: AdapterRegistry,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 4096,
+        max_queue: int = 256,
+    ):
         self.tokenizer = tokenizer
         self.registry = registry
         self.runner = ModelRunner(model, registry.context)
+        self.scheduler = Scheduler(max_batch_size, max_batch_tokens)
+        self.max_queue = max_queue
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="mixserve-engine", daemon=True)
+        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._queued = 0  # submitted, not yet admitted: what MIXSERVE_MAX_QUEUE bounds
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._admitted: list[Sequence] = []  # admitted in the current step, not yet running
+        self._outboxes: dict[asyncio.AbstractEventLoop, EventOutbox] = {}
+        self.passes = {"prefill": 0, "decode": 0}  # forward passes run, by kind
+        self._thread = threading.Thread(target=self._loop, name="mixserve-engine", daemon=True)
+
+    @property
+    def model(self):
+        return self.runner.model
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def running(self) -> int:
+        return len(self.runner.rows)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._queue.put(None)
+        self._stopping = True
+        self._inbox.put(None)
         self._thread.join()
 
-    async def generate(self, request: GenerationRequest) -> Sequence:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put(_Job(request, future, loop))
-        return await future
-
-    def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if job.future.cancelled():
-                continue
-            started = time.perf_counter()
-            try:
-                outcome = self._run(job)
-            except Cancelled:
-                log.info("request %s cancelled by the client", job.request.request_id)
-                continue
-            except MixserveError as exc:
-                outcome = exc
-            except Exception as exc:
-                log.exception("request %s failed (adapters %s)", job.request.request_id, job.request.adapters)
-                outcome = MixserveError(f"internal error in request {job.request.request_id}: {exc}")
-            job.loop.call_soon_threadsafe(_settle, job.future, outcome)
-            if isinstance(outcome, Sequence):
-                log.info(
-                    "request %s: %d tokens with [%s] in %.0f ms (%s)",
-                    job.request.request_id,
-                    len(outcome.tokens),
-                    "+".join(outcome.adapters),
-                    (time.perf_counter() - started) * 1e3,
-                    outcome.finish_reason,
-                )
-
-    def _run(self, job: _Job) -> Sequence:
-        request = job.request
-        adapters = self.registry.combination(request.adapters)
-        group = self.registry.row_group(adapters)
-        device = self.runner.device
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queues a request (from the event loop's thread); raises Overloaded when the queue is full."""
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            if self._queued >= self.max_queue:
+                raise Overloaded(f"{self._queued} requests are waiting (MIXSERVE_MAX_QUEUE); retry shortly")
+            self._queued += 1
         seq = Sequence(
             request=request,
-            chooser=TokenChooser(request.params, device),
+            chooser=TokenChooser(request.params, self.runner.device),
             tokenizer=self.tokenizer,
             eos_ids=self.eos_ids,
-            adapters=[a.name for a in adapters],
+            events=asyncio.Queue(),
+            outbox=self._outbox(asyncio.get_running_loop()),
         )
-        prompt_len = len(request.prompt_ids)
-        ids = torch.empty((1, prompt_len + request.params.max_new_tokens), dtype=torch.long, device=device)
-        ids[0, :prompt_len] = torch.tensor(request.prompt_ids, device=device)
-        cache = DynamicCache(config=self.model.config)
-        logits = self.runner.forward(ids[:, :prompt_len], [group], cache)
+        self._inbox.put(seq)
+        return RequestHandle(seq, wake=lambda: self._inbox.put(None))
+
+    def _outbox(self, loop: asyncio.AbstractEventLoop) -> EventOutbox:
+        with self._lock:
+            if loop not in self._outboxes:
+                self._outboxes[loop] = EventOutbox(loop)
+            return self._outboxes[loop]
+
+    def _flush(self) -> None:
+        with self._lock:
+            for loop in [loop for loop in self._outboxes if loop.is_closed()]:
+                del self._outboxes[loop]
+            outboxes = list(self._outboxes.values())
+        for outbox in outboxes:
+            outbox.flush()
+
+    async def generate(self, request: GenerationRequest) -> Sequence:
+        handle = self.submit(request)
+        try:
+            return await handle.result()
+        finally:
+            handle.cancel()  # no-op once finished; frees the row if the caller went away
+
+    # --- the worker thread
+
+    def _loop(self) -> None:
         while True:
-            length = prompt_len + len(seq.tokens)
-            token, logprob = seq.chooser(ids[:, :length], logits)
-            seq.append(token, logprob)
+            busy = bool(self.scheduler.waiting or self.runner.rows)
+            self._take_inbox(block=not busy)
+            if self._stopping:
+                self._abandon_all()
+                self._flush()
+                return
+            try:
+                with torch.inference_mode():
+                    self.step()
+            except Exception as exc:  # a bug in a step: fail the requests it touched, keep serving
+                touched = list(dict.fromkeys([*self._admitted, *self.runner.rows]))
+                log.exception("engine step failed; failing %d requests", len(touched))
+                self.runner.rows.clear()
+                for seq in touched:
+                    seq.fail(MixserveError(f"internal error: {exc}"))
+            self._flush()
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is not None:
+                    self.scheduler.add(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def step(self) -> None:
+        for seq in self.scheduler.drop_cancelled():
+            self._dequeued()
+            seq.fail(asyncio.CancelledError())
+        for seq in [s for s in self.runner.rows if s.cancelled]:
+            log.info("request %s cancelled after %d tokens", seq.request.request_id, len(seq.tokens))
+            self._release(seq, asyncio.CancelledError())
+
+        self._admitted = []
+        for seq in self.scheduler.admit(len(self.runner.rows)):
+            self._dequeued()
+            if self._attach_adapters(seq):
+                self._admitted.append(seq)
+        if self._admitted:
+            self._sample(self._admitted, self.runner.prefill(self._admitted))
+            self.passes["prefill"] += 1
+            self._flush()  # first tokens out before the decode pass
+        self._admitted = []
+        if self.runner.rows:
+            self._sample(list(self.runner.rows), self.runner.decode())
+            self.passes["decode"] += 1
+
+    def _attach_adapters(self, seq: Sequence) -> bool:
+        seq.admitted_at = time.monotonic()
+        try:
+            adapters = self.registry.combination(seq.request.adapters)
+        except MixserveError as exc:
+            log.info("request %s: %s", seq.request.request_id, exc.message)
+            seq.fail(exc)
+            return False
+        except Exception as exc:
+            log.exception("request %s: loading adapters %s failed", seq.request.request_id, seq.request.adapters)
+            seq.fail(MixserveError(f"internal error while loading adapters: {exc}"))
+            return False
+        self.registry.touch(adapters)
+        seq.adapters = [a.name for a in adapters]
+        seq.slots = tuple(a.slot for a in adapters)
+        return True
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        # logits: [len(seqs), vocab]
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        greedy = logits.argmax(dim=-1).tolist()
+        for row, seq in enumerate(seqs):
+            if seq.chooser.plain_greedy:
+                token = greedy[row]
+            else:
+                token = seq.chooser.choose(logits[row : row + 1], seq.request.prompt_ids + seq.tokens)
+            seq.append(token, float(logprobs[row, token]))
             if seq.finished:
-                return seq
-            if job.future.cancelled():
-                raise Cancelled
-            ids[0, length] = token
-            logits = self.runner.forward(ids[:, length : length + 1], [group], cache)
+                self.runner.release(seq)
+                log.info(
+                    "request %s: %d tokens with [%s] (%s)",
+                    seq.request.request_id,
+                    len(seq.tokens),
+                    "+".join(seq.adapters),
+                    seq.finish_reason,
+                )
 
+    def _release(self, seq: Sequence, error: BaseException) -> None:
+        self.runner.release(seq)
+        seq.fail(error)
 
-def _settle(future: asyncio.Future, outcome) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+    def _dequeued(self) -> None:
+        with self._lock:
+            self._queued -= 1
+
+    def _abandon_all(self) -> None:
+        self._take_inbox(block=False)
+        error = ShuttingDown("the server is shutting down")
+        for seq in list(self.scheduler.waiting):
+            seq.fail(error)
+        for seq in self.runner.rows:
+            seq.fail(error)
+        self.runner.rows.clear()
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

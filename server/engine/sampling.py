@@ -52,14 +52,15 @@ class TokenChooser:
             self.seed = params.seed if params.seed is not None else random.getrandbits(63)
             self.generator = torch.Generator(device=device).manual_seed(self.seed)
 
-    def __call__(self, ids: torch.Tensor, logits: torch.Tensor) -> tuple[int, float]:
-        """ids: [1, L] tokens so far; logits: [1, vocab] for the next position -> (token, its raw logprob)."""
-        logits = logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        scores = self.processors(ids, logits)
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits: the engine picks these tokens for a whole batch at once."""
+        return self.generator is None and not self.processors
+
+    def choose(self, logits: torch.Tensor, ids: list[int]) -> int:
+        """logits: [1, vocab] float32 for the next position; ids: the tokens so far (prompt and generated)."""
+        scores = self.processors(torch.tensor([ids], device=logits.device), logits) if self.processors else logits
         if self.generator is None:
-            token = int(scores.argmax(dim=-1))
-        else:
-            probs = torch.softmax(scores, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
-        return token, float(logprobs[0, token])
+            return int(scores.argmax(dim=-1))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,7 +1,11 @@
-"""One request's state while it generates: its tokens, their logprobs, and why it stopped."""
+"""One request's state from submission to its last token, and the events it sends back to its client."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.engine.sampling import SamplingParams, TokenChooser
@@ -15,23 +19,50 @@ class GenerationRequest:
     params: SamplingParams
 
 
-@dataclass
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int  # 0 for the first generated token
+    token: int
+    logprob: float
+    final: bool  # the sequence finished with this token
+
+
+@dataclass(frozen=True)
+class _Done:
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
 class Sequence:
     request: GenerationRequest
     chooser: TokenChooser
     tokenizer: object
     eos_ids: frozenset[int]
+    events: asyncio.Queue  # read by the client's event loop
+    outbox: EventOutbox  # written by the engine
     adapters: list[str] = field(default_factory=list)  # canonical order, once loaded
+    slots: tuple[int, ...] = ()  # the loaded adapters' slots, canonical order
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None  # length | eos_token | stop_sequence
     text: str = ""
+    cancelled: bool = False  # set by the client's side, read by the engine at the next step
+    submitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.tokens)
+
     def append(self, token: int, logprob: float) -> None:
+        if not self.tokens:
+            self.first_token_at = time.monotonic()
         self.tokens.append(token)
         self.logprobs.append(logprob)
         params = self.request.params
@@ -42,10 +73,18 @@ class Sequence:
         elif len(self.tokens) >= params.max_new_tokens:
             self.finish_reason = "length"
         if self.finished and self.finish_reason != "stop_sequence":
-            self.text = self._decode(self.tokens)
+            self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self._send(TokenEvent(len(self.tokens) - 1, token, logprob, self.finished))
+        if self.finished:
+            self.finished_at = time.monotonic()
+            self._send(_Done())
+
+    def fail(self, error: BaseException) -> None:
+        self.finished_at = time.monotonic()
+        self._send(_Done(error))
 
     def _hit_stop(self, stops: tuple[str, ...]) -> bool:
-        previous, self.text = self.text, self._decode(self.tokens)
+        previous, self.text = self.text, self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         for stop in stops:
             at = self.text.find(stop, max(0, len(previous) - len(stop) + 1))
             if at >= 0:
@@ -53,5 +92,62 @@ class Sequence:
                 return True
         return False
 
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+    def _send(self, event) -> None:
+        self.outbox.put(self.events, event)
+
+
+class EventOutbox:
+    """Events for clients, collected during an engine step and handed to their event loop in one call: one
+    wake-up per step rather than one per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, object]] = []
+        self._lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, event) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if pending and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(_deliver, pending)
+            except RuntimeError:  # the loop closed meanwhile: nobody is listening
+                pass
+
+
+def _deliver(pending: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, event in pending:
+        queue.put_nowait(event)
+
+
+class RequestHandle:
+    """The client's side of a submitted request: its token stream, its result, and cancellation."""
+
+    def __init__(self, seq: Sequence, wake):
+        self.seq = seq
+        self._wake = wake
+
+    async def stream(self) -> AsyncIterator[TokenEvent]:
+        """Tokens as they are generated; raises the request's error if it fails."""
+        while True:
+            event = await self.seq.events.get()
+            if isinstance(event, TokenEvent):
+                yield event
+            elif event.error is not None:
+                raise event.error
+            else:
+                return
+
+    async def result(self) -> Sequence:
+        async for _ in self.stream():
+            pass
+        return self.seq
+
+    def cancel(self) -> None:
+        if not self.seq.finished_at:
+            self.seq.cancelled = True
+            self._wake()

@@ -8,15 +8,10 @@ from .base import Kind, LayerAdapter, expect_params, expect_shape
 
 
 class AdaLoraLayer(LayerAdapter):
-    def __init__(self, ae: torch.Tensor, b: torch.Tensor, scaling: float, ranknum: torch.Tensor):
+    def __init__(self, ae: torch.Tensor, b: torch.Tensor, scale: float):
         self.ae = ae  # [r, in]: lora_A * lora_E, fixed at inference
         self.b = b  # [out, r]
-        self.scaling = scaling
-        self.ranknum = ranknum  # [1]
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        # the same operations as peft's adalora.SVDLinear
-        return (x @ self.ae.T @ self.b.T) * self.scaling / self.ranknum
+        self.low_rank = (ae, b, scale)
 
 
 class AdaLoraKind(Kind):
@@ -48,5 +43,5 @@ class AdaLoraKind(Kind):
             return None
         # peft resizes pruned modules but keeps ranknum at init_r; its scaling falls back to the rank without alpha
         scaling = config.lora_alpha if config.lora_alpha > 0 else float(r)
-        ranknum = torch.full((1,), float(config.init_r), dtype=dtype, device=a.device) + 1e-5
-        return AdaLoraLayer((a * e).to(dtype), b.to(dtype), scaling, ranknum)
+        ranknum = torch.tensor(float(config.init_r), dtype=torch.float32) + 1e-5  # rounded as peft's parameter
+        return AdaLoraLayer((a * e).to(dtype), b.to(dtype), scaling / float(ranknum))

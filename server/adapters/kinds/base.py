@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft import PeftConfig
 from peft.utils.other import get_pattern_key
 from torch import nn
@@ -21,10 +22,14 @@ class LayerAdapter:
         x' = rotate_k(... rotate_1(x))                         # OFT: rotates_input
         W' = W + S_1 + ... + S_m                               # SHiRA: adds_to_weight
         y  = F.linear(x', W', b) + sum(delta(x) for LoRA, AdaLoRA, LoHa, LoKr)
+
+    Additive adapters whose delta is B(A(x)) * scale set `low_rank = (A, B, scale)`: the mixed layer computes all
+    of those in a batch with two matmuls. The others implement `delta`.
     """
 
     rotates_input = False
     adds_to_weight = False
+    low_rank: tuple[torch.Tensor, torch.Tensor, float] | None = None  # A [r, in], B [out, r], scale
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -33,7 +38,8 @@ class LayerAdapter:
         raise NotImplementedError
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        a, b, scale = self.low_rank
+        return F.linear(F.linear(x, a), b) * scale
 
     def tensors(self) -> list[torch.Tensor]:
         return [v for v in vars(self).values() if isinstance(v, torch.Tensor)]

@@ -15,10 +15,7 @@ class LoHaFactorised(LayerAdapter):
     def __init__(self, u: torch.Tensor, v: torch.Tensor, scaling: float):
         self.u = u  # [out, r1*r2]
         self.v = v  # [r1*r2, in]
-        self.scaling = scaling
-
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.v), self.u) * self.scaling
+        self.low_rank = (v, u, scaling)
 
 
 class LoHaDense(LayerAdapter):

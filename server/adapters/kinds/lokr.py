@@ -17,8 +17,8 @@ class LoKrLayer(LayerAdapter):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # kron(W1, W2)[i*b+j, k*d+l] = W1[i,k] W2[j,l], so with X = x viewed as [..., c, d]: y = W1 X W2^T
         (a, c), (b, d) = self.w1.shape, self.w2.shape
-        xs = x.reshape(*x.shape[:-1], c, d)
-        y = self.w1 @ (xs @ self.w2.T)  # [..., a, b]
+        xs = x.reshape(-1, c, d)  # [N, c, d]
+        y = self.w1 @ (xs @ self.w2.T)  # [N, a, b]
         return y.reshape(*x.shape[:-1], a * b) * self.scaling
 
 

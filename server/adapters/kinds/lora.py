@@ -16,6 +16,8 @@ class LoraLayer(LayerAdapter):
         self.b = b  # [out, r]
         self.bias = bias  # [out] or None
         self.scaling = scaling
+        if bias is None:
+            self.low_rank = (a, b, scaling)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]; the same operations as peft's lora.Linear

@@ -15,10 +15,10 @@ class OFTLayerAdapter(LayerAdapter):
         self.blocks = blocks  # [n_blocks, block_size, block_size]
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [..., in] viewed as [..., n_blocks, block_size]; the same einsum as peft's OFTRotationModule
+        # x: [..., in] viewed as [N, n_blocks, block_size]; peft's einsum "...rk,rkc->...rc" as one bmm
         n, size, _ = self.blocks.shape
-        xs = x.reshape(*x.shape[:-1], n, size)
-        return torch.einsum("...rk,rkc->...rc", xs, self.blocks).reshape(x.shape)
+        xs = x.reshape(-1, n, size).transpose(0, 1)  # [n_blocks, N, block_size]
+        return torch.bmm(xs, self.blocks).transpose(0, 1).reshape(x.shape)
 
 
 class OFTKind(Kind):

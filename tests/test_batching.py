@@ -1,0 +1,179 @@
+"""Continuous batching: rows with different combinations share forward passes and still equal the reference."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+import torch
+
+from server.engine.model import encode_prompt
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Scheduler
+from server.engine.sequence import GenerationRequest
+from server.state import ServerState
+from tests.builders import ADAPTERS
+from tests.reference import reference_greedy, reference_logits
+
+SIX = list(ADAPTERS)
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def state(llama):
+    state = ServerState.start(llama.settings(max_batch_size=8))
+    yield state
+    state.stop()
+
+
+def _request(state, prompt: str, names: list[str], new_tokens: int, rid: str = "r") -> GenerationRequest:
+    ids = encode_prompt(state.tokenizer, prompt)
+    return GenerationRequest(rid, ids, names, SamplingParams(max_new_tokens=new_tokens))
+
+
+def _assert_matches_reference(world, seq) -> None:
+    names, prompt = seq.request.adapters, seq.request.prompt_ids
+    assert seq.tokens == reference_greedy(world.model_dir, world.store, names, prompt, len(seq.tokens))
+    # every generated token's logprob equals the reference's log-softmax at that position
+    logits = reference_logits(world.model_dir, world.store, names, prompt + seq.tokens[:-1])
+    expected = logits[len(prompt) - 1 :].log_softmax(-1).gather(1, torch.tensor(seq.tokens)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(seq.logprobs), expected, atol=ATOL, rtol=0)
+
+
+def test_rows_with_0_1_2_and_6_adapters_joining_mid_generation_equal_the_reference(state, llama):
+    first_wave = [
+        ("Short.", []),
+        ("A somewhat longer prompt about cats", ["lora"]),
+        ("Mid length prompt", ["oft", "loha"]),
+        ("Everything at once, please!", SIX),
+    ]
+    second_wave = [
+        ("Late joiner with a long prompt to pad the batch out", ["shira", "lokr"]),
+        ("x", ["adalora"]),
+        ("Another late one", SIX[::-1]),
+        ("Base again", []),
+    ]
+
+    async def run():
+        engine = state.engine
+        firsts = [engine.submit(_request(state, p, n, 24, f"a{i}")) for i, (p, n) in enumerate(first_wave)]
+        streams = [h.stream() for h in firsts]
+        for stream in streams:  # the first wave is decoding before the second arrives
+            for _ in range(3):
+                await anext(stream)
+        seconds = [engine.submit(_request(state, p, n, 16, f"b{i}")) for i, (p, n) in enumerate(second_wave)]
+        for stream in streams:
+            async for _ in stream:
+                pass
+        return [h.seq for h in firsts], [await h.result() for h in seconds]
+
+    firsts, seconds = asyncio.run(run())
+    assert min(s.admitted_at for s in seconds) < min(s.finished_at for s in firsts), "the waves should overlap"
+    for seq in firsts + seconds:
+        _assert_matches_reference(llama, seq)
+
+
+def test_same_request_alone_and_in_a_crowd_is_identical(state):
+    async def run(crowd: int):
+        crowd_combos = [["lora", "lokr"][: i % 3] for i in range(crowd)]
+        handles = [state.engine.submit(_request(state, f"crowd {i}", c, 12)) for i, c in enumerate(crowd_combos)]
+        target = state.engine.submit(_request(state, "The target", ["oft", "adalora", "shira"], 12))
+        results = [await h.result() for h in handles]
+        return await target.result(), results
+
+    alone, _ = asyncio.run(run(0))
+    crowded, others = asyncio.run(run(7))
+    assert crowded.tokens == alone.tokens and crowded.logprobs == pytest.approx(alone.logprobs, abs=ATOL)
+    assert len({tuple(s.tokens) for s in others}) > 1
+
+
+def test_stream_yields_each_token_once_in_order(state):
+    async def run():
+        handle = state.engine.submit(_request(state, "Stream me", ["loha"], 10))
+        events = [event async for event in handle.stream()]
+        return events, handle.seq
+
+    events, seq = asyncio.run(run())
+    assert [e.index for e in events] == list(range(len(seq.tokens)))
+    assert [e.token for e in events] == seq.tokens
+
+
+def test_cancelled_request_leaves_the_batch_at_the_next_step(state):
+    async def run():
+        handle = state.engine.submit(_request(state, "Cancel me", ["lora"], 500))
+        stream = handle.stream()
+        await anext(stream)
+        handle.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async for _ in stream:
+                pass
+        return handle.seq
+
+    seq = asyncio.run(run())
+    assert len(seq.tokens) < 50
+    assert state.engine.running == 0
+
+
+def test_client_disconnect_frees_its_row(serve, llama):
+    server = serve(llama.settings())
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/generate", timeout=0.5,
+                   json={"inputs": "Long one", "adapters": ["oft"], "parameters": {"max_new_tokens": 240}})
+    deadline = time.monotonic() + 10
+    while server.state.engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.state.engine.running == 0
+    with server.client() as client:
+        assert client.post("/generate", json={"inputs": "next", "parameters": {"max_new_tokens": 2}}).status_code == 200
+
+
+def test_full_queue_gets_429_with_retry_after(serve, llama):
+    server = serve(llama.settings(max_batch_size=1, max_queue=2))
+    body = {"inputs": "busy", "parameters": {"max_new_tokens": 200}}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/generate", json=body) for _ in range(8)))
+
+    responses = asyncio.run(run())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 3 and 429 in statuses, statuses
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.headers["retry-after"] == "1"
+    assert rejected.json()["error_type"] == "overloaded"
+
+
+def test_no_combination_waits_behind_later_requests(serve, llama):
+    """A rare combination behind a flood of another: served before everything submitted after it."""
+    server = serve(llama.settings(max_batch_size=2, max_queue=100))
+
+    async def run():
+        engine = server.state.engine
+        before = [engine.submit(_request(server.state, f"flood {i}", ["lora"], 20)) for i in range(12)]
+        rare = engine.submit(_request(server.state, "rare", ["oft", "shira", "lokr"], 20))
+        after = [engine.submit(_request(server.state, f"flood {i}", ["lora"], 20)) for i in range(12)]
+        for handle in before + [rare] + after:
+            await handle.result()
+        return rare.seq, [h.seq for h in before], [h.seq for h in after]
+
+    rare, before, after = asyncio.run(run())
+    assert rare.admitted_at <= min(s.admitted_at for s in after)
+    assert rare.finished_at < max(s.finished_at for s in after)
+    assert max(s.admitted_at for s in before) <= rare.admitted_at
+
+
+def test_scheduler_admits_in_order_within_batch_and_token_budget():
+    class Fake:
+        def __init__(self, n):
+            self.request = GenerationRequest("f", [1] * n, [], SamplingParams())
+            self.cancelled = False
+
+    scheduler = Scheduler(max_batch_size=4, max_batch_tokens=100)
+    for n in (30, 30, 30, 500, 5):
+        scheduler.add(Fake(n))
+    assert [len(s.request.prompt_ids) for s in scheduler.admit(running=0)] == [30, 30, 30]
+    assert [len(s.request.prompt_ids) for s in scheduler.admit(running=3)] == [500]  # oldest goes, alone
+    assert scheduler.admit(running=4) == []
+    assert [len(s.request.prompt_ids) for s in scheduler.admit(running=0)] == [5]
