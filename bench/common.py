@@ -1,0 +1,208 @@
+"""Shared by the benchmarks: the bench model and adapters, servers on loopback, and the HTTP load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
+from transformers import ByT5Tokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from server.demo.build import save_adapter
+
+REPO = Path(__file__).resolve().parents[1]
+LORAS = [f"lora-{i}" for i in range(4)]
+ADAPTERS = {
+    **{
+        name: (LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False), 0.3)
+        for name in LORAS
+    },
+    **{f"loha-{i}": (LoHaConfig(r=8, alpha=8, target_modules="all-linear", init_weights=False), 0.5) for i in range(2)},
+    "lokr-0": (LoKrConfig(r=8, alpha=8, target_modules="all-linear", init_weights=False), 0.3),
+    "oft-0": (OFTConfig(r=0, oft_block_size=32, target_modules="all-linear", init_weights=False), 0.3),
+}
+
+
+def build_bench_model(root: Path) -> tuple[Path, Path]:
+    """The batching issue's model: Llama-style, hidden 512, 8 layers (~25M parameters), random, float32; with
+    4 LoRA r16, 2 LoHa r8, 1 LoKr and 1 OFT on all linear modules. Reused when already built under root."""
+    model_dir, store = root / "model", root / "adapters"
+    if (store / "oft-0" / "adapter_config.json").is_file():
+        return model_dir, store
+    torch.manual_seed(0)
+    tokenizer = ByT5Tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    for seed, (name, (adapter_config, scale)) in enumerate(ADAPTERS.items(), start=1):
+        save_adapter(model_dir, adapter_config, store / name, seed=seed, base_name="bench", scale=scale)
+    return model_dir, store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A server in a subprocess on a loopback port, stopped on exit."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MIXSERVE_")}
+        self.log = open(REPO / "bench" / f".server-{self.port}.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, *args, "--port", str(self.port)],
+            cwd=REPO,
+            env={**clean, **(env or {})},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def __enter__(self) -> Process:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited; see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def mixserve(model_dir: Path, store: Path, **settings) -> Process:
+    env = {
+        "MIXSERVE_MODEL": str(model_dir),
+        "MIXSERVE_ADAPTERS_DIR": str(store),
+        "MIXSERVE_DEVICE": "cpu",
+        "MIXSERVE_DTYPE": "float32",
+        "MIXSERVE_LOG_LEVEL": "warning",
+    }
+    env.update({f"MIXSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    return Process(["-m", "server"], env)
+
+
+def combinations(pool: list[str], clients: int, seed: int = 0) -> list[list[str]]:
+    """One combination of 1-3 adapters per client, drawn from pool."""
+    rng = random.Random(seed)
+    return [rng.sample(pool, 1 + i % 3) for i in range(clients)]
+
+
+def prompt(i: int, tokens: int = 32) -> str:
+    """A prompt of exactly `tokens` bytes (one token each for the byte-level tokenizer)."""
+    words = "the quick brown fox jumps over a lazy dog while seven red birds sing".split()
+    text = " ".join(words[(i + j) % len(words)] for j in range(tokens))
+    return text[:tokens]
+
+
+@dataclass
+class Result:
+    name: str
+    latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    errors: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+    def row(self) -> str:
+        def q(values, p):
+            return f"{statistics.quantiles(values, n=100)[p - 1] * 1e3:8.0f}" if len(values) > 1 else "       -"
+
+        return (
+            f"{self.name:34s} {len(self.latencies):4d} {self.tokens:6d} {self.tokens_per_second:8.1f}"
+            f" {q(self.latencies, 50)} {q(self.latencies, 95)} {q(self.ttfts, 50)} {q(self.ttfts, 95)}"
+        )
+
+
+HEADER = (
+    f"{'contender':34s} {'req':>4s} {'tokens':>6s} {'tok/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s}"
+    f" {'ttft p50':>8s} {'ttft p95':>8s}"
+)
+
+
+async def _one(client: httpx.AsyncClient, path: str, body: dict, result: Result, stream: bool) -> None:
+    started = time.perf_counter()
+    if stream:
+        async with client.stream("POST", path, json=body) as response:
+            response.raise_for_status()
+            first = None
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    raise RuntimeError(event["error"])
+                first = first or time.perf_counter()
+                if event.get("generated_text") is not None:
+                    result.tokens += event["index"] + 1
+        result.ttfts.append(first - started)
+    else:
+        response = await client.post(path, json=body)
+        response.raise_for_status()
+        result.tokens += response.json()["details"]["generated_tokens"]
+    result.latencies.append(time.perf_counter() - started)
+
+
+async def _load(url: str, path: str, per_client: list[list[dict]], result: Result, stream: bool) -> None:
+    async def client_loop(client: httpx.AsyncClient, bodies: list[dict]) -> None:
+        for body in bodies:
+            try:
+                await _one(client, path, body, result, stream)
+            except (httpx.HTTPError, RuntimeError) as exc:
+                print(f"  request failed: {exc!r}", file=sys.stderr)
+                result.errors += 1
+
+    limits = httpx.Limits(max_connections=len(per_client))
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client, bodies) for bodies in per_client))
+        result.seconds = time.perf_counter() - started
+
+
+def run_load(
+    name: str, url: str, per_client: list[list[dict]], path: str = "/generate_stream", stream: bool = True
+) -> Result:
+    """Each client sends its own requests one after another; all clients at once."""
+    result = Result(name)
+    asyncio.run(_load(url, path, per_client, result, stream))
+    if result.errors:
+        raise RuntimeError(f"{name}: {result.errors} requests failed")
+    return result
