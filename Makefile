@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps lorax-client==0.6.3
 	touch $@
 
 # Rebuild the embedded demo model and adapters (committed; only needed after changing server/demo/build.py).

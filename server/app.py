@@ -4,53 +4,118 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 
 from server import __version__
-from server.api import native
+from server.api import native, openai
+from server.api.metrics import Metrics
 from server.config import Settings
 from server.errors import MixserveError
 from server.state import ServerState
 
 log = logging.getLogger(__name__)
+REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
+DESCRIPTION = """Serves any combination of PEFT adapters (LoRA, LoHa, LoKr, AdaLoRA, OFT, SHiRA) per request on one
+resident base model, with the output PEFT's PeftMixedModel gives for that set. TGI/LoRAX-compatible routes at the
+root, OpenAI-compatible ones under /v1."""
 
 
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.mixserve = await asyncio.to_thread(ServerState.start, settings)
+        state = await asyncio.to_thread(ServerState.start, settings)
+        app.state.mixserve = state
+        app.state.metrics = Metrics(state)
         try:
             yield
         finally:
-            await asyncio.to_thread(app.state.mixserve.stop)
+            await asyncio.to_thread(state.stop)
 
-    app = FastAPI(title="mixserve", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="mixserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.include_router(native.router)
+    app.include_router(openai.router)
+
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        summary="Prometheus metrics",
+        responses={200: {"content": {"text/plain": {}}}},
+    )
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     _install_error_handlers(app)
+    app.add_middleware(RequestContext)
     return app
 
 
-def _error(status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "error_type": error_type}, headers=headers)
+class RequestContext:
+    """Gives every request an id (the client's x-request-id, or a new one), echoes it with the total time, and
+    counts the request by route and status."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started, status = time.perf_counter(), 500
+
+        async def send_with_headers(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["x-request-id"] = request_id
+                headers["x-total-time"] = f"{(time.perf_counter() - started) * 1e3:.0f}"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            metrics = getattr(scope["app"].state, "metrics", None)
+            route = scope.get("route")
+            if metrics is not None:
+                path = route.path if route is not None else "unmatched"
+                metrics.requests.labels(path, str(status)).inc()
+                metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
+
+
+def _error(request: Request, status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
+    if request.url.path.startswith("/v1/"):
+        body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+    else:
+        body = {"error": message, "error_type": error_type}
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MixserveError)
     async def mixserve_error(request: Request, exc: MixserveError) -> JSONResponse:
+        level = logging.ERROR if exc.status_code >= 500 else logging.INFO
         log.log(
-            logging.ERROR if exc.status_code >= 500 else logging.INFO,
-            "%s %s -> %d: %s",
+            level,
+            "request %s: %s %s -> %d: %s",
+            getattr(request.state, "request_id", "-"),
             request.method,
             request.url.path,
             exc.status_code,
             exc.message,
         )
-        return _error(exc.status_code, exc.message, exc.error_type, exc.headers)
+        return _error(request, exc.status_code, exc.message, exc.error_type, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -62,13 +127,15 @@ def _install_error_handlers(app: FastAPI) -> None:
             where = ".".join(str(p) for p in e["loc"] if p != "body")
             message = e["msg"].removeprefix("Value error, ")
             problems.append(f"{where}: {message}" if where else message)
-        return _error(422, "; ".join(problems), "validation")
+        return _error(request, 422, "; ".join(problems), "validation")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), "http")
+        return _error(request, exc.status_code, str(exc.detail), "http")
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("%s %s failed", request.method, request.url.path)
-        return _error(500, f"internal error: {type(exc).__name__}", "internal")
+        log.exception(
+            "request %s: %s %s failed", getattr(request.state, "request_id", "-"), request.method, request.url.path
+        )
+        return _error(request, 500, f"internal error: {type(exc).__name__}", "internal")

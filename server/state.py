@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from server.adapters.registry import AdapterRegistry
@@ -19,6 +20,10 @@ class ServerState:
     engine: Engine
     tokenizer: object
     max_total_tokens: int | None  # the model's context length, where its config says
+    vocab_size: int
+    device: str
+    dtype: str
+    started_at: float
 
     @classmethod
     def start(cls, settings: Settings) -> ServerState:
@@ -43,6 +48,10 @@ class ServerState:
             engine=engine,
             tokenizer=tokenizer,
             max_total_tokens=getattr(model.config, "max_position_embeddings", None),
+            vocab_size=model.config.vocab_size,
+            device=device.type,
+            dtype=str(dtype).removeprefix("torch."),
+            started_at=time.time(),
         )
 
     def stop(self) -> None:

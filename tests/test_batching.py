@@ -119,8 +119,11 @@ def test_cancelled_request_leaves_the_batch_at_the_next_step(state):
 def test_client_disconnect_frees_its_row(serve, llama):
     server = serve(llama.settings())
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/generate", timeout=0.5,
-                   json={"inputs": "Long one", "adapters": ["oft"], "parameters": {"max_new_tokens": 240}})
+        httpx.post(
+            f"{server.url}/generate",
+            timeout=0.5,
+            json={"inputs": "Long one", "adapters": ["oft"], "parameters": {"max_new_tokens": 240}},
+        )
     deadline = time.monotonic() + 10
     while server.state.engine.running and time.monotonic() < deadline:
         time.sleep(0.05)

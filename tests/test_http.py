@@ -131,7 +131,6 @@ def test_stop_sequence_and_full_text(client):
         ({"inputs": ""}, 422, "inputs: String should have at least 1 character"),
         ({"inputs": "x" * 101}, 422, "inputs are 101 tokens; at most 100"),
         ({"inputs": 5}, 422, "inputs: Input should be a valid string"),
-        ({"stream": True}, 422, "stream"),
     ],
 )
 def test_invalid_requests_get_a_clear_4xx(client, body, status, reason):
@@ -183,6 +182,8 @@ def test_stream_is_tgi_shaped_and_equals_the_plain_response(client):
     assert events[-1]["details"] == {
         "finish_reason": plain["details"]["finish_reason"],
         "generated_tokens": plain["details"]["generated_tokens"],
+        "input_length": plain["details"]["prompt_tokens"],
+        "prompt_tokens": plain["details"]["prompt_tokens"],
         "seed": None,
     }
 
@@ -190,3 +191,76 @@ def test_stream_is_tgi_shaped_and_equals_the_plain_response(client):
 def test_stream_reports_errors_before_it_starts_as_http_errors(client):
     response = client.post("/generate_stream", json={"inputs": PROMPT, "adapters": ["nope"]})
     assert response.status_code == 404 and response.json()["error_type"] == "adapter_not_found"
+
+
+def test_root_route_serves_plain_and_streamed_as_tgi(client):
+    body = {"inputs": PROMPT, "parameters": {"adapter_id": "lokr+oft", "max_new_tokens": 5}}
+    plain = client.post("/", json=body)
+    assert plain.status_code == 200 and plain.headers["x-adapters"] == "oft+lokr"
+    assert plain.json() == [client.post("/generate", json=body).json()]  # a list, as TGI's root route
+    with client.stream("POST", "/", json={**body, "stream": True}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+    assert events[-1]["generated_text"] == plain.json()[0]["generated_text"]
+
+
+def test_request_id_and_timing_headers(client):
+    response = generate(client, adapters=["lora"], parameters={"max_new_tokens": 3, "ignore_eos_token": True})
+    assert len(response.headers["x-request-id"]) == 32
+    assert response.headers["x-adapters"] == "lora"
+    assert response.headers["x-generated-tokens"] == "3"
+    assert int(response.headers["x-inference-time"]) >= 0 and int(response.headers["x-queue-time"]) >= 0
+    echoed = client.post(
+        "/generate",
+        json={"inputs": PROMPT, "parameters": {"max_new_tokens": 1}},
+        headers={"x-request-id": "my-trace-42"},
+    )
+    assert echoed.headers["x-request-id"] == "my-trace-42"
+
+
+def test_info_and_tokenize(client, server):
+    info = client.get("/info").json()
+    assert info["model_id"] == server.state.settings.model_id
+    assert info["model_dtype"] == "float32" and info["model_device_type"] == "cpu"
+    assert info["max_input_tokens"] == 100 and info["max_adapters_per_request"] == 4
+    assert info["adapters_available"] >= 12
+    tokens = client.post("/tokenize", json={"inputs": "héllo"}).json()
+    assert [t["id"] for t in tokens] == encode_prompt(server.state.tokenizer, "héllo")
+    assert "".join(t["text"] for t in tokens) == "héllo" or tokens[1]["text"] == ""
+
+
+def test_details_with_prompt_logprobs_and_alternatives(client, llama, server):
+    body = {
+        "inputs": PROMPT,
+        "adapters": ["loha"],
+        "parameters": {"max_new_tokens": 4, "details": True, "decoder_input_details": True, "top_n_tokens": 3},
+    }
+    details = client.post("/generate", json=body).json()["details"]
+    ids = encode_prompt(server.state.tokenizer, PROMPT)
+    assert [t["id"] for t in details["prefill"]] == ids and details["prefill"][0]["logprob"] is None
+    expected = reference_logits(llama.model_dir, llama.store, ["loha"], ids).log_softmax(-1)
+    for position, token in enumerate(details["prefill"][1:]):
+        assert math.isclose(token["logprob"], float(expected[position, token["id"]]), abs_tol=1e-5)
+    assert details["prompt_tokens"] == len(ids)
+    for chosen, alternatives in zip(details["tokens"], details["top_tokens"], strict=True):
+        assert len(alternatives) == 3 and alternatives[0]["id"] == chosen["id"]  # greedy: the best is chosen
+        assert alternatives[0]["logprob"] >= alternatives[1]["logprob"] >= alternatives[2]["logprob"]
+
+
+def test_ignore_eos_token_generates_the_full_length(client):
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 30, "ignore_eos_token": True, "details": True}}
+    assert client.post("/generate", json=body).json()["details"]["generated_tokens"] == 30
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"temperature": 5e-324},
+        {"do_sample": True, "repetition_penalty": 1e-300},
+        {"temperature": 1e-300, "top_k": 1},
+        {"do_sample": True, "temperature": 1e-6, "top_p": 0.5, "repetition_penalty": 1e300},
+    ],
+)
+def test_extreme_sampling_parameters_still_answer(client, parameters):
+    response = generate(client, parameters={"max_new_tokens": 4, **parameters})
+    assert response.status_code == 200, response.text

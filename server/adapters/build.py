@@ -72,12 +72,16 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
     return BuiltAdapter(name=name, version=files.version, kind=kind, config=config, layers=layers)
 
 
-def parse_config(name: str, raw: dict) -> tuple[Kind, PeftConfig]:
-    peft_type = raw.get("peft_type")
+def check_mixable(name: str, peft_type) -> None:
     if peft_type not in KINDS:
         raise AdapterInvalid(
             name, f"adapter type {peft_type!r} cannot be mixed; supported types: {', '.join(CANONICAL_ORDER)}"
         )
+
+
+def parse_config(name: str, raw: dict) -> tuple[Kind, PeftConfig]:
+    peft_type = raw.get("peft_type")
+    check_mixable(name, peft_type)
     kind = KINDS[peft_type]
     try:
         config = PeftConfig.from_peft_type(**raw)

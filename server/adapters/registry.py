@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from server.adapters.build import BaseLayout, BuiltAdapter, build_adapter
+from server.adapters.build import BaseLayout, BuiltAdapter, build_adapter, check_mixable
 from server.adapters.kinds import CANONICAL_ORDER
 from server.adapters.mixing import MixedLinear, MixingContext
 from server.adapters.store import AdapterStore
@@ -64,6 +64,12 @@ class AdapterRegistry:
         self._loaded: dict[str, LoadedAdapter] = {}
         self._slots = itertools.count()
         self._lock = threading.Lock()  # guards _loaded for readers on other threads
+        self.on_load = lambda seconds, outcome: None  # a hook for metrics
+
+    @property
+    def capacity(self) -> int:
+        """How many adapters can be resident at once: every adapter in the store, for now."""
+        return len(self.store.names())
 
     def get(self, name: str) -> LoadedAdapter | None:
         with self._lock:
@@ -78,12 +84,17 @@ class AdapterRegistry:
         if (adapter := self.get(name)) is not None:
             return adapter
         started = time.perf_counter()
-        built = build_adapter(self.store.read(name), self._layout, self.device, self.dtype)
+        try:
+            built = build_adapter(self.store.read(name), self._layout, self.device, self.dtype)
+        except Exception:
+            self.on_load(None, "error")
+            raise
         adapter = LoadedAdapter(built=built, slot=next(self._slots))
         for module_name, layer in built.layers.items():
             self._wrapper(module_name).attach(adapter.slot, layer)
         with self._lock:
             self._loaded[name] = adapter
+        self.on_load(time.perf_counter() - started, "success")
         log.info(
             "loaded adapter %s (%s, %d layers, %d bytes) in %.1f ms",
             name,
@@ -104,6 +115,15 @@ class AdapterRegistry:
                 self._replace(module_name, wrapper.base)
                 del self._wrappers[module_name]
         log.info("unloaded adapter %s", name)
+
+    def canonical(self, names: list[str]) -> list[str]:
+        """names in canonical composition order, by their types (read from the store when not loaded)."""
+        types = {}
+        for name in names:
+            loaded = self.get(name)
+            types[name] = loaded.peft_type if loaded else self.store.read_config(name).get("peft_type")
+            check_mixable(name, types[name])
+        return sorted(names, key=lambda n: CANONICAL_ORDER.index(types[n]))
 
     def combination(self, names: list[str]) -> list[LoadedAdapter]:
         """Loads what is missing; returns the adapters in canonical order (type nesting, then request order)."""

@@ -1,14 +1,14 @@
-"""The native routes: /generate and /generate_stream (TGI/LoRAX-compatible), /adapters, /health."""
+"""The native routes: TGI/LoRAX-compatible /, /generate, /generate_stream, /info, /tokenize; /adapters, /health."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
+from server import __version__
 from server.adapters.store import AdapterStore
 from server.api import validation
 from server.api.schemas import (
@@ -16,93 +16,103 @@ from server.api.schemas import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    Info,
+    InputToken,
     StreamDetails,
     StreamResponse,
     Token,
+    TokenizedToken,
+    TokenizeRequest,
 )
+from server.api.serving import request_headers, result_headers, until_done
+from server.engine.model import encode_prompt
+from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest, RequestHandle, Sequence
-from server.errors import ClientDisconnected, MixserveError, ValidationError
+from server.errors import MixserveError
 from server.state import ServerState
 
-ERRORS = {status: {"model": ErrorResponse} for status in (404, 422, 429, 500, 503)}
-DISCONNECT_POLL_SECONDS = 0.1
-router = APIRouter()
+ERRORS = {status: {"model": ErrorResponse} for status in (404, 422, 429, 499, 500, 503)}
+STREAM = {200: {"content": {"text/event-stream": {}}, "description": "server-sent events, one per token"}}
+router = APIRouter(responses=ERRORS)
 
 
 def _state(request: Request) -> ServerState:
     return request.app.state.mixserve
 
 
-@router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
-async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
-    if body.stream:
-        raise ValidationError("stream=true is served at /generate_stream")
+@router.post("/generate", response_model=GenerateResponse, summary="Generate text with a combination of adapters")
+async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
     state = _state(request)
     seq = await until_done(state.engine.submit(_generation_request(body, request)), request)
-    params = body.parameters
-    text = body.inputs + seq.text if params.return_full_text else seq.text
-    return GenerateResponse(generated_text=text, details=_details(seq, state.tokenizer) if params.details else None)
+    response = _response(body, seq, state.tokenizer)
+    return JSONResponse(response.model_dump(exclude_none=False), headers=result_headers(seq))
 
 
-@router.post("/generate_stream", responses=ERRORS, response_class=StreamingResponse)
+@router.post("/generate_stream", response_class=StreamingResponse, responses=STREAM, summary="Generate, streamed")
 async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
     """Server-sent events in TGI's format: one `data:` event per token, the last with the text and details."""
     state = _state(request)
-    handle = state.engine.submit(_generation_request(body, request))
-    return StreamingResponse(_events(handle, body, state.tokenizer), media_type="text/event-stream")
+    gen = _generation_request(body, request)
+    handle = state.engine.submit(gen)
+    return StreamingResponse(
+        _events(handle, body, state.tokenizer), media_type="text/event-stream", headers=request_headers(gen)
+    )
 
 
-async def _events(handle: RequestHandle, body: GenerateRequest, tokenizer) -> AsyncIterator[str]:
-    params, special = body.parameters, set(tokenizer.all_special_ids)
-    try:
-        async for event in handle.stream():
-            seq = handle.seq
-            token = Token(
-                id=event.token,
-                text=tokenizer.decode([event.token]),
-                logprob=event.logprob,
-                special=event.token in special,
-            )
-            text, details = None, None
-            if event.final:
-                text = body.inputs + seq.text if params.return_full_text else seq.text
-                if params.details:
-                    details = StreamDetails(
-                        finish_reason=seq.finish_reason, generated_tokens=len(seq.tokens), seed=seq.chooser.seed
-                    )
-            chunk = StreamResponse(index=event.index, token=token, generated_text=text, details=details)
-            yield f"data: {chunk.model_dump_json()}\n\n"
-    except MixserveError as exc:
-        yield f"data: {json.dumps({'error': exc.message, 'error_type': exc.error_type})}\n\n"
-    finally:
-        handle.cancel()  # frees the row if the client went away
+@router.post("/", responses={200: {"model": list[GenerateResponse], **STREAM[200]}}, summary="TGI's root route")
+async def compat_generate(body: GenerateRequest, request: Request):
+    """As /generate_stream when `stream` is true; else as /generate, the response in a list (as TGI, for the
+    Inference API's clients)."""
+    if body.stream:
+        return await generate_stream(body, request)
+    response = await generate(body, request)
+    response.body = b"[" + response.body + b"]"
+    response.headers["content-length"] = str(len(response.body))
+    return response
 
 
-def _generation_request(body: GenerateRequest, request: Request) -> GenerationRequest:
+@router.get("/info", response_model=Info, summary="The model, the device and the limits")
+async def info(request: Request) -> Info:
     state = _state(request)
-    params = body.parameters
-    adapters = validation.combination(
-        {
-            "adapters": body.adapters,
-            "parameters.adapters": params.adapters,
-            "parameters.adapter_id": validation.split_adapter_id(params.adapter_id),
-        },
-        state.store,
-        state.settings.max_adapters_per_request,
-    )
-    return validation.generation_request(
-        inputs=body.inputs,
-        adapters=adapters,
-        params=params,
-        tokenizer=state.tokenizer,
-        max_input_tokens=state.settings.max_input_tokens,
-        max_new_tokens_limit=state.settings.max_new_tokens,
+    settings = state.settings
+    return Info(
+        model_id=settings.model_id,
+        model_dtype=state.dtype,
+        model_device_type=state.device,
+        max_concurrent_requests=settings.max_batch_size + settings.max_queue,
+        max_input_tokens=settings.max_input_tokens,
         max_total_tokens=state.max_total_tokens,
-        request_id=request.headers.get("x-request-id"),
+        max_new_tokens=settings.max_new_tokens,
+        max_batch_size=settings.max_batch_size,
+        max_adapters_per_request=settings.max_adapters_per_request,
+        adapters_loaded=len(state.registry.loaded()),
+        adapters_available=len(state.store.names()),
+        version=__version__,
     )
 
 
-@router.get("/adapters", responses=ERRORS)
+@router.post("/tokenize", response_model=list[TokenizedToken], summary="The tokens of a text")
+async def tokenize(body: TokenizeRequest, request: Request) -> list[TokenizedToken]:
+    tokenizer = _state(request).tokenizer
+    ids = (
+        encode_prompt(tokenizer, body.inputs)
+        if body.add_special_tokens
+        else tokenizer.encode(body.inputs, add_special_tokens=False)
+    )
+    tokens, offset = [], 0
+    special = set(tokenizer.all_special_ids)
+    for token in ids:
+        text = tokenizer.decode([token])
+        at = -1 if token in special else body.inputs.find(text, offset) if text else -1
+        if at >= 0:
+            offset = at + len(text)
+        tokens.append(
+            TokenizedToken(id=token, text=text, start=at if at >= 0 else None, stop=offset if at >= 0 else None)
+        )
+    return tokens
+
+
+@router.get("/adapters", summary="Loaded adapters (and, with all=true, the rest of the store)")
 async def adapters(
     request: Request, all: bool = Query(False, description="also list the store's adapters that are not loaded")
 ) -> dict:
@@ -115,38 +125,99 @@ async def adapters(
     return {"adapters": listed}
 
 
-@router.get("/health")
+@router.get("/health", summary="200 once the model is loaded")
 async def health() -> dict:
     return {"status": "ok"}
 
 
-async def until_done(handle: RequestHandle, request: Request) -> Sequence:
-    """The request's result; if the client disconnects first, its row is freed at the engine's next step."""
-    result = asyncio.ensure_future(handle.result())
-    try:
-        while True:
-            done, _ = await asyncio.wait({result}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                return result.result()
-            if await request.is_disconnected():
-                raise ClientDisconnected("the client closed the connection")
-    finally:
-        handle.cancel()
-        result.cancel()
+def _generation_request(body: GenerateRequest, request: Request) -> GenerationRequest:
+    state = _state(request)
+    params = body.parameters
+    adapters = validation.combination(
+        state,
+        {
+            "adapters": body.adapters,
+            "parameters.adapters": params.adapters,
+            "parameters.adapter_id": validation.split_adapter_id(params.adapter_id),
+            "parameters.merged_adapters": params.merged_adapters.ids if params.merged_adapters else None,
+        },
+    )
+    sampling = SamplingParams(
+        max_new_tokens=params.max_new_tokens or 0,
+        do_sample=bool(params.do_sample),
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        repetition_penalty=params.repetition_penalty,
+        frequency_penalty=params.frequency_penalty or 0.0,
+        seed=params.seed,
+        stop=tuple(params.stop or ()),
+        ignore_eos=bool(params.ignore_eos_token),
+        top_logprobs=params.alternatives,
+        prompt_logprobs=bool(params.decoder_input_details and params.details),
+    )
+    prompt = encode_prompt(state.tokenizer, body.inputs)
+    return validation.generation_request(state, prompt, adapters, sampling, request.state.request_id)
 
 
-def _details(seq: Sequence, tokenizer) -> Details:
-    special = set(tokenizer.all_special_ids)
-    return Details(
+def _text(body: GenerateRequest, seq: Sequence) -> str:
+    return body.inputs + seq.text if body.parameters.return_full_text else seq.text
+
+
+def _token(tokenizer, token: int, logprob: float) -> Token:
+    return Token(id=token, text=tokenizer.decode([token]), logprob=logprob, special=token in tokenizer.all_special_ids)
+
+
+def _response(body: GenerateRequest, seq: Sequence, tokenizer) -> GenerateResponse:
+    if not body.parameters.details:
+        return GenerateResponse(generated_text=_text(body, seq))
+    prompt = seq.request.prompt_ids
+    details = Details(
         finish_reason=seq.finish_reason,
         generated_tokens=len(seq.tokens),
+        prompt_tokens=len(prompt),
         seed=seq.chooser.seed,
-        tokens=[
-            Token(id=t, text=tokenizer.decode([t]), logprob=lp, special=t in special)
-            for t, lp in zip(seq.tokens, seq.logprobs, strict=True)
+        prefill=[
+            InputToken(id=t, text=tokenizer.decode([t]), logprob=lp)
+            for t, lp in zip(prompt, seq.prompt_logprobs or [], strict=False)
         ],
+        tokens=[_token(tokenizer, t, lp) for t, lp in zip(seq.tokens, seq.logprobs, strict=True)],
+        top_tokens=[[_token(tokenizer, t, lp) for t, lp in alts] for alts in seq.alternatives]
+        if seq.request.params.top_logprobs
+        else None,
         adapters=seq.adapters,
     )
+    return GenerateResponse(generated_text=_text(body, seq), details=details)
+
+
+async def _events(handle: RequestHandle, body: GenerateRequest, tokenizer) -> AsyncIterator[str]:
+    seq = handle.seq
+    try:
+        async for event in handle.stream():
+            text, details = None, None
+            if event.final:
+                text = _text(body, seq)
+                if body.parameters.details:
+                    details = StreamDetails(
+                        finish_reason=seq.finish_reason,
+                        generated_tokens=len(seq.tokens),
+                        input_length=len(seq.request.prompt_ids),
+                        prompt_tokens=len(seq.request.prompt_ids),
+                        seed=seq.chooser.seed,
+                    )
+            top = seq.alternatives[event.index] if seq.request.params.top_logprobs else None
+            chunk = StreamResponse(
+                index=event.index,
+                token=_token(tokenizer, event.token, event.logprob),
+                top_tokens=[_token(tokenizer, t, lp) for t, lp in top] if top is not None else None,
+                generated_text=text,
+                details=details,
+            )
+            yield f"data: {chunk.model_dump_json()}\n\n"
+    except MixserveError as exc:
+        yield f"data: {json.dumps({'error': exc.message, 'error_type': exc.error_type})}\n\n"
+    finally:
+        handle.cancel()  # frees the row if the client went away
 
 
 def _describe_unloaded(store: AdapterStore, name: str) -> dict:

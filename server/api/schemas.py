@@ -1,4 +1,4 @@
-"""Request and response bodies of the native (TGI/LoRAX-compatible) API."""
+"""Request and response bodies of the native API: TGI's and LoRAX's /generate, /generate_stream, /info, /tokenize."""
 
 from __future__ import annotations
 
@@ -6,44 +6,67 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# TGI options this server does not implement, with the only values it accepts for them.
+MAX_STOP_SEQUENCES = 4
+MAX_TOP_N_TOKENS = 5
+
+# TGI/LoRAX options this server does not implement, with the only values it accepts for them.
 _UNIMPLEMENTED_DEFAULTS = {
     "best_of": (None, 1),
     "typical_p": (None, 1.0),
     "truncate": (None,),
     "watermark": (None, False),
-    "top_n_tokens": (None, 0),
-    "frequency_penalty": (None, 0.0),
     "grammar": (None,),
-    "decoder_input_details": (None, False),
+    "response_format": (None,),
 }
+
+
+class MergedAdapters(BaseModel):
+    """LoRAX's merged_adapters: served as a combination when every weight is 1 (the sum of the adapters)."""
+
+    ids: list[str] = Field(min_length=1)
+    weights: list[float] | None = None
+    merge_strategy: str | None = Field(None, description="'linear' (or absent) only")
+    density: float | None = None
+    majority_sign_method: str | None = None
+
+    @model_validator(mode="after")
+    def _a_plain_sum(self) -> MergedAdapters:
+        if self.merge_strategy not in (None, "linear"):
+            raise ValueError(f"merge_strategy {self.merge_strategy!r} is not supported; combinations add up ('linear')")
+        if self.weights is not None and any(w != 1.0 for w in self.weights):
+            raise ValueError("merged_adapters.weights must all be 1.0: a combination applies each adapter in full")
+        return self
 
 
 class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapters: list[str] | None = Field(None, description="adapter names; same as the top-level `adapters`")
-    adapter_id: str | None = Field(None, description="LoRAX/TGI style: one adapter name, or several joined by '+'")
+    adapter_id: str | None = Field(None, description="TGI/LoRAX style: one adapter name, or several joined by '+'")
+    merged_adapters: MergedAdapters | None = Field(None, description="LoRAX style: ids of the combination")
     adapter_source: str | None = Field(None, description="accepted for LoRAX clients; the store is the source")
     api_token: str | None = Field(None, description="accepted for LoRAX clients; unused")
     max_new_tokens: int | None = Field(None, ge=1, description="default: 100, capped by the server's limit")
-    do_sample: bool = False
+    do_sample: bool | None = False
     temperature: float | None = Field(None, gt=0)
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[str] = Field(default_factory=list, max_length=4)
-    return_full_text: bool = False
-    details: bool = False
+    stop: list[str] | None = Field(None, max_length=MAX_STOP_SEQUENCES)
+    ignore_eos_token: bool | None = Field(False, description="generate max_new_tokens even past end-of-sequence")
+    return_full_text: bool | None = False
+    details: bool | None = False
+    decoder_input_details: bool | None = Field(False, description="with details: the prompt tokens' logprobs")
+    top_n_tokens: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS, description="alternatives per token")
+    return_k_alternatives: int | None = Field(None, ge=0, le=MAX_TOP_N_TOKENS, description="LoRAX: as top_n_tokens")
     best_of: int | None = None
     typical_p: float | None = None
     truncate: int | None = None
     watermark: bool | None = None
-    top_n_tokens: int | None = None
-    frequency_penalty: float | None = None
     grammar: dict | None = None
-    decoder_input_details: bool | None = None
+    response_format: dict | None = None
 
     @model_validator(mode="after")
     def _implemented(self) -> GenerateParameters:
@@ -54,9 +77,13 @@ class GenerateParameters(BaseModel):
         ]
         if unsupported:
             raise ValueError(f"not supported by this server: {', '.join(unsupported)}")
-        if any(not s for s in self.stop):
+        if any(not s for s in self.stop or ()):
             raise ValueError("stop sequences must not be empty")
         return self
+
+    @property
+    def alternatives(self) -> int:
+        return self.top_n_tokens or self.return_k_alternatives or 0
 
 
 class GenerateRequest(BaseModel):
@@ -64,7 +91,11 @@ class GenerateRequest(BaseModel):
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"inputs": "The cat", "adapters": ["lora-demo", "oft-demo"], "parameters": {"max_new_tokens": 20}}
+                {
+                    "inputs": "Hello",
+                    "adapters": ["lora-demo", "oft-demo"],
+                    "parameters": {"max_new_tokens": 20, "details": True},
+                }
             ]
         },
     )
@@ -72,7 +103,7 @@ class GenerateRequest(BaseModel):
     inputs: str = Field(min_length=1)
     adapters: list[str] | None = Field(None, description="the combination; empty or absent: the base model")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-    stream: bool = Field(False, description="accepted for TGI clients; streaming is served at /generate_stream")
+    stream: bool | None = Field(False, description="at POST /: answer as /generate_stream does")
 
 
 class Token(BaseModel):
@@ -82,31 +113,77 @@ class Token(BaseModel):
     special: bool
 
 
+class InputToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = Field(description="null for the first token")
+
+
 class Details(BaseModel):
     finish_reason: Literal["length", "eos_token", "stop_sequence"]
     generated_tokens: int
+    prompt_tokens: int
     seed: int | None
-    prefill: list[Token] = Field(default_factory=list)
+    prefill: list[InputToken] = Field(default_factory=list, description="with decoder_input_details")
     tokens: list[Token]
+    top_tokens: list[list[Token]] | None = Field(None, description="with top_n_tokens")
     adapters: list[str] = Field(description="the adapters applied, in canonical composition order")
-
-
-class StreamDetails(BaseModel):
-    finish_reason: Literal["length", "eos_token", "stop_sequence"]
-    generated_tokens: int
-    seed: int | None
-
-
-class StreamResponse(BaseModel):
-    index: int
-    token: Token
-    generated_text: str | None = None
-    details: StreamDetails | None = None
 
 
 class GenerateResponse(BaseModel):
     generated_text: str
     details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    input_length: int
+    prompt_tokens: int
+    seed: int | None
+
+
+class StreamResponse(BaseModel):
+    """One server-sent event of /generate_stream: a token; the last one also carries the text and details."""
+
+    index: int
+    token: Token
+    top_tokens: list[Token] | None = None
+    generated_text: str | None = None
+    details: StreamDetails | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"inputs": "Hello world"}]})
+
+    inputs: str
+    add_special_tokens: bool = Field(True, description="frame the text as a prompt (BOS where the model uses one)")
+
+
+class TokenizedToken(BaseModel):
+    id: int
+    text: str
+    start: int | None = Field(description="character offset in inputs; null for added special tokens")
+    stop: int | None
+
+
+class Info(BaseModel):
+    model_id: str
+    model_dtype: str
+    model_device_type: str
+    model_pipeline_tag: str = "text-generation"
+    max_concurrent_requests: int
+    max_best_of: int = 1
+    max_stop_sequences: int = MAX_STOP_SEQUENCES
+    max_input_tokens: int
+    max_total_tokens: int | None
+    max_new_tokens: int
+    max_batch_size: int
+    max_adapters_per_request: int
+    adapters_loaded: int
+    adapters_available: int
+    router: str = "mixserve"
+    version: str
 
 
 class ErrorResponse(BaseModel):

@@ -7,6 +7,7 @@ then decode one token for every running sequence. Requests join and leave the ba
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -42,11 +43,13 @@ class Engine:
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
         self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._queued = 0  # submitted, not yet admitted: what MIXSERVE_MAX_QUEUE bounds
+        self._waiting_adapters: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._stopping = False
         self._admitted: list[Sequence] = []  # admitted in the current step, not yet running
         self._outboxes: dict[asyncio.AbstractEventLoop, EventOutbox] = {}
         self.passes = {"prefill": 0, "decode": 0}  # forward passes run, by kind
+        self.on_finished = lambda seq: None  # a hook for metrics: called on the engine thread
         self._thread = threading.Thread(target=self._loop, name="mixserve-engine", daemon=True)
 
     @property
@@ -60,6 +63,13 @@ class Engine:
     @property
     def running(self) -> int:
         return len(self.runner.rows)
+
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """Names of the adapters of running requests, and of waiting ones (from any thread)."""
+        running = {name for seq in list(self.runner.rows) for name in seq.adapters}
+        with self._lock:
+            waiting = set(self._waiting_adapters)
+        return sorted(running), sorted(waiting)
 
     def start(self) -> None:
         self._thread.start()
@@ -77,9 +87,10 @@ class Engine:
             if self._queued >= self.max_queue:
                 raise Overloaded(f"{self._queued} requests are waiting (MIXSERVE_MAX_QUEUE); retry shortly")
             self._queued += 1
+            self._waiting_adapters.update(request.adapters)
         seq = Sequence(
             request=request,
-            chooser=TokenChooser(request.params, self.runner.device),
+            chooser=TokenChooser(request.params, self.runner.device, len(request.prompt_ids)),
             tokenizer=self.tokenizer,
             eos_ids=self.eos_ids,
             events=asyncio.Queue(),
@@ -142,7 +153,7 @@ class Engine:
 
     def step(self) -> None:
         for seq in self.scheduler.drop_cancelled():
-            self._dequeued()
+            self._dequeued(seq)
             seq.fail(asyncio.CancelledError())
         for seq in [s for s in self.runner.rows if s.cancelled]:
             log.info("request %s cancelled after %d tokens", seq.request.request_id, len(seq.tokens))
@@ -150,10 +161,11 @@ class Engine:
 
         self._admitted = []
         for seq in self.scheduler.admit(len(self.runner.rows)):
-            self._dequeued()
+            self._dequeued(seq)
             if self._attach_adapters(seq):
                 self._admitted.append(seq)
         if self._admitted:
+            self._score_prompts([s for s in self._admitted if s.request.params.prompt_logprobs])
             self._sample(self._admitted, self.runner.prefill(self._admitted))
             self.passes["prefill"] += 1
             self._flush()  # first tokens out before the decode pass
@@ -189,9 +201,14 @@ class Engine:
                 token = greedy[row]
             else:
                 token = seq.chooser.choose(logits[row : row + 1], seq.request.prompt_ids + seq.tokens)
-            seq.append(token, float(logprobs[row, token]))
+            alternatives = []
+            if k := seq.request.params.top_logprobs:
+                values, ids = logprobs[row].topk(k)
+                alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
+            seq.append(token, float(logprobs[row, token]), alternatives)
             if seq.finished:
                 self.runner.release(seq)
+                self.on_finished(seq)
                 log.info(
                     "request %s: %d tokens with [%s] (%s)",
                     seq.request.request_id,
@@ -200,13 +217,22 @@ class Engine:
                     seq.finish_reason,
                 )
 
+    def _score_prompts(self, seqs: list[Sequence]) -> None:
+        """The logprob of each prompt token given those before it, for requests that ask (one extra pass)."""
+        for seq in seqs:
+            ids = seq.request.prompt_ids
+            logprobs = torch.log_softmax(self.runner.score(torch.tensor([ids]), [seq.slots])[0].float(), dim=-1)
+            seq.prompt_logprobs = [None] + logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
     def _release(self, seq: Sequence, error: BaseException) -> None:
         self.runner.release(seq)
         seq.fail(error)
 
-    def _dequeued(self) -> None:
+    def _dequeued(self, seq: Sequence) -> None:
         with self._lock:
             self._queued -= 1
+            self._waiting_adapters.subtract(seq.request.adapters)
+            self._waiting_adapters = +self._waiting_adapters  # drop names no longer waiting
 
     def _abandon_all(self) -> None:
         self._take_inbox(block=False)

@@ -1,18 +1,21 @@
-"""Choosing the next token: TGI's parameters on top of transformers' logits processors."""
+"""Choosing the next token: TGI's and OpenAI's parameters on top of transformers' logits processors."""
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import (
+    LogitsProcessor,
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -23,12 +26,20 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
+    frequency_penalty: float = 0.0  # OpenAI: minus penalty times the count of each generated token
+    presence_penalty: float = 0.0  # OpenAI: minus penalty once per token generated at all
+    logit_bias: dict[int, float] = field(default_factory=dict)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    top_logprobs: int = 0  # alternatives reported per generated token
+    prompt_logprobs: bool = False  # logprob of each prompt token (TGI's decoder_input_details)
 
     @property
     def sampling(self) -> bool:
-        """As in TGI: any warper turns sampling on."""
+        """As in TGI: any warper turns sampling on; as in vLLM, a temperature under 1e-5 means greedy."""
+        if self.temperature is not None and self.temperature < GREEDY_TEMPERATURE:
+            return False
         warped = (self.temperature not in (None, 1.0)) or bool(self.top_k) or (self.top_p not in (None, 1.0))
         return self.do_sample or warped
 
@@ -36,10 +47,15 @@ class SamplingParams:
 class TokenChooser:
     """Per-sequence state for picking tokens: the processors and, when sampling, a seeded generator."""
 
-    def __init__(self, params: SamplingParams, device: torch.device):
+    def __init__(self, params: SamplingParams, device: torch.device, prompt_length: int = 0):
         self.processors = LogitsProcessorList()
+        if params.logit_bias:
+            self.processors.append(_LogitBias(params.logit_bias))
         if params.repetition_penalty not in (None, 1.0):
             self.processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if params.frequency_penalty or params.presence_penalty:
+            penalty = _FrequencyPresencePenalty(params.frequency_penalty, params.presence_penalty, prompt_length)
+            self.processors.append(penalty)
         self.seed: int | None = None
         self.generator: torch.Generator | None = None
         if params.sampling:
@@ -59,8 +75,37 @@ class TokenChooser:
 
     def choose(self, logits: torch.Tensor, ids: list[int]) -> int:
         """logits: [1, vocab] float32 for the next position; ids: the tokens so far (prompt and generated)."""
-        scores = self.processors(torch.tensor([ids], device=logits.device), logits) if self.processors else logits
+        if self.processors:
+            scores = self.processors(torch.tensor([ids], device=logits.device), logits)
+            # extreme penalties can overflow; keep the order of what is finite, fall back to the raw logits
+            scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.finfo(scores.dtype).max)
+            logits = scores if torch.isfinite(scores).any() else logits
         if self.generator is None:
-            return int(scores.argmax(dim=-1))
-        probs = torch.softmax(scores, dim=-1)
+            return int(logits.argmax(dim=-1))
+        probs = torch.softmax(logits, dim=-1)
+        if not torch.isfinite(probs).all():  # a +max score beside others: all mass on the largest
+            return int(logits.argmax(dim=-1))
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class _LogitBias(LogitsProcessor):
+    def __init__(self, bias: dict[int, float]):
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        scores[:, self.ids.to(scores.device)] += self.values.to(scores.device)
+        return scores
+
+
+class _FrequencyPresencePenalty(LogitsProcessor):
+    """OpenAI's penalties, over the generated tokens only (not the prompt)."""
+
+    def __init__(self, frequency: float, presence: float, prompt_length: int):
+        self.frequency, self.presence, self.prompt_length = frequency, presence, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_length :]
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)

@@ -44,7 +44,10 @@ class Sequence:
     slots: tuple[int, ...] = ()  # the loaded adapters' slots, canonical order
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    alternatives: list[list[tuple[int, float]]] = field(default_factory=list)  # top logprobs per token, if asked
+    prompt_logprobs: list[float | None] | None = None  # if asked; None for the first prompt token
     finish_reason: str | None = None  # length | eos_token | stop_sequence
+    stop_sequence: str | None = None  # the one that ended the text
     text: str = ""
     cancelled: bool = False  # set by the client's side, read by the engine at the next step
     submitted_at: float = field(default_factory=time.monotonic)
@@ -60,13 +63,14 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.request.prompt_ids) + len(self.tokens)
 
-    def append(self, token: int, logprob: float) -> None:
+    def append(self, token: int, logprob: float, alternatives: list[tuple[int, float]] | None = None) -> None:
         if not self.tokens:
             self.first_token_at = time.monotonic()
         self.tokens.append(token)
         self.logprobs.append(logprob)
+        self.alternatives.append(alternatives or [])
         params = self.request.params
-        if token in self.eos_ids:
+        if token in self.eos_ids and not params.ignore_eos:
             self.finish_reason = "eos_token"
         elif params.stop and self._hit_stop(params.stop):
             self.finish_reason = "stop_sequence"
@@ -89,6 +93,7 @@ class Sequence:
             at = self.text.find(stop, max(0, len(previous) - len(stop) + 1))
             if at >= 0:
                 self.text = self.text[: at + len(stop)]  # as TGI: the stop sequence ends the text
+                self.stop_sequence = stop
                 return True
         return False
 

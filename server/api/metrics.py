@@ -1,0 +1,117 @@
+"""Prometheus metrics: what was served (counters, histograms) and what is going on (read at scrape time).
+
+Router-facing gauges follow vLLM's semantics under mixserve's prefix, so that an adapter-aware router (e.g. the
+Kubernetes Gateway API inference extension) can be pointed at them: `mixserve:num_requests_waiting`,
+`mixserve:num_requests_running`, `mixserve:kv_cache_usage_perc` and `mixserve:lora_requests_info`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from server.engine.sequence import Sequence
+from server.state import ServerState
+
+LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
+PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+class Metrics:
+    """One server's metrics, in a registry of its own."""
+
+    def __init__(self, state: ServerState):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "mixserve:requests", "HTTP requests, by route and status", ["route", "status"], registry=registry
+        )
+        self.request_seconds = Histogram(
+            "mixserve:request_duration_seconds", "HTTP request latency", ["route"], buckets=LATENCY, registry=registry
+        )
+        self.queue_seconds = Histogram(
+            "mixserve:request_queue_time_seconds", "Time from arrival to admission", buckets=LATENCY, registry=registry
+        )
+        self.ttft = Histogram(
+            "mixserve:time_to_first_token_seconds",
+            "Time from arrival to the first token",
+            buckets=LATENCY,
+            registry=registry,
+        )
+        self.tpot = Histogram(
+            "mixserve:time_per_output_token_seconds",
+            "Mean time per token after the first",
+            buckets=PER_TOKEN,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter("mixserve:prompt_tokens", "Prompt tokens of finished requests", registry=registry)
+        self.generation_tokens = Counter("mixserve:generation_tokens", "Tokens generated", registry=registry)
+        self.finished = Counter(
+            "mixserve:request_success",
+            "Requests that finished, by finish reason",
+            ["finished_reason"],
+            registry=registry,
+        )
+        self.adapter_loads = Counter(
+            "mixserve:adapter_loads", "Adapter loads, by outcome", ["outcome"], registry=registry
+        )
+        self.adapter_load_seconds = Histogram(
+            "mixserve:adapter_load_seconds", "Adapter load latency", buckets=LATENCY, registry=registry
+        )
+        self.adapter_evictions = Counter(
+            "mixserve:adapter_evictions", "Adapters unloaded to make room", registry=registry
+        )
+        registry.register(_Live(state))
+        state.engine.on_finished = self.observe_finished
+        state.registry.on_load = self.observe_load
+
+    def observe_finished(self, seq: Sequence) -> None:
+        self.finished.labels(seq.finish_reason).inc()
+        self.prompt_tokens.inc(len(seq.request.prompt_ids))
+        self.generation_tokens.inc(len(seq.tokens))
+        if seq.admitted_at is not None:
+            self.queue_seconds.observe(seq.admitted_at - seq.submitted_at)
+        if seq.first_token_at is not None:
+            self.ttft.observe(seq.first_token_at - seq.submitted_at)
+            if len(seq.tokens) > 1 and seq.finished_at is not None:
+                self.tpot.observe((seq.finished_at - seq.first_token_at) / (len(seq.tokens) - 1))
+
+    def observe_load(self, seconds: float | None, outcome: str) -> None:
+        self.adapter_loads.labels(outcome).inc()
+        if seconds is not None:
+            self.adapter_load_seconds.observe(seconds)
+
+
+class _Live:
+    """Gauges read from the engine and the registry when scraped."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    def collect(self):
+        engine, registry, settings = self.state.engine, self.state.registry, self.state.settings
+        running, waiting = engine.adapters_in_use()
+        loaded = registry.loaded()
+        yield _gauge("mixserve:num_requests_waiting", "Requests waiting to be admitted", engine.queued)
+        yield _gauge("mixserve:num_requests_running", "Sequences in the running batch", engine.running)
+        yield _gauge(
+            "mixserve:kv_cache_usage_perc",
+            "Batch rows in use, as a fraction of MIXSERVE_MAX_BATCH_SIZE",
+            engine.running / settings.max_batch_size,
+        )
+        yield _gauge("mixserve:adapters_resident", "Adapters loaded in the model", len(loaded))
+        yield _gauge(
+            "mixserve:adapter_bytes_resident", "Bytes of the loaded adapters", sum(a.built.nbytes for a in loaded)
+        )
+        info = GaugeMetricFamily(
+            "mixserve:lora_requests_info",
+            "Adapters of running and waiting requests (value: update time)",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        info.add_metric([",".join(running), ",".join(waiting), str(registry.capacity)], time.time())
+        yield info
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)

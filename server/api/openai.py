@@ -1,0 +1,372 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions, streamed or not.
+
+`model` is the base model's id or a combination ('a' or 'a+b'); the body field `adapters` may carry it instead.
+Chat prompts use the tokenizer's chat template; without one, the plain default
+
+    <role>: <content>\\n   (one line per message)
+    assistant:
+
+OpenAI semantics where they differ from TGI's: a stop sequence is not part of the returned text, temperature
+defaults to 1 (sampling) and 0 means greedy, max_tokens defaults to 16 for completions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api import validation
+from server.api.openai_schemas import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Delta,
+    Message,
+    Model,
+    ModelList,
+    OpenAIErrorResponse,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from server.api.serving import request_headers, result_headers, until_done
+from server.engine.model import encode_prompt
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import GenerationRequest, Sequence
+from server.errors import MixserveError, ValidationError
+from server.state import ServerState
+
+ERRORS = {status: {"model": OpenAIErrorResponse} for status in (404, 422, 429, 499, 500, 503)}
+STREAM = {200: {"content": {"text/event-stream": {}}, "description": "with stream=true: server-sent events"}}
+FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+router = APIRouter(prefix="/v1", responses=ERRORS, tags=["OpenAI"])
+
+
+def error_body(exc: MixserveError) -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": exc.message, "type": exc.error_type, "param": None, "code": exc.status_code}}
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.mixserve
+
+
+@router.get("/models", response_model=ModelList, summary="The base model and every adapter in the store")
+async def models(request: Request) -> ModelList:
+    state = _state(request)
+    base, created = state.settings.model_id, int(state.started_at)
+    return ModelList(
+        data=[Model(id=base, created=created, root=base, parent=None, max_model_len=state.max_total_tokens)]
+        + [Model(id=name, created=created, root=name, parent=base) for name in state.store.names()]
+    )
+
+
+@router.post("/completions", response_model=Completion, responses=STREAM, summary="Text completion")
+async def completions(body: CompletionRequest, request: Request):
+    state = _state(request)
+    adapters = _adapters(state, body)
+    prompts = _prompts(state, body.prompt)
+    sampling = _sampling(body, body.max_tokens, body.logprobs or 0, bool(body.echo and body.logprobs is not None))
+    gens = [_request(state, ids, adapters, sampling, request, i) for i, ids in enumerate(prompts)]
+    handles = [state.engine.submit(gen) for gen in gens]
+    reply = _Completions(body, state.tokenizer, f"cmpl-{uuid.uuid4().hex}")
+    if body.stream:
+        return _sse(reply.stream(handles), handles, headers=request_headers(gens[0]))
+    seqs = await asyncio.gather(*(until_done(h, request) for h in handles))
+    return JSONResponse(reply.complete(seqs).model_dump(), headers=result_headers(seqs[0]))
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, responses=STREAM, summary="Chat completion")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = _state(request)
+    adapters = _adapters(state, body)
+    ids = _chat_prompt(state.tokenizer, body.messages)
+    alternatives = (body.top_logprobs or 0) if body.logprobs else 0
+    sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, alternatives, False)
+    gen = _request(state, ids, adapters, sampling, request, 0)
+    handle = state.engine.submit(gen)
+    reply = _Chat(body, state.tokenizer, f"chatcmpl-{uuid.uuid4().hex}")
+    if body.stream:
+        return _sse(reply.stream(handle), [handle], headers=request_headers(gen))
+    seq = await until_done(handle, request)
+    return JSONResponse(reply.complete(seq).model_dump(), headers=result_headers(seq))
+
+
+def _adapters(state: ServerState, body) -> list[str]:
+    named = [] if body.model == state.settings.model_id else validation.split_adapter_id(body.model)
+    return validation.combination(state, {"model": named, "adapters": body.adapters})
+
+
+def _prompts(state: ServerState, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [encode_prompt(state.tokenizer, prompt)]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if not prompt:
+        raise ValidationError("prompt: empty")
+    return [encode_prompt(state.tokenizer, p) if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _chat_prompt(tokenizer, messages: list[Message]) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.text} for m in messages], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer.encode(text, add_special_tokens=False)
+    return encode_prompt(tokenizer, "".join(f"{m.role}: {m.text}\n" for m in messages) + "assistant:")
+
+
+def _sampling(body, max_tokens: int | None, alternatives: int, prompt_logprobs: bool) -> SamplingParams:
+    temperature = 1.0 if body.temperature is None else body.temperature
+    return SamplingParams(
+        max_new_tokens=max_tokens or 0,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_k=body.top_k if temperature > 0 else None,
+        top_p=body.top_p if temperature > 0 else None,
+        repetition_penalty=body.repetition_penalty,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
+        seed=body.seed,
+        stop=tuple(body.stop_list),
+        top_logprobs=alternatives,
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+def _request(state, ids, adapters, sampling, request: Request, index: int) -> GenerationRequest:
+    request_id = request.state.request_id if index == 0 else f"{request.state.request_id}-{index}"
+    return validation.generation_request(state, ids, adapters, sampling, request_id)
+
+
+def _usage(seqs: list[Sequence]) -> Usage:
+    prompt = sum(len(s.request.prompt_ids) for s in seqs)
+    completion = sum(len(s.tokens) for s in seqs)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class _Text:
+    """The text a client has been sent: deltas hold back what could still turn out to be a stop sequence."""
+
+    def __init__(self, seq: Sequence):
+        self.seq = seq
+        self.sent = 0
+
+    def final(self) -> str:
+        text, stop = self.seq.text, self.seq.stop_sequence
+        return text[: len(text) - len(stop)] if stop and text.endswith(stop) else text
+
+    def delta(self, index: int, final: bool) -> str:
+        if final:
+            text = self.final()
+        else:
+            text = self.seq.tokenizer.decode(self.seq.tokens[: index + 1], skip_special_tokens=True)
+            text = text[: len(text) - _held_back(text, self.seq.request.params.stop)]
+        delta = text[self.sent :]
+        self.sent = len(text)
+        return delta
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How much of text's end could begin a stop sequence, or is an incomplete character."""
+    held = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                held = max(held, n)
+                break
+    return held
+
+
+class _Completions:
+    def __init__(self, body: CompletionRequest, tokenizer, reply_id: str):
+        self.body, self.tokenizer, self.id, self.created = body, tokenizer, reply_id, int(time.time())
+
+    def _echo(self, seq: Sequence) -> str:
+        return self.tokenizer.decode(seq.request.prompt_ids, skip_special_tokens=True) if self.body.echo else ""
+
+    def complete(self, seqs: list[Sequence]) -> Completion:
+        choices = []
+        for index, seq in enumerate(seqs):
+            echo, text = self._echo(seq), _Text(seq).final()
+            choices.append(
+                CompletionChoice(
+                    index=index,
+                    text=echo + text,
+                    logprobs=self._logprobs(seq, len(echo), text),
+                    finish_reason=FINISH[seq.finish_reason],
+                )
+            )
+        return Completion(id=self.id, created=self.created, model=self.body.model, choices=choices, usage=_usage(seqs))
+
+    def _logprobs(self, seq: Sequence, echo_length: int, text: str) -> CompletionLogprobs | None:
+        if self.body.logprobs is None:
+            return None
+        decode = self.tokenizer.decode
+        ids, lps, alts = (
+            list(seq.tokens),
+            list(seq.logprobs),
+            [dict((decode([t]), lp) for t, lp in a) for a in seq.alternatives],
+        )
+        if self.body.echo:
+            prompt = seq.request.prompt_ids
+            ids, lps, alts = (
+                prompt + ids,
+                list(seq.prompt_logprobs or [None] * len(prompt)) + lps,
+                [None] * len(prompt) + alts,
+            )
+        tokens, offsets, at = [decode([t]) for t in ids], [], 0 if self.body.echo else echo_length
+        for token in tokens:
+            offsets.append(at)
+            at += len(token)
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=lps, top_logprobs=alts if self.body.logprobs else None, text_offset=offsets
+        )
+
+    async def stream(self, handles) -> AsyncIterator[str]:
+        seqs = [h.seq for h in handles]
+        texts = [_Text(seq) for seq in seqs]
+        for index, seq in enumerate(seqs):
+            if self.body.echo:
+                yield self._chunk(CompletionChoice(index=index, text=self._echo(seq)))
+        async for index, event in _merge(handles):
+            seq = seqs[index]
+            delta = texts[index].delta(event.index, event.final)
+            logprobs = None
+            if self.body.logprobs is not None:
+                alts = {self.tokenizer.decode([t]): lp for t, lp in seq.alternatives[event.index]}
+                logprobs = CompletionLogprobs(
+                    tokens=[self.tokenizer.decode([event.token])],
+                    token_logprobs=[event.logprob],
+                    top_logprobs=[alts] if self.body.logprobs else None,
+                    text_offset=[texts[index].sent - len(delta)],
+                )
+            finish = FINISH[seq.finish_reason] if event.final else None
+            if delta or finish or logprobs:
+                yield self._chunk(CompletionChoice(index=index, text=delta, logprobs=logprobs, finish_reason=finish))
+        usage = _usage(seqs)
+        yield self._chunk(None, usage)
+
+    def _chunk(self, choice: CompletionChoice | None, usage: Usage | None = None) -> str:
+        chunk = Completion(
+            id=self.id, created=self.created, model=self.body.model, choices=[choice] if choice else [], usage=usage
+        )
+        return f"data: {chunk.model_dump_json()}\n\n"
+
+
+class _Chat:
+    def __init__(self, body: ChatCompletionRequest, tokenizer, reply_id: str):
+        self.body, self.tokenizer, self.id, self.created = body, tokenizer, reply_id, int(time.time())
+
+    def _token(self, token: int, logprob: float) -> TopLogprob:
+        text = self.tokenizer.decode([token])
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    def _logprobs(self, seq: Sequence, indices) -> ChatLogprobs | None:
+        if not self.body.logprobs:
+            return None
+        return ChatLogprobs(
+            content=[
+                TokenLogprob(
+                    **self._token(seq.tokens[i], seq.logprobs[i]).model_dump(),
+                    top_logprobs=[self._token(t, lp) for t, lp in seq.alternatives[i]],
+                )
+                for i in indices
+            ]
+        )
+
+    def complete(self, seq: Sequence) -> ChatCompletion:
+        choice = ChatChoice(
+            index=0,
+            message={"content": _Text(seq).final()},
+            logprobs=self._logprobs(seq, range(len(seq.tokens))),
+            finish_reason=FINISH[seq.finish_reason],
+        )
+        return ChatCompletion(
+            id=self.id, created=self.created, model=self.body.model, choices=[choice], usage=_usage([seq])
+        )
+
+    async def stream(self, handle) -> AsyncIterator[str]:
+        seq, text = handle.seq, _Text(handle.seq)
+        yield self._chunk(ChatChunkChoice(index=0, delta=Delta(role="assistant", content="")))
+        async for _, event in _merge([handle]):
+            delta = text.delta(event.index, event.final)
+            finish = FINISH[seq.finish_reason] if event.final else None
+            logprobs = self._logprobs(seq, [event.index])
+            if delta or finish or logprobs:
+                yield self._chunk(
+                    ChatChunkChoice(
+                        index=0, delta=Delta(content=delta or None), logprobs=logprobs, finish_reason=finish
+                    ),
+                    _usage([seq]) if finish else None,
+                )
+        if self.body.stream_options and self.body.stream_options.include_usage:
+            yield self._chunk(None, _usage([seq]))
+
+    def _chunk(self, choice: ChatChunkChoice | None, usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.body.model, choices=[choice] if choice else [], usage=usage
+        )
+        return f"data: {chunk.model_dump_json()}\n\n"
+
+
+async def _merge(handles) -> AsyncIterator[tuple[int, object]]:
+    """(index of the handle, event) from several token streams as they come."""
+    if len(handles) == 1:
+        async for event in handles[0].stream():
+            yield 0, event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index, handle):
+        try:
+            async for event in handle.stream():
+                await queue.put((index, event, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, None, exc))
+        finally:
+            await queue.put((index, None, None))
+
+    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        open_streams = len(handles)
+        while open_streams:
+            index, event, error = await queue.get()
+            if error is not None:
+                raise error
+            if event is None:
+                open_streams -= 1
+            else:
+                yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _sse(events: AsyncIterator[str], handles, headers: dict[str, str]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+            yield "data: [DONE]\n\n"
+        except MixserveError as exc:
+            yield f"data: {json.dumps(error_body(exc))}\n\n"
+        finally:
+            for handle in handles:
+                handle.cancel()  # frees the rows if the client went away
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
