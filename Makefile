@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build by default; on a GPU host: make serve TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
 TORCH ?= torch==2.13.0
 
-.PHONY: serve test install install-test demo bench bench-throughput bench-engine clean
+.PHONY: serve test install install-test demo bench bench-throughput bench-engine bench-adapters clean
 
 serve: install
 	$(PY) -m server
@@ -33,13 +33,16 @@ demo: install
 	$(PY) -m server.demo build
 
 # Benchmarks (minutes each; they print tables and ratios measured side by side in one run).
-bench: bench-throughput bench-engine
+bench: bench-throughput bench-engine bench-adapters
 
 bench-throughput: install-test
 	$(PY) bench/throughput.py
 
 bench-engine: install-test
 	$(PY) bench/engine_choice.py
+
+bench-adapters: install-test
+	$(PY) bench/adapter_load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

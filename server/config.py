@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(value: int | str) -> int:
+    """1000, '512MB', '2GiB', '1.5G' -> bytes (decimal units; binary with 'i')."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"not a size: {value!r} (examples: 1000, 512MB, 2GiB)")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    power = "kmgt".index(unit[0]) + 1 if unit else 0
+    return int(number * (1024 if unit.endswith("i") else 1000) ** power)
+
 
 DEMO_MODEL = "demo"
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
@@ -34,8 +50,18 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024, description="the most sequences decoded together")
     max_batch_tokens: int = Field(4096, ge=16, description="the most prompt tokens prefilled in one step (padded)")
     max_queue: int = Field(256, ge=0, description="requests waiting beyond this get 429 with Retry-After")
+    max_loaded_adapters: int | None = Field(None, ge=1, description="adapters resident at once (default: no limit)")
+    adapter_memory: int | None = Field(None, description="bytes of resident adapters, e.g. 512MB (default: no limit)")
+    host_cache: int = Field(parse_bytes("1GB"), description="bytes of evicted adapters kept in host memory")
+    preload: str = Field("", description="adapters to load before /health answers, comma-separated")
+    load_retry_seconds: float = Field(1.0, ge=0, description="a failed load is retried after this")
     allow_pickle: bool = Field(False, description="also load adapter_model.bin (pickle) adapters")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("adapter_memory", "host_cache", mode="before")
+    @classmethod
+    def _sizes(cls, value):
+        return None if value in (None, "") else parse_bytes(value)
 
     @field_validator("model")
     @classmethod
@@ -57,6 +83,10 @@ class Settings(BaseSettings):
         if value == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
         return value
+
+    @property
+    def preload_names(self) -> list[str]:
+        return [name.strip() for name in self.preload.split(",") if name.strip()]
 
     @property
     def model_path(self) -> Path:

@@ -32,6 +32,18 @@ class AdapterInvalid(MixserveError):
         self.name = name
 
 
+class AdapterLoadFailed(MixserveError):
+    """Loading an adapter failed (unreadable, incomplete, or not fitting the base); a later request retries."""
+
+    status_code = 424
+    error_type = "adapter_load"
+
+
+class AdapterBusy(MixserveError):
+    status_code = 409
+    error_type = "adapter_in_use"
+
+
 class Overloaded(MixserveError):
     status_code = 429
     error_type = "overloaded"

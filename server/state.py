@@ -10,6 +10,7 @@ from server.adapters.store import AdapterStore
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.model import load_model, load_tokenizer
+from server.errors import MixserveError
 
 
 @dataclass
@@ -31,7 +32,16 @@ class ServerState:
         model = load_model(settings.model_path, device, dtype)
         tokenizer = load_tokenizer(settings.model_path)
         store = AdapterStore(settings.adapters_dir, allow_pickle=settings.allow_pickle)
-        registry = AdapterRegistry(model, store, device, dtype)
+        registry = AdapterRegistry(
+            model,
+            store,
+            device,
+            dtype,
+            max_loaded=settings.max_loaded_adapters,
+            memory=settings.adapter_memory,
+            host_cache=settings.host_cache,
+            retry_seconds=settings.load_retry_seconds,
+        )
         engine = Engine(
             model,
             tokenizer,
@@ -41,6 +51,12 @@ class ServerState:
             max_queue=settings.max_queue,
         )
         engine.start()
+        for name in settings.preload_names:  # before the server answers /health
+            try:
+                engine.call(lambda name=name: registry.ensure(name)).result().result()
+            except MixserveError as exc:
+                engine.stop()
+                raise RuntimeError(f"MIXSERVE_PRELOAD: {exc.message}") from exc
         return cls(
             settings=settings,
             store=store,

@@ -107,23 +107,24 @@ def broken(llama, tmp_path_factory) -> Path:
     return store
 
 
+# 422: refused at the edge (names, files, config, type); 424: the load itself failed (weights, fit to the base)
 CASES = {
     "no-config": (422, "adapter_config.json is missing"),
     "no-weights": (422, "adapter_model.safetensors is missing"),
-    "truncated": (422, "cannot read adapter_model.safetensors"),
-    "garbage": (422, "cannot read adapter_model.safetensors"),
+    "truncated": (424, "cannot read adapter_model.safetensors"),
+    "garbage": (424, "cannot read adapter_model.safetensors"),
     "bad-json": (422, "cannot read adapter_config.json"),
     "unknown-type": (422, "adapter type 'FOO' cannot be mixed; supported types: SHIRA, OFT, LORA, ADALORA, LOHA, LOKR"),
     "ia3": (422, "adapter type 'IA3' cannot be mixed"),
     "prefix": (422, "adapter type 'PREFIX_TUNING' cannot be mixed"),
-    "nan": (422, "NaN or infinity"),
-    "missing-module": (422, "no weights for targeted module(s) model.layers.1.mlp.down_proj"),
-    "wrong-shape-last": (422, "model.layers.1.mlp.down_proj: lora_B.weight has shape (7, 4), the base layer needs"),
+    "nan": (424, "NaN or infinity"),
+    "missing-module": (424, "no weights for targeted module(s) model.layers.1.mlp.down_proj"),
+    "wrong-shape-last": (424, "model.layers.1.mlp.down_proj: lora_B.weight has shape (7, 4), the base layer needs"),
     "pickle-only": (422, "set MIXSERVE_ALLOW_PICKLE=1"),
-    "dora": (422, "LoRA variants are not supported: use_dora"),
-    "with-head": (422, "modules_to_save is not supported"),
-    "not-linear": (422, "only Linear layers are supported"),
-    "other-base": (422, "does not fit the base model at model.layers.0.self_attn.q_proj"),
+    "dora": (424, "LoRA variants are not supported: use_dora"),
+    "with-head": (424, "modules_to_save is not supported"),
+    "not-linear": (424, "only Linear layers are supported"),
+    "other-base": (424, "does not fit the base model at model.layers.0.self_attn.q_proj"),
     "escape": (422, "resolves outside the adapter store"),
     "../lora": (422, "invalid adapter name"),
     "..": (422, "invalid adapter name"),
@@ -151,7 +152,10 @@ def test_bad_adapter_is_refused_and_leaves_no_trace(server, llama, name):
         assert reason in body["error"], body
         assert set(body) == {"error", "error_type"}
         assert not any(isinstance(m, MixedLinear) for m in server.state.engine.model.modules())
-        assert client.get("/adapters").json() == {"adapters": []}
+        listed = client.get("/adapters").json()["adapters"]
+        assert all(a["state"] == "error" and not a["loaded"] for a in listed), listed
+        if status == 424:
+            assert next(a for a in listed if a["name"] == name)["error"] == body["error"]
         ok = client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 4}})
         assert ok.status_code == 200
     ids = encode_prompt(server.state.tokenizer, "Hi")
@@ -179,6 +183,6 @@ def test_pickle_loads_when_allowed_and_matches_safetensors(llama, broken):
     registry = AdapterRegistry(model, AdapterStore(broken, allow_pickle=True), torch.device("cpu"), torch.float32)
     runner = ModelRunner(model, registry.context)
     ids = torch.tensor([[5, 6, 7, 8]])
-    from_pickle = runner.score(ids, [tuple(a.slot for a in registry.combination(["pickle-only"]))])
-    from_safetensors = runner.score(ids, [tuple(a.slot for a in registry.combination(["lora"]))])
+    from_pickle = runner.score(ids, [tuple(a.slot for a in registry.load_blocking(["pickle-only"]))])
+    from_safetensors = runner.score(ids, [tuple(a.slot for a in registry.load_blocking(["lora"]))])
     assert torch.equal(from_pickle, from_safetensors)

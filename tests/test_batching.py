@@ -9,10 +9,12 @@ import httpx
 import pytest
 import torch
 
+from server.adapters.registry import NoRoom
 from server.engine.model import encode_prompt
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import GenerationRequest
+from server.errors import AdapterLoadFailed
 from server.state import ServerState
 from tests.builders import ADAPTERS
 from tests.reference import reference_greedy, reference_logits
@@ -169,14 +171,50 @@ def test_no_combination_waits_behind_later_requests(serve, llama):
 
 def test_scheduler_admits_in_order_within_batch_and_token_budget():
     class Fake:
-        def __init__(self, n):
-            self.request = GenerationRequest("f", [1] * n, [], SamplingParams())
+        def __init__(self, n, adapters=()):
+            self.request = GenerationRequest("f", [1] * n, list(adapters), SamplingParams())
             self.cancelled = False
+
+    def ready(seq, protected):
+        return True
+
+    def lengths(seqs):
+        return [len(s.request.prompt_ids) for s in seqs]
 
     scheduler = Scheduler(max_batch_size=4, max_batch_tokens=100)
     for n in (30, 30, 30, 500, 5):
         scheduler.add(Fake(n))
-    assert [len(s.request.prompt_ids) for s in scheduler.admit(running=0)] == [30, 30, 30]
-    assert [len(s.request.prompt_ids) for s in scheduler.admit(running=3)] == [500]  # oldest goes, alone
-    assert scheduler.admit(running=4) == []
-    assert [len(s.request.prompt_ids) for s in scheduler.admit(running=0)] == [5]
+    assert lengths(scheduler.admit(0, ready)[0]) == [30, 30, 30]
+    assert lengths(scheduler.admit(3, ready)[0]) == [500]  # the oldest goes, alone
+    assert scheduler.admit(4, ready) == ([], [])
+    assert lengths(scheduler.admit(0, ready)[0]) == [5]
+
+
+def test_scheduler_skips_loading_requests_and_stops_at_one_short_of_memory():
+    class Fake:
+        def __init__(self, adapter):
+            self.request = GenerationRequest("f", [1, 2], [adapter], SamplingParams())
+            self.cancelled = False
+
+    seen = []
+
+    def ready(seq, protected):
+        seen.append((seq.request.adapters[0], set(protected)))
+        state = seq.request.adapters[0]
+        if state == "loading":
+            return False
+        if state == "no-room":
+            raise NoRoom(state)
+        if state == "broken":
+            raise AdapterLoadFailed("broken")
+        return True
+
+    scheduler = Scheduler(max_batch_size=8, max_batch_tokens=1000)
+    for adapter in ("loading", "ok", "broken", "no-room", "later"):
+        scheduler.add(Fake(adapter))
+    admitted, failed = scheduler.admit(0, ready)
+    assert [s.request.adapters for s in admitted] == [["ok"]]
+    assert [s.request.adapters for s, _ in failed] == [["broken"]]
+    assert [s.request.adapters for s in scheduler.waiting] == [["loading"], ["no-room"], ["later"]]
+    assert ("later", {"loading"}) not in seen  # nothing behind the request short of memory was tried
+    assert ("ok", {"loading"}) in seen  # adapters of older waiting requests are protected

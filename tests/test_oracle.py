@@ -45,7 +45,7 @@ def oracle_world(request, world_factory):
 @pytest.mark.parametrize("names", COMBINATIONS, ids=["+".join(c) for c in COMBINATIONS])
 def test_logits_equal_reference(oracle_world, names):
     world, runner, registry, ids = oracle_world
-    adapters = registry.combination(names)
+    adapters = registry.load_blocking(names)
     assert [a.name for a in adapters] == canonical(world.store, names)
     ours = runner.score(torch.tensor([ids]), [tuple(a.slot for a in adapters)])[0]
     expected = reference_logits(world.model_dir, world.store, names, ids)

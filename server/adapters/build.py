@@ -6,6 +6,8 @@ Nothing here touches the live model: a failure leaves no trace.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,9 +42,15 @@ class BuiltAdapter:
     config: PeftConfig
     layers: dict[str, LayerAdapter]  # module name -> weights on that layer
 
-    @property
+    signature: tuple = ()
+
+    @functools.cached_property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers.values())
+
+    def to(self, device: torch.device, pin: bool = False) -> BuiltAdapter:
+        layers = {name: layer.to(device, pin) for name, layer in self.layers.items()}
+        return dataclasses.replace(self, layers=layers)
 
 
 def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device, dtype: torch.dtype) -> BuiltAdapter:
@@ -69,7 +77,9 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
             raise AdapterInvalid(name, f"does not fit the base model at {module_name}: {exc}") from exc
         if layer is not None:
             layers[module_name] = layer
-    return BuiltAdapter(name=name, version=files.version, kind=kind, config=config, layers=layers)
+    return BuiltAdapter(
+        name=name, version=files.version, kind=kind, config=config, layers=layers, signature=files.signature
+    )
 
 
 def check_mixable(name: str, peft_type) -> None:

@@ -27,6 +27,7 @@ class AdapterFiles:
     config: dict
     tensors: dict[str, torch.Tensor]
     version: str  # sha256 of the files' bytes, shortened
+    signature: tuple  # the files' stat when read: a change on disk changes it
 
 
 def check_name(name: str) -> None:
@@ -55,7 +56,13 @@ class AdapterStore:
     def read_config(self, name: str) -> dict:
         return _read_config(name, self._file(name, CONFIG_FILE))
 
+    def signature(self, name: str) -> tuple:
+        """Cheap to take on every request: (file, mtime, size, inode) of the adapter's files."""
+        paths = [self._file(name, CONFIG_FILE), self._weights_file(name)]
+        return tuple((p.name, s.st_mtime_ns, s.st_size, s.st_ino) for p in paths for s in [p.stat()])
+
     def read(self, name: str) -> AdapterFiles:
+        before = self.signature(name)
         config_path = self._file(name, CONFIG_FILE)
         config_bytes = config_path.read_bytes()
         config = _read_config(name, config_path, config_bytes)
@@ -70,8 +77,10 @@ class AdapterStore:
             raise AdapterInvalid(name, f"cannot read {weights_path.name}: {exc}") from exc
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise AdapterInvalid(name, f"{weights_path.name} is not a mapping of names to tensors")
+        if self.signature(name) != before:
+            raise AdapterInvalid(name, "its files changed while being read (being written?); retried later")
         version = hashlib.sha256(config_bytes + weights_bytes).hexdigest()[:16]
-        return AdapterFiles(name=name, config=config, tensors=tensors, version=version)
+        return AdapterFiles(name=name, config=config, tensors=tensors, version=version, signature=before)
 
     def _file(self, name: str, filename: str) -> Path:
         path = self.path(name) / filename

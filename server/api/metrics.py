@@ -65,6 +65,7 @@ class Metrics:
         registry.register(_Live(state))
         state.engine.on_finished = self.observe_finished
         state.registry.on_load = self.observe_load
+        state.registry.on_evict = lambda name: self.adapter_evictions.inc()
 
     def observe_finished(self, seq: Sequence) -> None:
         self.finished.labels(seq.finish_reason).inc()

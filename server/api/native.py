@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import __version__
-from server.adapters.store import AdapterStore
+from server.adapters.store import AdapterStore, check_name
 from server.api import validation
 from server.api.schemas import (
     Details,
@@ -28,10 +29,10 @@ from server.api.serving import request_headers, result_headers, until_done
 from server.engine.model import encode_prompt
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest, RequestHandle, Sequence
-from server.errors import MixserveError
+from server.errors import AdapterNotFound, MixserveError
 from server.state import ServerState
 
-ERRORS = {status: {"model": ErrorResponse} for status in (404, 422, 429, 499, 500, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (404, 422, 424, 429, 499, 500, 503)}
 STREAM = {200: {"content": {"text/event-stream": {}}, "description": "server-sent events, one per token"}}
 router = APIRouter(responses=ERRORS)
 
@@ -112,17 +113,42 @@ async def tokenize(body: TokenizeRequest, request: Request) -> list[TokenizedTok
     return tokens
 
 
-@router.get("/adapters", summary="Loaded adapters (and, with all=true, the rest of the store)")
+@router.get("/adapters", summary="Adapters: loaded, loading, in host memory, failed (all=true: the whole store)")
 async def adapters(
-    request: Request, all: bool = Query(False, description="also list the store's adapters that are not loaded")
+    request: Request, all: bool = Query(False, description="also list the store's adapters never loaded")
 ) -> dict:
     state = _state(request)
-    listed = [a.describe() for a in state.registry.loaded()]
-    if all:
-        loaded = {a["name"] for a in listed}
-        listed += [_describe_unloaded(state.store, n) for n in state.store.names() if n not in loaded]
-        listed.sort(key=lambda a: a["name"])
-    return {"adapters": listed}
+    names = set(state.registry.known()) | (set(state.store.names()) if all else set())
+    listed = [state.registry.describe(name) for name in sorted(names)]
+    for entry in listed:
+        if entry["state"] == "available":
+            _add_type(state.store, entry)
+    return {"adapters": [e for e in listed if all or e["state"] != "available"]}
+
+
+@router.post("/adapters/{name}/load", summary="Make an adapter resident (200 once it is)")
+async def load_adapter(name: str, request: Request) -> dict:
+    state = _state(request)
+    check_name(name)
+    state.store.path(name)  # 404 before any work
+    ready = await asyncio.wrap_future(state.engine.call(lambda: state.registry.ensure(name)))
+    await asyncio.wrap_future(ready)
+    return state.registry.describe(name)
+
+
+@router.delete(
+    "/adapters/{name}", responses={409: {"model": ErrorResponse}}, summary="Unload an adapter (409 while in use)"
+)
+async def unload_adapter(name: str, request: Request) -> dict:
+    """Frees the adapter from the model and the host tier. Refused with 409 while running or waiting requests use
+    it (retry when they finish); a later request loads it again."""
+    state = _state(request)
+    check_name(name)
+    engine = state.engine
+    removed = await asyncio.wrap_future(engine.call(lambda: state.registry.unload(name, engine.waiting_adapters())))
+    if not removed:
+        raise AdapterNotFound(f"adapter {name!r} is not loaded")
+    return {"name": name, "unloaded": True}
 
 
 @router.get("/health", summary="200 once the model is loaded")
@@ -220,10 +246,9 @@ async def _events(handle: RequestHandle, body: GenerateRequest, tokenizer) -> As
         handle.cancel()  # frees the row if the client went away
 
 
-def _describe_unloaded(store: AdapterStore, name: str) -> dict:
-    entry = {"name": name, "loaded": False, "type": None}
+def _add_type(store: AdapterStore, entry: dict) -> None:
+    entry["type"] = None
     try:
-        entry["type"] = store.read_config(name).get("peft_type")
+        entry["type"] = store.read_config(entry["name"]).get("peft_type")
     except MixserveError as exc:
         entry["error"] = exc.message
-    return entry

@@ -49,7 +49,7 @@ from server.engine.sequence import GenerationRequest, Sequence
 from server.errors import MixserveError, ValidationError
 from server.state import ServerState
 
-ERRORS = {status: {"model": OpenAIErrorResponse} for status in (404, 422, 429, 499, 500, 503)}
+ERRORS = {status: {"model": OpenAIErrorResponse} for status in (404, 422, 424, 429, 499, 500, 503)}
 STREAM = {200: {"content": {"text/event-stream": {}}, "description": "with stream=true: server-sent events"}}
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 router = APIRouter(prefix="/v1", responses=ERRORS, tags=["OpenAI"])

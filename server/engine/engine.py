@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -23,6 +24,7 @@ from server.engine.sequence import EventOutbox, GenerationRequest, RequestHandle
 from server.errors import MixserveError, Overloaded, ShuttingDown
 
 log = logging.getLogger(__name__)
+IDLE_POLL_SECONDS = 0.05  # with nothing running: how often waiting requests look at loads again
 
 
 class Engine:
@@ -38,6 +40,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.registry = registry
         self.runner = ModelRunner(model, registry.context)
+        registry.wake = lambda: self._inbox.put(None)
         self.scheduler = Scheduler(max_batch_size, max_batch_tokens)
         self.max_queue = max_queue
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
@@ -64,6 +67,10 @@ class Engine:
     def running(self) -> int:
         return len(self.runner.rows)
 
+    def waiting_adapters(self) -> set[str]:
+        with self._lock:
+            return set(self._waiting_adapters)
+
     def adapters_in_use(self) -> tuple[list[str], list[str]]:
         """Names of the adapters of running requests, and of waiting ones (from any thread)."""
         running = {name for seq in list(self.runner.rows) for name in seq.adapters}
@@ -78,6 +85,7 @@ class Engine:
         self._stopping = True
         self._inbox.put(None)
         self._thread.join()
+        self.registry.close()
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queues a request (from the event loop's thread); raises Overloaded when the queue is full."""
@@ -123,73 +131,89 @@ class Engine:
     # --- the worker thread
 
     def _loop(self) -> None:
+        stalled = False  # the last step found nothing it could run
         while True:
-            busy = bool(self.scheduler.waiting or self.runner.rows)
-            self._take_inbox(block=not busy)
+            self._take_inbox(block=not self.runner.rows and (stalled or not self.scheduler.waiting))
             if self._stopping:
                 self._abandon_all()
                 self._flush()
                 return
             try:
                 with torch.inference_mode():
-                    self.step()
+                    stalled = not self.step()
             except Exception as exc:  # a bug in a step: fail the requests it touched, keep serving
                 touched = list(dict.fromkeys([*self._admitted, *self.runner.rows]))
                 log.exception("engine step failed; failing %d requests", len(touched))
                 self.runner.rows.clear()
                 for seq in touched:
-                    seq.fail(MixserveError(f"internal error: {exc}"))
+                    self._retire(seq, MixserveError(f"internal error: {exc}"))
             self._flush()
 
     def _take_inbox(self, block: bool) -> None:
+        """New requests and calls; blocks (briefly, if requests wait on loads) when there is nothing to run."""
         try:
-            item = self._inbox.get(block=block)
+            item = self._inbox.get(timeout=IDLE_POLL_SECONDS) if block else self._inbox.get_nowait()
             while True:
-                if item is not None:
+                if isinstance(item, Sequence):
                     self.scheduler.add(item)
+                elif item is not None:
+                    self._run_call(*item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
 
-    def step(self) -> None:
+    def _run_call(self, fn, future: concurrent.futures.Future) -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the caller
+            future.set_exception(exc)
+
+    def step(self) -> bool:
+        """One iteration; False when it had nothing to run."""
+        self.registry.poll()
         for seq in self.scheduler.drop_cancelled():
             self._dequeued(seq)
             seq.fail(asyncio.CancelledError())
         for seq in [s for s in self.runner.rows if s.cancelled]:
             log.info("request %s cancelled after %d tokens", seq.request.request_id, len(seq.tokens))
-            self._release(seq, asyncio.CancelledError())
+            self._retire(seq, asyncio.CancelledError())
 
-        self._admitted = []
-        for seq in self.scheduler.admit(len(self.runner.rows)):
+        self._admitted, failed = self.scheduler.admit(len(self.runner.rows), self._ready)
+        for seq, error in failed:
             self._dequeued(seq)
-            if self._attach_adapters(seq):
-                self._admitted.append(seq)
+            log.info("request %s: %s", seq.request.request_id, error.message)
+            seq.fail(error)
+        for seq in self._admitted:
+            self._dequeued(seq)
         if self._admitted:
             self._score_prompts([s for s in self._admitted if s.request.params.prompt_logprobs])
             self._sample(self._admitted, self.runner.prefill(self._admitted))
             self.passes["prefill"] += 1
             self._flush()  # first tokens out before the decode pass
-        self._admitted = []
-        if self.runner.rows:
-            self._sample(list(self.runner.rows), self.runner.decode())
-            self.passes["decode"] += 1
+        admitted, self._admitted = bool(self._admitted), []
+        if not self.runner.rows:
+            return admitted
+        self._sample(list(self.runner.rows), self.runner.decode())
+        self.passes["decode"] += 1
+        return True
 
-    def _attach_adapters(self, seq: Sequence) -> bool:
-        seq.admitted_at = time.monotonic()
-        try:
-            adapters = self.registry.combination(seq.request.adapters)
-        except MixserveError as exc:
-            log.info("request %s: %s", seq.request.request_id, exc.message)
-            seq.fail(exc)
+    def _ready(self, seq: Sequence, protected: set[str]) -> bool:
+        """Makes seq's adapters resident and takes them; False while one is loading."""
+        adapters = self.registry.resolve(seq.request.adapters, protected)
+        if adapters is None:
             return False
-        except Exception as exc:
-            log.exception("request %s: loading adapters %s failed", seq.request.request_id, seq.request.adapters)
-            seq.fail(MixserveError(f"internal error while loading adapters: {exc}"))
-            return False
-        self.registry.touch(adapters)
+        self.registry.acquire(adapters)
+        seq.loaded = adapters
         seq.adapters = [a.name for a in adapters]
         seq.slots = tuple(a.slot for a in adapters)
+        seq.admitted_at = time.monotonic()
         return True
+
+    def call(self, fn) -> concurrent.futures.Future:
+        """Runs fn on the engine's thread at the next step boundary (for what touches the model)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((fn, future))
+        return future
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         # logits: [len(seqs), vocab]
@@ -207,7 +231,7 @@ class Engine:
                 alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
             seq.append(token, float(logprobs[row, token]), alternatives)
             if seq.finished:
-                self.runner.release(seq)
+                self._retire(seq)
                 self.on_finished(seq)
                 log.info(
                     "request %s: %d tokens with [%s] (%s)",
@@ -224,9 +248,14 @@ class Engine:
             logprobs = torch.log_softmax(self.runner.score(torch.tensor([ids]), [seq.slots])[0].float(), dim=-1)
             seq.prompt_logprobs = [None] + logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
 
-    def _release(self, seq: Sequence, error: BaseException) -> None:
-        self.runner.release(seq)
-        seq.fail(error)
+    def _retire(self, seq: Sequence, error: BaseException | None = None) -> None:
+        """seq leaves the batch: its row and its adapters are freed."""
+        if seq in self.runner.rows:
+            self.runner.release(seq)
+        self.registry.release(seq.loaded)
+        seq.loaded = []
+        if error is not None:
+            seq.fail(error)
 
     def _dequeued(self, seq: Sequence) -> None:
         with self._lock:
@@ -239,9 +268,8 @@ class Engine:
         error = ShuttingDown("the server is shutting down")
         for seq in list(self.scheduler.waiting):
             seq.fail(error)
-        for seq in self.runner.rows:
-            seq.fail(error)
-        self.runner.rows.clear()
+        for seq in list(self.runner.rows):
+            self._retire(seq, error)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
+from server.adapters.registry import NoRoom
 from server.engine.sequence import Sequence
+from server.errors import MixserveError
 
 
 class Scheduler:
@@ -16,19 +19,40 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def admit(self, running: int) -> list[Sequence]:
-        """The oldest waiting requests that fit beside `running` sequences: the batch size, and a prefill of at most
-        max_batch_tokens (padded) tokens. The oldest is always admitted when there is room, whatever its length,
-        so no request waits behind later ones."""
+    def admit(
+        self, running: int, ready: Callable[[Sequence, set[str]], bool]
+    ) -> tuple[list[Sequence], list[tuple[Sequence, MixserveError]]]:
+        """The oldest waiting requests whose adapters are ready, that fit beside `running` sequences: the batch
+        size, and a prefill of at most max_batch_tokens (padded) tokens; and those whose adapters failed.
+
+        ready(seq, protected) makes seq's adapters resident and takes them (True), starts their loads (False), or
+        raises: NoRoom when memory is short, the load's error when it failed. A request whose adapters are loading
+        does not hold up the others; one short of memory does (it is the oldest that fits nothing: later requests
+        would keep taking the memory it waits for). protected: adapters that older waiting requests need."""
         admitted: list[Sequence] = []
+        failed: list[tuple[Sequence, MixserveError]] = []
+        protected: set[str] = set()
         longest = 0
-        while self.waiting and running + len(admitted) < self.max_batch_size:
-            length = max(longest, len(self.waiting[0].request.prompt_ids))
+        for seq in list(self.waiting):
+            if running + len(admitted) >= self.max_batch_size:
+                break
+            length = max(longest, len(seq.request.prompt_ids))
             if admitted and length * (len(admitted) + 1) > self.max_batch_tokens:
                 break
-            admitted.append(self.waiting.popleft())
+            try:
+                if not ready(seq, protected):
+                    protected.update(seq.request.adapters)
+                    continue
+            except NoRoom:
+                break
+            except MixserveError as exc:
+                self.waiting.remove(seq)
+                failed.append((seq, exc))
+                continue
+            self.waiting.remove(seq)
+            admitted.append(seq)
             longest = length
-        return admitted
+        return admitted, failed
 
     def drop_cancelled(self) -> list[Sequence]:
         cancelled = [s for s in self.waiting if s.cancelled]

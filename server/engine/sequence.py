@@ -40,8 +40,9 @@ class Sequence:
     eos_ids: frozenset[int]
     events: asyncio.Queue  # read by the client's event loop
     outbox: EventOutbox  # written by the engine
-    adapters: list[str] = field(default_factory=list)  # canonical order, once loaded
+    adapters: list[str] = field(default_factory=list)  # canonical order, once admitted
     slots: tuple[int, ...] = ()  # the loaded adapters' slots, canonical order
+    loaded: list = field(default_factory=list)  # the LoadedAdapters it holds while running
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     alternatives: list[list[tuple[int, float]]] = field(default_factory=list)  # top logprobs per token, if asked

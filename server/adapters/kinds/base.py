@@ -41,6 +41,21 @@ class LayerAdapter:
         a, b, scale = self.low_rank
         return F.linear(F.linear(x, a), b) * scale
 
+    def to(self, device: torch.device, pin: bool = False) -> LayerAdapter:
+        """A copy with every tensor on device (pinned host memory when pin)."""
+
+        def moved(value):
+            if isinstance(value, torch.Tensor):
+                value = value.to(device, non_blocking=True)
+                return value.pin_memory() if pin else value
+            if isinstance(value, tuple):
+                return tuple(moved(v) for v in value)
+            return value
+
+        copy = object.__new__(type(self))
+        copy.__dict__.update({key: moved(value) for key, value in vars(self).items()})
+        return copy
+
     def tensors(self) -> list[torch.Tensor]:
         return [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
 

@@ -1,0 +1,265 @@
+"""Adapter lifecycle: loads off the hot path and single-flight, memory budget and host tier, hot reload,
+failed loads, the load/unload API, preloads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.adapters.store import AdapterStore
+from server.engine.model import encode_prompt
+from server.errors import AdapterInvalid
+from tests.reference import reference_greedy
+
+PROMPT = "Adapters come and go"
+
+
+@pytest.fixture()
+def store(llama, tmp_path) -> Path:
+    """A store of its own (tests write into it): copies of some of llama's adapters."""
+    root = tmp_path / "store"
+    for name in ("lora", "oft", "loha", "lokr", "shira", "adalora", "lora.patterns"):
+        shutil.copytree(llama.store / name, root / name)
+    return root
+
+
+def start(serve, llama, store, **settings):
+    return serve(llama.settings(adapters_dir=store, load_retry_seconds=0.2, **settings))
+
+
+def count_reads(server) -> list[str]:
+    """Names read from disk from now on (the loader's only way to the files)."""
+    reads, store = [], server.state.store
+    original = store.read
+
+    def read(name):
+        reads.append(name)
+        return original(name)
+
+    store.read = read
+    return reads
+
+
+def generate(server, adapters, tokens=8, **parameters) -> httpx.Response:
+    body = {"inputs": PROMPT, "adapters": adapters, "parameters": {"max_new_tokens": tokens, **parameters}}
+    return httpx.post(f"{server.url}/generate", json=body, timeout=120)
+
+
+def listed(server) -> dict[str, dict]:
+    return {a["name"]: a for a in httpx.get(f"{server.url}/adapters").json()["adapters"]}
+
+
+def expected_text(server, world, store, names, tokens) -> str:
+    ids = encode_prompt(server.state.tokenizer, PROMPT)
+    out = reference_greedy(world.model_dir, store, names, ids, tokens)
+    return server.state.tokenizer.decode(out, skip_special_tokens=True)
+
+
+class Stream:
+    """A long streamed request in a thread: its text once done."""
+
+    def __init__(self, server, adapters, tokens=150):
+        self.first = threading.Event()
+        self.events: list[dict] = []
+        body = {
+            "inputs": PROMPT,
+            "adapters": adapters,
+            "parameters": {"max_new_tokens": tokens, "ignore_eos_token": True},
+        }
+        self.thread = threading.Thread(target=self._run, args=(server.url, body), daemon=True)
+        self.thread.start()
+        assert self.first.wait(60), "the stream did not start"
+
+    def _run(self, url, body):
+        with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    self.events.append(json.loads(line[5:]))
+                    self.first.set()
+
+    def text(self) -> str:
+        self.thread.join(120)
+        return self.events[-1]["generated_text"]
+
+
+def test_concurrent_requests_for_a_cold_adapter_load_it_once(serve, llama, store):
+    server = start(serve, llama, store)
+    reads = count_reads(server)
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            body = {"inputs": PROMPT, "adapters": ["loha", "oft"], "parameters": {"max_new_tokens": 4}}
+            return await asyncio.gather(*(client.post("/generate", json=body) for _ in range(12)))
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses)
+    assert len({r.json()["generated_text"] for r in responses}) == 1
+    assert sorted(reads) == ["loha", "oft"]
+    states = listed(server)
+    assert states["loha"]["state"] == "loaded" and states["loha"]["last_load_ms"] > 0
+
+
+def test_requests_without_the_loading_adapter_keep_decoding(serve, llama, store):
+    server = start(serve, llama, store)
+    original = server.state.store.read
+
+    def slow_read(name):
+        if name == "shira":
+            time.sleep(1.5)
+        return original(name)
+
+    server.state.store.read = slow_read
+    stream = Stream(server, ["lora"], tokens=120)
+    tokens_before = len(stream.events)
+    started = time.monotonic()
+    slow = generate(server, ["shira"], tokens=2)
+    assert slow.status_code == 200 and time.monotonic() - started >= 1.5
+    assert len(stream.events) > tokens_before + 10, "the running stream stalled during the load"
+    stream.text()
+
+
+def test_eviction_under_a_tiny_budget_spares_the_adapter_in_use(serve, llama, store):
+    server = start(serve, llama, store, max_loaded_adapters=2, host_cache=0)
+    stream = Stream(server, ["lora"], tokens=150)
+    assert generate(server, ["oft"]).status_code == 200
+    assert generate(server, ["loha"]).status_code == 200  # no room: oft (idle) goes, lora (in use) stays
+    states = listed(server)
+    assert states["lora"]["state"] == "loaded" and states["loha"]["state"] == "loaded"
+    assert "oft" not in states or states["oft"]["state"] == "available"
+    assert stream.text() == expected_text(server, llama, store, ["lora"], 150)
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "mixserve:adapter_evictions_total 1.0" in metrics
+
+
+def test_a_request_needing_more_room_than_exists_waits_for_running_ones(serve, llama, store):
+    server = start(serve, llama, store, max_loaded_adapters=1)
+    stream = Stream(server, ["lora"], tokens=100)
+    started = time.monotonic()
+    other = generate(server, ["oft"], tokens=3)  # waits until the stream releases lora
+    assert other.status_code == 200
+    stream.text()
+    assert len(stream.events) == 100
+    assert int(other.headers["x-queue-time"]) >= 0.5 * (time.monotonic() - started) * 1e3  # it waited, queued
+    assert other.json()["generated_text"] == expected_text(server, llama, store, ["oft"], 3)
+
+
+def test_host_tier_brings_an_evicted_adapter_back_without_reading_disk(serve, llama, store):
+    server = start(serve, llama, store, max_loaded_adapters=1, host_cache="100MB")
+    reads = count_reads(server)
+    first = generate(server, ["lokr"]).json()["generated_text"]
+    assert generate(server, ["adalora"]).status_code == 200
+    assert listed(server)["lokr"]["state"] == "host"
+    again = generate(server, ["lokr"]).json()["generated_text"]
+    assert again == first == expected_text(server, llama, store, ["lokr"], 8)
+    assert reads == ["lokr", "adalora"]
+    assert listed(server)["lokr"]["state"] == "loaded" and listed(server)["adalora"]["state"] == "host"
+
+
+def _replace(store: Path, name: str, source: Path) -> None:
+    """Overwrites name's files in place, config first, as a careless writer would."""
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        (store / name / file).write_bytes((source / file).read_bytes())
+
+
+def test_hot_reload_while_a_request_on_the_old_version_streams(serve, llama, store):
+    shutil.copytree(store / "lora", store / "hot")
+    server = start(serve, llama, store)
+    old_version = (generate(server, ["hot"]), listed(server)["hot"]["version"])[1]
+    stream = Stream(server, ["hot"], tokens=150)
+    _replace(store, "hot", llama.store / "lora.patterns")
+    new = generate(server, ["hot"], tokens=10)
+    assert new.json()["generated_text"] == expected_text(server, llama, llama.store, ["lora.patterns"], 10)
+    assert listed(server)["hot"]["version"] != old_version
+    assert stream.text() == expected_text(server, llama, llama.store, ["lora"], 150)  # finished on the old one
+
+
+def test_a_corrupt_new_version_leaves_the_old_one_serving(serve, llama, store):
+    shutil.copytree(store / "oft", store / "hot")
+    server = start(serve, llama, store)
+    before = generate(server, ["hot"]).json()["generated_text"]
+    weights = store / "hot" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # half-written
+    during = generate(server, ["hot"])
+    assert during.status_code == 200 and during.json()["generated_text"] == before
+    entry = listed(server)["hot"]
+    assert entry["state"] == "loaded" and "cannot read adapter_model.safetensors" in entry["error"]
+    _replace(store, "hot", llama.store / "oft.by-rank")  # the writer finishes, with a new version
+    time.sleep(0.3)  # past the retry delay
+    after = generate(server, ["hot"], tokens=8)
+    assert after.json()["generated_text"] == expected_text(server, llama, llama.store, ["oft.by-rank"], 8)
+    assert "error" not in listed(server)["hot"]
+
+
+def test_a_failed_load_fails_only_its_requests_and_is_retried(serve, llama, store):
+    shutil.copytree(store / "lora", store / "broken")
+    (store / "broken" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    server = start(serve, llama, store)
+    reads = count_reads(server)
+
+    async def mixed():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+
+            def body(adapters):
+                return {"inputs": PROMPT, "adapters": adapters, "parameters": {"max_new_tokens": 4}}
+
+            return await asyncio.gather(
+                *(
+                    client.post("/generate", json=body(a))
+                    for a in (["broken"], ["lora"], ["broken", "oft"], [], ["oft"])
+                )
+            )
+
+    statuses = [r.status_code for r in asyncio.run(mixed())]
+    assert statuses == [424, 200, 424, 200, 200]
+    assert reads.count("broken") == 1  # single-flight for the failing load too
+    failed = generate(server, ["broken"])
+    assert failed.json()["error_type"] == "adapter_load" and reads.count("broken") == 1  # within the retry delay
+    time.sleep(0.3)
+    shutil.copyfile(llama.store / "lora" / "adapter_model.safetensors", store / "broken" / "adapter_model.safetensors")
+    assert generate(server, ["broken"]).status_code == 200 and reads.count("broken") == 2
+
+
+def test_load_and_unload_api(serve, llama, store):
+    server = start(serve, llama, store)
+    url = server.url
+    loaded = httpx.post(f"{url}/adapters/loha/load", timeout=60)
+    assert loaded.status_code == 200 and loaded.json()["state"] == "loaded" and loaded.json()["bytes"] > 0
+    assert httpx.post(f"{url}/adapters/nope/load").status_code == 404
+    assert httpx.post(f"{url}/adapters/..%2Fx/load").status_code in (404, 422)
+    stream = Stream(server, ["loha"], tokens=120)
+    busy = httpx.delete(f"{url}/adapters/loha")
+    assert busy.status_code == 409 and busy.json()["error_type"] == "adapter_in_use"
+    stream.text()
+    assert httpx.delete(f"{url}/adapters/loha").json() == {"name": "loha", "unloaded": True}
+    assert "loha" not in listed(server)
+    assert httpx.delete(f"{url}/adapters/loha").status_code == 404
+    assert generate(server, ["loha"]).status_code == 200  # loads again
+    everything = {a["name"]: a for a in httpx.get(f"{url}/adapters", params={"all": "true"}).json()["adapters"]}
+    assert everything["oft"]["state"] == "available" and everything["oft"]["type"] == "OFT"
+
+
+def test_preloaded_adapters_are_resident_before_the_first_request(serve, llama, store):
+    server = start(serve, llama, store, preload="lora,oft")
+    states = listed(server)
+    assert states["lora"]["state"] == states["oft"]["state"] == "loaded"
+
+
+def test_an_adapter_larger_than_the_memory_budget_is_refused(serve, llama, store):
+    server = start(serve, llama, store, adapter_memory="1KB")
+    response = generate(server, ["lora"])
+    assert response.status_code == 424 and "MIXSERVE_ADAPTER_MEMORY" in response.json()["error"]
+
+
+def test_files_changing_during_a_read_are_not_taken_as_an_adapter(store, monkeypatch):
+    adapters = AdapterStore(store)
+    signatures = iter([("a",), ("b",)])
+    monkeypatch.setattr(adapters, "signature", lambda name: next(signatures))
+    with pytest.raises(AdapterInvalid, match="changed while being read"):
+        adapters.read("lora")
