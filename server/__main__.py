@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
 
-from server.app import create_app
+from server.app import create_app, drain
 from server.config import Settings
 
 
@@ -19,7 +21,34 @@ def main() -> None:
         problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         sys.exit(f"mixserve: invalid settings\n{problems}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    DrainingServer(config, app, settings.drain_seconds).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM (or SIGINT): drain, then stop and exit 0; on a second one: stop now."""
+
+    def __init__(self, config: uvicorn.Config, app, drain_seconds: float):
+        super().__init__(config)
+        self.app, self.drain_seconds = app, drain_seconds
+        self.draining = False
+
+    async def serve(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining:
+            self.force_exit = self.should_exit
+            self.should_exit = True
+            return
+        self.draining = True
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._drain_then_exit()))
+
+    async def _drain_then_exit(self) -> None:
+        await drain(self.app, self.drain_seconds)
+        self.should_exit = True
 
 
 if __name__ == "__main__":

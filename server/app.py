@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,8 +20,9 @@ from starlette.exceptions import HTTPException
 from server import __version__
 from server.api import native, openai
 from server.api.metrics import Metrics
+from server.api.schemas import ErrorResponse
 from server.config import Settings
-from server.errors import MixserveError
+from server.errors import MixserveError, ShuttingDown
 from server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,17 @@ REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
 DESCRIPTION = """Serves any combination of PEFT adapters (LoRA, LoHa, LoKr, AdaLoRA, OFT, SHiRA) per request on one
 resident base model, with the output PEFT's PeftMixedModel gives for that set. TGI/LoRAX-compatible routes at the
 root, OpenAI-compatible ones under /v1."""
+
+
+EXEMPT_FROM_DRAIN = ("/health", "/ready", "/metrics")
+
+
+@dataclass
+class Traffic:
+    """Requests in flight (streams until their last byte) and whether the server is draining."""
+
+    in_flight: int = 0
+    draining: bool = False
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -42,6 +55,8 @@ def create_app(settings: Settings) -> FastAPI:
             await asyncio.to_thread(state.stop)
 
     app = FastAPI(title="mixserve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.traffic = Traffic()
+    app.state.replica = settings.replica
     app.include_router(native.router)
     app.include_router(openai.router)
 
@@ -54,14 +69,36 @@ def create_app(settings: Settings) -> FastAPI:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get(
+        "/ready",
+        summary="200 when ready for traffic: model loaded, preloads done, not draining",
+        responses={503: {"model": ErrorResponse}},
+    )
+    async def ready(request: Request) -> dict:
+        if request.app.state.traffic.draining:
+            raise ShuttingDown("draining: finishing in-flight requests before exiting")
+        return {"status": "ready"}
+
     _install_error_handlers(app)
     app.add_middleware(RequestContext)
     return app
 
 
+async def drain(app: FastAPI, seconds: float) -> None:
+    """Stops taking requests (503 with Retry-After) and waits, up to `seconds`, for those in flight to finish."""
+    traffic = app.state.traffic
+    traffic.draining = True
+    log.info("draining: %d requests in flight, waiting up to %.0f s", traffic.in_flight, seconds)
+    deadline = time.monotonic() + seconds
+    while traffic.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if traffic.in_flight:
+        log.warning("drain time over with %d requests in flight; stopping them", traffic.in_flight)
+
+
 class RequestContext:
-    """Gives every request an id (the client's x-request-id, or a new one), echoes it with the total time, and
-    counts the request by route and status."""
+    """Gives every request an id (the client's x-request-id, or a new one), echoes it with the replica and the total
+    time, counts the request by route and status, and while draining turns new requests away (503)."""
 
     def __init__(self, app):
         self.app = app
@@ -73,6 +110,8 @@ class RequestContext:
         request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         started, status = time.perf_counter(), 500
+        app_state = scope["app"].state
+        counted = scope["path"] not in EXEMPT_FROM_DRAIN
 
         async def send_with_headers(message):
             nonlocal status
@@ -80,12 +119,21 @@ class RequestContext:
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = request_id
+                headers["x-replica"] = app_state.replica
                 headers["x-total-time"] = f"{(time.perf_counter() - started) * 1e3:.0f}"
             await send(message)
 
+        if counted and app_state.traffic.draining:
+            body = {"error": "draining: this replica is shutting down; retry", "error_type": "unavailable"}
+            response = JSONResponse(body, status_code=503, headers=ShuttingDown.headers)
+            return await response(scope, receive, send_with_headers)
+        if counted:
+            app_state.traffic.in_flight += 1
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
+            if counted:
+                app_state.traffic.in_flight -= 1
             metrics = getattr(scope["app"].state, "metrics", None)
             route = scope.get("route")
             if metrics is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -55,6 +56,8 @@ class Settings(BaseSettings):
     host_cache: int = Field(parse_bytes("1GB"), description="bytes of evicted adapters kept in host memory")
     preload: str = Field("", description="adapters to load before /health answers, comma-separated")
     load_retry_seconds: float = Field(1.0, ge=0, description="a failed load is retried after this")
+    drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM: how long in-flight requests may finish")
+    replica_id: str = Field("", description="sent as x-replica (default: hostname:port)")
     allow_pickle: bool = Field(False, description="also load adapter_model.bin (pickle) adapters")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -83,6 +86,10 @@ class Settings(BaseSettings):
         if value == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
         return value
+
+    @property
+    def replica(self) -> str:
+        return self.replica_id or f"{socket.gethostname()}:{self.port}"
 
     @property
     def preload_names(self) -> list[str]:
