@@ -14,7 +14,7 @@ import pytest
 from server.config import DEMO_MODEL_DIR, Settings
 from tests.conftest import REPO
 
-DEMO_ADAPTERS = ["shira-demo", "oft-demo", "lora-demo", "adalora-demo", "loha-demo", "lokr-demo"]
+DEMO_ADAPTERS = ["signoff", "pirate", "digits", "british", "uppercase", "excited"]  # canonical order
 
 
 def test_flags_override_environment(monkeypatch, llama):
