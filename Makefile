@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build by default; on a GPU host: make serve TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
 TORCH ?= torch==2.13.0
 
-.PHONY: serve test install install-test nginx demo bench bench-throughput bench-engine bench-adapters clean
+.PHONY: serve test install install-test nginx demo bench bench-throughput bench-engine bench-adapters bench-soak clean
 
 serve: install
 	$(PY) -m server
@@ -42,7 +42,7 @@ demo: install
 	$(PY) -m server.demo build
 
 # Benchmarks (minutes each; they print tables and ratios measured side by side in one run).
-bench: bench-throughput bench-engine bench-adapters
+bench: bench-throughput bench-engine bench-adapters bench-soak
 
 bench-throughput: install-test
 	$(PY) bench/throughput.py
@@ -52,6 +52,9 @@ bench-engine: install-test
 
 bench-adapters: install-test
 	$(PY) bench/adapter_load.py
+
+bench-soak: install-test
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

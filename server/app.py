@@ -21,6 +21,7 @@ from server import __version__
 from server.api import native, openai
 from server.api.metrics import Metrics
 from server.api.schemas import ErrorResponse
+from server.auth import EVERYTHING, OPEN_PATHS, Keyring, Unauthorized
 from server.config import Settings
 from server.errors import MixserveError, ShuttingDown
 from server.state import ServerState
@@ -30,9 +31,6 @@ REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
 DESCRIPTION = """Serves any combination of PEFT adapters (LoRA, LoHa, LoKr, AdaLoRA, OFT, SHiRA) per request on one
 resident base model, with the output PEFT's PeftMixedModel gives for that set. TGI/LoRAX-compatible routes at the
 root, OpenAI-compatible ones under /v1."""
-
-
-EXEMPT_FROM_DRAIN = ("/health", "/ready", "/metrics")
 
 
 @dataclass
@@ -80,6 +78,9 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "ready"}
 
     _install_error_handlers(app)
+    # outermost last: request id first, then the key (an unknown client's body is never read), then the body's size
+    app.add_middleware(LimitBody, limit=settings.max_body_bytes)
+    app.add_middleware(Authenticate, keyring=Keyring.from_settings(settings.api_keys, settings.api_keys_file))
     app.add_middleware(RequestContext)
     return app
 
@@ -111,7 +112,7 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         started, status = time.perf_counter(), 500
         app_state = scope["app"].state
-        counted = scope["path"] not in EXEMPT_FROM_DRAIN
+        counted = scope["path"] not in OPEN_PATHS
 
         async def send_with_headers(message):
             nonlocal status
@@ -124,8 +125,8 @@ class RequestContext:
             await send(message)
 
         if counted and app_state.traffic.draining:
-            body = {"error": "draining: this replica is shutting down; retry", "error_type": "unavailable"}
-            response = JSONResponse(body, status_code=503, headers=ShuttingDown.headers)
+            message = "draining: this replica is shutting down; retry"
+            response = _error_response(scope["path"], 503, message, "unavailable", ShuttingDown.headers)
             return await response(scope, receive, send_with_headers)
         if counted:
             app_state.traffic.in_flight += 1
@@ -142,12 +143,79 @@ class RequestContext:
                 metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
 
 
-def _error(request: Request, status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
-    if request.url.path.startswith("/v1/"):
+class Authenticate:
+    """With API keys configured, every route but OPEN_PATHS needs a valid key (401 otherwise); the request's tenant
+    (server.auth.Tenant) is put in request.state.tenant for the routes to scope adapters by."""
+
+    def __init__(self, app, keyring: Keyring | None):
+        self.app = app
+        self.keyring = keyring
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        tenant = EVERYTHING
+        if self.keyring is not None and scope["path"] not in OPEN_PATHS:
+            try:
+                tenant = self.keyring.tenant(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
+            except Unauthorized as exc:
+                log.info(
+                    "request %s: %s %s -> 401: %s",
+                    scope["state"]["request_id"],
+                    scope["method"],
+                    scope["path"],
+                    exc.message,
+                )
+                response = _error_response(scope["path"], exc.status_code, exc.message, exc.error_type, exc.headers)
+                return await response(scope, receive, send)
+        scope["state"]["tenant"] = tenant
+        await self.app(scope, receive, send)
+
+
+class LimitBody:
+    """Refuses request bodies over `limit` bytes with 413, by Content-Length or as they stream in."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        too_large = declared is not None and declared.isdigit() and int(declared) > self.limit
+        if not too_large and declared is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            chunks, size, more = [], 0, True
+            while more and size <= self.limit:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                more = message.get("more_body", False)
+            too_large = size > self.limit
+            replay = iter([{"type": "http.request", "body": b"".join(chunks), "more_body": False}])
+            original = receive
+
+            async def receive():
+                return next(replay, None) or await original()
+
+        if too_large:
+            message = f"request body over {self.limit} bytes (MIXSERVE_MAX_BODY_BYTES)"
+            return await _error_response(scope["path"], 413, message, "payload_too_large")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _error_response(path: str, status: int, message: str, error_type: str, headers: dict | None = None):
+    if path.startswith("/v1/"):
         body = {"error": {"message": message, "type": error_type, "param": None, "code": status}}
     else:
         body = {"error": message, "error_type": error_type}
     return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+def _error(request: Request, status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
+    return _error_response(request.url.path, status, message, error_type, headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -11,6 +11,8 @@ import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.auth import Keyring
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
 
 
@@ -59,9 +61,17 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM: how long in-flight requests may finish")
     replica_id: str = Field("", description="sent as x-replica (default: hostname:port)")
     allow_pickle: bool = Field(False, description="also load adapter_model.bin (pickle) adapters")
+    api_keys: str = Field(
+        "", description="API keys, comma-separated, each 'key' or 'key:prefix/|prefix/' (server.auth)"
+    )
+    api_keys_file: Path | None = Field(None, description="a file of API keys, one per line, as in api_keys")
+    max_body_bytes: int = Field(parse_bytes("4MB"), description="request bodies over this get 413")
+    request_timeout: float | None = Field(
+        None, gt=0, description="seconds a request may take, queue included; then 408, its row freed (default: none)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("adapter_memory", "host_cache", mode="before")
+    @field_validator("adapter_memory", "host_cache", "max_body_bytes", mode="before")
     @classmethod
     def _sizes(cls, value):
         return None if value in (None, "") else parse_bytes(value)
@@ -79,6 +89,21 @@ class Settings(BaseSettings):
         if not value.is_dir():
             raise ValueError(f"adapter store {str(value)!r} is not a directory")
         return value.resolve()
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_parse(cls, value: str) -> str:
+        Keyring.parse(value)
+        return value
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_file_parses(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            if not value.is_file():
+                raise ValueError(f"API keys file {str(value)!r} is not a file")
+            Keyring.parse(value.read_text())
+        return value
 
     @field_validator("device")
     @classmethod

@@ -39,6 +39,14 @@ class AdapterLoadFailed(MixserveError):
     error_type = "adapter_load"
 
 
+class AdapterOutOfMemory(MixserveError):
+    """The device had no memory for an adapter even after evicting idle ones."""
+
+    status_code = 503
+    error_type = "out_of_memory"
+    headers = {"Retry-After": "1"}
+
+
 class AdapterBusy(MixserveError):
     status_code = 409
     error_type = "adapter_in_use"
@@ -54,6 +62,11 @@ class ShuttingDown(MixserveError):
     status_code = 503
     error_type = "unavailable"
     headers = {"Retry-After": "5"}
+
+
+class RequestTimeout(MixserveError):
+    status_code = 408
+    error_type = "timeout"
 
 
 class ClientDisconnected(MixserveError):

@@ -129,7 +129,11 @@ CASES = {
     "../lora": (422, "invalid adapter name"),
     "..": (422, "invalid adapter name"),
     "/etc": (422, "invalid adapter name"),
-    "a/b": (422, "invalid adapter name"),
+    "a/b": (404, "adapter 'a/b' not found"),  # a namespaced name: valid, not in the store
+    "a//b": (422, "invalid adapter name"),
+    "a/../lora": (422, "invalid adapter name"),
+    "a/b/c/d/e": (422, "invalid adapter name"),  # namespaces nest 4 deep at most
+    "lora/": (422, "invalid adapter name"),
     "": (422, "invalid adapter name"),
     "not-there": (404, "adapter 'not-there' not found"),
 }

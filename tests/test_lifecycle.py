@@ -31,7 +31,7 @@ def store(llama, tmp_path) -> Path:
 
 
 def start(serve, llama, store, **settings):
-    return serve(llama.settings(adapters_dir=store, load_retry_seconds=0.2, **settings))
+    return serve(llama.settings(adapters_dir=store, **{"load_retry_seconds": 0.2, **settings}))
 
 
 def count_reads(server) -> list[str]:
@@ -200,7 +200,7 @@ def test_a_corrupt_new_version_leaves_the_old_one_serving(serve, llama, store):
 def test_a_failed_load_fails_only_its_requests_and_is_retried(serve, llama, store):
     shutil.copytree(store / "lora", store / "broken")
     (store / "broken" / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    server = start(serve, llama, store)
+    server = start(serve, llama, store, load_retry_seconds=2.0)  # long enough for a loaded CI machine
     reads = count_reads(server)
 
     async def mixed():
@@ -221,7 +221,7 @@ def test_a_failed_load_fails_only_its_requests_and_is_retried(serve, llama, stor
     assert reads.count("broken") == 1  # single-flight for the failing load too
     failed = generate(server, ["broken"])
     assert failed.json()["error_type"] == "adapter_load" and reads.count("broken") == 1  # within the retry delay
-    time.sleep(0.3)
+    time.sleep(2.1)
     shutil.copyfile(llama.store / "lora" / "adapter_model.safetensors", store / "broken" / "adapter_model.safetensors")
     assert generate(server, ["broken"]).status_code == 200 and reads.count("broken") == 2
 

@@ -31,7 +31,7 @@ from server.adapters.build import BaseLayout, BuiltAdapter, build_adapter, check
 from server.adapters.kinds import CANONICAL_ORDER
 from server.adapters.mixing import MixedLinear, MixingContext
 from server.adapters.store import AdapterStore
-from server.errors import AdapterBusy, AdapterLoadFailed, MixserveError
+from server.errors import AdapterBusy, AdapterLoadFailed, AdapterOutOfMemory, MixserveError
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
@@ -344,8 +344,7 @@ class AdapterRegistry:
             return adapter
         self._make_room(adapter, protected)
         started = time.perf_counter()
-        if self.device != CPU:
-            adapter.built = adapter.built.to(self.device)
+        adapter.built = self._to_device(adapter, protected)
         for module_name, layer in adapter.built.layers.items():
             self._wrapper(module_name).attach(adapter.slot, layer)
         with self._lock:
@@ -358,6 +357,26 @@ class AdapterRegistry:
             (time.perf_counter() - started) * 1e3,
         )
         return adapter
+
+    def _to_device(self, adapter: LoadedAdapter, protected: set[str]) -> BuiltAdapter:
+        """The adapter's weights on the device. Out of memory, every idle adapter is evicted and the copy tried once
+        more; out of memory again fails the requests that need it (503), leaving the adapter in host memory."""
+        try:
+            return adapter.built.to(self.device)
+        except torch.OutOfMemoryError:
+            idle = [a for a in self.loaded() if a.refs == 0 and a.name not in protected and a is not adapter]
+            log.warning("adapter %s: out of device memory; evicting %d idle adapters", adapter.name, len(idle))
+            for victim in idle:
+                self._evict(victim)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        try:
+            return adapter.built.to(self.device)
+        except torch.OutOfMemoryError as exc:
+            raise AdapterOutOfMemory(
+                f"adapter {adapter.name!r}: out of device memory ({adapter.nbytes} bytes), even after evicting the"
+                " idle adapters; retry later"
+            ) from exc
 
     def _make_room(self, adapter: LoadedAdapter, protected: set[str]) -> None:
         if self.memory is not None and adapter.nbytes > self.memory:

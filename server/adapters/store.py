@@ -1,4 +1,8 @@
-"""Where adapters come from: a local directory with one subfolder per adapter."""
+"""Where adapters come from: a local directory with one folder per adapter.
+
+An adapter's name is its folder's path in the store: `support-bot`, or `acme/support-bot` for a folder of a
+namespace folder (tenants' adapters live under their namespace). Each part of a name matches SEGMENT.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from safetensors.torch import load as load_safetensors
 
 from server.errors import AdapterInvalid, AdapterNotFound, ValidationError
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+MAX_DEPTH = 4
+NAME_PATTERN = re.compile(rf"^{SEGMENT}(/{SEGMENT}){{0,{MAX_DEPTH - 1}}}$")
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
@@ -32,7 +38,10 @@ class AdapterFiles:
 
 def check_name(name: str) -> None:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise ValidationError(f"invalid adapter name {name!r}: names match {NAME_PATTERN.pattern} (no paths, no '..')")
+        raise ValidationError(
+            f"invalid adapter name {name!r}: up to {MAX_DEPTH} parts joined by '/', each matching {SEGMENT}"
+            " (no absolute paths, no '..')"
+        )
 
 
 class AdapterStore:
@@ -41,7 +50,21 @@ class AdapterStore:
         self.allow_pickle = allow_pickle
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if NAME_PATTERN.fullmatch(p.name) and p.is_dir())
+        """Every adapter: a folder with an adapter_config.json, at the top or inside namespace folders."""
+        found = []
+
+        def walk(folder: Path, prefix: str, depth: int) -> None:
+            for entry in sorted(folder.iterdir()):
+                name = prefix + entry.name
+                if not (NAME_PATTERN.fullmatch(name) and entry.is_dir()):
+                    continue
+                if (entry / CONFIG_FILE).exists():
+                    found.append(name)
+                elif depth < MAX_DEPTH and entry.resolve().is_relative_to(self.root):
+                    walk(entry, name + "/", depth + 1)
+
+        walk(self.root, "", 1)
+        return found
 
     def path(self, name: str) -> Path:
         """The adapter's folder. Refuses bad names, unknown names and folders that resolve outside the store."""

@@ -26,19 +26,24 @@ from server.api.schemas import (
     TokenizeRequest,
 )
 from server.api.serving import request_headers, result_headers, until_done
+from server.auth import Tenant
 from server.engine.model import encode_prompt
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest, RequestHandle, Sequence
 from server.errors import AdapterNotFound, MixserveError
 from server.state import ServerState
 
-ERRORS = {status: {"model": ErrorResponse} for status in (404, 422, 424, 429, 499, 500, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 408, 413, 422, 424, 429, 499, 500, 503)}
 STREAM = {200: {"content": {"text/event-stream": {}}, "description": "server-sent events, one per token"}}
 router = APIRouter(responses=ERRORS)
 
 
 def _state(request: Request) -> ServerState:
     return request.app.state.mixserve
+
+
+def _tenant(request: Request) -> Tenant:
+    return request.state.tenant
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text with a combination of adapters")
@@ -86,8 +91,8 @@ async def info(request: Request) -> Info:
         max_new_tokens=settings.max_new_tokens,
         max_batch_size=settings.max_batch_size,
         max_adapters_per_request=settings.max_adapters_per_request,
-        adapters_loaded=len(state.registry.loaded()),
-        adapters_available=len(state.store.names()),
+        adapters_loaded=len(_tenant(request).visible(a.name for a in state.registry.loaded())),
+        adapters_available=len(_tenant(request).visible(state.store.names())),
         version=__version__,
     )
 
@@ -119,6 +124,7 @@ async def adapters(
 ) -> dict:
     state = _state(request)
     names = set(state.registry.known()) | (set(state.store.names()) if all else set())
+    names = _tenant(request).visible(names)
     listed = [state.registry.describe(name) for name in sorted(names)]
     for entry in listed:
         if entry["state"] == "available":
@@ -126,10 +132,11 @@ async def adapters(
     return {"adapters": [e for e in listed if all or e["state"] != "available"]}
 
 
-@router.post("/adapters/{name}/load", summary="Make an adapter resident (200 once it is)")
+@router.post("/adapters/{name:path}/load", summary="Make an adapter resident (200 once it is)")
 async def load_adapter(name: str, request: Request) -> dict:
     state = _state(request)
     check_name(name)
+    _tenant(request).check([name])
     state.store.path(name)  # 404 before any work
     ready = await asyncio.wrap_future(state.engine.call(lambda: state.registry.ensure(name)))
     await asyncio.wrap_future(ready)
@@ -137,13 +144,14 @@ async def load_adapter(name: str, request: Request) -> dict:
 
 
 @router.delete(
-    "/adapters/{name}", responses={409: {"model": ErrorResponse}}, summary="Unload an adapter (409 while in use)"
+    "/adapters/{name:path}", responses={409: {"model": ErrorResponse}}, summary="Unload an adapter (409 while in use)"
 )
 async def unload_adapter(name: str, request: Request) -> dict:
     """Frees the adapter from the model and the host tier. Refused with 409 while running or waiting requests use
     it (retry when they finish); a later request loads it again."""
     state = _state(request)
     check_name(name)
+    _tenant(request).check([name], not_found="adapter {name!r} is not loaded")
     engine = state.engine
     removed = await asyncio.wrap_future(engine.call(lambda: state.registry.unload(name, engine.waiting_adapters())))
     if not removed:
@@ -161,6 +169,7 @@ def _generation_request(body: GenerateRequest, request: Request) -> GenerationRe
     params = body.parameters
     adapters = validation.combination(
         state,
+        _tenant(request),
         {
             "adapters": body.adapters,
             "parameters.adapters": params.adapters,

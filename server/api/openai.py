@@ -49,7 +49,7 @@ from server.engine.sequence import GenerationRequest, Sequence
 from server.errors import MixserveError, ValidationError
 from server.state import ServerState
 
-ERRORS = {status: {"model": OpenAIErrorResponse} for status in (404, 422, 424, 429, 499, 500, 503)}
+ERRORS = {status: {"model": OpenAIErrorResponse} for status in (401, 404, 408, 413, 422, 424, 429, 499, 500, 503)}
 STREAM = {200: {"content": {"text/event-stream": {}}, "description": "with stream=true: server-sent events"}}
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 router = APIRouter(prefix="/v1", responses=ERRORS, tags=["OpenAI"])
@@ -70,14 +70,17 @@ async def models(request: Request) -> ModelList:
     base, created = state.settings.model_id, int(state.started_at)
     return ModelList(
         data=[Model(id=base, created=created, root=base, parent=None, max_model_len=state.max_total_tokens)]
-        + [Model(id=name, created=created, root=name, parent=base) for name in state.store.names()]
+        + [
+            Model(id=name, created=created, root=name, parent=base)
+            for name in request.state.tenant.visible(state.store.names())
+        ]
     )
 
 
 @router.post("/completions", response_model=Completion, responses=STREAM, summary="Text completion")
 async def completions(body: CompletionRequest, request: Request):
     state = _state(request)
-    adapters = _adapters(state, body)
+    adapters = _adapters(state, request, body)
     prompts = _prompts(state, body.prompt)
     sampling = _sampling(body, body.max_tokens, body.logprobs or 0, bool(body.echo and body.logprobs is not None))
     gens = [_request(state, ids, adapters, sampling, request, i) for i, ids in enumerate(prompts)]
@@ -92,7 +95,7 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAM, summary="Chat completion")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = _state(request)
-    adapters = _adapters(state, body)
+    adapters = _adapters(state, request, body)
     ids = _chat_prompt(state.tokenizer, body.messages)
     alternatives = (body.top_logprobs or 0) if body.logprobs else 0
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, alternatives, False)
@@ -105,9 +108,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return JSONResponse(reply.complete(seq).model_dump(), headers=result_headers(seq))
 
 
-def _adapters(state: ServerState, body) -> list[str]:
+def _adapters(state: ServerState, request: Request, body) -> list[str]:
     named = [] if body.model == state.settings.model_id else validation.split_adapter_id(body.model)
-    return validation.combination(state, {"model": named, "adapters": body.adapters})
+    return validation.combination(state, request.state.tenant, {"model": named, "adapters": body.adapters})
 
 
 def _prompts(state: ServerState, prompt) -> list[list[int]]:

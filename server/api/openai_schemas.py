@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.api.schemas import MAX_STOP_SEQUENCES
+
 MAX_LOGPROBS = 5
 
 
@@ -37,8 +39,8 @@ class _Sampling(BaseModel):
     @model_validator(mode="after")
     def _checked(self):
         stops = self.stop_list
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop: at most 4 non-empty sequences")
+        if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
+            raise ValueError(f"stop: at most {MAX_STOP_SEQUENCES} non-empty sequences")
         for key, value in (self.logit_bias or {}).items():
             if not key.lstrip("-").isdigit() or not -100 <= value <= 100:
                 raise ValueError(f"logit_bias: {key!r}: {value} is not a token id with a bias in [-100, 100]")
@@ -52,7 +54,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"model": "lora-demo+oft-demo", "prompt": "Hello", "max_tokens": 16}]},
+        json_schema_extra={"examples": [{"model": "digits+excited", "prompt": "Alice painted three gray boxes. ", "max_tokens": 16}]},
     )
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text or token ids; lists: one each")
@@ -84,7 +86,7 @@ class ChatCompletionRequest(_Sampling):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"model": "lora-demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}]
+            "examples": [{"model": "pirate", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}]
         },
     )
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
 MAX_TOP_N_TOKENS = 5
 
 # TGI/LoRAX options this server does not implement, with the only values it accepts for them.
@@ -93,7 +94,7 @@ class GenerateRequest(BaseModel):
             "examples": [
                 {
                     "inputs": "Hello",
-                    "adapters": ["lora-demo", "oft-demo"],
+                    "adapters": ["digits", "excited"],
                     "parameters": {"max_new_tokens": 20, "details": True},
                 }
             ]

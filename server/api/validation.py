@@ -5,15 +5,17 @@ from __future__ import annotations
 import dataclasses
 
 from server.adapters.store import check_name
+from server.api.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from server.auth import Tenant
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
 from server.errors import ValidationError
 from server.state import ServerState
 
 
-def combination(state: ServerState, sources: dict[str, list[str] | None]) -> list[str]:
-    """One adapter list from whichever request fields carry it: each name valid, listed once, in the store;
-    returned in canonical composition order."""
+def combination(state: ServerState, tenant: Tenant, sources: dict[str, list[str] | None]) -> list[str]:
+    """One adapter list from whichever request fields carry it: each name valid, listed once, the tenant's, in the
+    store; returned in canonical composition order."""
     given = {source: names for source, names in sources.items() if names}
     if len({tuple(names) for names in given.values()}) > 1:
         raise ValidationError(f"the adapters are given differently in {' and '.join(given)}; give them once")
@@ -26,6 +28,7 @@ def combination(state: ServerState, sources: dict[str, list[str] | None]) -> lis
     limit = state.settings.max_adapters_per_request
     if len(names) > limit:
         raise ValidationError(f"{len(names)} adapters requested; at most {limit} per request")
+    tenant.check(names)
     return state.registry.canonical(names)
 
 
@@ -53,10 +56,16 @@ def generation_request(
             f"inputs ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) exceed the model's context of"
             f" {state.max_total_tokens} tokens"
         )
+    if len(sampling.stop) > MAX_STOP_SEQUENCES:
+        problems.append(f"{len(sampling.stop)} stop sequences; at most {MAX_STOP_SEQUENCES}")
+    if any(len(stop) > MAX_STOP_CHARS for stop in sampling.stop):
+        problems.append(f"a stop sequence is longer than {MAX_STOP_CHARS} characters")
     vocab = state.vocab_size
+    if any(not 0 <= token < vocab for token in prompt_ids):
+        problems.append(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")
     if any(not 0 <= token < vocab for token in sampling.logit_bias):
         problems.append(f"logit_bias names token ids outside the vocabulary (0..{vocab - 1})")
     if problems:
         raise ValidationError("; ".join(problems))
     sampling = dataclasses.replace(sampling, max_new_tokens=max_new)
-    return GenerationRequest(request_id=request_id, prompt_ids=prompt_ids, adapters=adapters, params=sampling)
+    return GenerationRequest(request_id, prompt_ids, adapters, sampling, timeout=settings.request_timeout)

@@ -21,7 +21,7 @@ from server.engine.runner import ModelRunner
 from server.engine.sampling import TokenChooser
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import EventOutbox, GenerationRequest, RequestHandle, Sequence
-from server.errors import MixserveError, Overloaded, ShuttingDown
+from server.errors import MixserveError, Overloaded, RequestTimeout, ShuttingDown
 
 log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 0.05  # with nothing running: how often waiting requests look at loads again
@@ -171,12 +171,13 @@ class Engine:
     def step(self) -> bool:
         """One iteration; False when it had nothing to run."""
         self.registry.poll()
-        for seq in self.scheduler.drop_cancelled():
+        now = time.monotonic()
+        for seq in self.scheduler.drop_abandoned(now):
             self._dequeued(seq)
-            seq.fail(asyncio.CancelledError())
-        for seq in [s for s in self.runner.rows if s.cancelled]:
-            log.info("request %s cancelled after %d tokens", seq.request.request_id, len(seq.tokens))
-            self._retire(seq, asyncio.CancelledError())
+            seq.fail(_abandoned(seq))
+        for seq in [s for s in self.runner.rows if s.cancelled or s.expired(now)]:
+            log.info("request %s abandoned after %d tokens", seq.request.request_id, len(seq.tokens))
+            self._retire(seq, _abandoned(seq))
 
         self._admitted, failed = self.scheduler.admit(len(self.runner.rows), self._ready)
         for seq, error in failed:
@@ -187,15 +188,60 @@ class Engine:
             self._dequeued(seq)
         if self._admitted:
             self._score_prompts([s for s in self._admitted if s.request.params.prompt_logprobs])
-            self._sample(self._admitted, self.runner.prefill(self._admitted))
+            prefilled, logits = self._prefill(self._admitted)
+            if prefilled:
+                self._sample(prefilled, logits)
             self.passes["prefill"] += 1
             self._flush()  # first tokens out before the decode pass
         admitted, self._admitted = bool(self._admitted), []
         if not self.runner.rows:
             return admitted
-        self._sample(list(self.runner.rows), self.runner.decode())
+        logits = self._decode()
+        if logits is not None:
+            self._sample(list(self.runner.rows), logits)
         self.passes["decode"] += 1
         return True
+
+    def _prefill(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Prefills seqs; when the pass fails, each alone, so that only requests whose own pass fails are failed.
+        Returns those prefilled, with their logits."""
+        try:
+            return seqs, self.runner.prefill(seqs)
+        except Exception as exc:
+            if len(seqs) == 1:
+                self._fail_row(seqs[0], exc)
+                return [], None
+            log.warning("prefill of %d requests failed (%s); prefilling each alone", len(seqs), exc)
+        outcomes = [self._prefill([seq]) for seq in seqs]
+        logits = [rows for _, rows in outcomes if rows is not None]
+        return [seq for kept, _ in outcomes for seq in kept], torch.cat(logits) if logits else None
+
+    def _decode(self) -> torch.Tensor | None:
+        """A decode pass. When it fails, each row's tokens are run alone (without the cache) to find the rows
+        that fail by themselves; those are failed and the rest decoded again. If that fails too, the step's
+        error handler fails the batch."""
+        try:
+            return self.runner.decode()
+        except Exception as exc:
+            log.warning("decode of %d rows failed (%s); checking each row alone", len(self.runner.rows), exc)
+        for seq in list(self.runner.rows):
+            try:
+                self.runner.score(torch.tensor([seq.request.prompt_ids + seq.tokens]), [seq.slots])
+            except Exception as exc:
+                self._fail_row(seq, exc)
+        return self.runner.decode() if self.runner.rows else None
+
+    def _fail_row(self, seq: Sequence, exc: Exception) -> None:
+        log.error(
+            "request %s with [%s]: failed at token %d: %s: %s",
+            seq.request.request_id,
+            "+".join(seq.adapters),
+            len(seq.tokens),
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        self._retire(seq, MixserveError(f"internal error computing this request: {type(exc).__name__}"))
 
     def _ready(self, seq: Sequence, protected: set[str]) -> bool:
         """Makes seq's adapters resident and takes them; False while one is loading."""
@@ -221,15 +267,19 @@ class Engine:
         logprobs = torch.log_softmax(logits, dim=-1)
         greedy = logits.argmax(dim=-1).tolist()
         for row, seq in enumerate(seqs):
-            if seq.chooser.plain_greedy:
-                token = greedy[row]
-            else:
-                token = seq.chooser.choose(logits[row : row + 1], seq.request.prompt_ids + seq.tokens)
-            alternatives = []
-            if k := seq.request.params.top_logprobs:
-                values, ids = logprobs[row].topk(k)
-                alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
-            seq.append(token, float(logprobs[row, token]), alternatives)
+            try:
+                if seq.chooser.plain_greedy:
+                    token = greedy[row]
+                else:
+                    token = seq.chooser.choose(logits[row : row + 1], seq.request.prompt_ids + seq.tokens)
+                alternatives = []
+                if k := seq.request.params.top_logprobs:
+                    values, ids = logprobs[row].topk(k)
+                    alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
+                seq.append(token, float(logprobs[row, token]), alternatives)
+            except Exception as exc:  # this row's sampling or decoding: fail it, not the batch
+                self._fail_row(seq, exc)
+                continue
             if seq.finished:
                 self._retire(seq)
                 self.on_finished(seq)
@@ -270,6 +320,12 @@ class Engine:
             seq.fail(error)
         for seq in list(self.runner.rows):
             self._retire(seq, error)
+
+
+def _abandoned(seq: Sequence) -> BaseException:
+    if seq.cancelled:
+        return asyncio.CancelledError()
+    return RequestTimeout(f"the request took over {seq.request.timeout:g} s (MIXSERVE_REQUEST_TIMEOUT); cancelled")
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

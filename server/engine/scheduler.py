@@ -54,8 +54,9 @@ class Scheduler:
             longest = length
         return admitted, failed
 
-    def drop_cancelled(self) -> list[Sequence]:
-        cancelled = [s for s in self.waiting if s.cancelled]
-        if cancelled:
-            self.waiting = deque(s for s in self.waiting if not s.cancelled)
-        return cancelled
+    def drop_abandoned(self, now: float) -> list[Sequence]:
+        """Removes and returns the waiting requests cancelled by their clients or past their deadline."""
+        abandoned = [s for s in self.waiting if s.cancelled or s.expired(now)]
+        if abandoned:
+            self.waiting = deque(s for s in self.waiting if s not in abandoned)
+        return abandoned

@@ -17,6 +17,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     adapters: list[str]  # as the client listed them
     params: SamplingParams
+    timeout: float | None = None  # seconds from submission, queue included
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class Sequence:
     admitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.request.timeout is not None and now - self.submitted_at > self.request.timeout
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,373 @@
+"""Hardening: API keys and tenant isolation, request limits and deadlines, faults that must stay with one request."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from server.adapters.build import BuiltAdapter
+from server.auth import OPEN_PATHS, Keyring, Unauthorized
+from server.errors import AdapterOutOfMemory
+
+ADMIN, ACME, GLOBEX = "admin-key-0001", "acme-key-0001", "globex-key-001"
+KEYS = f"{ADMIN},{ACME}:acme/,{GLOBEX}:globex/"
+PROMPT = "Faults stay where they start"
+
+
+@pytest.fixture(scope="module")
+def tenant_store(llama, tmp_path_factory) -> Path:
+    """Adapters at the top (admin only) and in two tenants' namespaces, one nested a level deeper."""
+    root = tmp_path_factory.mktemp("tenants")
+    layout = {"lora": "lora", "acme/lora": "lora", "acme/team/oft": "oft", "globex/loha": "loha"}
+    for name, source in layout.items():
+        shutil.copytree(llama.store / source, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def guarded(serve, llama, tenant_store):
+    return serve(llama.settings(adapters_dir=tenant_store, api_keys=KEYS, max_body_bytes=20_000))
+
+
+def call(server, method: str, path: str, key: str | None = None, headers=None, **kwargs) -> httpx.Response:
+    headers = {**(headers or {}), **({"Authorization": f"Bearer {key}"} if key else {})}
+    return httpx.request(method, server.url + path, headers=headers, timeout=120, **kwargs)
+
+
+def generate(server, adapters, key=None, tokens=4, **parameters) -> httpx.Response:
+    body = {"inputs": PROMPT, "adapters": adapters, "parameters": {"max_new_tokens": tokens, **parameters}}
+    return call(server, "POST", "/generate", key, json=body)
+
+
+# --- authentication
+
+
+def _routes(server) -> list[tuple[str, str]]:
+    """Every (method, path) the app serves: its OpenAPI operations and the documentation pages."""
+    found = [("GET", path) for path in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")]
+    for path, operations in server.app.openapi()["paths"].items():
+        found += [(method.upper(), path.replace("{name}", "acme/lora")) for method in operations]
+    return found
+
+
+def test_every_route_but_the_probes_needs_a_valid_key(guarded):
+    routes = _routes(guarded)
+    assert len(routes) > 15
+    for method, path in routes:
+        if path in OPEN_PATHS:
+            assert call(guarded, method, path).status_code == 200, path
+            continue
+        for key in (None, "wrong-key-0001", ADMIN[:-1], ADMIN + "x"):
+            response = call(guarded, method, path, key, json={})
+            assert response.status_code == 401, (method, path, key, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+            error = response.json()["error"]
+            assert "API key" in (error["message"] if path.startswith("/v1/") else error)
+        assert call(guarded, method, path, ADMIN, json={}).status_code != 401, (method, path)
+    other_scheme = httpx.get(f"{guarded.url}/info", headers={"Authorization": f"Basic {ADMIN}"})
+    assert other_scheme.status_code == 401
+
+
+def test_a_tenant_uses_and_sees_only_its_namespace(guarded):
+    assert generate(guarded, ["acme/lora", "acme/team/oft"], ACME).status_code == 200
+    unknown = generate(guarded, ["acme/nothing"], ACME)
+    assert unknown.status_code == 404
+    for foreign in (["globex/loha"], ["lora"], ["acme/lora", "globex/loha"]):
+        response = generate(guarded, foreign, ACME)
+        assert response.status_code == 404, foreign
+        # worded as for an adapter that does not exist: nothing tells that it does
+        name = next(n for n in foreign if not n.startswith("acme/"))
+        assert response.json() == {**unknown.json(), "error": unknown.json()["error"].replace("acme/nothing", name)}
+
+    listed = [a["name"] for a in call(guarded, "GET", "/adapters?all=true", ACME).json()["adapters"]]
+    assert listed == ["acme/lora", "acme/team/oft"]
+    models = [m["id"] for m in call(guarded, "GET", "/v1/models", ACME).json()["data"]]
+    assert models[1:] == ["acme/lora", "acme/team/oft"]
+    assert call(guarded, "GET", "/info", ACME).json()["adapters_available"] == 2
+    assert call(guarded, "POST", "/adapters/globex/loha/load", ACME).status_code == 404
+    assert call(guarded, "POST", "/adapters/acme/team/oft/load", ACME).json()["state"] == "loaded"
+    assert call(guarded, "DELETE", "/adapters/globex/loha", ACME).status_code == 404
+    completion = {"model": "globex/loha", "prompt": PROMPT, "max_tokens": 2}
+    assert call(guarded, "POST", "/v1/completions", ACME, json=completion).status_code == 404
+    chat = {
+        "model": guarded.state.settings.model_id,
+        "adapters": ["lora"],
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    assert call(guarded, "POST", "/v1/chat/completions", ACME, json=chat).status_code == 404
+
+    assert generate(guarded, ["globex/loha"], GLOBEX).status_code == 200
+    everything = [a["name"] for a in call(guarded, "GET", "/adapters?all=true", ADMIN).json()["adapters"]]
+    assert everything == ["acme/lora", "acme/team/oft", "globex/loha", "lora"]
+    assert generate(guarded, ["lora", "globex/loha"], ADMIN).status_code == 200
+
+
+def test_loaded_adapters_of_one_tenant_are_not_listed_to_another(guarded):
+    assert generate(guarded, ["globex/loha"], GLOBEX).status_code == 200
+    loaded = [a["name"] for a in call(guarded, "GET", "/adapters", ACME).json()["adapters"]]
+    assert loaded and all(name.startswith("acme/") for name in loaded)
+
+
+def test_key_comparison_time_does_not_depend_on_which_key_or_how_much_matches():
+    """The presented key is hashed and compared with every key, without an early exit: the first and the last key
+    take the same time, and so do a wrong key sharing all but its last character with a real one and a wrong key
+    sharing nothing (medians of interleaved rounds within 15%). Right and wrong differ only by the 401's cost."""
+    keys = [f"{i:02d}" + "k" * 38 for i in range(8)]
+    ring = Keyring.parse(",".join(keys))
+    pairs = {
+        "right": {"first key": keys[0], "last key": keys[-1]},
+        "wrong": {"all but the last character": keys[0][:-1] + "x", "nothing in common": "z" * 40},
+    }
+
+    def attempt(key):
+        try:
+            ring.tenant(f"Bearer {key}")
+        except Unauthorized:
+            pass
+
+    candidates = {name: key for pair in pairs.values() for name, key in pair.items()}
+    timings: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(15):
+        for name, key in candidates.items():
+            started = time.perf_counter()
+            for _ in range(2000):
+                attempt(key)
+            timings[name].append(time.perf_counter() - started)
+    print("key check, median µs:", {name: round(statistics.median(t) / 2000 * 1e6, 2) for name, t in timings.items()})
+    for pair in pairs.values():
+        medians = [statistics.median(timings[name]) for name in pair]
+        assert max(medians) / min(medians) < 1.15, {name: statistics.median(timings[name]) for name in candidates}
+
+
+def test_keys_are_validated_at_start(llama, tmp_path):
+    with pytest.raises(ValueError, match="at least 8 characters"):
+        llama.settings(api_keys="short")
+    with pytest.raises(ValueError, match="empty adapter prefix"):
+        llama.settings(api_keys="long-enough-key:/")
+    keys = tmp_path / "keys"
+    keys.write_text("# tenants\nfile-key-0001:acme/\n\nfile-key-0002\n")
+    ring = Keyring.from_settings("", llama.settings(api_keys_file=keys).api_keys_file)
+    assert ring.tenant("Bearer file-key-0001").prefixes == ("acme/",)
+    assert ring.tenant("Bearer file-key-0002").prefixes is None
+
+
+# --- limits
+
+
+def test_body_over_the_limit_is_413_declared_or_streamed(guarded):
+    big = {"inputs": "x" * 30_000, "parameters": {"max_new_tokens": 1}}
+    response = call(guarded, "POST", "/generate", ADMIN, json=big)
+    assert response.status_code == 413
+    assert response.json()["error_type"] == "payload_too_large"
+
+    def chunks():
+        for _ in range(30):
+            yield b"x" * 1000
+
+    streamed = call(guarded, "POST", "/v1/completions", ADMIN, content=chunks())
+    assert streamed.status_code == 413
+    assert "MIXSERVE_MAX_BODY_BYTES" in streamed.json()["error"]["message"]
+    pieces = iter([b'{"inputs": "hi", ', b'"parameters": {}}'])
+    small = call(guarded, "POST", "/generate", ADMIN, content=pieces, headers={"content-type": "application/json"})
+    assert small.status_code == 200, small.text
+
+
+@pytest.mark.parametrize(
+    ("parameters", "reason"),
+    [
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": ["x" * 257]}, "longer than 256 characters"),
+        ({"max_new_tokens": 10**6}, "max_new_tokens"),
+    ],
+)
+def test_request_limits_are_clear_422s(guarded, parameters, reason):
+    response = generate(guarded, [], ADMIN, **parameters)
+    assert response.status_code == 422
+    assert reason in response.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def slow(serve, llama):
+    """A server whose every forward pass takes at least 20 ms, with a 0.5 s request deadline."""
+    server = serve(llama.settings(request_timeout=0.5))
+    model = server.state.engine.model
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        time.sleep(0.02)
+        return original(*args, **kwargs)
+
+    model.forward = forward
+    yield server
+    model.forward = original
+
+
+def test_a_request_past_its_deadline_gets_408_and_frees_its_row(slow):
+    started = time.monotonic()
+    response = generate(slow, [], tokens=200, ignore_eos_token=True)
+    assert response.status_code == 408
+    assert response.json()["error_type"] == "timeout"
+    assert 0.5 < time.monotonic() - started < 5
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
+    with httpx.stream("POST", f"{slow.url}/generate_stream", json=body, timeout=60) as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("data:")]
+    assert '"error_type": "timeout"' in events[-1]
+    assert 0 < len(events) < 200
+    deadline = time.monotonic() + 5
+    while slow.state.engine.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow.state.engine.running == 0
+    assert generate(slow, [], tokens=3).status_code == 200
+
+
+# --- faults stay with their request
+
+
+@pytest.fixture()
+def plain(serve, llama):
+    return serve(llama.settings())
+
+
+def _crowd(server, bodies: list[dict], path: str = "/generate") -> list[httpx.Response]:
+    results: list[httpx.Response | None] = [None] * len(bodies)
+
+    def send(i):
+        results[i] = httpx.post(server.url + path, json=bodies[i], timeout=120)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
+def _inject(server, poison: int):
+    """The model raises on any pass whose input holds the token `poison`."""
+    model = server.state.engine.model
+    original = model.forward
+
+    def forward(*args, input_ids=None, **kwargs):
+        if input_ids is not None and bool((input_ids == poison).any()):
+            raise RuntimeError("injected fault")
+        return original(*args, input_ids=input_ids, **kwargs)
+
+    model.forward = forward
+    return lambda: setattr(model, "forward", original)
+
+
+def test_a_fault_in_one_row_fails_only_that_request(plain):
+    combos = [[], ["lora"], ["loha", "oft"], ["lokr", "shira", "adalora"]]
+    bodies = [
+        {"inputs": f"{PROMPT} {i}", "adapters": combo, "parameters": {"max_new_tokens": 12, "ignore_eos_token": True}}
+        for i, combo in enumerate(combos)
+    ]
+    alone = [generate_json(plain, body) for body in bodies]
+    tokenizer = plain.state.tokenizer
+    seen = set(tokenizer.encode(" ".join([PROMPT + " 0123", *alone])))
+    poison = next(t for t in range(3, 259) if t not in seen)
+    restore = _inject(plain, poison)
+    try:
+        poisoned_prompt = {"inputs": PROMPT + tokenizer.decode([poison]), "parameters": {"max_new_tokens": 5}}
+        forced = {
+            "model": "lora",
+            "prompt": PROMPT,
+            "max_tokens": 12,
+            "temperature": 0,
+            "logit_bias": {str(poison): 100},
+        }
+        for _ in range(2):  # the poisoned request arrives alone or with others, in prefill or in decode
+            crowd = _crowd(plain, [*bodies, poisoned_prompt])
+            assert crowd[-1].status_code == 500
+            assert "internal error computing this request" in crowd[-1].json()["error"]
+            assert [r.json()["generated_text"] for r in crowd[:-1]] == alone
+            results: list = [None, None]
+            threads = [
+                threading.Thread(target=lambda: results.__setitem__(0, _crowd(plain, bodies))),
+                threading.Thread(target=lambda: results.__setitem__(1, _crowd(plain, [forced], "/v1/completions"))),
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            assert results[1][0].status_code == 500
+            assert [r.json()["generated_text"] for r in results[0]] == alone
+    finally:
+        restore()
+    assert [generate_json(plain, body) for body in bodies] == alone
+
+
+def test_a_sampling_fault_fails_only_its_request(plain, monkeypatch):
+    from server.engine.sampling import TokenChooser
+
+    original = TokenChooser.choose
+
+    def choose(self, logits, history):
+        if self.seed == 13:
+            raise ValueError("injected sampling fault")
+        return original(self, logits, history)
+
+    monkeypatch.setattr(TokenChooser, "choose", choose)
+    sampled = {"do_sample": True, "max_new_tokens": 8, "ignore_eos_token": True}
+    bodies = [{"inputs": PROMPT, "parameters": {**sampled, "seed": seed}} for seed in (11, 12, 13, 14)]
+    responses = _crowd(plain, bodies)
+    assert [r.status_code for r in responses] == [200, 200, 500, 200]
+
+
+def generate_json(server, body) -> str:
+    response = httpx.post(server.url + "/generate", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["generated_text"]
+
+
+def test_out_of_memory_on_attach_evicts_idle_adapters_and_retries_once(plain, monkeypatch):
+    registry = plain.state.registry
+    for name in ("lora", "oft"):
+        assert generate(plain, [name]).status_code == 200
+    original, failures = BuiltAdapter.to, {"left": 1}
+
+    def to(self, device, pin=False):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return original(self, device, pin)
+
+    monkeypatch.setattr(BuiltAdapter, "to", to)
+    assert generate(plain, ["loha"]).status_code == 200
+    resident = {a.name for a in registry.loaded()}
+    assert "loha" in resident and not {"lora", "oft"} & resident  # evicted to make room
+
+    failures["left"] = 2
+    response = generate(plain, ["lokr"])
+    assert response.status_code == 503
+    assert response.json()["error_type"] == AdapterOutOfMemory.error_type
+    assert "lokr" not in {a.name for a in registry.loaded()}  # nothing attached
+    assert generate(plain, ["lokr"]).status_code == 200  # memory back: served
+
+
+def test_an_adapter_deleted_during_traffic_fails_only_new_requests_for_it(serve, llama, tmp_path):
+    store = tmp_path / "store"
+    for name in ("lora", "oft"):
+        shutil.copytree(llama.store / name, store / name)
+    server = serve(llama.settings(adapters_dir=store))
+    body = {"inputs": PROMPT, "adapters": ["lora"], "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
+    outcome: dict = {}
+    thread = threading.Thread(
+        target=lambda: outcome.update(r=httpx.post(f"{server.url}/generate", json=body, timeout=60))
+    )
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.state.engine.running and time.monotonic() < deadline:
+        time.sleep(0.005)
+    shutil.rmtree(store / "lora")
+    thread.join(60)
+    assert outcome["r"].status_code == 200
+    assert generate(server, ["lora"]).status_code == 404
+    assert generate(server, ["oft"]).status_code == 200
