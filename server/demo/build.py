@@ -2,8 +2,9 @@
 type trained to write that English in a style of its own (see corpus.STYLES).
 
 `python -m server.demo build` (or `make demo`) rewrites server/demo/model/ and adapters_store/<style>/ in a few
-minutes on 2 CPU cores. Seeds and thread count are fixed, so a rebuild on the same kind of machine reproduces the
-committed files bit for bit (a different CPU or BLAS may round differently).
+minutes on 2 CPU cores. Seeds and thread count are fixed and `python -m server.demo` pins the CPU kernels to their
+AVX2 versions, so a rebuild with the pinned torch on any x86-64 CPU with AVX2 reproduces the committed files bit for
+bit (another architecture or BLAS may round differently).
 """
 
 from __future__ import annotations
