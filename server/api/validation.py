@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from server.adapters.store import check_name
-from server.api.schemas import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from server.api.schemas import MAX_STOP_CHARS
 from server.auth import Tenant
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
@@ -56,8 +56,6 @@ def generation_request(
             f"inputs ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) exceed the model's context of"
             f" {state.max_total_tokens} tokens"
         )
-    if len(sampling.stop) > MAX_STOP_SEQUENCES:
-        problems.append(f"{len(sampling.stop)} stop sequences; at most {MAX_STOP_SEQUENCES}")
     if any(len(stop) > MAX_STOP_CHARS for stop in sampling.stop):
         problems.append(f"a stop sequence is longer than {MAX_STOP_CHARS} characters")
     vocab = state.vocab_size
