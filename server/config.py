@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.auth import Keyring
@@ -70,6 +70,24 @@ class Settings(BaseSettings):
         None, gt=0, description="seconds a request may take, queue included; then 408, its row freed (default: none)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    _notes: list[str] = PrivateAttr(default_factory=list)  # settings adjusted at validation, logged at start
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
+
+    @model_validator(mode="after")
+    def _adapters_per_request_fit(self) -> Settings:
+        """A request can never have more adapters than can be resident at once: the per-request limit is
+        clamped to MIXSERVE_MAX_LOADED_ADAPTERS (and the start-up log says so)."""
+        loaded = self.max_loaded_adapters
+        if loaded is not None and self.max_adapters_per_request > loaded:
+            self._notes.append(
+                f"MIXSERVE_MAX_ADAPTERS_PER_REQUEST ({self.max_adapters_per_request}) exceeds"
+                f" MIXSERVE_MAX_LOADED_ADAPTERS ({loaded}): clamped to {loaded}"
+            )
+            self.max_adapters_per_request = loaded
+        return self
 
     @field_validator("adapter_memory", "host_cache", "max_body_bytes", mode="before")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,8 @@ from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.model import load_model, load_tokenizer
 from server.errors import MixserveError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +31,8 @@ class ServerState:
 
     @classmethod
     def start(cls, settings: Settings) -> ServerState:
+        for note in settings.notes:
+            log.warning("settings: %s", note)
         device, dtype = settings.torch_device, settings.torch_dtype
         model = load_model(settings.model_path, device, dtype)
         tokenizer = load_tokenizer(settings.model_path)

@@ -41,6 +41,16 @@ def test_defaults_are_the_embedded_demo(monkeypatch):
     assert settings.max_adapters_per_request == 8
 
 
+def test_adapters_per_request_are_clamped_to_what_can_be_resident(llama):
+    settings = llama.settings(max_loaded_adapters=2)
+    assert settings.max_adapters_per_request == 2
+    assert settings.notes == [
+        "MIXSERVE_MAX_ADAPTERS_PER_REQUEST (8) exceeds MIXSERVE_MAX_LOADED_ADAPTERS (2): clamped to 2"
+    ]
+    assert llama.settings(max_loaded_adapters=2, max_adapters_per_request=2).notes == []
+    assert llama.settings().max_adapters_per_request == 8
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import threading
 import time
@@ -254,7 +255,7 @@ def test_preloaded_adapters_are_resident_before_the_first_request(serve, llama, 
 def test_an_adapter_larger_than_the_memory_budget_is_refused(serve, llama, store):
     server = start(serve, llama, store, adapter_memory="1KB")
     response = generate(server, ["lora"])
-    assert response.status_code == 424 and "MIXSERVE_ADAPTER_MEMORY" in response.json()["error"]
+    assert response.status_code == 422 and "MIXSERVE_ADAPTER_MEMORY" in response.json()["error"]
 
 
 def test_files_changing_during_a_read_are_not_taken_as_an_adapter(store, monkeypatch):
@@ -263,3 +264,44 @@ def test_files_changing_during_a_read_are_not_taken_as_an_adapter(store, monkeyp
     monkeypatch.setattr(adapters, "signature", lambda name: next(signatures))
     with pytest.raises(AdapterInvalid, match="changed while being read"):
         adapters.read("lora")
+
+
+def test_a_combination_that_can_never_fit_is_refused_at_once(serve, llama, store, caplog):
+    """More adapters than can be resident, or more bytes together than the budget: 422 naming the limit and the
+    numbers, not a request stalled at the head of the queue with everything behind it."""
+    caplog.set_level(logging.WARNING)
+    counted = start(serve, llama, store, max_loaded_adapters=1, request_timeout=30)
+    assert counted.state.settings.max_adapters_per_request == 1  # clamped, and said so at start
+    assert "MIXSERVE_MAX_ADAPTERS_PER_REQUEST (8) exceeds MIXSERVE_MAX_LOADED_ADAPTERS (1)" in caplog.text
+    too_many = generate(counted, ["lora", "oft"])
+    assert too_many.status_code == 422
+    assert "2 adapters requested; at most 1" in too_many.json()["error"]
+    assert "MIXSERVE_MAX_LOADED_ADAPTERS" in too_many.json()["error"]
+
+    sizes = {name: httpx.post(f"{counted.url}/adapters/{name}/load").json()["bytes"] for name in ("lora", "oft")}
+    budget = max(sizes.values())  # each fits alone, not both together
+    server = start(serve, llama, store, adapter_memory=budget, request_timeout=30)
+    started = time.monotonic()
+    response = generate(server, ["lora", "oft"])
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert f"{sum(sizes.values())} bytes" in error and f"MIXSERVE_ADAPTER_MEMORY is {budget} bytes" in error
+    assert generate(server, []).status_code == 200 and generate(server, ["oft"]).status_code == 200
+    assert time.monotonic() - started < 25 and server.state.engine.queued == 0
+
+
+def test_the_engine_refuses_too_many_adapters_even_past_the_edge(serve, llama, store):
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import GenerationRequest
+    from server.errors import ValidationError
+
+    server = start(serve, llama, store, max_loaded_adapters=1)
+    ids = encode_prompt(server.state.tokenizer, PROMPT)
+
+    async def submit():
+        handle = server.state.engine.submit(GenerationRequest("r", ids, ["lora", "oft"], SamplingParams(2)))
+        return await asyncio.wait_for(handle.result(), 30)
+
+    with pytest.raises(ValidationError, match="MIXSERVE_MAX_LOADED_ADAPTERS allows 1"):
+        asyncio.run(submit())
+    assert server.state.engine.queued == 0

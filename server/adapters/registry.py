@@ -31,7 +31,7 @@ from server.adapters.build import BaseLayout, BuiltAdapter, build_adapter, check
 from server.adapters.kinds import CANONICAL_ORDER
 from server.adapters.mixing import MixedLinear, MixingContext
 from server.adapters.store import AdapterStore
-from server.errors import AdapterBusy, AdapterLoadFailed, AdapterOutOfMemory, MixserveError
+from server.errors import AdapterBusy, AdapterLoadFailed, AdapterOutOfMemory, MixserveError, ValidationError
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
@@ -185,13 +185,11 @@ class AdapterRegistry:
         """The resident adapters for a request, in canonical order; None while one is loading (loads start here).
         Raises NoRoom while memory is short, or the error of a failed load that left nothing to serve.
         protected: names that making room must not evict (adapters of older waiting requests)."""
-        adapters, waiting = [], False
-        for name in names:
-            adapter = self._resolve_one(name, protected | set(names))
-            waiting |= adapter is None
-            adapters.append(adapter)
-        if waiting:
+        versions = [self._version(name) for name in names]
+        if None in versions:
             return None
+        self._check_fits(versions)
+        adapters = [self._resident(adapter, protected | set(names)) for adapter in versions]
         return sorted(adapters, key=lambda a: CANONICAL_ORDER.index(a.peft_type))
 
     def load_blocking(self, names: list[str], timeout: float = 120.0) -> list[LoadedAdapter]:
@@ -231,7 +229,8 @@ class AdapterRegistry:
             self._finish_load(name, signature, outcome, seconds)
         for name in list(self._waiters):
             try:
-                adapter = self._resolve_one(name, {name})
+                adapter = self.resolve([name], set())
+                adapter = adapter and adapter[0]
             except NoRoom:
                 adapter = AdapterBusy(
                     f"no room for adapter {name!r}: the resident adapters are in use (MIXSERVE_MAX_LOADED_ADAPTERS /"
@@ -274,7 +273,8 @@ class AdapterRegistry:
 
     # --- internals (engine thread)
 
-    def _resolve_one(self, name: str, protected: set[str]) -> LoadedAdapter | None:
+    def _version(self, name: str) -> LoadedAdapter | None:
+        """The version of name to serve, resident or not; None while it is loading (the load starts here)."""
         signature = self.store.signature(name)
         entry = self._entries.setdefault(name, _Entry())
         current = entry.current
@@ -284,10 +284,21 @@ class AdapterRegistry:
                 if time.monotonic() - failure.at < self.retry_seconds:
                     if current is None:
                         raise failure.error
-                    return self._resident(current, protected)  # the new version is broken: the old one serves
+                    return current  # the new version is broken: the old one serves
             self._start_load(name, signature, entry)
             return None
-        return self._resident(current, protected)
+        return current
+
+    def _check_fits(self, adapters: list[LoadedAdapter]) -> None:
+        """Refuses a combination that could never be resident at once, whatever finishes or is evicted."""
+        if self.max_loaded is not None and len(adapters) > self.max_loaded:
+            raise ValidationError(
+                f"{len(adapters)} adapters requested; MIXSERVE_MAX_LOADED_ADAPTERS allows {self.max_loaded} at once"
+            )
+        total = sum(a.nbytes for a in adapters)
+        if self.memory is not None and total > self.memory:
+            which = f"adapter {adapters[0].name!r} needs" if len(adapters) == 1 else "these adapters need together"
+            raise ValidationError(f"{which} {total} bytes; MIXSERVE_ADAPTER_MEMORY is {self.memory} bytes")
 
     def _start_load(self, name: str, signature: tuple, entry: _Entry) -> None:
         if entry.loading == signature:
@@ -379,10 +390,6 @@ class AdapterRegistry:
             ) from exc
 
     def _make_room(self, adapter: LoadedAdapter, protected: set[str]) -> None:
-        if self.memory is not None and adapter.nbytes > self.memory:
-            raise AdapterLoadFailed(
-                f"adapter {adapter.name!r} needs {adapter.nbytes} bytes; MIXSERVE_ADAPTER_MEMORY is {self.memory}"
-            )
         while self._over_budget(adapter.nbytes):
             victims = [a for a in self.loaded() if a.refs == 0 and a.name not in protected and a is not adapter]
             if not victims:

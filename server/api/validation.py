@@ -25,9 +25,13 @@ def combination(state: ServerState, tenant: Tenant, sources: dict[str, list[str]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValidationError(f"adapters listed more than once: {', '.join(duplicates)}")
-    limit = state.settings.max_adapters_per_request
+    settings = state.settings
+    limit = settings.max_adapters_per_request
     if len(names) > limit:
-        raise ValidationError(f"{len(names)} adapters requested; at most {limit} per request")
+        source = "MIXSERVE_MAX_ADAPTERS_PER_REQUEST"
+        if limit == settings.max_loaded_adapters:
+            source = "MIXSERVE_MAX_LOADED_ADAPTERS, adapters resident at once"
+        raise ValidationError(f"{len(names)} adapters requested; at most {limit} per request ({source})")
     tenant.check(names)
     return state.registry.canonical(names)
 
