@@ -218,3 +218,23 @@ def test_scheduler_skips_loading_requests_and_stops_at_one_short_of_memory():
     assert [s.request.adapters for s in scheduler.waiting] == [["loading"], ["no-room"], ["later"]]
     assert ("later", {"loading"}) not in seen  # nothing behind the request short of memory was tried
     assert ("ok", {"loading"}) in seen  # adapters of older waiting requests are protected
+
+
+def test_scheduler_keeps_an_unexpected_error_with_the_request_that_raised_it():
+    class Fake:
+        def __init__(self, adapter):
+            self.request = GenerationRequest("f", [1, 2], [adapter], SamplingParams())
+            self.cancelled = False
+
+    def ready(seq, protected):
+        if seq.request.adapters == ["crash"]:
+            raise OSError("stat failed")
+        return True
+
+    scheduler = Scheduler(max_batch_size=8, max_batch_tokens=1000)
+    for adapter in ("ok", "crash", "later"):
+        scheduler.add(Fake(adapter))
+    admitted, failed = scheduler.admit(0, ready)
+    assert [s.request.adapters for s in admitted] == [["ok"], ["later"]]
+    assert [(s.request.adapters, type(e)) for s, e in failed] == [(["crash"], OSError)]
+    assert not scheduler.waiting

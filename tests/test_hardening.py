@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import shutil
 import statistics
 import threading
@@ -371,3 +373,106 @@ def test_an_adapter_deleted_during_traffic_fails_only_new_requests_for_it(serve,
     assert outcome["r"].status_code == 200
     assert generate(server, ["lora"]).status_code == 404
     assert generate(server, ["oft"]).status_code == 200
+
+
+# --- what a client is told: its own outcome, never another request's data or a server path
+
+
+def _submit(server, prompt: str, adapters: list[str], tokens: int = 4, request_id: str = "r", **params):
+    from server.engine.model import encode_prompt
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import GenerationRequest
+
+    ids = encode_prompt(server.state.tokenizer, prompt)
+    sampling = SamplingParams(max_new_tokens=tokens, ignore_eos=True, **params)
+    return server.state.engine.submit(GenerationRequest(request_id, ids, adapters, sampling))
+
+
+async def _outcome(handle, timeout: float = 60):
+    """The sequence, or the error it failed with (a test that would hang fails instead)."""
+    from server.errors import MixserveError
+
+    try:
+        return await asyncio.wait_for(handle.result(), timeout)
+    except MixserveError as exc:
+        return exc
+
+
+def _assert_nothing_held(server) -> None:
+    engine, registry = server.state.engine, server.state.registry
+    assert engine.queued == 0 and not engine.scheduler.waiting and engine.running == 0
+    assert [a.name for a in registry.loaded() if a.refs] == []
+
+
+SECRET = "/srv/tenants/globex/private-adapter/adapter_model.safetensors"
+
+
+def test_an_unexpected_error_preparing_adapters_stays_with_its_request(plain, caplog):
+    """Requests admitted in the same step keep their rows, the running one keeps decoding; the one whose adapters
+    raised gets a generic 500 (the details, a path, only in the log with its id), once: the engine does not spin."""
+    assert generate(plain, ["loha"]).status_code == 200  # resident: admitted at once, before the faulty one
+    store = plain.state.store
+    original = store.signature
+
+    def signature(name):
+        if name == "oft":
+            raise OSError(f"[Errno 2] No such file or directory: {SECRET!r}")
+        return original(name)
+
+    store.signature = signature
+
+    async def run():
+        running = _submit(plain, PROMPT, ["lora"], tokens=60, request_id="running")
+        await anext(running.stream())
+        handles = [
+            _submit(plain, PROMPT, ["loha"], request_id="before"),
+            _submit(plain, PROMPT, ["oft"], request_id="faulty"),
+            _submit(plain, PROMPT, [], request_id="after"),
+        ]
+        return [await _outcome(h) for h in [running, *handles]]
+
+    try:
+        running, before, faulty, after = asyncio.run(run())
+    finally:
+        del store.signature
+    assert len(running.tokens) == 60 and len(before.tokens) == 4 and len(after.tokens) == 4
+    assert faulty.status_code == 500 and "/" not in faulty.message and "Errno" not in faulty.message
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR and "faulty" in r.getMessage()]
+    assert len(logged) == 1 and SECRET in caplog.text
+    _assert_nothing_held(plain)
+
+
+def test_a_fault_scoring_one_prompt_fails_only_that_request(plain):
+    """decoder_input_details scores each prompt in a pass of its own: a fault there fails that request alone."""
+    from server.engine.model import encode_prompt
+
+    runner = plain.state.engine.runner
+    poisoned = "Poisoned prompt to score"
+    poison_ids = torch.tensor([encode_prompt(plain.state.tokenizer, poisoned)])
+    original = runner.score
+
+    def score(ids, slots):
+        if ids.shape == poison_ids.shape and bool((ids == poison_ids).all()):
+            raise RuntimeError(f"injected scoring fault reading {SECRET}")
+        return original(ids, slots)
+
+    runner.score = score
+
+    async def run():
+        running = _submit(plain, PROMPT, ["lora"], tokens=60, request_id="running")
+        await anext(running.stream())
+        handles = [
+            _submit(plain, PROMPT, ["oft"], request_id="scored", prompt_logprobs=True),
+            _submit(plain, poisoned, ["oft"], request_id="poisoned", prompt_logprobs=True),
+        ]
+        return [await _outcome(h) for h in [running, *handles]]
+
+    try:
+        running, scored, failed = asyncio.run(run())
+    finally:
+        del runner.score
+    assert len(running.tokens) == 60
+    assert len(scored.tokens) == 4 and len(scored.prompt_logprobs) == len(scored.request.prompt_ids)
+    assert failed.status_code == 500 and "internal error computing this request" in failed.message
+    assert SECRET not in failed.message and "injected" not in failed.message
+    _assert_nothing_held(plain)

@@ -238,6 +238,9 @@ class AdapterRegistry:
                 )
             except MixserveError as exc:
                 adapter = exc
+            except Exception:  # a bug or an I/O error: this load's callers get it, not the engine's step
+                log.exception("loading adapter %s for the API failed", name)
+                adapter = MixserveError(f"internal error loading adapter {name!r}")
             if adapter is None:
                 continue
             for waiter in self._waiters.pop(name):

@@ -141,12 +141,13 @@ class Engine:
             try:
                 with torch.inference_mode():
                     stalled = not self.step()
-            except Exception as exc:  # a bug in a step: fail the requests it touched, keep serving
+            except Exception:  # a bug in a step: fail the requests it touched, keep serving
                 touched = list(dict.fromkeys([*self._admitted, *self.runner.rows]))
                 log.exception("engine step failed; failing %d requests", len(touched))
                 self.runner.rows.clear()
-                for seq in touched:
-                    self._retire(seq, MixserveError(f"internal error: {exc}"))
+                for seq in touched:  # the details are in the log: the error may be about any of them
+                    self._retire(seq, MixserveError("internal error; the request was not completed"))
+                self._admitted = []
             self._flush()
 
     def _take_inbox(self, block: bool) -> None:
@@ -182,12 +183,13 @@ class Engine:
         self._admitted, failed = self.scheduler.admit(len(self.runner.rows), self._ready)
         for seq, error in failed:
             self._dequeued(seq)
-            log.info("request %s: %s", seq.request.request_id, error.message)
-            seq.fail(error)
+            self._refuse(seq, error)
         for seq in self._admitted:
             self._dequeued(seq)
         if self._admitted:
             self._score_prompts([s for s in self._admitted if s.request.params.prompt_logprobs])
+            self._admitted = [s for s in self._admitted if s.finished_at is None]  # scoring may fail some
+        if self._admitted:
             prefilled, logits = self._prefill(self._admitted)
             if prefilled:
                 self._sample(prefilled, logits)
@@ -230,6 +232,23 @@ class Engine:
             except Exception as exc:
                 self._fail_row(seq, exc)
         return self.runner.decode() if self.runner.rows else None
+
+    def _refuse(self, seq: Sequence, error: Exception) -> None:
+        """A request whose adapters could not be made ready: the adapters' own error, or for an unexpected one a
+        generic message (its text may hold server paths), the details logged with the request's id."""
+        if isinstance(error, MixserveError):
+            log.info("request %s: %s", seq.request.request_id, error.message)
+            seq.fail(error)
+            return
+        log.error(
+            "request %s with [%s]: preparing its adapters failed: %s: %s",
+            seq.request.request_id,
+            "+".join(seq.request.adapters),
+            type(error).__name__,
+            error,
+            exc_info=error,
+        )
+        seq.fail(MixserveError(f"internal error preparing this request's adapters: {type(error).__name__}"))
 
     def _fail_row(self, seq: Sequence, exc: Exception) -> None:
         log.error(
@@ -292,11 +311,16 @@ class Engine:
                 )
 
     def _score_prompts(self, seqs: list[Sequence]) -> None:
-        """The logprob of each prompt token given those before it, for requests that ask (one extra pass)."""
+        """The logprob of each prompt token given those before it, for requests that ask (one extra pass each).
+        A request whose pass fails is failed alone."""
         for seq in seqs:
             ids = seq.request.prompt_ids
-            logprobs = torch.log_softmax(self.runner.score(torch.tensor([ids]), [seq.slots])[0].float(), dim=-1)
-            seq.prompt_logprobs = [None] + logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+            try:
+                scores = self.runner.score(torch.tensor([ids]), [seq.slots])[0]
+                logprobs = torch.log_softmax(scores.float(), dim=-1)
+                seq.prompt_logprobs = [None] + logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+            except Exception as exc:
+                self._fail_row(seq, exc)
 
     def _retire(self, seq: Sequence, error: BaseException | None = None) -> None:
         """seq leaves the batch: its row and its adapters are freed."""

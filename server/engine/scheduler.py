@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 from server.adapters.registry import NoRoom
 from server.engine.sequence import Sequence
-from server.errors import MixserveError
 
 
 class Scheduler:
@@ -21,16 +20,17 @@ class Scheduler:
 
     def admit(
         self, running: int, ready: Callable[[Sequence, set[str]], bool]
-    ) -> tuple[list[Sequence], list[tuple[Sequence, MixserveError]]]:
+    ) -> tuple[list[Sequence], list[tuple[Sequence, Exception]]]:
         """The oldest waiting requests whose adapters are ready, that fit beside `running` sequences: the batch
-        size, and a prefill of at most max_batch_tokens (padded) tokens; and those whose adapters failed.
+        size, and a prefill of at most max_batch_tokens (padded) tokens; and those whose adapters failed, with
+        the error (any exception: it stays with the request that raised it).
 
         ready(seq, protected) makes seq's adapters resident and takes them (True), starts their loads (False), or
         raises: NoRoom when memory is short, the load's error when it failed. A request whose adapters are loading
         does not hold up the others; one short of memory does (it is the oldest that fits nothing: later requests
         would keep taking the memory it waits for). protected: adapters that older waiting requests need."""
         admitted: list[Sequence] = []
-        failed: list[tuple[Sequence, MixserveError]] = []
+        failed: list[tuple[Sequence, Exception]] = []
         protected: set[str] = set()
         longest = 0
         for seq in list(self.waiting):
@@ -45,7 +45,7 @@ class Scheduler:
                     continue
             except NoRoom:
                 break
-            except MixserveError as exc:
+            except Exception as exc:
                 self.waiting.remove(seq)
                 failed.append((seq, exc))
                 continue
