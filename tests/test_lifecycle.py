@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -305,3 +306,62 @@ def test_the_engine_refuses_too_many_adapters_even_past_the_edge(serve, llama, s
     with pytest.raises(ValidationError, match="MIXSERVE_MAX_LOADED_ADAPTERS allows 1"):
         asyncio.run(submit())
     assert server.state.engine.queued == 0
+
+
+def test_the_registry_changes_its_entries_only_under_its_lock(llama):
+    """Listings iterate the entries under the lock on other threads: every insertion must hold it."""
+    _, registry, _ = llama.runner()
+
+    class Guarded(dict):
+        def __setitem__(self, key, value):
+            assert registry._lock.locked(), f"{key} added without the lock"
+            super().__setitem__(key, value)
+
+        def setdefault(self, key, default=None):
+            assert key in self or registry._lock.locked(), f"{key} added without the lock"
+            return super().setdefault(key, default)
+
+    registry._entries = Guarded()
+    assert [a.name for a in registry.load_blocking(["oft", "lora"])] == ["oft", "lora"]
+
+
+def test_listings_during_first_loads_never_fail(serve, llama, tmp_path):
+    """Never-seen adapters arriving while /adapters, /info and /metrics are read in a loop (bounded, loopback)."""
+    store = tmp_path / "store"
+    names = [f"ns/a{i:02d}" for i in range(24)]
+    for name in names:
+        shutil.copytree(llama.store / "lora", store / name)
+    server = serve(llama.settings(adapters_dir=store))
+    errors: list = []
+    done = threading.Event()
+
+    def lister():
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            for _ in range(2000):
+                if done.is_set():
+                    return
+                for path in ("/adapters", "/adapters?all=true", "/info", "/metrics"):
+                    response = client.get(path)
+                    if response.status_code != 200:
+                        errors.append((path, response.status_code, response.text))
+
+    async def first_loads():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 1}}
+            return await asyncio.gather(*(client.post("/generate", json={**body, "adapters": [n]}) for n in names))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # more thread switches inside the iterations
+    listers = [threading.Thread(target=lister) for _ in range(3)]
+    try:
+        for thread in listers:
+            thread.start()
+        responses = asyncio.run(first_loads())
+    finally:
+        done.set()
+        for thread in listers:
+            thread.join(60)
+        sys.setswitchinterval(interval)
+    assert [r.status_code for r in responses] == [200] * len(names)
+    assert errors == []
+    assert set(names) <= set(listed(server))

@@ -276,10 +276,14 @@ class AdapterRegistry:
 
     # --- internals (engine thread)
 
+    def _entry(self, name: str) -> _Entry:
+        with self._lock:  # listings iterate _entries on other threads
+            return self._entries.setdefault(name, _Entry())
+
     def _version(self, name: str) -> LoadedAdapter | None:
         """The version of name to serve, resident or not; None while it is loading (the load starts here)."""
         signature = self.store.signature(name)
-        entry = self._entries.setdefault(name, _Entry())
+        entry = self._entry(name)
         current = entry.current
         if current is None or current.built.signature != signature:
             failure = entry.failure
@@ -324,7 +328,7 @@ class AdapterRegistry:
         self._pool.submit(load)
 
     def _finish_load(self, name: str, signature: tuple, outcome, seconds: float) -> None:
-        entry = self._entries.setdefault(name, _Entry())
+        entry = self._entry(name)
         with self._lock:
             if entry.loading == signature:
                 entry.loading = None
