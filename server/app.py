@@ -28,6 +28,7 @@ from server.state import ServerState
 
 log = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
+UNCOUNTED = OPEN_PATHS | {"/metrics"}  # probes and scrapes: not in flight for the drain, answered while draining
 DESCRIPTION = """Serves any combination of PEFT adapters (LoRA, LoHa, LoKr, AdaLoRA, OFT, SHiRA) per request on one
 resident base model, with the output PEFT's PeftMixedModel gives for that set. TGI/LoRAX-compatible routes at the
 root, OpenAI-compatible ones under /v1."""
@@ -62,9 +63,11 @@ def create_app(settings: Settings) -> FastAPI:
         "/metrics",
         response_class=Response,
         summary="Prometheus metrics",
-        responses={200: {"content": {"text/plain": {}}}},
+        responses={200: {"content": {"text/plain": {}}}, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
     )
     async def metrics(request: Request) -> Response:
+        """With API keys configured, a key without namespaces: the metrics name every tenant's adapters."""
+        request.state.tenant.check_unscoped("/metrics")
         return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get(
@@ -112,7 +115,7 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         started, status = time.perf_counter(), 500
         app_state = scope["app"].state
-        counted = scope["path"] not in OPEN_PATHS
+        counted = scope["path"] not in UNCOUNTED
 
         async def send_with_headers(message):
             nonlocal status

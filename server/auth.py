@@ -21,13 +21,18 @@ from pathlib import Path
 
 from server.errors import AdapterNotFound, MixserveError
 
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ready"})  # the probes: no key, even with keys configured
 
 
 class Unauthorized(MixserveError):
     status_code = 401
     error_type = "unauthorized"
     headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(MixserveError):
+    status_code = 403
+    error_type = "forbidden"
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,11 @@ class Tenant:
 
     def visible(self, names) -> list[str]:
         return [name for name in names if self.allows(name)]
+
+    def check_unscoped(self, what: str) -> None:
+        """For what spans every tenant (metrics name their adapters): a key without namespaces only."""
+        if self.prefixes is not None:
+            raise Forbidden(f"{what} needs an API key without namespaces")
 
     def check(self, names: list[str], not_found: str = "adapter {name!r} not found in the store") -> None:
         """Raises AdapterNotFound, worded as for an adapter that does not exist, for a name outside the tenant."""

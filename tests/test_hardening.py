@@ -378,6 +378,16 @@ def test_an_adapter_deleted_during_traffic_fails_only_new_requests_for_it(serve,
 # --- what a client is told: its own outcome, never another request's data or a server path
 
 
+def test_metrics_need_a_key_without_namespaces(guarded):
+    assert generate(guarded, ["globex/loha"], GLOBEX).status_code == 200
+    assert call(guarded, "GET", "/metrics").status_code == 401
+    scoped = call(guarded, "GET", "/metrics", ACME)
+    assert scoped.status_code == 403 and scoped.json()["error_type"] == "forbidden"
+    assert "globex" not in scoped.text and "lora_requests_info" not in scoped.text
+    admin = call(guarded, "GET", "/metrics", ADMIN)
+    assert admin.status_code == 200 and "mixserve:lora_requests_info" in admin.text
+
+
 def _submit(server, prompt: str, adapters: list[str], tokens: int = 4, request_id: str = "r", **params):
     from server.engine.model import encode_prompt
     from server.engine.sampling import SamplingParams
