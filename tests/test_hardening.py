@@ -14,6 +14,7 @@ import httpx
 import pytest
 import torch
 
+from server.adapters import registry as registry_module
 from server.adapters.build import BuiltAdapter
 from server.auth import OPEN_PATHS, Keyring, Unauthorized
 from server.errors import AdapterOutOfMemory
@@ -486,3 +487,31 @@ def test_a_fault_scoring_one_prompt_fails_only_that_request(plain):
     assert failed.status_code == 500 and "internal error computing this request" in failed.message
     assert SECRET not in failed.message and "injected" not in failed.message
     _assert_nothing_held(plain)
+
+
+def test_loader_errors_name_no_server_path(serve, llama, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    for name in ("lora", "unreadable", "crashes"):
+        shutil.copytree(llama.store / "lora", store / name)
+    server = serve(llama.settings(adapters_dir=store))
+    read_bytes, build = Path.read_bytes, registry_module.build_adapter
+
+    def unreadable(path):
+        if path.parent.name == "unreadable":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    def crashes(files, *args):
+        if files.name == "crashes":
+            raise FileNotFoundError(2, "No such file or directory", str(store / "crashes" / "x"))
+        return build(files, *args)
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    monkeypatch.setattr(registry_module, "build_adapter", crashes)
+    for name, status in (("unreadable", 422), ("crashes", 424)):
+        response = generate(server, [name])
+        assert response.status_code == status, response.text
+        assert str(tmp_path) not in response.text and name in response.json()["error"]
+    listing = httpx.get(f"{server.url}/adapters", params={"all": "true"}).text
+    assert str(tmp_path) not in listing and "Permission denied" in listing
+    assert generate(server, ["lora"]).status_code == 200

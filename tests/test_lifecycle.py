@@ -365,3 +365,29 @@ def test_listings_during_first_loads_never_fail(serve, llama, tmp_path):
     assert [r.status_code for r in responses] == [200] * len(names)
     assert errors == []
     assert set(names) <= set(listed(server))
+
+
+def test_capacity_is_not_counted_from_the_store_on_every_scrape(serve, llama, store):
+    server = start(serve, llama, store)
+    walks, names = [], server.state.store.names
+    server.state.store.names = lambda: walks.append(1) or names()
+    for _ in range(5):
+        assert "max_lora=\"7\"" in httpx.get(f"{server.url}/metrics").text
+    assert len(walks) <= 1
+
+
+def test_the_store_listing_reads_configs_off_the_event_loop_and_only_when_they_change(serve, llama, store):
+    server = start(serve, llama, store)
+    adapters, reads = server.state.store, []
+    read_config = adapters.read_config
+    adapters.read_config = lambda name: reads.append((name, threading.current_thread())) or read_config(name)
+    first = httpx.get(f"{server.url}/adapters", params={"all": "true"}).json()["adapters"]
+    assert len(reads) == len(first) == 7 and server.thread not in {thread for _, thread in reads}
+    assert {a["name"]: a["type"] for a in first}["oft"] == "OFT"
+    reads.clear()
+    assert httpx.get(f"{server.url}/adapters", params={"all": "true"}).json()["adapters"] == first
+    assert reads == []
+    config = store / "oft" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"OFT"', '"IA3"') + "\n")  # a new size: a new signature
+    changed = {a["name"]: a for a in httpx.get(f"{server.url}/adapters", params={"all": "true"}).json()["adapters"]}
+    assert [name for name, _ in reads] == ["oft"] and changed["oft"]["type"] == "IA3"

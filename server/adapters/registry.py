@@ -35,6 +35,7 @@ from server.errors import AdapterBusy, AdapterLoadFailed, AdapterOutOfMemory, Mi
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
+CAPACITY_SECONDS = 10.0  # without MIXSERVE_MAX_LOADED_ADAPTERS, capacity counts the store at most this often
 
 
 class NoRoom(Exception):
@@ -112,14 +113,21 @@ class AdapterRegistry:
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
         self._waiters: dict[str, list[Future]] = {}
         self._lock = threading.Lock()  # guards _entries and _host for readers on other threads
+        self._capacity: tuple[float, int] | None = None  # (when counted, adapters in the store)
         self.on_load = lambda seconds, outcome: None  # hooks, for metrics
         self.on_evict = lambda name: None
         self.wake = lambda: None  # called from a loader thread when a load finished
 
     @property
     def capacity(self) -> int:
-        """How many adapters can be resident at once (vLLM's max_lora)."""
-        return self.max_loaded or len(self.store.names())
+        """How many adapters can be resident at once (vLLM's max_lora): without a limit, the store's size, counted
+        at most every CAPACITY_SECONDS (scrapes must not walk a large store each time)."""
+        if self.max_loaded:
+            return self.max_loaded
+        now = time.monotonic()
+        if self._capacity is None or now - self._capacity[0] > CAPACITY_SECONDS:
+            self._capacity = (now, len(self.store.names()))
+        return self._capacity[1]
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -145,7 +153,7 @@ class AdapterRegistry:
         types = {}
         for name in names:
             current = self.get(name)
-            types[name] = current.peft_type if current else self.store.read_config(name).get("peft_type")
+            types[name] = current.peft_type if current else self.store.peft_type(name)
             check_mixable(name, types[name])
         return sorted(names, key=lambda n: CANONICAL_ORDER.index(types[n]))
 
@@ -321,7 +329,7 @@ class AdapterRegistry:
                 outcome = exc
             except Exception as exc:  # a bug or an I/O error: fail this load, not the server
                 log.exception("loading adapter %s failed", name)
-                outcome = AdapterLoadFailed(f"adapter {name!r}: {type(exc).__name__}: {exc}")
+                outcome = AdapterLoadFailed(f"adapter {name!r}: could not be loaded ({type(exc).__name__})")
             self._finished.put((name, signature, outcome, time.perf_counter() - started))
             self.wake()
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
 
-from server.errors import AdapterInvalid, AdapterNotFound, ValidationError
+from server.errors import AdapterInvalid, AdapterLoadFailed, AdapterNotFound, ValidationError
 
 SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 MAX_DEPTH = 4
@@ -48,6 +49,8 @@ class AdapterStore:
     def __init__(self, root: Path, allow_pickle: bool = False):
         self.root = root.resolve()
         self.allow_pickle = allow_pickle
+        self._types: dict[str, tuple[tuple, str | None]] = {}  # name -> (its config's stat, its peft_type)
+        self._types_lock = threading.Lock()
 
     def names(self) -> list[str]:
         """Every adapter: a folder with an adapter_config.json, at the top or inside namespace folders."""
@@ -79,29 +82,42 @@ class AdapterStore:
     def read_config(self, name: str) -> dict:
         return _read_config(name, self._file(name, CONFIG_FILE))
 
+    def peft_type(self, name: str) -> str | None:
+        """The config's peft_type, read again only when the config file changes (listings ask for every adapter)."""
+        signature = _stat(name, self._file(name, CONFIG_FILE))
+        with self._types_lock:
+            cached = self._types.get(name)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        peft_type = self.read_config(name).get("peft_type")
+        with self._types_lock:
+            self._types[name] = (signature, peft_type)
+        return peft_type
+
     def signature(self, name: str) -> tuple:
         """Cheap to take on every request: (file, mtime, size, inode) of the adapter's files."""
         paths = [self._file(name, CONFIG_FILE), self._weights_file(name)]
-        return tuple((p.name, s.st_mtime_ns, s.st_size, s.st_ino) for p in paths for s in [p.stat()])
+        return tuple((p.name, *_stat(name, p)) for p in paths)
 
     def read(self, name: str) -> AdapterFiles:
         before = self.signature(name)
         config_path = self._file(name, CONFIG_FILE)
-        config_bytes = config_path.read_bytes()
+        config_bytes = _read_bytes(name, config_path)
         config = _read_config(name, config_path, config_bytes)
         weights_path = self._weights_file(name)
-        weights_bytes = weights_path.read_bytes()
+        weights_bytes = _read_bytes(name, weights_path)
         try:
             if weights_path.name == SAFETENSORS_FILE:
                 tensors = load_safetensors(weights_bytes)
             else:
                 tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise AdapterInvalid(name, f"cannot read {weights_path.name}: {exc}") from exc
+            reason = str(exc).replace(str(weights_path), weights_path.name).replace(str(self.root), "<store>")
+            raise AdapterLoadFailed(f"adapter {name!r}: cannot read {weights_path.name}: {reason}") from exc
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-            raise AdapterInvalid(name, f"{weights_path.name} is not a mapping of names to tensors")
+            raise AdapterLoadFailed(f"adapter {name!r}: {weights_path.name} is not a mapping of names to tensors")
         if self.signature(name) != before:
-            raise AdapterInvalid(name, "its files changed while being read (being written?); retried later")
+            raise AdapterLoadFailed(f"adapter {name!r}: its files changed while being read (being written?); retried")
         version = hashlib.sha256(config_bytes + weights_bytes).hexdigest()[:16]
         return AdapterFiles(name=name, config=config, tensors=tensors, version=version, signature=before)
 
@@ -126,10 +142,26 @@ class AdapterStore:
         raise AdapterInvalid(name, f"{SAFETENSORS_FILE} is missing")
 
 
+def _stat(name: str, path: Path) -> tuple:
+    try:
+        stat = path.stat()
+    except OSError as exc:  # replaced or removed meanwhile
+        raise AdapterInvalid(name, f"cannot read {path.name}: {exc.strerror}") from exc
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+def _read_bytes(name: str, path: Path) -> bytes:
+    """The file's bytes; an error names the file, never its path on the server."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise AdapterInvalid(name, f"cannot read {path.name}: {exc.strerror}") from exc
+
+
 def _read_config(name: str, path: Path, data: bytes | None = None) -> dict:
     try:
-        config = json.loads(path.read_bytes() if data is None else data)
-    except (OSError, ValueError) as exc:
+        config = json.loads(_read_bytes(name, path) if data is None else data)
+    except ValueError as exc:
         raise AdapterInvalid(name, f"cannot read {CONFIG_FILE}: {exc}") from exc
     if not isinstance(config, dict):
         raise AdapterInvalid(name, f"{CONFIG_FILE} is not a JSON object")

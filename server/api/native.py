@@ -92,7 +92,7 @@ async def info(request: Request) -> Info:
         max_batch_size=settings.max_batch_size,
         max_adapters_per_request=settings.max_adapters_per_request,
         adapters_loaded=len(_tenant(request).visible(a.name for a in state.registry.loaded())),
-        adapters_available=len(_tenant(request).visible(state.store.names())),
+        adapters_available=len(_tenant(request).visible(await asyncio.to_thread(state.store.names))),
         version=__version__,
     )
 
@@ -122,14 +122,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> list[TokenizedTok
 async def adapters(
     request: Request, all: bool = Query(False, description="also list the store's adapters never loaded")
 ) -> dict:
-    state = _state(request)
-    names = set(state.registry.known()) | (set(state.store.names()) if all else set())
-    names = _tenant(request).visible(names)
-    listed = [state.registry.describe(name) for name in sorted(names)]
-    for entry in listed:
-        if entry["state"] == "available":
-            _add_type(state.store, entry)
-    return {"adapters": [e for e in listed if all or e["state"] != "available"]}
+    return {"adapters": await asyncio.to_thread(_listing, _state(request), _tenant(request), all)}
 
 
 @router.post("/adapters/{name:path}/load", summary="Make an adapter resident (200 once it is)")
@@ -255,9 +248,19 @@ async def _events(handle: RequestHandle, body: GenerateRequest, tokenizer) -> As
         handle.cancel()  # frees the row if the client went away
 
 
+def _listing(state: ServerState, tenant: Tenant, everything: bool) -> list[dict]:
+    """The adapters a tenant sees; reads the store (configs cached by their stat), so run off the event loop."""
+    names = set(state.registry.known()) | (set(state.store.names()) if everything else set())
+    listed = [state.registry.describe(name) for name in sorted(tenant.visible(names))]
+    for entry in listed:
+        if entry["state"] == "available":
+            _add_type(state.store, entry)
+    return [e for e in listed if everything or e["state"] != "available"]
+
+
 def _add_type(store: AdapterStore, entry: dict) -> None:
     entry["type"] = None
     try:
-        entry["type"] = store.read_config(entry["name"]).get("peft_type")
+        entry["type"] = store.peft_type(entry["name"])
     except MixserveError as exc:
         entry["error"] = exc.message

@@ -68,12 +68,10 @@ def _state(request: Request) -> ServerState:
 async def models(request: Request) -> ModelList:
     state = _state(request)
     base, created = state.settings.model_id, int(state.started_at)
+    names = request.state.tenant.visible(await asyncio.to_thread(state.store.names))
     return ModelList(
         data=[Model(id=base, created=created, root=base, parent=None, max_model_len=state.max_total_tokens)]
-        + [
-            Model(id=name, created=created, root=name, parent=base)
-            for name in request.state.tenant.visible(state.store.names())
-        ]
+        + [Model(id=name, created=created, root=name, parent=base) for name in names]
     )
 
 
