@@ -17,7 +17,7 @@ import torch
 from server.adapters import registry as registry_module
 from server.adapters.build import BuiltAdapter
 from server.auth import OPEN_PATHS, Keyring, Unauthorized
-from server.errors import AdapterOutOfMemory
+from server.errors import AdapterOutOfMemory, Overloaded
 
 ADMIN, ACME, GLOBEX = "admin-key-0001", "acme-key-0001", "globex-key-001"
 KEYS = f"{ADMIN},{ACME}:acme/,{GLOBEX}:globex/"
@@ -515,3 +515,40 @@ def test_loader_errors_name_no_server_path(serve, llama, tmp_path, monkeypatch):
     listing = httpx.get(f"{server.url}/adapters", params={"all": "true"}).text
     assert str(tmp_path) not in listing and "Permission denied" in listing
     assert generate(server, ["lora"]).status_code == 200
+
+
+def test_completions_for_several_prompts_stop_them_all_when_one_is_refused_or_fails(plain, monkeypatch):
+    engine, submitted = plain.state.engine, []
+    original, refuse = engine.submit, {"at": 1}
+
+    def submit(gen):
+        if len(submitted) == refuse["at"]:
+            raise Overloaded("injected: the queue is full")
+        submitted.append(original(gen))
+        return submitted[-1]
+
+    monkeypatch.setattr(engine, "submit", submit)
+    tokenizer = plain.state.tokenizer
+    body = {
+        "model": "lora",
+        "prompt": [PROMPT, PROMPT + " again"],
+        "max_tokens": 200,
+        "temperature": 0,
+        "logit_bias": {str(tokenizer.eos_token_id): -100},  # neither can finish before the other's outcome
+    }
+    response = httpx.post(f"{plain.url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 429
+    assert submitted[0].seq.cancelled  # not left generating for nobody
+
+    seen = set(tokenizer.encode(PROMPT))
+    poison = next(t for t in range(3, 259) if t not in seen)
+    submitted.clear()
+    refuse["at"] = None
+    restore = _inject(plain, poison)
+    try:
+        body["prompt"] = [PROMPT, PROMPT + tokenizer.decode([poison])]
+        response = httpx.post(f"{plain.url}/v1/completions", json=body, timeout=120)
+    finally:
+        restore()
+    assert response.status_code == 500
+    assert submitted[0].seq.cancelled

@@ -82,11 +82,18 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = _prompts(state, body.prompt)
     sampling = _sampling(body, body.max_tokens, body.logprobs or 0, bool(body.echo and body.logprobs is not None))
     gens = [_request(state, ids, adapters, sampling, request, i) for i, ids in enumerate(prompts)]
-    handles = [state.engine.submit(gen) for gen in gens]
-    reply = _Completions(body, state.tokenizer, f"cmpl-{uuid.uuid4().hex}")
-    if body.stream:
-        return _sse(reply.stream(handles), handles, headers=request_headers(gens[0]))
-    seqs = await asyncio.gather(*(until_done(h, request) for h in handles))
+    handles = []
+    try:  # one answer for all the prompts: when one is refused or fails, the others stop too
+        for gen in gens:
+            handles.append(state.engine.submit(gen))
+        reply = _Completions(body, state.tokenizer, f"cmpl-{uuid.uuid4().hex}")
+        if body.stream:
+            return _sse(reply.stream(handles), handles, headers=request_headers(gens[0]))
+        seqs = await asyncio.gather(*(until_done(h, request) for h in handles))
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        raise
     return JSONResponse(reply.complete(seqs).model_dump(), headers=result_headers(seqs[0]))
 
 
