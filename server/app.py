@@ -224,9 +224,8 @@ def _error(request: Request, status: int, message: str, error_type: str, headers
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MixserveError)
     async def mixserve_error(request: Request, exc: MixserveError) -> JSONResponse:
-        level = logging.ERROR if exc.status_code >= 500 else logging.INFO
         log.log(
-            level,
+            exc.log_level,
             "request %s: %s %s -> %d: %s",
             getattr(request.state, "request_id", "-"),
             request.method,

@@ -1,10 +1,17 @@
 """Errors a client can act on. Each maps to one HTTP status and TGI's `{"error", "error_type"}` body."""
 
+import logging
+
 
 class MixserveError(Exception):
     status_code = 500
     error_type = "internal"
     headers: dict[str, str] | None = None
+    expected = False  # a 5xx that is not a fault (draining): logged at INFO, as 4xx are
+
+    @property
+    def log_level(self) -> int:
+        return logging.ERROR if self.status_code >= 500 and not self.expected else logging.INFO
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -62,6 +69,7 @@ class ShuttingDown(MixserveError):
     status_code = 503
     error_type = "unavailable"
     headers = {"Retry-After": "5"}
+    expected = True
 
 
 class RequestTimeout(MixserveError):

@@ -389,6 +389,22 @@ def test_metrics_need_a_key_without_namespaces(guarded):
     assert admin.status_code == 200 and "mixserve:lora_requests_info" in admin.text
 
 
+def test_expected_refusals_are_logged_at_info_not_error(guarded, caplog):
+    caplog.set_level(logging.INFO)
+    assert call(guarded, "GET", "/info").status_code == 401
+    assert generate(guarded, ["acme/nothing"], ACME).status_code == 404
+    assert generate(guarded, [], ADMIN, max_new_tokens=10**6).status_code == 422
+    guarded.app.state.traffic.draining = True
+    try:
+        assert call(guarded, "GET", "/ready").status_code == 503
+    finally:
+        guarded.app.state.traffic.draining = False
+    ours = [r for r in caplog.records if r.name.startswith("server")]
+    for status in (401, 404, 422, 503):
+        assert any(f"-> {status}" in r.getMessage() and r.levelno == logging.INFO for r in ours), status
+    assert [r.getMessage() for r in ours if r.levelno >= logging.ERROR] == []
+
+
 def _submit(server, prompt: str, adapters: list[str], tokens: int = 4, request_id: str = "r", **params):
     from server.engine.model import encode_prompt
     from server.engine.sampling import SamplingParams
