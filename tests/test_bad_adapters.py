@@ -107,7 +107,7 @@ def broken(llama, tmp_path_factory) -> Path:
     return store
 
 
-# 422: refused at the edge (names, files, config, type); 424: the load itself failed (weights, fit to the base)
+# 422: the adapter cannot be served as it is (names, files, config, type, fit to the base); 424: reading it failed
 CASES = {
     "no-config": (422, "adapter_config.json is missing"),
     "no-weights": (422, "adapter_model.safetensors is missing"),
@@ -117,14 +117,14 @@ CASES = {
     "unknown-type": (422, "adapter type 'FOO' cannot be mixed; supported types: SHIRA, OFT, LORA, ADALORA, LOHA, LOKR"),
     "ia3": (422, "adapter type 'IA3' cannot be mixed"),
     "prefix": (422, "adapter type 'PREFIX_TUNING' cannot be mixed"),
-    "nan": (424, "NaN or infinity"),
-    "missing-module": (424, "no weights for targeted module(s) model.layers.1.mlp.down_proj"),
-    "wrong-shape-last": (424, "model.layers.1.mlp.down_proj: lora_B.weight has shape (7, 4), the base layer needs"),
+    "nan": (422, "NaN or infinity"),
+    "missing-module": (422, "no weights for targeted module(s) model.layers.1.mlp.down_proj"),
+    "wrong-shape-last": (422, "model.layers.1.mlp.down_proj: lora_B.weight has shape (7, 4), the base layer needs"),
     "pickle-only": (422, "set MIXSERVE_ALLOW_PICKLE=1"),
-    "dora": (424, "LoRA variants are not supported: use_dora"),
-    "with-head": (424, "modules_to_save is not supported"),
-    "not-linear": (424, "only Linear layers are supported"),
-    "other-base": (424, "does not fit the base model at model.layers.0.self_attn.q_proj"),
+    "dora": (422, "LoRA variants are not supported: use_dora"),
+    "with-head": (422, "modules_to_save is not supported"),
+    "not-linear": (422, "only Linear and Conv1D layers are supported"),
+    "other-base": (422, "does not fit the base model at model.layers.0.self_attn.q_proj"),
     "escape": (422, "resolves outside the adapter store"),
     "../lora": (422, "invalid adapter name"),
     "..": (422, "invalid adapter name"),

@@ -17,7 +17,7 @@ import pytest
 
 from server.adapters.store import AdapterStore
 from server.engine.model import encode_prompt
-from server.errors import AdapterInvalid
+from server.errors import AdapterLoadFailed
 from tests.reference import reference_greedy
 
 PROMPT = "Adapters come and go"
@@ -263,7 +263,7 @@ def test_files_changing_during_a_read_are_not_taken_as_an_adapter(store, monkeyp
     adapters = AdapterStore(store)
     signatures = iter([("a",), ("b",)])
     monkeypatch.setattr(adapters, "signature", lambda name: next(signatures))
-    with pytest.raises(AdapterInvalid, match="changed while being read"):
+    with pytest.raises(AdapterLoadFailed, match="changed while being read"):
         adapters.read("lora")
 
 

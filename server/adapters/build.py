@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
@@ -15,23 +16,34 @@ from peft import PeftConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from server.adapters.kinds import CANONICAL_ORDER, KINDS, Kind, LayerAdapter
+from server.adapters.kinds.base import LayerShape
 from server.adapters.store import AdapterFiles
 from server.errors import AdapterInvalid
 
 SAVED_PREFIX = "base_model.model."
+_ROUTED_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 class BaseLayout:
-    """The base model's modules as they were before any adapter was attached."""
+    """The base model's modules as they were before any adapter was attached.
+
+    `linears` are the layers adapters can target: Linear, and GPT-2-style Conv1D (its weight transposed).
+    """
 
     def __init__(self, model: nn.Module):
         self.model_type = getattr(model.config, "model_type", None)
         self.modules = dict(model.named_modules())
-        self.linears = {name: m for name, m in self.modules.items() if isinstance(m, nn.Linear)}
+        self.linears = {name: m for name, m in self.modules.items() if isinstance(m, (nn.Linear, Conv1D))}
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.output_embedding = next((n for n, m in self.modules.items() if m is output), None)
+
+    def shape(self, module_name: str) -> LayerShape:
+        weight = self.linears[module_name].weight  # Linear: [out, in]; Conv1D: [in, out]
+        out_f, in_f = weight.shape if isinstance(self.linears[module_name], nn.Linear) else weight.shape[::-1]
+        return LayerShape(in_f, out_f)
 
 
 @dataclass
@@ -56,7 +68,8 @@ class BuiltAdapter:
 def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device, dtype: torch.dtype) -> BuiltAdapter:
     name = files.name
     kind, config = parse_config(name, files.config)
-    targeted = targeted_modules(name, config, layout)
+    params = targeted_parameters(name, config, layout)
+    targeted = targeted_modules(name, config, layout, bool(params)) | params.keys()
     by_module = _group_tensors(name, kind, files.tensors)
     missing, extra = targeted - by_module.keys(), by_module.keys() - targeted
     if missing:
@@ -64,6 +77,12 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
     if extra:
         raise AdapterInvalid(name, f"weights for module(s) {_few(extra)} that the config does not target")
     layers = {}
+    conv1d = sorted(m for m in by_module if isinstance(layout.linears.get(m), Conv1D))
+    if conv1d and not kind.on_conv1d:
+        able = ", ".join(k.peft_type for k in KINDS.values() if k.on_conv1d)
+        raise AdapterInvalid(
+            name, f"{kind.peft_type} cannot target Conv1D layers such as {conv1d[0]} (neither can PEFT); {able} can"
+        )
     for module_name in sorted(by_module):
         tensors = {
             param: t.to(device=device, dtype=torch.float32 if t.is_floating_point() else t.dtype)
@@ -72,9 +91,14 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
         if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
             raise AdapterInvalid(name, f"{module_name}: weights contain NaN or infinity")
         try:
-            layer = kind.build(config, module_name, layout.linears[module_name], tensors, dtype)
+            if module_name in params:
+                layer = kind.build_parameters(config, module_name, params[module_name], tensors, dtype)
+            else:
+                layer = kind.build(config, module_name, layout.shape(module_name), tensors, dtype)
         except ValueError as exc:
             raise AdapterInvalid(name, f"does not fit the base model at {module_name}: {exc}") from exc
+        if layer is not None and not all(torch.isfinite(t).all() for t in layer.tensors()):
+            raise AdapterInvalid(name, f"{module_name}: weights overflow {str(dtype).removeprefix('torch.')}")
         if layer is not None:
             layers[module_name] = layer
     return BuiltAdapter(
@@ -93,6 +117,9 @@ def parse_config(name: str, raw: dict) -> tuple[Kind, PeftConfig]:
     peft_type = raw.get("peft_type")
     check_mixable(name, peft_type)
     kind = KINDS[peft_type]
+    problems = kind.raw_problems(raw)
+    if problems:
+        raise AdapterInvalid(name, "; ".join(problems))
     try:
         config = PeftConfig.from_peft_type(**raw)
     except Exception as exc:
@@ -103,7 +130,25 @@ def parse_config(name: str, raw: dict) -> tuple[Kind, PeftConfig]:
     return kind, config
 
 
-def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout) -> set[str]:
+def targeted_parameters(name: str, config: PeftConfig, layout: BaseLayout) -> dict[str, dict]:
+    """LoRA's target_parameters, as peft matches them: {module: {parameter: (shape, transposed)}}, each module's
+    parameters in the order peft nests its wrappers (registration order, the first innermost)."""
+    targets = sorted(set(getattr(config, "target_parameters", None) or ()))
+    found: dict[str, dict] = {}
+    for module_name, module in layout.modules.items():
+        for param_name, param in module.named_parameters(recurse=False):
+            key = f"{module_name}.{param_name}"
+            if key in targets or any(key.endswith(f".{t}") for t in targets):
+                if module_name in layout.linears:
+                    raise AdapterInvalid(name, f"target_parameters: {key} belongs to a Linear layer; target the layer")
+                transposed = bool(getattr(module, "is_transposed", False))
+                found.setdefault(module_name, {})[param_name] = (tuple(param.shape), transposed)
+    if targets and not found:
+        raise AdapterInvalid(name, f"target_parameters {targets} match no parameter of the base model")
+    return found
+
+
+def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout, has_parameters: bool = False) -> set[str]:
     """The modules peft would wrap for this config on the base model (a mixed model's rules)."""
     config = copy.copy(config)
     if config.target_modules is None:
@@ -112,16 +157,20 @@ def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout) -> set[s
             raise AdapterInvalid(name, f"target_modules is not set and peft has no default for {layout.model_type!r}")
         config.target_modules = set(defaults)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
-        found = set(layout.linears) - {layout.output_embedding}
-    else:
-        found = {m for m in layout.modules if m and check_target_module_exists(config, m)}
+        config.target_modules = set(layout.linears) - {layout.output_embedding}  # then the rules below, as in peft
+    found = {m for m in layout.modules if m and check_target_module_exists(config, m)}
+    routed = sorted(m for m in found if _ROUTED_EXPERT.search(m))
+    if routed:
+        raise AdapterInvalid(
+            name, f"targets {routed[0]}, a routed expert that sees only the tokens routed to it; not supported"
+        )
     not_linear = {m for m in found if m not in layout.linears}
     if not_linear:
         m = min(not_linear)
         raise AdapterInvalid(
-            name, f"targets {m} ({type(layout.modules[m]).__name__}); only Linear layers are supported"
+            name, f"targets {m} ({type(layout.modules[m]).__name__}); only Linear and Conv1D layers are supported"
         )
-    if not found:
+    if not found and not has_parameters:
         raise AdapterInvalid(name, f"target_modules {config.target_modules!r} match no layer of the base model")
     return found
 
@@ -134,6 +183,9 @@ def _group_tensors(name: str, kind: Kind, tensors: dict[str, torch.Tensor]) -> d
         if not key.startswith(SAVED_PREFIX) or param is None:
             raise AdapterInvalid(name, f"unexpected tensor {key!r} for a {kind.peft_type} adapter")
         module = key[len(SAVED_PREFIX) : -len(param) - 1]
+        while module.endswith(".base_layer"):  # peft's nested wrappers of several target_parameters of one module
+            module = module.removesuffix(".base_layer")
+            param = "base_layer." + param
         grouped.setdefault(module, {})[param] = tensor
     return grouped
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from server.adapters.kinds import LayerAdapter
+from server.adapters.kinds.lora import ParameterLora
 
 _plan_ids = itertools.count()
 
@@ -37,11 +39,11 @@ class BatchPlan:
         self.id = next(_plan_ids)
         self._cache: dict = {}
 
-    def mask(self, pattern: tuple[bool, ...], dtype: torch.dtype = torch.bool) -> torch.Tensor | None:
-        """[rows, 1, 1]: 1 where pattern holds; None when it holds for every row."""
+    def mask(self, pattern: tuple[bool, ...]) -> torch.Tensor | None:
+        """[rows, 1, 1]: True where pattern holds; None when it holds for every row."""
         if all(pattern):
             return None
-        return self.cached(("mask", pattern, dtype), lambda: torch.tensor(pattern, dtype=dtype)[:, None, None])
+        return self.cached(("mask", pattern), lambda: torch.tensor(pattern)[:, None, None])
 
     def indices(self, pattern: tuple[bool, ...]) -> torch.Tensor | None:
         """The rows where pattern holds; None when it holds for every row."""
@@ -74,16 +76,18 @@ class MixingContext:
 class _LayerPlan:
     """What one layer does for one BatchPlan. Row selections are None where every row takes part.
 
-    Rows are a mask [B, 1, 1] (bool, or 0/1 in the weight's dtype) or row indices (int64). In a decode pass a small
-    op costs more in overhead than in arithmetic: deltas and rotations run on the whole batch and are kept on their
-    rows by the mask (unused rows add exactly zero), and all low-rank adapters share two matmuls. In a prefill pass
+    Rows are a bool mask [B, 1, 1] or row indices (int64). In a decode pass a small op costs more in overhead than
+    in arithmetic: deltas and rotations run on the whole batch and are kept on their rows by selecting with the
+    mask (never by multiplying with 0/1: inf × 0 is NaN, and a row's output must not depend on its neighbours), and
+    all low-rank adapters share two matmuls. In a prefill pass
     (BatchPlan.gather) arithmetic dominates: each adapter runs on its own rows only. SHiRA, whose dense weight costs
     as much as the base layer, always runs on its rows only.
     """
 
     rotations: list[tuple[torch.Tensor | None, list[LayerAdapter]]]  # (rows, adapters in order)
     sparse: list[tuple[torch.Tensor | None, list[LayerAdapter]]]  # (row indices, adapters)
-    low_rank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # A_cat [R, in], B_cat [out, R], mask [B,1,R]
+    # A_cat [R, in], B_cat [out, R], scales [B, 1, R], and where they apply (bool [B, 1, R])
+    low_rank: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
     other: list[tuple[torch.Tensor | None, LayerAdapter]]  # (rows, adapter)
 
     @property
@@ -117,11 +121,11 @@ class MixedLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self.base.in_features if isinstance(self.base, nn.Linear) else self.base.nx  # GPT-2's Conv1D
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self.base.out_features if isinstance(self.base, nn.Linear) else self.base.nf
 
     def attach(self, slot: int, adapter: LayerAdapter) -> None:
         self.adapters[slot] = adapter
@@ -133,14 +137,21 @@ class MixedLinear(nn.Module):
         self._stacks.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [rows, tokens, in]
         plan = self.context.plan
         if plan is None:
             return self.base(x)
         layer = self._layer_plan(plan)
         if layer.empty:
             return self.base(x)
+        if x.dim() == 3:  # [rows, tokens, in]
+            return self._mixed(x, layer)
+        # Layers that see the batch flattened, [rows * tokens, in] (shared experts, OPT's MLP): row by row again
+        rows = len(plan.combos)
+        if x.dim() != 2 or x.shape[0] % rows:
+            raise RuntimeError(f"an adapter layer got input {tuple(x.shape)}, which is not {rows} rows of tokens")
+        return self._mixed(x.view(rows, -1, x.shape[-1]), layer).flatten(0, 1)
 
+    def _mixed(self, x: torch.Tensor, layer: _LayerPlan) -> torch.Tensor:
         x_in = x  # what the base weight sees: rotated on rows with OFT adapters
         for rows, rotations in layer.rotations:
             rotated = x if rows is None or rows.dtype == torch.bool else x.index_select(0, rows)
@@ -156,15 +167,15 @@ class MixedLinear(nn.Module):
 
         y = self._base_output(x_in, layer.sparse)
         if layer.low_rank is not None:
-            a_cat, b_cat, mask = layer.low_rank
-            y += F.linear(F.linear(x, a_cat) * mask, b_cat)
+            a_cat, b_cat, scales, own = layer.low_rank
+            y += F.linear(torch.where(own, F.linear(x, a_cat) * scales, 0), b_cat)
         for rows, adapter in layer.other:
             if rows is None:
                 y += adapter.delta(x)
             elif rows.dtype == torch.long:
                 y.index_add_(0, rows, adapter.delta(x.index_select(0, rows)))
             else:
-                y.addcmul_(adapter.delta(x), rows)
+                y += torch.where(rows, adapter.delta(x), 0)
         return y
 
     def _base_output(self, x_in: torch.Tensor, sparse: list) -> torch.Tensor:
@@ -204,10 +215,9 @@ class MixedLinear(nn.Module):
         used = list(dict.fromkeys(s for slots in rows for s in slots))  # first-use order
         additive = [s for s in used if not (a := self.adapters[s]).rotates_input and not a.adds_to_weight]
         fused = () if plan.gather else tuple(s for s in additive if self.adapters[s].low_rank is not None)
-        dtype = self.base.weight.dtype
 
         def select(pattern: tuple[bool, ...]) -> torch.Tensor | None:
-            return plan.indices(pattern) if plan.gather else plan.mask(pattern, dtype)
+            return plan.indices(pattern) if plan.gather else plan.mask(pattern)
 
         return _LayerPlan(
             rotations=groups(lambda a: a.rotates_input, plan.indices if plan.gather else plan.mask),
@@ -217,8 +227,8 @@ class MixedLinear(nn.Module):
         )
 
     def _low_rank(self, plan: BatchPlan, rows: list[tuple[int, ...]], slots: tuple[int, ...]):
-        """Every low-rank adapter of the batch side by side, A_cat [R, in] and B_cat [out, R], and a mask
-        [rows, 1, R] holding each row's scale on the ranks of its own adapters, zero elsewhere."""
+        """Every low-rank adapter of the batch side by side, A_cat [R, in] and B_cat [out, R], a mask [rows, 1, R]
+        holding each row's scale on the ranks of its own adapters, and where that is (True on its own ranks)."""
         if slots not in self._stacks:
             parts = [self.adapters[s].low_rank for s in slots]
             self._stacks[slots] = (torch.cat([a for a, _, _ in parts]), torch.cat([b for _, b, _ in parts], dim=1))
@@ -227,14 +237,100 @@ class MixedLinear(nn.Module):
         a_cat, b_cat = self._stacks[slots]
         spans = tuple((s, self.adapters[s].low_rank[0].shape[0], self.adapters[s].low_rank[2]) for s in slots)
 
-        def build() -> torch.Tensor:
-            mask = torch.zeros(len(rows), 1, a_cat.shape[0], dtype=a_cat.dtype)
+        def build(dtype: torch.dtype, fill) -> torch.Tensor:
+            """[rows, 1, R]: fill(scale) on the ranks of each row's own adapters, zero elsewhere."""
+            mask = torch.zeros(len(rows), 1, a_cat.shape[0], dtype=dtype)
             start = 0
             for slot, width, scale in spans:
                 for row, row_slots in enumerate(rows):
                     if slot in row_slots:
-                        mask[row, 0, start : start + width] = scale
+                        mask[row, 0, start : start + width] = fill(scale)
                 start += width
             return mask
 
-        return a_cat, b_cat, plan.cached(("low_rank", spans, tuple(rows)), build)
+        key = (spans, tuple(rows))
+        scales = plan.cached(("low_rank", key), lambda: build(a_cat.dtype, lambda scale: scale))
+        own = plan.cached(("low_rank_own", key), lambda: build(torch.bool, lambda scale: True))
+        return a_cat, b_cat, scales, own
+
+
+class MixedParameters(nn.Module):
+    """A module whose parameters adapters patch (LoRA's target_parameters, e.g. MoE expert stacks and routers):
+    each group of rows with the same adapters runs the module once, with its parameters patched for that group.
+
+    Its inputs and outputs are the batch's tokens, [rows, ...] or flattened [rows * tokens, ...].
+    """
+
+    def __init__(self, base: nn.Module, context: MixingContext):
+        super().__init__()
+        self.base = base
+        self.context = context
+        self.adapters: dict[int, ParameterLora] = {}
+        self._groups: OrderedDict[int, list] = OrderedDict()  # by BatchPlan.id: [(row indices or None, adapters)]
+
+    def attach(self, slot: int, adapter: ParameterLora) -> None:
+        self.adapters[slot] = adapter
+        self._groups.clear()
+
+    def detach(self, slot: int) -> None:
+        del self.adapters[slot]
+        self._groups.clear()
+
+    def forward(self, *args, **kwargs):
+        plan = self.context.plan
+        if plan is None:
+            return self.base(*args, **kwargs)
+        groups = self._groups.get(plan.id)
+        if groups is None:
+            groups = self._groups[plan.id] = self._build_groups(plan)
+            while len(self._groups) > MixedLinear.PLANS_KEPT:
+                self._groups.popitem(last=False)
+        if len(groups) == 1:
+            return self._run(groups[0][1], args, kwargs)
+        rows = len(plan.combos)
+        parts = [(rows_, self._run(adapters, *_select((args, kwargs), rows_, rows))) for rows_, adapters in groups]
+        return _gather(parts, rows)
+
+    def _build_groups(self, plan: BatchPlan) -> list:
+        chosen = [tuple(s for s in combo if s in self.adapters) for combo in plan.combos]
+        return [
+            (plan.indices(tuple(c == sequence for c in chosen)), [self.adapters[s] for s in sequence])
+            for sequence in dict.fromkeys(chosen)
+        ]
+
+    def _run(self, adapters: list[ParameterLora], args, kwargs):
+        if not adapters:
+            return self.base(*args, **kwargs)
+        names = {name for adapter in adapters for name, *_ in adapter.deltas}
+        patched = {name: ParameterLora.patched(getattr(self.base, name), name, adapters) for name in names}
+        return torch.func.functional_call(self.base, patched, args, kwargs)
+
+
+def _select(tree, indices: torch.Tensor, rows: int):
+    """The tensors of tree (nested tuples and dicts) restricted to the rows at indices."""
+    if isinstance(tree, torch.Tensor):
+        return tree.unflatten(0, (rows, -1)).index_select(0, indices).flatten(0, 1)
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_select(t, indices, rows) for t in tree)
+    if isinstance(tree, dict):
+        return {k: _select(v, indices, rows) for k, v in tree.items()}
+    return tree
+
+
+def _gather(parts: list, rows: int):
+    """One output for the whole batch from each group's output (tensors, or tuples of them)."""
+    first = parts[0][1]
+    if isinstance(first, tuple):
+        return tuple(_gather([(i, out[k]) for i, out in parts], rows) for k in range(len(first)))
+    if not isinstance(first, torch.Tensor):
+        return first
+    per_row = first.shape[0] // len(parts[0][0])
+    out = first.new_empty((rows * per_row, *first.shape[1:])).unflatten(0, (rows, per_row))
+    for indices, part in parts:
+        out.index_copy_(0, indices, part.unflatten(0, (len(indices), per_row)))
+    return out.flatten(0, 1)
+
+
+def mixed_layer(module: nn.Module, context: MixingContext) -> MixedLinear | MixedParameters:
+    """The wrapper that serves adapters on module: on its input and output (Linear, Conv1D), or on its parameters."""
+    return MixedLinear(module, context) if isinstance(module, (nn.Linear, Conv1D)) else MixedParameters(module, context)

@@ -29,7 +29,7 @@ from torch import nn
 
 from server.adapters.build import BaseLayout, BuiltAdapter, build_adapter, check_mixable
 from server.adapters.kinds import CANONICAL_ORDER
-from server.adapters.mixing import MixedLinear, MixingContext
+from server.adapters.mixing import MixedLinear, MixedParameters, MixingContext, mixed_layer
 from server.adapters.store import AdapterStore
 from server.errors import AdapterBusy, AdapterLoadFailed, AdapterOutOfMemory, MixserveError, ValidationError
 
@@ -105,7 +105,7 @@ class AdapterRegistry:
         self.retry_seconds = retry_seconds
         self.context = MixingContext()
         self._layout = BaseLayout(model)
-        self._wrappers: dict[str, MixedLinear] = {}
+        self._wrappers: dict[str, MixedLinear | MixedParameters] = {}
         self._entries: dict[str, _Entry] = {}
         self._host: OrderedDict[str, LoadedAdapter] = OrderedDict()  # evicted, kept in host memory; LRU first
         self._slots = itertools.count()
@@ -341,7 +341,7 @@ class AdapterRegistry:
             if entry.loading == signature:
                 entry.loading = None
         if isinstance(outcome, MixserveError):
-            error = AdapterLoadFailed(outcome.message)
+            error = outcome  # 422 for an adapter that cannot be served as it is, 424 for a load that failed
             with self._lock:
                 entry.failure = _Failure(signature, time.monotonic(), error)
             self.on_load(None, "error")
@@ -453,10 +453,10 @@ class AdapterRegistry:
         with self._lock:
             adapter.resident = False
 
-    def _wrapper(self, module_name: str) -> MixedLinear:
+    def _wrapper(self, module_name: str) -> MixedLinear | MixedParameters:
         """Wrapped on first use and kept: without adapters a wrapper costs one lookup per pass."""
         if module_name not in self._wrappers:
-            wrapper = MixedLinear(self._layout.linears[module_name], self.context)
+            wrapper = mixed_layer(self._layout.modules[module_name], self.context)
             parent_name, _, child = module_name.rpartition(".")
             setattr(self._layout.modules[parent_name], child, wrapper)
             self._wrappers[module_name] = wrapper

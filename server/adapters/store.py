@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from server.errors import AdapterInvalid, AdapterNotFound, ValidationError
+from server.errors import AdapterInvalid, AdapterLoadFailed, AdapterNotFound, ValidationError
 
 SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 MAX_DEPTH = 4
@@ -113,11 +113,11 @@ class AdapterStore:
                 tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as exc:
             reason = str(exc).replace(str(weights_path), weights_path.name).replace(str(self.root), "<store>")
-            raise AdapterInvalid(name, f"cannot read {weights_path.name}: {reason}") from exc
+            raise AdapterLoadFailed(f"adapter {name!r}: cannot read {weights_path.name}: {reason}") from exc
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-            raise AdapterInvalid(name, f"{weights_path.name} is not a mapping of names to tensors")
+            raise AdapterLoadFailed(f"adapter {name!r}: {weights_path.name} is not a mapping of names to tensors")
         if self.signature(name) != before:
-            raise AdapterInvalid(name, "its files changed while being read (being written?); retried later")
+            raise AdapterLoadFailed(f"adapter {name!r}: its files changed while being read (being written?); retried")
         version = hashlib.sha256(config_bytes + weights_bytes).hexdigest()[:16]
         return AdapterFiles(name=name, config=config, tensors=tensors, version=version, signature=before)
 

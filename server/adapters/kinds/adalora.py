@@ -16,6 +16,7 @@ class AdaLoraLayer(LayerAdapter):
 
 class AdaLoraKind(Kind):
     peft_type = "ADALORA"
+    on_conv1d = True
     param_names = ("lora_A", "lora_B", "lora_E")
 
     def rank(self, config) -> int | None:
@@ -33,12 +34,12 @@ class AdaLoraKind(Kind):
             ranks[module] = int(sum(bool(m) for m in mask))
         return ranks
 
-    def build(self, config, module_name, linear, tensors, dtype):
+    def build(self, config, module_name, shape, tensors, dtype):
         r = self.module_ranks(config).get(module_name, config.init_r)
         expect_params(tensors, set(self.param_names))
-        a = expect_shape(tensors, "lora_A", (r, linear.in_features))
+        a = expect_shape(tensors, "lora_A", (r, shape.in_features))
         e = expect_shape(tensors, "lora_E", (r, 1))
-        b = expect_shape(tensors, "lora_B", (linear.out_features, r))
+        b = expect_shape(tensors, "lora_B", (shape.out_features, r))
         if r == 0:
             return None
         # peft resizes pruned modules but keeps ranknum at init_r; its scaling falls back to the rank without alpha

@@ -9,10 +9,15 @@ import torch
 import torch.nn.functional as F
 from peft import PeftConfig
 from peft.utils.other import get_pattern_key
-from torch import nn
 
 # Options that put adapter weights outside the Linear layers this server wraps.
-_UNSUPPORTED_OPTIONS = ("modules_to_save", "trainable_token_indices", "target_parameters", "layer_replication")
+_UNSUPPORTED_OPTIONS = ("modules_to_save", "trainable_token_indices", "layer_replication")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    in_features: int
+    out_features: int
 
 
 class LayerAdapter:
@@ -57,7 +62,12 @@ class LayerAdapter:
         return copy
 
     def tensors(self) -> list[torch.Tensor]:
-        return [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+        def flat(value) -> list[torch.Tensor]:
+            if isinstance(value, torch.Tensor):
+                return [value]
+            return [t for v in value for t in flat(v)] if isinstance(value, tuple) else []
+
+        return flat(tuple(vars(self).values()))
 
     @property
     def nbytes(self) -> int:
@@ -70,6 +80,12 @@ class Kind:
     peft_type: str
     # Suffixes of the state-dict keys that hold this type's weights, after the module path.
     param_names: tuple[str, ...]
+    # Whether PEFT can build this type on GPT-2-style Conv1D layers (the same math as on Linear layers).
+    on_conv1d = False
+
+    def raw_problems(self, raw: dict) -> list[str]:
+        """What in the saved config the server cannot serve, found before PEFT parses it; empty if nothing."""
+        return []
 
     def problems(self, config: PeftConfig) -> list[str]:
         """What in this config the server cannot serve exactly; empty if nothing."""
@@ -83,9 +99,9 @@ class Kind:
         return found
 
     def build(
-        self, config: PeftConfig, module_name: str, linear: nn.Linear, tensors: dict[str, torch.Tensor], dtype
+        self, config: PeftConfig, module_name: str, shape: LayerShape, tensors: dict[str, torch.Tensor], dtype
     ) -> LayerAdapter | None:
-        """This adapter on one layer; None where its weights have no effect (rank 0).
+        """This adapter on one layer of the given shape; None where its weights have no effect (rank 0).
 
         `tensors` hold this module's weights in float32 on the model's device, keyed by param name.
         Raises ValueError with the reason when they do not fit the layer.

@@ -30,11 +30,11 @@ class LoHaKind(Kind):
     peft_type = "LOHA"
     param_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
-    def build(self, config, module_name, linear, tensors, dtype):
+    def build(self, config, module_name, shape, tensors, dtype):
         r = pattern_value(config.rank_pattern, module_name, config.r)
         alpha = pattern_value(config.alpha_pattern, module_name, config.alpha)
         expect_params(tensors, {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"})
-        out_f, in_f = linear.out_features, linear.in_features
+        out_f, in_f = shape.out_features, shape.in_features
         w1a = expect_shape(tensors, "hada_w1_a", (out_f, r))
         w1b = expect_shape(tensors, "hada_w1_b", (r, in_f))
         w2a = expect_shape(tensors, "hada_w2_a", (out_f, r))

@@ -26,12 +26,12 @@ class LoKrKind(Kind):
     peft_type = "LOKR"
     param_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
-    def build(self, config, module_name, linear, tensors, dtype):
+    def build(self, config, module_name, shape, tensors, dtype):
         r = pattern_value(config.rank_pattern, module_name, config.r)
         alpha = pattern_value(config.alpha_pattern, module_name, config.alpha)
         # the shapes peft's lokr.Linear gives this layer
-        out_l, out_k = factorization(linear.out_features, config.decompose_factor)
-        in_m, in_n = factorization(linear.in_features, config.decompose_factor)
+        out_l, out_k = factorization(shape.out_features, config.decompose_factor)
+        in_m, in_n = factorization(shape.in_features, config.decompose_factor)
         full_w1 = not (config.decompose_both and r < max(out_l, in_m) / 2)
         full_w2 = not (r < max(out_k, in_n) / 2)
         expect_params(

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 
 from .base import Kind, LayerAdapter, config_fields, expect_params, expect_shape, pattern_value
 
+# PEFT re-runs these initialisations on load, and each subtracts its initial adapter from the base layer's weight.
+_INITS_THAT_REWRITE_THE_BASE = ("olora", "pissa", "corda", "loftq", "lora_ga")
+
 
 class LoraLayer(LayerAdapter):
     def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scaling: float):
@@ -24,8 +27,30 @@ class LoraLayer(LayerAdapter):
         return F.linear(F.linear(x, self.a), self.b, self.bias) * self.scaling
 
 
+class ParameterLora(LayerAdapter):
+    """LoRA on parameters of a module that is not a Linear layer (PEFT's `target_parameters`, e.g. the 3D expert
+    stacks of MoE models): the module runs with W + delta(W) for each targeted parameter W."""
+
+    def __init__(self, deltas: tuple[tuple[str, torch.Tensor, torch.Tensor, float], ...]):
+        # (parameter name, lhs, rhs, scaling): delta = lhs @ rhs * scaling, batched over experts for 3D parameters
+        self.deltas = deltas
+
+    @staticmethod
+    def patched(weight: torch.Tensor, name: str, adapters: list[ParameterLora]) -> torch.Tensor:
+        """weight with the adapters' deltas, computed as peft's ParamWrapper does: one adapter on an expert stack
+        folds in with one baddbmm; otherwise the deltas are summed, then added."""
+        found = [d for a in adapters for d in a.deltas if d[0] == name]
+        if not found:
+            return weight
+        if len(found) == 1 and weight.dim() == 3:
+            _, lhs, rhs, scaling = found[0]
+            return torch.baddbmm(weight, lhs, rhs, alpha=scaling)
+        return weight + sum((lhs @ rhs) * scaling for _, lhs, rhs, scaling in found)
+
+
 class LoraKind(Kind):
     peft_type = "LORA"
+    on_conv1d = True
     param_names = ("lora_A.weight", "lora_B.weight", "lora_B.bias")
 
     def problems(self, config) -> list[str]:
@@ -39,13 +64,54 @@ class LoraKind(Kind):
             found.append(f"LoRA variants are not supported: {', '.join(variants)}")
         return found
 
-    def build(self, config, module_name, linear, tensors, dtype):
+    def raw_problems(self, raw: dict) -> list[str]:
+        init = raw.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(_INITS_THAT_REWRITE_THE_BASE):
+            return [
+                f"init_lora_weights={init!r} changes the base model's weights when PEFT loads it; convert the adapter"
+                " to a plain LoRA with PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+            ]
+        return []
+
+    def build(self, config, module_name, shape, tensors, dtype):
         r = pattern_value(config.rank_pattern, module_name, config.r)
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         bias_name = {"lora_B.bias"} if config.lora_bias else set()
         expect_params(tensors, {"lora_A.weight", "lora_B.weight"} | bias_name)
-        a = expect_shape(tensors, "lora_A.weight", (r, linear.in_features))
-        b = expect_shape(tensors, "lora_B.weight", (linear.out_features, r))
-        bias = expect_shape(tensors, "lora_B.bias", (linear.out_features,)) if bias_name else None
-        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        a = expect_shape(tensors, "lora_A.weight", (r, shape.in_features))
+        b = expect_shape(tensors, "lora_B.weight", (shape.out_features, r))
+        bias = expect_shape(tensors, "lora_B.bias", (shape.out_features,)) if bias_name else None
+        scaling = _scaling(config, r, alpha)
         return LoraLayer(a.to(dtype), b.to(dtype), None if bias is None else bias.to(dtype), scaling)
+
+    def build_parameters(self, config, module_name, params, tensors, dtype) -> ParameterLora:
+        """LoRA on `params` ({name: (shape, transposed)}, in the order peft nests its wrappers: the first innermost)
+        of one module; `tensors` are keyed `lora_A.weight` for the outermost, `base_layer.lora_A.weight` inside it."""
+        if config.lora_bias or config.use_dora:
+            raise ValueError("target_parameters works without lora_bias and use_dora (in peft too)")
+        deltas, depth, expected = [], len(params), set()
+        for name, (shape, transposed) in params.items():
+            depth -= 1
+            prefix = "base_layer." * depth
+            expected |= {prefix + "lora_A.weight", prefix + "lora_B.weight"}
+            key = f"{module_name}.{name}"
+            r = pattern_value(config.rank_pattern, key, config.r)
+            alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+            experts, out_f, in_f = (1, *shape) if len(shape) == 2 else shape
+            if len(shape) == 3 and transposed:
+                in_f, out_f = out_f, in_f
+            a = expect_shape(tensors, prefix + "lora_A.weight", (r * experts, in_f)).to(dtype)
+            b = expect_shape(tensors, prefix + "lora_B.weight", (out_f, r * experts)).to(dtype)
+            if len(shape) == 2:
+                lhs, rhs = b, a
+            else:
+                a = a.reshape(experts, r, in_f)  # the same reshapes as peft's ParamWrapper.get_delta_factors
+                b = b.reshape(out_f, r, experts).permute(2, 0, 1)
+                lhs, rhs = (a.transpose(-2, -1), b.transpose(-2, -1)) if transposed else (b, a)
+            deltas.append((name, lhs.contiguous(), rhs.contiguous(), _scaling(config, r, alpha)))
+        expect_params(tensors, expected)
+        return ParameterLora(tuple(deltas))
+
+
+def _scaling(config, r: int, alpha: float) -> float:
+    return alpha / math.sqrt(r) if config.use_rslora else alpha / r

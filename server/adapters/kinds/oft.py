@@ -28,8 +28,8 @@ class OFTKind(Kind):
     def rank(self, config) -> int | None:
         return config.r or None
 
-    def build(self, config, module_name, linear, tensors, dtype):
-        in_f = linear.in_features
+    def build(self, config, module_name, shape, tensors, dtype):
+        in_f = shape.in_features
         # peft's OFTLayer.update_layer: exactly one of r and oft_block_size is given, the other follows
         if config.r == 0 and config.oft_block_size != 0:
             size = config.oft_block_size
