@@ -6,36 +6,34 @@ prompts) into the next slots; a decode pass feeds every running sequence its las
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
+from types import SimpleNamespace
 
 import torch
 from transformers import PreTrainedModel
 
 from server.adapters.mixing import BatchPlan, MixingContext
+from server.engine.attention import MaskLayout, UnsupportedModel
 from server.engine.kv_cache import SlotCache
 from server.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, context: MixingContext):
-        config = model.config
-        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-            raise RuntimeError(f"{config.model_type}: sliding-window attention layers are not supported yet")
         self.model = model
         self.context = context
         self.device = model.device
         self.dtype = model.dtype
-        heads = config.num_attention_heads
-        self.cache = SlotCache(
-            num_layers=config.num_hidden_layers,
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-            dtype=self.dtype,
-            device=self.device,
-        )
+        self.layout = MaskLayout.of(model.config)
+        self.cache = SlotCache()
+        config = model.config
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.rows: list[Sequence] = []
         self._plans: OrderedDict[tuple, BatchPlan] = OrderedDict()
+        self.self_check()
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -45,15 +43,12 @@ class ModelRunner:
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         for row, seq in enumerate(seqs):
             ids[row, : lengths[row]] = torch.tensor(seq.request.prompt_ids)
-        positions = torch.arange(width, device=self.device).expand(len(seqs), width)
-        # causal is enough: a real token never sees the padding after it; padded rows' outputs are discarded
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        positions = torch.arange(width, device=self.device)[None]
         last = torch.tensor(lengths, device=self.device) - 1
         keep, row_of = torch.unique(last, return_inverse=True)
-        self.cache.reserve(first + len(seqs), width)
-        self.cache.begin(first, None, width)
-        mask = self._additive(causal).expand(len(seqs), 1, width, width)
-        logits = self._forward(seqs, ids, mask, positions, keep, gather=True)
+        self.cache.begin(first, len(seqs), None, width, width)
+        mask = self.layout.masks(positions, len(seqs), width, self.dtype)
+        logits = self._forward(seqs, ids, mask, positions.expand(len(seqs), width), keep, gather=True)
         self.rows.extend(seqs)
         return logits[torch.arange(len(seqs), device=self.device), row_of]
 
@@ -63,11 +58,11 @@ class ModelRunner:
         positions = torch.tensor([s.num_tokens - 1 for s in self.rows], device=self.device)
         length = int(positions.max()) + 1
         ids = torch.tensor([[s.tokens[-1]] for s in self.rows])
-        visible = torch.arange(length, device=self.device)[None, :] <= positions[:, None]  # [rows, length]
-        self.cache.reserve(len(self.rows), length)
-        self.cache.begin(0, positions, length)
-        return self._forward(self.rows, ids, self._additive(visible)[:, None, None, :], positions[:, None], 1)[:, -1]
+        self.cache.begin(0, len(self.rows), positions, length, 1)
+        mask = self.layout.masks(positions[:, None], len(self.rows), length, self.dtype)
+        return self._forward(self.rows, ids, mask, positions[:, None], 1)[:, -1]
 
+    @torch.inference_mode()
     def release(self, seq: Sequence) -> None:
         """Frees seq's slot; the last row moves into it so that the rows stay contiguous."""
         row, last = self.rows.index(seq), len(self.rows) - 1
@@ -83,6 +78,43 @@ class ModelRunner:
         with self.context.use(self._plan(tuple(combos), gather=True)):
             return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
 
+    @torch.inference_mode()
+    def self_check(self, decode_steps: int = 3) -> None:
+        """Refuses a model that the engine would serve differently from its own forward: two prompts of different
+        lengths (longer than its window, where that is short) prefilled together and decoded, step by step."""
+        window = self.layout.longest_window
+        length = window + 4 if window and window <= 60 else 12
+        vocab = self.model.config.vocab_size
+        probes = [PromptSequence([(7 * i + 11 + n) % vocab for i in range(n)]) for n in (length, length - 3)]
+        worst = 0.0
+        logits = self.prefill(probes)
+        try:
+            for step in range(decode_steps + 1):
+                for probe, row in zip(probes, logits):
+                    ids = torch.tensor([probe.request.prompt_ids + probe.tokens], device=self.device)
+                    expected = self.model(input_ids=ids, use_cache=False).logits[0, -1]
+                    scale = float(expected.abs().max()) + 1.0
+                    worst = max(worst, float((row - expected).abs().max()) / scale)
+                    probe.tokens.append(int(expected.argmax()))
+                if step < decode_steps:
+                    logits = self.decode()
+        finally:
+            for probe in probes:
+                self.release(probe)
+        tolerance = 1e-4 if self.dtype == torch.float32 else 5e-2
+        if not worst <= tolerance:
+            raise UnsupportedModel(
+                f"{self.model.config.model_type}: the engine's batched prefill and decode disagree with the model's"
+                f" own forward (relative difference {worst:.2g}, tolerance {tolerance:g}); this model's attention"
+                " layout is not supported"
+            )
+        log.info(
+            "self-check passed: %d-token prompts, %d decode steps, worst relative difference %.2g",
+            length,
+            decode_steps,
+            worst,
+        )
+
     def _forward(self, seqs, ids, mask, positions, keep, gather: bool = False) -> torch.Tensor:
         with self.context.use(self._plan(tuple(s.slots for s in seqs), gather)):
             out = self.model(
@@ -95,10 +127,6 @@ class ModelRunner:
             )
         return out.logits
 
-    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
-        zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        return torch.where(visible, zero, torch.finfo(self.dtype).min)
-
     def _plan(self, combos: tuple[tuple[int, ...], ...], gather: bool = False) -> BatchPlan:
         """The same plan object while the batch keeps its composition, so that layers reuse their preparation."""
         key = (combos, gather)
@@ -107,3 +135,16 @@ class ModelRunner:
         while len(self._plans) > 8:
             self._plans.popitem(last=False)
         return plan
+
+
+class PromptSequence:
+    """What the runner reads of a Sequence, without a request around it (the self-check's, and tests')."""
+
+    def __init__(self, prompt_ids: list[int], slots: tuple[int, ...] = ()):
+        self.request = SimpleNamespace(prompt_ids=prompt_ids)
+        self.slots = slots
+        self.tokens: list[int] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.tokens)
