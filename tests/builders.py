@@ -92,8 +92,9 @@ VARIANTS = {
         0.2,
     ),
     "loha.dense": (LoHaConfig(r=6, alpha=4, target_modules=ATTN, init_weights=False), 1.0),
+    # factor 8: w1 is 8x8 and r=2 is below 8/2, so peft stores both Kronecker factors decomposed
     "lokr.decomposed": (
-        LoKrConfig(r=2, alpha=4, decompose_both=True, decompose_factor=4, target_modules=MLP, init_weights=False),
+        LoKrConfig(r=2, alpha=4, decompose_both=True, decompose_factor=8, target_modules=MLP, init_weights=False),
         0.5,
     ),
     "oft.shared-coft": (

@@ -34,12 +34,13 @@ class World:
         values = {"model": str(self.model_dir), "adapters_dir": self.store, "device": "cpu", "dtype": "float32"}
         return Settings(**{**values, **overrides})
 
-    def runner(self) -> tuple[ModelRunner, AdapterRegistry, object]:
+    def runner(self, dtype=None) -> tuple[ModelRunner, AdapterRegistry, object]:
         """A private model with its registry, driven from the calling thread (no engine thread)."""
         import torch
 
-        model = load_model(self.model_dir, torch.device("cpu"), torch.float32)
-        registry = AdapterRegistry(model, AdapterStore(self.store), torch.device("cpu"), torch.float32)
+        dtype = dtype or torch.float32
+        model = load_model(self.model_dir, torch.device("cpu"), dtype)
+        registry = AdapterRegistry(model, AdapterStore(self.store), torch.device("cpu"), dtype)
         return ModelRunner(model, registry.context), registry, load_tokenizer(self.model_dir)
 
 

@@ -24,9 +24,10 @@ def canonical(store: Path, names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: CANONICAL.index(peft_type(store, n)))
 
 
-def reference_model(model_dir: Path, store: Path, names: list[str]):
-    """PeftMixedModel (or the plain base for no adapters) with `names` active, loaded in canonical order."""
-    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+def reference_model(model_dir: Path, store: Path, names: list[str], dtype: torch.dtype = torch.float32):
+    """PeftMixedModel (or the plain base for no adapters) with `names` active, loaded in canonical order, on the base
+    in dtype (with PEFT's defaults: adapter weights stay in float32)."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if not names:
         return base
     mixed = None
@@ -45,6 +46,8 @@ def reference_model(model_dir: Path, store: Path, names: list[str]):
             _resize_adalora(mixed, internal, config, pattern)
         result = set_peft_model_state_dict(mixed, load_file(store / name / "adapter_model.safetensors"), internal)
         assert not result.unexpected_keys, result.unexpected_keys
+        missing = [k for k in result.missing_keys if internal in k.split(".") and ".ranknum." not in k]
+        assert not missing, missing  # else random weights would stay in the oracle (AdaLoRA's ranknum is not saved)
     mixed.set_adapter([f"a{i}" for i in range(len(ordered))])
     return mixed.eval()
 
@@ -64,8 +67,10 @@ def _resize_adalora(mixed, internal: str, config, pattern: dict) -> None:
 
 
 @torch.no_grad()
-def reference_logits(model_dir: Path, store: Path, names: list[str], ids: list[int]) -> torch.Tensor:
-    return reference_model(model_dir, store, names)(torch.tensor([ids])).logits[0]
+def reference_logits(
+    model_dir: Path, store: Path, names: list[str], ids: list[int], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    return reference_model(model_dir, store, names, dtype)(torch.tensor([ids])).logits[0]
 
 
 @torch.no_grad()

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server.adapters.mixing import MixedLinear
 from server.engine.model import encode_prompt
+from server.engine.runner import PromptSequence
 from tests.reference import reference_logits
+from tests.test_precision import TOLERANCE
 
 COMBINATION = ["lokr", "lora", "oft", "shira", "loha"]
 PROMPT = "Load order must not matter."
+DECODE_STEPS = 4
 
 
 def _logits(runner, registry, ids, names):
@@ -17,15 +21,30 @@ def _logits(runner, registry, ids, names):
     return runner.score(torch.tensor([ids]), [tuple(a.slot for a in adapters)])[0]
 
 
-def test_three_load_histories_give_identical_outputs(llama):
+def _decoded(runner, registry, ids, names) -> torch.Tensor:
+    """Logits of the prefill and of DECODE_STEPS decode passes (feeding back the argmax), beside a base row."""
+    slots = tuple(a.slot for a in registry.load_blocking(names))
+    rows = [PromptSequence(ids, slots), PromptSequence(ids[:-3])]
+    steps = [runner.prefill(rows)]
+    for _ in range(DECODE_STEPS):
+        for row, logits in zip(rows, steps[-1]):
+            row.tokens.append(int(logits.argmax()))
+        steps.append(runner.decode())
+    for row in rows:
+        runner.release(row)
+    return torch.stack([step[0] for step in steps]), rows[0].tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_three_load_histories_give_identical_outputs(llama, dtype):
     histories = [
         list(COMBINATION),
         ["adalora", "shira", "loha", "oft.by-rank", "oft", "lora", "lokr"],
         ["oft", "lora.rs-bias", "lokr"],  # then: unload and reload, see below
     ]
-    outputs = []
+    outputs, decoded = [], []
     for i, history in enumerate(histories):
-        runner, registry, tokenizer = llama.runner()
+        runner, registry, tokenizer = llama.runner(dtype)
         ids = encode_prompt(tokenizer, PROMPT)
         for name in history:
             registry.load_blocking([name])
@@ -36,10 +55,19 @@ def test_three_load_histories_give_identical_outputs(llama):
                 registry.load_blocking([name])
             registry.unload("lora.rs-bias", set())
         outputs.append(_logits(runner, registry, ids, COMBINATION))
-    assert torch.equal(outputs[0], outputs[1])
-    assert torch.equal(outputs[0], outputs[2])
-    expected = reference_logits(llama.model_dir, llama.store, COMBINATION, ids)
-    torch.testing.assert_close(outputs[0], expected, atol=1e-5, rtol=0)
+        decoded.append(_decoded(runner, registry, ids, COMBINATION))
+    for output, (steps, tokens) in zip(outputs[1:], decoded[1:]):
+        assert torch.equal(outputs[0], output)
+        assert torch.equal(decoded[0][0], steps) and decoded[0][1] == tokens
+    steps, tokens = decoded[0]
+    expected = reference_logits(llama.model_dir, llama.store, COMBINATION, ids + tokens, dtype)
+    atol = 1e-5 if dtype == torch.float32 else TOLERANCE[dtype]
+    torch.testing.assert_close(
+        outputs[0].float().log_softmax(-1), expected[: len(ids)].float().log_softmax(-1), atol=atol, rtol=0
+    )
+    torch.testing.assert_close(
+        steps.float().log_softmax(-1), expected[len(ids) - 1 :].float().log_softmax(-1), atol=atol, rtol=0
+    )
 
 
 def test_unloading_everything_restores_the_base_model(llama):

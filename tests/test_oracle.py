@@ -8,13 +8,19 @@ from itertools import combinations
 import pytest
 import torch
 from peft.tuners.mixed import COMPATIBLE_TUNER_TYPES
+from safetensors.torch import load_file
 
 from server.adapters.kinds import CANONICAL_ORDER
-from server.engine.model import encode_prompt
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import AdapterStore
+from server.config import DEMO_MODEL_DIR
+from server.engine.model import encode_prompt, load_model, load_tokenizer
+from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
 from server.state import ServerState
 from tests.builders import ADALORA_PRUNED, ADAPTERS, VARIANTS
+from tests.conftest import REPO
 from tests.reference import CANONICAL, canonical, reference_greedy, reference_logits
 
 TYPES = list(ADAPTERS)  # one adapter per type, named after it
@@ -71,3 +77,28 @@ def test_greedy_tokens_equal_reference(engine_world, names):
     expected = reference_greedy(world.model_dir, world.store, names, ids, 12)
     assert seq.tokens == expected[: len(seq.tokens)]
     assert len(seq.tokens) == 12 or seq.finish_reason == "eos_token"
+
+
+def test_decomposed_lokr_really_decomposes_both_factors(llama):
+    keys = load_file(llama.store / "lokr.decomposed" / "adapter_model.safetensors")
+    assert any(k.endswith("lokr_w1_a") for k in keys) and not any(k.endswith("lokr_w1") for k in keys)
+
+
+DEMO = sorted(p.name for p in (REPO / "adapters_store").iterdir() if (p / "adapter_config.json").is_file())
+
+
+@pytest.fixture(scope="module")
+def demo_world():
+    model = load_model(DEMO_MODEL_DIR, torch.device("cpu"), torch.float32)
+    registry = AdapterRegistry(model, AdapterStore(REPO / "adapters_store"), torch.device("cpu"), torch.float32)
+    return ModelRunner(model, registry.context), registry, load_tokenizer(DEMO_MODEL_DIR)
+
+
+@pytest.mark.parametrize("names", [[n] for n in DEMO] + [DEMO], ids=lambda names: "+".join(names))
+def test_trained_demo_adapters_equal_the_reference(demo_world, names):
+    runner, registry, tokenizer = demo_world
+    ids = encode_prompt(tokenizer, "Tell me about the weather in the harbour today.")
+    adapters = registry.load_blocking(names)
+    ours = runner.score(torch.tensor([ids]), [tuple(a.slot for a in adapters)])[0]
+    expected = reference_logits(DEMO_MODEL_DIR, REPO / "adapters_store", names, ids)
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
