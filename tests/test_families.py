@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPTNeoConfig, MistralConfig
 
 from server.adapters.mixing import MixingContext
 from server.adapters.registry import AdapterRegistry
@@ -24,7 +24,7 @@ from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
 from server.errors import AdapterInvalid
 from server.state import ServerState
-from tests.families import ADAPTERS, FAMILIES, PEFT_CANNOT_BUILD, WINDOW, build_family
+from tests.families import ADAPTERS, DECODER, FAMILIES, PEFT_CANNOT_BUILD, WINDOW, build_family
 from tests.reference import reference_logits
 
 ATOL = 1e-5
@@ -71,13 +71,22 @@ def test_every_combination_in_one_mixed_batch_equals_the_reference(family):
         torch.testing.assert_close(torch.tensor(seq.logprobs), expected, atol=ATOL, rtol=0)
 
 
-def test_a_model_the_engine_would_serve_differently_is_refused_at_start(tmp_path, monkeypatch):
-    model_dir, _, _ = build_family(tmp_path, "mistral", adapters=False)
-    model = load_model(model_dir, torch.device("cpu"), torch.float32)
+@pytest.mark.parametrize("window", [WINDOW, 4096])
+def test_a_model_the_engine_would_serve_differently_is_refused_at_start(window, monkeypatch):
+    """Whatever the window's size: the self-check shrinks it (in the config both read) below its prompts."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MistralConfig(**{**DECODER, "sliding_window": window})).eval()
     ModelRunner(model, MixingContext())  # the window honoured: accepted
-    monkeypatch.setattr(MaskLayout, "of", classmethod(lambda cls, config: cls({None: None})))
+    assert model.config.sliding_window == window
+    monkeypatch.setattr(MaskLayout, "of", classmethod(lambda cls, config: cls({None: None})))  # windows dropped
     with pytest.raises(UnsupportedModel, match="disagree with the model's own forward"):
         ModelRunner(model, MixingContext())
+    assert model.config.sliding_window == window
+
+
+def test_gpt_neo_local_attention_is_refused():
+    with pytest.raises(UnsupportedModel, match="local attention layers"):
+        ModelRunner(AutoModelForCausalLM.from_config(GPTNeoConfig(num_layers=2, hidden_size=64, num_heads=4, attention_types=[[["global", "local"], 1]])), MixingContext())
 
 
 @pytest.mark.parametrize(

@@ -101,3 +101,22 @@ def test_a_row_never_sees_the_overflow_of_another_rows_adapter(llama, tmp_path):
     for before, after in zip(tame, beside[:2]):
         assert after.tokens == before.tokens
         assert after.logprobs == before.logprobs
+
+
+def test_a_finished_rows_overflow_never_reaches_the_next_occupant_of_its_slot(llama, tmp_path):
+    """Keys past a row's own length are hidden by adding -inf, which hides no NaN: a freed slot must be clean."""
+    store = tmp_path / "store"
+    store.mkdir()
+    _scaled_copy(llama.store / "lora", store / "overflowing", 6e4, 1e-3)
+    pair = [(PROMPTS[0][:2], []), (PROMPTS[1], [])]  # a short row decoded beside a longer one
+    state = ServerState.start(llama.settings(dtype="float16", adapters_dir=store, preload="overflowing"))
+    try:
+        fresh = _generate(state, pair)
+        poisoned = _generate(state, [("x" * 60, ["overflowing"])])
+        after = _generate(state, pair)
+    finally:
+        state.stop()
+    assert not torch.isfinite(torch.tensor(poisoned[0].logprobs)).all(), "the fixture should overflow"
+    for before, again in zip(fresh, after, strict=True):
+        assert again.tokens == before.tokens
+        assert again.logprobs == before.logprobs

@@ -28,9 +28,14 @@ class MaskLayout:
     @classmethod
     def of(cls, config) -> MaskLayout:
         model_type = config.model_type
-        for option in ("attention_chunk_size", "sliding_window_pattern_mask"):
+        for option in ("attention_chunk_size", "attention_window_size"):
             if getattr(config, option, None):
                 raise UnsupportedModel(f"{model_type}: {option} is not supported")
+        if "local" in (getattr(config, "attention_layers", None) or ()):  # GPT-Neo
+            raise UnsupportedModel(
+                f"{model_type}: local attention layers apply their window from a buffer of their own, which assumes"
+                " that every row ends at the same position; not supported"
+            )
         window = getattr(config, "sliding_window", None) or None
         layer_types = getattr(config, "layer_types", None)
         if model_type == "bloom" or getattr(config, "alibi", False):
@@ -61,11 +66,12 @@ class MaskLayout:
             return (keys[None, :] <= query_positions[:, -1:]).expand(rows, length).long()
         queries = query_positions[:, :, None]
         causal = keys <= queries
-        zero, hidden = torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype)
 
         def additive(window: int | None) -> torch.Tensor:
             visible = causal if window is None else causal & (keys > queries - window)
-            mask = torch.where(visible, zero.to(keys.device), hidden.to(keys.device))
+            mask = torch.zeros(visible.shape, dtype=dtype, device=keys.device).masked_fill_(
+                ~visible, torch.finfo(dtype).min
+            )
             return mask[:, None].expand(rows, 1, queries.shape[1], length)
 
         if len(self.windows) == 1:  # one kind of layer: one mask, which every model takes

@@ -2,7 +2,8 @@
 
 Row i of a forward pass is slot `first + i`; a sequence's token at position p sits at index p of its slot. The
 model's attention calls `update`, which writes this pass's keys and values and returns the slots' caches up to
-`length` positions; the runner's mask hides what lies beyond each sequence's own length.
+`length` positions; the runner's mask hides what lies beyond each sequence's own length, where a slot holds its
+prompt's padding or zeros (freed slots are zeroed).
 
 Each layer's tensors take the shape of the first keys written to them, so that the cache holds what the model's
 attention really stores (one shared head for multi-query Falcon, other head sizes per layer).
@@ -45,10 +46,18 @@ class SlotCache:
         return keys[slots, :, : self._length], values[slots, :, : self._length]
 
     def move(self, source: int, target: int, length: int) -> None:
-        """Copies slot source into slot target (the first `length` positions)."""
+        """Copies slot source into slot target (the first `length` positions; zeros after them)."""
         for cache in (self.keys, self.values):
             for layer in cache.values():
                 layer[target, :, :length] = layer[source, :, :length]
+                layer[target, :, length:] = 0
+
+    def clear(self, slot: int) -> None:
+        """Zeros a freed slot. Masks hide keys past a row's length by adding -inf, which cannot hide a NaN or inf
+        left there by an earlier occupant whose adapter overflowed: the next occupant must find zeros."""
+        for cache in (self.keys, self.values):
+            for layer in cache.values():
+                layer[slot] = 0
 
     # What transformers asks of a cache while it builds masks and positions for models that build their own
     # (ALiBi models get a 2D padding mask): every row's keys span 0..length-1, the queries end at length-1.

@@ -19,6 +19,7 @@ from server.engine.kv_cache import SlotCache
 from server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+CHECK_WINDOW = 8  # the sliding window the self-check runs with (see ModelRunner.self_check)
 
 
 class ModelRunner:
@@ -70,6 +71,7 @@ class ModelRunner:
             moved = self.rows[last]
             self.cache.move(last, row, moved.num_tokens)
             self.rows[row] = moved
+        self.cache.clear(last)
         self.rows.pop()
 
     @torch.inference_mode()
@@ -79,41 +81,61 @@ class ModelRunner:
             return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
 
     @torch.inference_mode()
-    def self_check(self, decode_steps: int = 3) -> None:
-        """Refuses a model that the engine would serve differently from its own forward: two prompts of different
-        lengths (longer than its window, where that is short) prefilled together and decoded, step by step."""
-        window = self.layout.longest_window
-        length = window + 4 if window and window <= 60 else 12
+    def self_check(self, decode_steps: int = 4) -> None:
+        """Refuses a model that the engine would serve differently from its own forward.
+
+        Three prompts of different lengths are prefilled together and decoded step by step, one of them released
+        halfway (a row moves into its slot), each step compared with the model's own forward. A model with sliding
+        windows runs the check with its window shrunk to CHECK_WINDOW, which the model and the runner both read
+        from its config, so that short prompts cross it: the check covers how windows are applied, for any size.
+        """
+        config = self.model.config
+        window = getattr(config, "sliding_window", None) or self.layout.longest_window  # the model's, then ours
+        shrink = window is not None and window > CHECK_WINDOW and getattr(config, "sliding_window", None) == window
+        if shrink:
+            config.sliding_window = CHECK_WINDOW
+            self.layout = MaskLayout.of(config)
+        try:
+            worst = self._compare_with_own_forward(CHECK_WINDOW + 6 if window else 12, decode_steps)
+        except Exception as exc:
+            raise UnsupportedModel(f"{config.model_type}: the engine cannot run this model: {exc!r}") from exc
+        finally:
+            if shrink:
+                config.sliding_window = window
+                self.layout = MaskLayout.of(config)
+        tolerance = 1e-4 if self.dtype == torch.float32 else 5e-2
+        if not worst <= tolerance:
+            raise UnsupportedModel(
+                f"{config.model_type}: the engine's batched prefill and decode disagree with the model's own forward"
+                f" (relative difference {worst:.2g}, tolerance {tolerance:g}); this model's attention layout is not"
+                " supported"
+            )
+        log.info("self-check passed: worst relative difference %.2g", worst)
+
+    def _compare_with_own_forward(self, length: int, decode_steps: int) -> float:
         vocab = self.model.config.vocab_size
-        probes = [PromptSequence([(7 * i + 11 + n) % vocab for i in range(n)]) for n in (length, length - 3)]
+        probes = [
+            PromptSequence([(7 * i + 11 + n) % vocab for i in range(n)]) for n in (length, length - 3, length - 6)
+        ]
         worst = 0.0
         logits = self.prefill(probes)
         try:
             for step in range(decode_steps + 1):
-                for probe, row in zip(probes, logits):
+                for probe, row in zip(self.rows, logits, strict=True):
                     ids = torch.tensor([probe.request.prompt_ids + probe.tokens], device=self.device)
                     expected = self.model(input_ids=ids, use_cache=False).logits[0, -1]
                     scale = float(expected.abs().max()) + 1.0
                     worst = max(worst, float((row - expected).abs().max()) / scale)
                     probe.tokens.append(int(expected.argmax()))
+                if step == 1:
+                    self.release(probes[0])  # the last row moves into its slot
                 if step < decode_steps:
                     logits = self.decode()
         finally:
             for probe in probes:
-                self.release(probe)
-        tolerance = 1e-4 if self.dtype == torch.float32 else 5e-2
-        if not worst <= tolerance:
-            raise UnsupportedModel(
-                f"{self.model.config.model_type}: the engine's batched prefill and decode disagree with the model's"
-                f" own forward (relative difference {worst:.2g}, tolerance {tolerance:g}); this model's attention"
-                " layout is not supported"
-            )
-        log.info(
-            "self-check passed: %d-token prompts, %d decode steps, worst relative difference %.2g",
-            length,
-            decode_steps,
-            worst,
-        )
+                if probe in self.rows:
+                    self.release(probe)
+        return worst
 
     def _forward(self, seqs, ids, mask, positions, keep, gather: bool = False) -> torch.Tensor:
         with self.context.use(self._plan(tuple(s.slots for s in seqs), gather)):
