@@ -73,3 +73,11 @@ def test_shira_indices_peft_would_refuse_are_refused(llama, tmp_path, damage, re
     _, registry = _registry(llama.model_dir, tmp_path)
     with pytest.raises(AdapterInvalid, match=reason):
         registry.load_blocking(["shira"])
+
+
+def test_an_adapters_bytes_count_each_tensor_once(llama):
+    """What the memory budget counts: the weights served, each once (LoRA's low_rank holds the same tensors)."""
+    _, registry = _registry(llama.model_dir, llama.store)
+    adapter = registry.load_blocking(["lora"])[0]
+    saved = load_file(llama.store / "lora" / "adapter_model.safetensors")
+    assert adapter.nbytes == sum(t.numel() * 4 for t in saved.values())

@@ -97,7 +97,7 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
                 layer = kind.build(config, module_name, layout.shape(module_name), tensors, dtype)
         except ValueError as exc:
             raise AdapterInvalid(name, f"does not fit the base model at {module_name}: {exc}") from exc
-        if layer is not None and not all(torch.isfinite(t).all() for t in layer.tensors()):
+        if layer is not None and dtype != torch.float32 and not all(torch.isfinite(t).all() for t in layer.tensors()):
             raise AdapterInvalid(name, f"{module_name}: weights overflow {str(dtype).removeprefix('torch.')}")
         if layer is not None:
             layers[module_name] = layer

@@ -62,12 +62,14 @@ class LayerAdapter:
         return copy
 
     def tensors(self) -> list[torch.Tensor]:
+        """Each tensor once (low_rank holds the same tensors as the attributes)."""
+
         def flat(value) -> list[torch.Tensor]:
             if isinstance(value, torch.Tensor):
                 return [value]
             return [t for v in value for t in flat(v)] if isinstance(value, tuple) else []
 
-        return flat(tuple(vars(self).values()))
+        return list({id(t): t for t in flat(tuple(vars(self).values()))}.values())
 
     @property
     def nbytes(self) -> int:
