@@ -128,8 +128,8 @@ class MixedLinear(nn.Module):
         return self.base.out_features if isinstance(self.base, nn.Linear) else self.base.nf
 
     def attach(self, slot: int, adapter: LayerAdapter) -> None:
+        # A new slot is in no plan built so far: the running batch keeps its plans (no stall at the next step).
         self.adapters[slot] = adapter
-        self._plans.clear()
 
     def detach(self, slot: int) -> None:
         del self.adapters[slot]
@@ -269,8 +269,7 @@ class MixedParameters(nn.Module):
         self._groups: OrderedDict[int, list] = OrderedDict()  # by BatchPlan.id: [(row indices or None, adapters)]
 
     def attach(self, slot: int, adapter: ParameterLora) -> None:
-        self.adapters[slot] = adapter
-        self._groups.clear()
+        self.adapters[slot] = adapter  # in no plan built so far, as in MixedLinear.attach
 
     def detach(self, slot: int) -> None:
         del self.adapters[slot]
