@@ -42,19 +42,21 @@ demo: install
 	$(PY) -m server.demo build
 
 # Benchmarks (minutes each; they print tables and ratios measured side by side in one run).
+# make bench BENCH_FLAGS=--quick: seconds each, to check that they run (what the suite does).
+BENCH_FLAGS ?=
 bench: bench-throughput bench-engine bench-adapters bench-soak
 
 bench-throughput: install-test
-	$(PY) bench/throughput.py
+	$(PY) bench/throughput.py $(BENCH_FLAGS)
 
 bench-engine: install-test
-	$(PY) bench/engine_choice.py
+	$(PY) bench/engine_choice.py $(BENCH_FLAGS)
 
 bench-adapters: install-test
-	$(PY) bench/adapter_load.py
+	$(PY) bench/adapter_load.py $(BENCH_FLAGS)
 
 bench-soak: install-test
-	$(PY) bench/soak.py
+	$(PY) bench/soak.py $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

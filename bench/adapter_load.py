@@ -1,9 +1,9 @@
 """Adapter loading: cold loads, host-tier reloads, and what loading does to other streams.
 
-    python bench/adapter_load.py          (make bench-adapters)
+    python bench/adapter_load.py [--kinds others] [--quick]          (make bench-adapters)
 
 On the throughput bench's model (Llama hidden 512 x 8 layers, float32) with LoRA r16 adapters on all linear
-modules, behind real HTTP on loopback:
+modules (--kinds others: LoHa, LoKr and OFT in turn), behind real HTTP on loopback:
   * cold load: POST /adapters/{name}/load of an adapter never loaded (files read from disk - the page cache, as
     they were just written - checked, built, attached), p50/p95 over 20 adapters; also the server's own timing;
   * host-tier reload: the same call for an adapter evicted to host memory (MIXSERVE_MAX_LOADED_ADAPTERS=1 forces
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import statistics
 import sys
 import tempfile
@@ -25,21 +26,32 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
-from peft import LoraConfig  # noqa: E402
+from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig  # noqa: E402
 
-from bench.common import build_bench_model, mixserve, prompt  # noqa: E402
+from bench.common import build_bench_model, describe_run, mixserve, prompt  # noqa: E402
 from server.demo.build import save_adapter  # noqa: E402
 
 COLD = 20
 STREAMS, STREAM_TOKENS = 8, 160
+HOST_RELOADS = 10
 
 
-def build_adapters(model_dir: Path, store: Path) -> list[str]:
-    names = [f"cold-{i:02d}" for i in range(COLD)]
+KINDS = {
+    "lora": [(LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False), 0.3)],
+    "others": [  # LoHa, LoKr and OFT in turn
+        (LoHaConfig(r=8, alpha=8, target_modules="all-linear", init_weights=False), 0.5),
+        (LoKrConfig(r=8, alpha=8, target_modules="all-linear", init_weights=False), 0.3),
+        (OFTConfig(r=0, oft_block_size=32, target_modules="all-linear", init_weights=False), 0.3),
+    ],
+}
+
+
+def build_adapters(model_dir: Path, store: Path, count: int, kinds: str) -> list[str]:
+    names = [f"cold-{i:02d}" if kinds == "lora" else f"cold-{kinds}-{i:02d}" for i in range(count)]
     for seed, name in enumerate(names, start=100):
         if not (store / name / "adapter_config.json").is_file():
-            config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
-            save_adapter(model_dir, config, store / name, seed=seed, base_name="bench", scale=0.3)
+            config, scale = KINDS[kinds][seed % len(KINDS[kinds])]
+            save_adapter(model_dir, copy.deepcopy(config), store / name, seed=seed, base_name="bench", scale=scale)
     return names
 
 
@@ -54,12 +66,12 @@ def timed_load(client: httpx.Client, name: str) -> tuple[float, float]:
     return (time.perf_counter() - started) * 1e3, response.json()["last_load_ms"]
 
 
-async def stream_gaps(url: str, during=None) -> list[float]:
-    """Gaps (ms) between consecutive tokens of STREAMS concurrent streams; `during` runs alongside."""
+async def stream_gaps(url: str, during=None, streams: int = STREAMS, tokens: int = STREAM_TOKENS) -> list[float]:
+    """Gaps (ms) between consecutive tokens of concurrent streams; `during` runs alongside."""
     gaps: list[float] = []
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
-        body = {"inputs": prompt(i), "parameters": {"max_new_tokens": STREAM_TOKENS, "ignore_eos_token": True}}
+        body = {"inputs": prompt(i), "parameters": {"max_new_tokens": tokens, "ignore_eos_token": True}}
         last = None
         async with client.stream("POST", "/generate_stream", json=body) as response:
             async for line in response.aiter_lines():
@@ -70,7 +82,7 @@ async def stream_gaps(url: str, during=None) -> list[float]:
                     last = now
 
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        tasks = [asyncio.create_task(one(client, i)) for i in range(STREAMS)]
+        tasks = [asyncio.create_task(one(client, i)) for i in range(streams)]
         await asyncio.sleep(0.5)  # the streams are running
         if during is not None:
             await asyncio.to_thread(during)
@@ -82,10 +94,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a small model, few adapters: checks that it runs")
+    parser.add_argument(
+        "--kinds",
+        choices=list(KINDS),
+        default="lora",
+        help="the adapters that load: LoRA r16, or LoHa r8, LoKr r8 and OFT (block 32) in turn",
+    )
     args = parser.parse_args()
+    cold, streams, tokens, reloads = (4, 2, 24, 2) if args.quick else (COLD, STREAMS, STREAM_TOKENS, HOST_RELOADS)
+    rounds = 1 if args.quick else args.rounds
+    print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, store = build_bench_model(args.workdir or Path(tmp))
-        names = build_adapters(model_dir, store)
+        model_dir, store = build_bench_model(args.workdir or Path(tmp), quick=args.quick)
+        names = build_adapters(model_dir, store, cold, args.kinds)
+        adapter_mb = (store / names[0] / "adapter_model.safetensors").stat().st_size / 1e6
 
         with mixserve(model_dir, store) as server, httpx.Client(base_url=server.url, timeout=120) as client:
             cold = [timed_load(client, name) for name in names]
@@ -97,9 +120,9 @@ def main() -> None:
                     client.post(f"/adapters/{name}/load").raise_for_status()
 
             quiet, loading = [], []
-            for _ in range(args.rounds):
-                quiet += asyncio.run(stream_gaps(server.url))
-                loading += asyncio.run(stream_gaps(server.url, during=load_all))
+            for _ in range(rounds):
+                quiet += asyncio.run(stream_gaps(server.url, None, streams, tokens))
+                loading += asyncio.run(stream_gaps(server.url, load_all, streams, tokens))
                 for name in names:
                     client.delete(f"/adapters/{name}").raise_for_status()
 
@@ -111,7 +134,7 @@ def main() -> None:
             timed_load(client, a)
             timed_load(client, b)  # a goes to host memory
             host = []
-            for _ in range(10):
+            for _ in range(reloads):
                 for name in (a, b):
                     assert (
                         client.get("/adapters").json()["adapters"][
@@ -124,18 +147,16 @@ def main() -> None:
                     host.append((time.perf_counter() - started) * 1e3)
 
     wall, server_ms = [w for w, _ in cold], [s for _, s in cold]
-    print(
-        "adapter: LoRA r16 on all linear modules of the bench model"
-        f" ({len(names)} adapters, {(store / names[0] / 'adapter_model.safetensors').stat().st_size / 1e6:.1f} MB"
-        " each)\n"
-    )
+    model = "quick bench model (hidden 128 x 2)" if args.quick else "bench model"
+    kinds = "LoRA r16" if args.kinds == "lora" else "LoHa r8, LoKr r8 and OFT in turn"
+    print(f"adapters: {kinds} on all linear modules of the {model} ({len(names)}, {adapter_mb:.1f} MB the first)\n")
     print(f"{'':34s} {'p50 ms':>8s} {'p95 ms':>8s}   target")
     print(f"{'cold load, POST .../load':34s} {percentile(wall, 50):8.1f} {percentile(wall, 95):8.1f}   p50 < 50")
     print(f"{'  of which the loader (server)':34s} {percentile(server_ms, 50):8.1f} {percentile(server_ms, 95):8.1f}")
     print(f"{'host-tier reload, POST .../load':34s} {percentile(host, 50):8.1f} {percentile(host, 95):8.1f}   p50 < 10")
     q99, l99 = percentile(quiet, 99), percentile(loading, 99)
     print(
-        f"\ninter-token gap of {STREAMS} streams, p50 / p99 ms: quiet {percentile(quiet, 50):.1f} / {q99:.1f},"
+        f"\ninter-token gap of {streams} streams, p50 / p99 ms: quiet {percentile(quiet, 50):.1f} / {q99:.1f},"
         f" while {len(names)} adapters load {percentile(loading, 50):.1f} / {l99:.1f}"
     )
     print(f"gap ratio p99 loading / quiet = {l99 / q99:.2f} (target <= 1.5)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import platform
 import random
 import socket
 import statistics
@@ -34,21 +35,42 @@ ADAPTERS = {
 }
 
 
-def build_bench_model(root: Path) -> tuple[Path, Path]:
+def describe_run() -> str:
+    """What produced a result, for the first line of every benchmark's output."""
+    try:
+        found = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        commit = found.stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    return (
+        f"mixserve {commit}, torch {torch.__version__}, {torch.get_num_threads()} threads,"
+        f" python {platform.python_version()}, {platform.machine()}"
+    )
+
+
+def build_bench_model(root: Path, quick: bool = False) -> tuple[Path, Path]:
     """The batching issue's model: Llama-style, hidden 512, 8 layers (~25M parameters), random, float32; with
-    4 LoRA r16, 2 LoHa r8, 1 LoKr and 1 OFT on all linear modules. Reused when already built under root."""
-    model_dir, store = root / "model", root / "adapters"
+    4 LoRA r16, 2 LoHa r8, 1 LoKr and 1 OFT on all linear modules. Reused when already built under root.
+    quick: hidden 128, 2 layers (to check that a benchmark still runs, not to measure)."""
+    model_dir, store = (root / "model-quick", root / "adapters-quick") if quick else (root / "model", root / "adapters")
     if (store / "oft-0" / "adapter_config.json").is_file():
         return model_dir, store
     torch.manual_seed(0)
     tokenizer = ByT5Tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
+        hidden_size=128 if quick else 512,
+        intermediate_size=384 if quick else 1376,
+        num_hidden_layers=2 if quick else 8,
+        num_attention_heads=4 if quick else 8,
+        num_key_value_heads=4 if quick else 8,
         max_position_embeddings=1024,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

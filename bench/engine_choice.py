@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, GenerationConfig  # noqa: E402
 
-from bench.common import build_bench_model, prompt  # noqa: E402
+from bench.common import build_bench_model, describe_run, prompt  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.engine.model import encode_prompt  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
@@ -33,7 +33,7 @@ from server.state import ServerState  # noqa: E402
 NEW_TOKENS = 32
 
 
-def transformers_cb(model_dir: Path, prompts: list[list[int]], batch: int) -> float:
+def transformers_cb(model_dir: Path, prompts: list[list[int]], batch: int, quick: bool = False) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="paged|sdpa").eval()
     config = GenerationConfig(
         max_new_tokens=NEW_TOKENS,
@@ -41,10 +41,11 @@ def transformers_cb(model_dir: Path, prompts: list[list[int]], batch: int) -> fl
         eos_token_id=-1,
         pad_token_id=0,
         max_batch_tokens=batch * len(prompts[0]),
-        num_blocks=1024,
+        num_blocks=64 if quick else 1024,
         block_size=32,
     )
-    model.generate_batch(inputs=prompts[:batch], generation_config=config)  # warm-up
+    if not quick:
+        model.generate_batch(inputs=prompts[:batch], generation_config=config)  # warm-up
     started = time.perf_counter()
     outputs = model.generate_batch(inputs=prompts, generation_config=config)
     seconds = time.perf_counter() - started
@@ -76,15 +77,19 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a small model and load: checks that it runs")
     args = parser.parse_args()
+    if args.quick:  # transformers' batching loop alone takes ~12 s to start and stop on 2 cores
+        args.requests, args.batch, args.rounds = 4, 4, 1
+    print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, store = build_bench_model(args.workdir or Path(tmp))
+        model_dir, store = build_bench_model(args.workdir or Path(tmp), quick=args.quick)
         tokenizer = ByT5Tokenizer.from_pretrained(model_dir)
         prompts = [encode_prompt(tokenizer, prompt(i)) for i in range(args.requests)]
         torch.manual_seed(0)
         ours, theirs = [], []
         for _ in range(args.rounds):
-            theirs.append(transformers_cb(model_dir, prompts, args.batch))
+            theirs.append(transformers_cb(model_dir, prompts, args.batch, args.quick))
             ours.append(mixserve_engine(model_dir, store, prompts, args.batch))
         print(f"{args.requests} requests, {len(prompts[0])}-token prompts, {NEW_TOKENS} new tokens, batch {args.batch}")
         print(

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO, mixserve  # noqa: E402
+from bench.common import REPO, describe_run, mixserve  # noqa: E402
 from server.config import DEMO_MODEL_DIR  # noqa: E402
 from server.demo.corpus import prompts  # noqa: E402
 
@@ -173,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, default=REPO / "adapters_store")
     parser.add_argument("--distinct", type=int, default=200, help="distinct requests (each checked alone twice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="300 requests, 16 clients, 40 distinct")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.clients, args.distinct = 300, 16, 40
+    print(describe_run())
     rng = random.Random(args.seed)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,6 +29,7 @@ from bench.common import (  # noqa: E402
     Result,
     build_bench_model,
     combinations,
+    describe_run,
     mixserve,
     prompt,
     run_load,
@@ -150,6 +151,7 @@ def main() -> None:
         help="(c) serves one request at a time at a steady rate; fewer requests measure it as well",
     )
     parser.add_argument("--workdir", type=Path, help="keep the bench model here (default: a temporary folder)")
+    parser.add_argument("--quick", action="store_true", help="a small model and load: checks that it runs")
     parser.add_argument("--serve-obvious", nargs=2, metavar=("MODEL", "STORE"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -157,9 +159,13 @@ def main() -> None:
         serve_obvious(*args.serve_obvious, args.port)
         return
 
+    if args.quick:
+        args.requests, args.rounds, args.obvious_requests = CLIENTS, 1, 2
+    print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, store = build_bench_model(args.workdir or Path(tmp))
-        print(f"bench model: Llama hidden 512 x 8 layers, float32, CPU; adapters: {', '.join(ADAPTERS)}")
+        model_dir, store = build_bench_model(args.workdir or Path(tmp), quick=args.quick)
+        shape = "128 x 2 layers (quick)" if args.quick else "512 x 8 layers"
+        print(f"bench model: Llama hidden {shape}, float32, CPU; adapters: {', '.join(ADAPTERS)}")
         print(
             f"load: {CLIENTS} clients, {PROMPT_TOKENS}-token prompts, {NEW_TOKENS} new tokens, greedy;"
             f" {args.requests} requests per round, {args.rounds} rounds for mixserve;"
