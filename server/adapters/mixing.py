@@ -268,6 +268,15 @@ class MixedParameters(nn.Module):
         self.adapters: dict[int, ParameterLora] = {}
         self._groups: OrderedDict[int, list] = OrderedDict()  # by BatchPlan.id: [(row indices or None, adapters)]
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # what the model reads of the module it called (num_experts, top_k, ...)
+            base = self._modules.get("base")
+            if base is None:
+                raise
+            return getattr(base, name)
+
     def attach(self, slot: int, adapter: ParameterLora) -> None:
         self.adapters[slot] = adapter  # in no plan built so far, as in MixedLinear.attach
 
