@@ -134,6 +134,8 @@ def targeted_parameters(name: str, config: PeftConfig, layout: BaseLayout) -> di
     """LoRA's target_parameters, as peft matches them: {module: {parameter: (shape, transposed)}}, each module's
     parameters in the order peft nests its wrappers (registration order, the first innermost)."""
     targets = sorted(set(getattr(config, "target_parameters", None) or ()))
+    if not targets:
+        return {}
     found: dict[str, dict] = {}
     for module_name, module in layout.modules.items():
         for param_name, param in module.named_parameters(recurse=False):
@@ -143,7 +145,7 @@ def targeted_parameters(name: str, config: PeftConfig, layout: BaseLayout) -> di
                     raise AdapterInvalid(name, f"target_parameters: {key} belongs to a Linear layer; target the layer")
                 transposed = bool(getattr(module, "is_transposed", False))
                 found.setdefault(module_name, {})[param_name] = (tuple(param.shape), transposed)
-    if targets and not found:
+    if not found:
         raise AdapterInvalid(name, f"target_parameters {targets} match no parameter of the base model")
     return found
 

@@ -51,10 +51,6 @@ class MaskLayout:
             raise UnsupportedModel(f"{model_type}: sliding_attention layers without a sliding_window")
         return cls({kind: window if kind == SLIDING else None for kind in dict.fromkeys(layer_types)})
 
-    @property
-    def longest_window(self) -> int | None:
-        return max((w for w in self.windows.values() if w), default=None)
-
     def masks(self, query_positions: torch.Tensor, rows: int, length: int, dtype: torch.dtype):
         """The attention_mask argument for queries at query_positions ([rows or 1, queries]) over keys 0..length-1.
 

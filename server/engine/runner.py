@@ -90,8 +90,8 @@ class ModelRunner:
         from its config, so that short prompts cross it: the check covers how windows are applied, for any size.
         """
         config = self.model.config
-        window = getattr(config, "sliding_window", None) or self.layout.longest_window  # the model's, then ours
-        shrink = window is not None and window > CHECK_WINDOW and getattr(config, "sliding_window", None) == window
+        window = getattr(config, "sliding_window", None)  # what the model's masks and MaskLayout both read
+        shrink = window is not None and window > CHECK_WINDOW
         if shrink:
             config.sliding_window = CHECK_WINDOW
             self.layout = MaskLayout.of(config)
