@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM, ByT5Tokenizer, GenerationConfig  
 
 from bench.common import build_bench_model, describe_run, prompt  # noqa: E402
 from server.config import Settings  # noqa: E402
-from server.engine.model import encode_prompt  # noqa: E402
 from server.engine.sampling import SamplingParams  # noqa: E402
 from server.engine.sequence import GenerationRequest  # noqa: E402
+from server.model import encode_prompt  # noqa: E402
 from server.state import ServerState  # noqa: E402
 
 NEW_TOKENS = 32

@@ -10,7 +10,8 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from server.app import create_app, drain
+from server.api.middleware import drain
+from server.app import create_app
 from server.config import Settings
 
 

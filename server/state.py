@@ -10,8 +10,8 @@ from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.config import Settings
 from server.engine.engine import Engine
-from server.engine.model import load_model, load_tokenizer
 from server.errors import MixserveError
+from server.model import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 

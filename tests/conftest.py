@@ -15,8 +15,8 @@ from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.app import create_app
 from server.config import Settings
-from server.engine.model import load_model, load_tokenizer
 from server.engine.runner import ModelRunner
+from server.model import load_model, load_tokenizer
 from tests.builders import build_base, build_store
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.demo.build import save_adapter
-from server.engine.model import load_model
 from server.engine.runner import ModelRunner
 from server.errors import AdapterInvalid
+from server.model import load_model
 from tests.reference import reference_logits
 
 IDS = [40, 41, 42, 43, 44, 45, 46, 47, 48]

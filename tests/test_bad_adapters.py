@@ -17,8 +17,8 @@ from server.adapters.mixing import MixedLinear
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.demo.build import save_adapter
-from server.engine.model import encode_prompt, load_model
 from server.engine.runner import ModelRunner
+from server.model import encode_prompt, load_model
 from tests.reference import reference_greedy
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"

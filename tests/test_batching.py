@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from server.adapters.registry import NoRoom
-from server.engine.model import encode_prompt
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import GenerationRequest
 from server.errors import AdapterLoadFailed
+from server.model import encode_prompt
 from server.state import ServerState
 from tests.builders import ADAPTERS
 from tests.reference import reference_greedy, reference_logits

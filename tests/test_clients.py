@@ -9,7 +9,7 @@ from lorax import Client as LoraxClient
 from lorax.types import MergedAdapters
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.engine.model import encode_prompt
+from server.model import encode_prompt
 from tests.reference import reference_greedy
 
 PROMPT = "The weather today"

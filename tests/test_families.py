@@ -18,11 +18,11 @@ from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.config import Settings
 from server.engine.attention import MaskLayout, UnsupportedModel
-from server.engine.model import encode_prompt, load_model
 from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
 from server.errors import AdapterInvalid
+from server.model import encode_prompt, load_model
 from server.state import ServerState
 from tests.families import ADAPTERS, DECODER, FAMILIES, PEFT_CANNOT_BUILD, WINDOW, build_family
 from tests.reference import reference_logits

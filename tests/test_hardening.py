@@ -401,9 +401,9 @@ def test_expected_refusals_are_logged_at_info_not_error(guarded, caplog):
 
 
 def _submit(server, prompt: str, adapters: list[str], tokens: int = 4, request_id: str = "r", **params):
-    from server.engine.model import encode_prompt
     from server.engine.sampling import SamplingParams
     from server.engine.sequence import GenerationRequest
+    from server.model import encode_prompt
 
     ids = encode_prompt(server.state.tokenizer, prompt)
     sampling = SamplingParams(max_new_tokens=tokens, ignore_eos=True, **params)
@@ -466,7 +466,7 @@ def test_an_unexpected_error_preparing_adapters_stays_with_its_request(plain, ca
 
 def test_a_fault_scoring_one_prompt_fails_only_that_request(plain):
     """decoder_input_details scores each prompt in a pass of its own: a fault there fails that request alone."""
-    from server.engine.model import encode_prompt
+    from server.model import encode_prompt
 
     runner = plain.state.engine.runner
     poisoned = "Poisoned prompt to score"

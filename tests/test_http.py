@@ -9,7 +9,7 @@ import math
 import httpx
 import pytest
 
-from server.engine.model import encode_prompt
+from server.model import encode_prompt
 from tests.reference import canonical, reference_greedy, reference_logits
 
 PROMPT = "Once upon a time"

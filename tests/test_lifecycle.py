@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from server.adapters.store import AdapterStore
-from server.engine.model import encode_prompt
 from server.errors import AdapterLoadFailed
+from server.model import encode_prompt
 from tests.reference import reference_greedy
 
 PROMPT = "Adapters come and go"

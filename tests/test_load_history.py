@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from server.adapters.mixing import MixedLinear
-from server.engine.model import encode_prompt
 from server.engine.runner import PromptSequence
+from server.model import encode_prompt
 from tests.reference import reference_logits
 from tests.test_precision import TOLERANCE
 

@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer, ByT5Tokenizer
 
-from server.engine.model import encode_prompt, load_tokenizer
+from server.model import encode_prompt, load_tokenizer
 
 
 def test_saved_byt5_tokenizer_wins_over_the_model_types_default(world_factory):

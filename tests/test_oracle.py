@@ -14,10 +14,10 @@ from server.adapters.kinds import CANONICAL_ORDER
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.config import DEMO_MODEL_DIR
-from server.engine.model import encode_prompt, load_model, load_tokenizer
 from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
+from server.model import encode_prompt, load_model, load_tokenizer
 from server.state import ServerState
 from tests.builders import ADALORA_PRUNED, ADAPTERS, VARIANTS
 from tests.conftest import REPO

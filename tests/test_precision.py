@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
-from server.engine.model import encode_prompt, load_model
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
 from server.errors import AdapterInvalid
+from server.model import encode_prompt, load_model
 from server.state import ServerState
 from tests.builders import ADAPTERS
 from tests.reference import reference_logits

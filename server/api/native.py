@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Query, Request
@@ -12,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server import __version__
 from server.adapters.store import AdapterStore, check_name
 from server.api import validation
+from server.api.errors import NATIVE_ERRORS
 from server.api.schemas import (
     Details,
     ErrorResponse,
@@ -25,30 +25,21 @@ from server.api.schemas import (
     TokenizedToken,
     TokenizeRequest,
 )
-from server.api.serving import request_headers, result_headers, until_done
+from server.api.serving import event_stream, request_headers, result_headers, state_of, tenant_of, until_done
 from server.auth import Tenant
-from server.engine.model import encode_prompt
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest, RequestHandle, Sequence
 from server.errors import AdapterNotFound, MixserveError
+from server.model import encode_prompt
 from server.state import ServerState
 
-ERRORS = {status: {"model": ErrorResponse} for status in (401, 404, 408, 413, 422, 424, 429, 499, 500, 503)}
 STREAM = {200: {"content": {"text/event-stream": {}}, "description": "server-sent events, one per token"}}
-router = APIRouter(responses=ERRORS)
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.mixserve
-
-
-def _tenant(request: Request) -> Tenant:
-    return request.state.tenant
+router = APIRouter(responses=NATIVE_ERRORS)
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text with a combination of adapters")
 async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
-    state = _state(request)
+    state = state_of(request)
     seq = await until_done(state.engine.submit(_generation_request(body, request)), request)
     response = _response(body, seq, state.tokenizer)
     return JSONResponse(response.model_dump(exclude_none=False), headers=result_headers(seq))
@@ -57,12 +48,10 @@ async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
 @router.post("/generate_stream", response_class=StreamingResponse, responses=STREAM, summary="Generate, streamed")
 async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
     """Server-sent events in TGI's format: one `data:` event per token, the last with the text and details."""
-    state = _state(request)
+    state = state_of(request)
     gen = _generation_request(body, request)
     handle = state.engine.submit(gen)
-    return StreamingResponse(
-        _events(handle, body, state.tokenizer), media_type="text/event-stream", headers=request_headers(gen)
-    )
+    return event_stream(_events(handle, body, state.tokenizer), [handle], request_headers(gen), openai=False)
 
 
 @router.post("/", responses={200: {"model": list[GenerateResponse], **STREAM[200]}}, summary="TGI's root route")
@@ -79,7 +68,7 @@ async def compat_generate(body: GenerateRequest, request: Request):
 
 @router.get("/info", response_model=Info, summary="The model, the device and the limits")
 async def info(request: Request) -> Info:
-    state = _state(request)
+    state = state_of(request)
     settings = state.settings
     return Info(
         model_id=settings.model_id,
@@ -91,15 +80,15 @@ async def info(request: Request) -> Info:
         max_new_tokens=settings.max_new_tokens,
         max_batch_size=settings.max_batch_size,
         max_adapters_per_request=settings.max_adapters_per_request,
-        adapters_loaded=len(_tenant(request).visible(a.name for a in state.registry.loaded())),
-        adapters_available=len(_tenant(request).visible(await asyncio.to_thread(state.store.names))),
+        adapters_loaded=len(tenant_of(request).visible(a.name for a in state.registry.loaded())),
+        adapters_available=len(tenant_of(request).visible(await asyncio.to_thread(state.store.names))),
         version=__version__,
     )
 
 
 @router.post("/tokenize", response_model=list[TokenizedToken], summary="The tokens of a text")
 async def tokenize(body: TokenizeRequest, request: Request) -> list[TokenizedToken]:
-    tokenizer = _state(request).tokenizer
+    tokenizer = state_of(request).tokenizer
     ids = (
         encode_prompt(tokenizer, body.inputs)
         if body.add_special_tokens
@@ -122,14 +111,14 @@ async def tokenize(body: TokenizeRequest, request: Request) -> list[TokenizedTok
 async def adapters(
     request: Request, all: bool = Query(False, description="also list the store's adapters never loaded")
 ) -> dict:
-    return {"adapters": await asyncio.to_thread(_listing, _state(request), _tenant(request), all)}
+    return {"adapters": await asyncio.to_thread(_listing, state_of(request), tenant_of(request), all)}
 
 
 @router.post("/adapters/{name:path}/load", summary="Make an adapter resident (200 once it is)")
 async def load_adapter(name: str, request: Request) -> dict:
-    state = _state(request)
+    state = state_of(request)
     check_name(name)
-    _tenant(request).check([name])
+    tenant_of(request).check([name])
     state.store.path(name)  # 404 before any work
     ready = await asyncio.wrap_future(state.engine.call(lambda: state.registry.ensure(name)))
     await asyncio.wrap_future(ready)
@@ -142,9 +131,9 @@ async def load_adapter(name: str, request: Request) -> dict:
 async def unload_adapter(name: str, request: Request) -> dict:
     """Frees the adapter from the model and the host tier. Refused with 409 while running or waiting requests use
     it (retry when they finish); a later request loads it again."""
-    state = _state(request)
+    state = state_of(request)
     check_name(name)
-    _tenant(request).check([name], not_found="adapter {name!r} is not loaded")
+    tenant_of(request).check([name], not_found="adapter {name!r} is not loaded")
     engine = state.engine
     removed = await asyncio.wrap_future(engine.call(lambda: state.registry.unload(name, engine.waiting_adapters())))
     if not removed:
@@ -158,11 +147,11 @@ async def health() -> dict:
 
 
 def _generation_request(body: GenerateRequest, request: Request) -> GenerationRequest:
-    state = _state(request)
+    state = state_of(request)
     params = body.parameters
     adapters = validation.combination(
         state,
-        _tenant(request),
+        tenant_of(request),
         {
             "adapters": body.adapters,
             "parameters.adapters": params.adapters,
@@ -220,32 +209,27 @@ def _response(body: GenerateRequest, seq: Sequence, tokenizer) -> GenerateRespon
 
 async def _events(handle: RequestHandle, body: GenerateRequest, tokenizer) -> AsyncIterator[str]:
     seq = handle.seq
-    try:
-        async for event in handle.stream():
-            text, details = None, None
-            if event.final:
-                text = _text(body, seq)
-                if body.parameters.details:
-                    details = StreamDetails(
-                        finish_reason=seq.finish_reason,
-                        generated_tokens=len(seq.tokens),
-                        input_length=len(seq.request.prompt_ids),
-                        prompt_tokens=len(seq.request.prompt_ids),
-                        seed=seq.chooser.seed,
-                    )
-            top = seq.alternatives[event.index] if seq.request.params.top_logprobs else None
-            chunk = StreamResponse(
-                index=event.index,
-                token=_token(tokenizer, event.token, event.logprob),
-                top_tokens=[_token(tokenizer, t, lp) for t, lp in top] if top is not None else None,
-                generated_text=text,
-                details=details,
-            )
-            yield f"data: {chunk.model_dump_json()}\n\n"
-    except MixserveError as exc:
-        yield f"data: {json.dumps({'error': exc.message, 'error_type': exc.error_type})}\n\n"
-    finally:
-        handle.cancel()  # frees the row if the client went away
+    async for event in handle.stream():
+        text, details = None, None
+        if event.final:
+            text = _text(body, seq)
+            if body.parameters.details:
+                details = StreamDetails(
+                    finish_reason=seq.finish_reason,
+                    generated_tokens=len(seq.tokens),
+                    input_length=len(seq.request.prompt_ids),
+                    prompt_tokens=len(seq.request.prompt_ids),
+                    seed=seq.chooser.seed,
+                )
+        top = seq.alternatives[event.index] if seq.request.params.top_logprobs else None
+        chunk = StreamResponse(
+            index=event.index,
+            token=_token(tokenizer, event.token, event.logprob),
+            top_tokens=[_token(tokenizer, t, lp) for t, lp in top] if top is not None else None,
+            generated_text=text,
+            details=details,
+        )
+        yield chunk.model_dump_json()
 
 
 def _listing(state: ServerState, tenant: Tenant, everything: bool) -> list[dict]:

@@ -13,15 +13,15 @@ defaults to 1 (sampling) and 0 means greedy, max_tokens defaults to 16 for compl
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from server.api import validation
+from server.api.errors import OPENAI_ERRORS
 from server.api.openai_schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -37,38 +37,27 @@ from server.api.openai_schemas import (
     Message,
     Model,
     ModelList,
-    OpenAIErrorResponse,
     TokenLogprob,
     TopLogprob,
     Usage,
 )
-from server.api.serving import request_headers, result_headers, until_done
-from server.engine.model import encode_prompt
+from server.api.serving import event_stream, request_headers, result_headers, state_of, tenant_of, until_done
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest, Sequence
-from server.errors import MixserveError, ValidationError
+from server.errors import ValidationError
+from server.model import encode_prompt
 from server.state import ServerState
 
-ERRORS = {status: {"model": OpenAIErrorResponse} for status in (401, 404, 408, 413, 422, 424, 429, 499, 500, 503)}
 STREAM = {200: {"content": {"text/event-stream": {}}, "description": "with stream=true: server-sent events"}}
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
-router = APIRouter(prefix="/v1", responses=ERRORS, tags=["OpenAI"])
-
-
-def error_body(exc: MixserveError) -> dict:
-    """OpenAI's error shape."""
-    return {"error": {"message": exc.message, "type": exc.error_type, "param": None, "code": exc.status_code}}
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.mixserve
+router = APIRouter(prefix="/v1", responses=OPENAI_ERRORS, tags=["OpenAI"])
 
 
 @router.get("/models", response_model=ModelList, summary="The base model and every adapter in the store")
 async def models(request: Request) -> ModelList:
-    state = _state(request)
+    state = state_of(request)
     base, created = state.settings.model_id, int(state.started_at)
-    names = request.state.tenant.visible(await asyncio.to_thread(state.store.names))
+    names = tenant_of(request).visible(await asyncio.to_thread(state.store.names))
     return ModelList(
         data=[Model(id=base, created=created, root=base, parent=None, max_model_len=state.max_total_tokens)]
         + [Model(id=name, created=created, root=name, parent=base) for name in names]
@@ -77,7 +66,7 @@ async def models(request: Request) -> ModelList:
 
 @router.post("/completions", response_model=Completion, responses=STREAM, summary="Text completion")
 async def completions(body: CompletionRequest, request: Request):
-    state = _state(request)
+    state = state_of(request)
     adapters = _adapters(state, request, body)
     prompts = _prompts(state, body.prompt)
     sampling = _sampling(body, body.max_tokens, body.logprobs or 0, bool(body.echo and body.logprobs is not None))
@@ -88,7 +77,7 @@ async def completions(body: CompletionRequest, request: Request):
             handles.append(state.engine.submit(gen))
         reply = _Completions(body, state.tokenizer, f"cmpl-{uuid.uuid4().hex}")
         if body.stream:
-            return _sse(reply.stream(handles), handles, headers=request_headers(gens[0]))
+            return event_stream(reply.stream(handles), handles, request_headers(gens[0]), openai=True)
         seqs = await asyncio.gather(*(until_done(h, request) for h in handles))
     except BaseException:
         for handle in handles:
@@ -99,7 +88,7 @@ async def completions(body: CompletionRequest, request: Request):
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAM, summary="Chat completion")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    state = _state(request)
+    state = state_of(request)
     adapters = _adapters(state, request, body)
     ids = _chat_prompt(state.tokenizer, body.messages)
     alternatives = (body.top_logprobs or 0) if body.logprobs else 0
@@ -108,14 +97,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     handle = state.engine.submit(gen)
     reply = _Chat(body, state.tokenizer, f"chatcmpl-{uuid.uuid4().hex}")
     if body.stream:
-        return _sse(reply.stream(handle), [handle], headers=request_headers(gen))
+        return event_stream(reply.stream(handle), [handle], request_headers(gen), openai=True)
     seq = await until_done(handle, request)
     return JSONResponse(reply.complete(seq).model_dump(), headers=result_headers(seq))
 
 
 def _adapters(state: ServerState, request: Request, body) -> list[str]:
     named = [] if body.model == state.settings.model_id else validation.split_adapter_id(body.model)
-    return validation.combination(state, request.state.tenant, {"model": named, "adapters": body.adapters})
+    return validation.combination(state, tenant_of(request), {"model": named, "adapters": body.adapters})
 
 
 def _prompts(state: ServerState, prompt) -> list[list[int]]:
@@ -273,7 +262,7 @@ class _Completions:
         chunk = Completion(
             id=self.id, created=self.created, model=self.body.model, choices=[choice] if choice else [], usage=usage
         )
-        return f"data: {chunk.model_dump_json()}\n\n"
+        return chunk.model_dump_json()
 
 
 class _Chat:
@@ -329,7 +318,7 @@ class _Chat:
         chunk = ChatCompletionChunk(
             id=self.id, created=self.created, model=self.body.model, choices=[choice] if choice else [], usage=usage
         )
-        return f"data: {chunk.model_dump_json()}\n\n"
+        return chunk.model_dump_json()
 
 
 async def _merge(handles) -> AsyncIterator[tuple[int, object]]:
@@ -363,18 +352,3 @@ async def _merge(handles) -> AsyncIterator[tuple[int, object]]:
     finally:
         for task in tasks:
             task.cancel()
-
-
-def _sse(events: AsyncIterator[str], handles, headers: dict[str, str]) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                yield event
-            yield "data: [DONE]\n\n"
-        except MixserveError as exc:
-            yield f"data: {json.dumps(error_body(exc))}\n\n"
-        finally:
-            for handle in handles:
-                handle.cancel()  # frees the rows if the client went away
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)

@@ -1,15 +1,31 @@
-"""What the API routes share: waiting for a request while watching its client, and the headers of a result."""
+"""What the API routes share: the server's state and the request's tenant, waiting for a request while watching its
+client, the headers of a result, and server-sent events."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
+from server.api.errors import error_body
+from server.auth import Tenant
 from server.engine.sequence import GenerationRequest, RequestHandle, Sequence
-from server.errors import ClientDisconnected
+from server.errors import ClientDisconnected, MixserveError
+from server.state import ServerState
 
 DISCONNECT_POLL_SECONDS = 0.1
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.mixserve
+
+
+def tenant_of(request: Request) -> Tenant:
+    """Who the request acts for, as the Authenticate middleware found it from the API key."""
+    return request.state.tenant
 
 
 async def until_done(handle: RequestHandle, request: Request) -> Sequence:
@@ -44,3 +60,23 @@ def result_headers(seq: Sequence) -> dict[str, str]:
         "x-time-per-token": f"{per_token * 1e3:.0f}",
         "x-generated-tokens": str(len(seq.tokens)),
     }
+
+
+def event_stream(events: AsyncIterator[str], handles, headers: dict[str, str], openai: bool) -> StreamingResponse:
+    """Each of `events` (JSON text) as a server-sent `data:` event, then OpenAI's `[DONE]` if `openai`; an error
+    midway ends the stream with an event in the routes' error shape. The handles are cancelled when the stream
+    ends, which frees their rows if the client went away."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield f"data: {event}\n\n"
+            if openai:
+                yield "data: [DONE]\n\n"
+        except MixserveError as exc:
+            yield f"data: {json.dumps(error_body(openai, exc.status_code, exc.message, exc.error_type))}\n\n"
+        finally:
+            for handle in handles:
+                handle.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
