@@ -47,16 +47,16 @@ BENCH_FLAGS ?=
 bench: bench-throughput bench-engine bench-adapters bench-soak
 
 bench-throughput: install-test
-	$(PY) bench/throughput.py $(BENCH_FLAGS)
+	$(PY) -m bench.throughput $(BENCH_FLAGS)
 
 bench-engine: install-test
-	$(PY) bench/engine_choice.py $(BENCH_FLAGS)
+	$(PY) -m bench.engine_choice $(BENCH_FLAGS)
 
 bench-adapters: install-test
-	$(PY) bench/adapter_load.py $(BENCH_FLAGS)
+	$(PY) -m bench.adapter_load $(BENCH_FLAGS)
 
 bench-soak: install-test
-	$(PY) bench/soak.py $(BENCH_FLAGS)
+	$(PY) -m bench.soak $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,6 +1,6 @@
 """Adapter loading: cold loads, host-tier reloads, and what loading does to other streams.
 
-    python bench/adapter_load.py [--kinds others] [--quick]          (make bench-adapters)
+    python -m bench.adapter_load [--kinds others] [--quick]          (make bench-adapters)
 
 On the throughput bench's model (Llama hidden 512 x 8 layers, float32) with LoRA r16 adapters on all linear
 modules (--kinds others: LoHa, LoKr and OFT in turn), behind real HTTP on loopback:
@@ -18,18 +18,15 @@ import argparse
 import asyncio
 import copy
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import httpx
+from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 
-import httpx  # noqa: E402
-from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig  # noqa: E402
-
-from bench.common import build_bench_model, describe_run, mixserve, prompt  # noqa: E402
-from server.demo.build import save_adapter  # noqa: E402
+from bench.common import build_bench_model, describe_run, mixserve, prompt
+from server.demo.tiny import save_adapter
 
 COLD = 20
 STREAMS, STREAM_TOKENS = 8, 160

@@ -18,9 +18,9 @@ from pathlib import Path
 import httpx
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
-from transformers import ByT5Tokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import ByT5Tokenizer, GenerationConfig, LlamaForCausalLM
 
-from server.demo.build import save_adapter
+from server.demo import tiny
 
 REPO = Path(__file__).resolve().parents[1]
 LORAS = [f"lora-{i}" for i in range(4)]
@@ -63,25 +63,16 @@ def build_bench_model(root: Path, quick: bool = False) -> tuple[Path, Path]:
     if (store / "oft-0" / "adapter_config.json").is_file():
         return model_dir, store
     torch.manual_seed(0)
-    tokenizer = ByT5Tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128 if quick else 512,
-        intermediate_size=384 if quick else 1376,
-        num_hidden_layers=2 if quick else 8,
-        num_attention_heads=4 if quick else 8,
-        num_key_value_heads=4 if quick else 8,
-        max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
+    if quick:
+        config = tiny.config(hidden=128, intermediate=384, layers=2, heads=4, kv_heads=4)
+    else:
+        config = tiny.config(hidden=512, intermediate=1376, layers=8, heads=8, kv_heads=8)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
+    model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
     model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    ByT5Tokenizer().save_pretrained(model_dir)
     for seed, (name, (adapter_config, scale)) in enumerate(ADAPTERS.items(), start=1):
-        save_adapter(model_dir, adapter_config, store / name, seed=seed, base_name="bench", scale=scale)
+        tiny.save_adapter(model_dir, adapter_config, store / name, seed=seed, base_name="bench", scale=scale)
     return model_dir, store
 
 

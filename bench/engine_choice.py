@@ -1,6 +1,6 @@
 """Why mixserve runs its own batching loop: transformers' continuous batching against mixserve's engine.
 
-    python bench/engine_choice.py        (make bench-engine)
+    python -m bench.engine_choice        (make bench-engine)
 
 Both generate the same 128 greedy requests (32-token prompts, 32 new tokens) on the throughput bench's base model,
 in this process, without HTTP and without adapters: the batching machinery alone. transformers' generate_batch
@@ -13,22 +13,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, GenerationConfig
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, ByT5Tokenizer, GenerationConfig  # noqa: E402
-
-from bench.common import build_bench_model, describe_run, prompt  # noqa: E402
-from server.config import Settings  # noqa: E402
-from server.engine.sampling import SamplingParams  # noqa: E402
-from server.engine.sequence import GenerationRequest  # noqa: E402
-from server.model import encode_prompt  # noqa: E402
-from server.state import ServerState  # noqa: E402
+from bench.common import build_bench_model, describe_run, prompt
+from server.config import Settings
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import GenerationRequest
+from server.model import encode_prompt
+from server.state import ServerState
 
 NEW_TOKENS = 32
 

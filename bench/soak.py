@@ -1,7 +1,7 @@
 """Soak: many clients, mixed combinations (0-4 adapters), streamed and not, with faults injected mid-run.
 
-    python bench/soak.py                      # 32 clients, 2000 requests, on the demo model and adapters
-    python bench/soak.py --requests 200 --clients 8
+    python -m bench.soak                      # 32 clients, 2000 requests, on the demo model and adapters
+    python -m bench.soak --requests 200 --clients 8
 
 The server runs in a subprocess on loopback, over a copy of the store. Each distinct request (prompt, combination,
 length) is first sent alone; then the soak; then alone again. A third of the way in, one adapter is replaced by a
@@ -30,11 +30,9 @@ from pathlib import Path
 import httpx
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import REPO, describe_run, mixserve  # noqa: E402
-from server.config import DEMO_MODEL_DIR  # noqa: E402
-from server.demo.corpus import prompts  # noqa: E402
+from bench.common import REPO, describe_run, mixserve
+from server.config import DEMO_MODEL_DIR
+from server.demo.corpus import prompts
 
 
 @dataclass(frozen=True)

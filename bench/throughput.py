@@ -1,6 +1,6 @@
 """Throughput of mixed-adapter serving against its ceiling and the obvious server, side by side in one run.
 
-    python bench/throughput.py            (make bench-throughput)
+    python -m bench.throughput            (make bench-throughput)
 
 Contenders, each behind real HTTP on loopback with 16 concurrent clients (32-token prompts, 32 new tokens, greedy):
   (a) mixserve, each client with its own combination of 1-3 adapters
@@ -12,16 +12,13 @@ once with mixes of every type (4 LoRA r16, 2 LoHa r8, 1 LoKr, 1 OFT) and once wi
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import threading
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     ADAPTERS,
     HEADER,
     LORAS,
@@ -133,7 +130,7 @@ def run_mixserve(model_dir: Path, store: Path, loads: dict[str, list[list[dict]]
 
 def run_obvious(model_dir: Path, store: Path, loads: dict[str, list[list[dict]]]) -> dict[str, Result]:
     results = {}
-    with Process([str(Path(__file__).resolve()), "--serve-obvious", str(model_dir), str(store)]) as obvious:
+    with Process(["-m", "bench.throughput", "--serve-obvious", str(model_dir), str(store)]) as obvious:
         for name, load in loads.items():
             run_load("warm-up", obvious.url, [bodies[:1] for bodies in load[:2]], path="/generate", stream=False)
             results[name] = run_load(name, obvious.url, load, path="/generate", stream=False)

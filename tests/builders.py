@@ -6,35 +6,21 @@ from pathlib import Path
 
 import torch
 from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, ShiraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, ByT5Tokenizer, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, Qwen2Config
 
-from server.demo.build import save_adapter
+from server.demo import tiny
 
 ARCHITECTURES = {
-    "llama": lambda vocab: LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=1,
-        pad_token_id=0,
-        bos_token_id=None,
-    ),
+    "llama": lambda: tiny.config(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, positions=256),
     # Qwen2: biases on q/k/v, untied head
-    "qwen2": lambda vocab: Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=1,
-        pad_token_id=0,
-        bos_token_id=None,
+    "qwen2": lambda: tiny.config(
+        hidden=64,
+        intermediate=96,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        positions=256,
+        architecture=Qwen2Config,
         tie_word_embeddings=False,
     ),
 }
@@ -115,7 +101,7 @@ ADALORA_PRUNED = "adalora.pruned"
 def build_base(directory: Path, architecture: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer = ByT5Tokenizer()
-    model = AutoModelForCausalLM.from_config(ARCHITECTURES[architecture](len(tokenizer)))
+    model = AutoModelForCausalLM.from_config(ARCHITECTURES[architecture]())
     # random init of this size gives near-uniform logits: widen them so that greedy choices are clear
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(20)
@@ -127,7 +113,7 @@ def build_base(directory: Path, architecture: str, seed: int = 0) -> Path:
 def build_store(model_dir: Path, store: Path) -> Path:
     store.mkdir(parents=True, exist_ok=True)
     for seed, (name, (config, scale)) in enumerate({**ADAPTERS, **VARIANTS}.items(), start=1):
-        save_adapter(model_dir, config, store / name, seed=seed, base_name=str(model_dir.name), scale=scale)
+        tiny.save_adapter(model_dir, config, store / name, seed=seed, base_name=str(model_dir.name), scale=scale)
     _save_pruned_adalora(model_dir, store / ADALORA_PRUNED)
     return store
 

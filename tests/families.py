@@ -30,7 +30,7 @@ from transformers import (
     Starcoder2Config,
 )
 
-from server.demo.build import save_adapter
+from server.demo.tiny import save_adapter
 
 WINDOW = 6
 _COMMON = {"vocab_size": 384, "eos_token_id": 1, "pad_token_id": 0, "bos_token_id": None, "tie_word_embeddings": False}

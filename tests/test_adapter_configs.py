@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
-from server.demo.build import save_adapter
+from server.demo.tiny import save_adapter
 from server.engine.runner import ModelRunner
 from server.errors import AdapterInvalid
 from server.model import load_model

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, ByT5Tokenizer, LlamaConfig
 from server.adapters.mixing import MixedLinear
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
-from server.demo.build import save_adapter
+from server.demo.tiny import save_adapter
 from server.engine.runner import ModelRunner
 from server.model import encode_prompt, load_model
 from tests.reference import reference_greedy

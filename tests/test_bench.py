@@ -11,9 +11,9 @@ import pytest
 from tests.conftest import REPO
 
 BENCHMARKS = {
-    "throughput.py": ["(a) mixserve, mixed types", "(c) obvious server, LoRA only", "a/b =", "a/c ="],
-    "engine_choice.py": ["mixserve / transformers"],
-    "adapter_load.py": ["cold load, POST .../load", "host-tier reload", "gap ratio p99 loading / quiet ="],
+    "throughput": ["(a) mixserve, mixed types", "(c) obvious server, LoRA only", "a/b =", "a/c ="],
+    "engine_choice": ["mixserve / transformers"],
+    "adapter_load": ["cold load, POST .../load", "host-tier reload", "gap ratio p99 loading / quiet ="],
 }
 
 
@@ -26,7 +26,7 @@ def workdir(tmp_path_factory):
 @pytest.mark.parametrize("script", BENCHMARKS)
 def test_benchmark_runs_in_quick_mode_and_prints_its_ratios(script, workdir):
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script), "--quick", "--workdir", str(workdir)],
+        [sys.executable, "-m", f"bench.{script}", "--quick", "--workdir", str(workdir)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -9,7 +9,6 @@ bit (another architecture or BLAS may round differently).
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time
@@ -17,9 +16,10 @@ from pathlib import Path
 
 import torch
 from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PeftConfig, ShiraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, ByT5Tokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, GenerationConfig, LlamaForCausalLM
 
 from server.config import DEMO_MODEL_DIR
+from server.demo import tiny
 from server.demo.corpus import STYLES, Style, plain_text, styled_paragraph
 
 DEMO_BASE_NAME = "mixserve-demo"
@@ -90,19 +90,7 @@ def train(model: torch.nn.Module, stream: torch.Tensor, steps: int, lr: float, s
 def build_base(out: Path, steps: int = 600, seed: int = 0) -> float:
     torch.manual_seed(seed)
     tokenizer = ByT5Tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=320,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    config = tiny.config(hidden=128, intermediate=320, layers=3, heads=4, kv_heads=2, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
     rng = random.Random(seed)
     loss = train(model, encode(tokenizer, [plain_text(rng) for _ in range(6000)]), steps, 3e-3, seed)
@@ -122,36 +110,8 @@ def build_adapter(model_dir: Path, style: Style, out: Path, steps: int = 200, se
     rng = random.Random(seed)
     stream = encode(tokenizer, [styled_paragraph(rng, style) for _ in range(3000)])
     loss = train(model, stream, steps, LEARNING_RATES[style.peft_type], seed, surprise=SURPRISE)
-    save_peft(model, out, DEMO_BASE_NAME)
+    tiny.save_peft(model, out, DEMO_BASE_NAME)
     return loss
-
-
-def save_peft(model, out: Path, base_name: str) -> None:
-    """save_pretrained, made reproducible: no README, the base named, keys sorted, target modules in order."""
-    if out.exists():
-        shutil.rmtree(out)
-    model.save_pretrained(out)
-    (out / "README.md").unlink(missing_ok=True)
-    config_path = out / "adapter_config.json"
-    saved = json.loads(config_path.read_text())
-    saved["base_model_name_or_path"] = base_name
-    if isinstance(saved.get("target_modules"), list):
-        saved["target_modules"] = sorted(saved["target_modules"])  # peft saves a set: order varies per run
-    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-
-
-def save_adapter(model_dir: Path, config: PeftConfig, out: Path, seed: int, base_name: str, scale: float = 1.0):
-    """An untrained adapter with random (non-identity) weights, for tests and benchmarks: wraps the base at
-    model_dir with config, draws its weights from seed (scaled), saves it to out."""
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
-    peft_model = get_peft_model(base, config)
-    if scale != 1.0:
-        with torch.no_grad():
-            for param in peft_model.parameters():
-                if param.requires_grad:
-                    param.mul_(scale)
-    save_peft(peft_model, out, base_name)
 
 
 def build(model_dir: Path = DEMO_MODEL_DIR, adapters_dir: Path = Path("adapters_store")) -> None:
