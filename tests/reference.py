@@ -1,4 +1,4 @@
-"""The oracle of DESIGN.md: a fresh PeftMixedModel with exactly the combination, loaded in canonical order."""
+"""The oracle of docs/contract.md: a fresh PeftMixedModel with exactly the combination, loaded in canonical order."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-# DESIGN.md: nesting, innermost first; within a type, the order of the request
+# docs/contract.md: nesting, innermost first; within a type, the order of the request
 CANONICAL = ["SHIRA", "OFT", "LORA", "ADALORA", "LOHA", "LOKR"]
 
 

@@ -1,4 +1,4 @@
-"""The first test oracle (DESIGN.md): every combination equals a fresh PeftMixedModel in canonical order."""
+"""The first test oracle (docs/contract.md): every combination equals a fresh PeftMixedModel in canonical order."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Adapter types, one module each, and the canonical composition order of DESIGN.md."""
+"""Adapter types, one module each, and the canonical composition order of docs/contract.md."""
 
 from .adalora import AdaLoraKind
 from .base import Kind, LayerAdapter

@@ -23,7 +23,7 @@ class LayerShape:
 class LayerAdapter:
     """One adapter's weights on one Linear layer of the base model.
 
-    Semantics, for the rows x of that layer's input, with the adapters in canonical nesting order (DESIGN.md):
+    Semantics, for the rows x of that layer's input, with the adapters in canonical nesting order (docs/contract.md):
         x' = rotate_k(... rotate_1(x))                         # OFT: rotates_input
         W' = W + S_1 + ... + S_m                               # SHiRA: adds_to_weight
         y  = F.linear(x', W', b) + sum(delta(x) for LoRA, AdaLoRA, LoHa, LoKr)
