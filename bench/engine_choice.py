@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, GenerationConfig
 
 from bench.common import build_bench_model, describe_run, prompt
+from server.adapters.combination import Combination
 from server.config import Settings
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
@@ -56,7 +57,7 @@ def mixserve_engine(model_dir: Path, store: Path, prompts: list[list[int]], batc
 
     async def run(chunk: list[list[int]]) -> int:
         params = SamplingParams(max_new_tokens=NEW_TOKENS)
-        handles = [state.engine.submit(GenerationRequest(str(i), p, [], params)) for i, p in enumerate(chunk)]
+        handles = [state.engine.submit(GenerationRequest(str(i), p, Combination(), params)) for i, p in enumerate(chunk)]
         return sum([len((await h.result()).tokens) for h in handles])
 
     try:

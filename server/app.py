@@ -29,9 +29,11 @@ root, OpenAI-compatible ones under /v1."""
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = await asyncio.to_thread(ServerState.start, settings)
+        metrics = Metrics()
+        state = await asyncio.to_thread(ServerState.start, settings, metrics)
+        metrics.watch(state)
         app.state.mixserve = state
-        app.state.metrics = Metrics(state)
+        app.state.metrics = metrics
         try:
             yield
         finally:

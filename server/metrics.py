@@ -13,16 +13,16 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from server.engine.sequence import Sequence
-from server.state import ServerState
 
 LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120)
 PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 
 
 class Metrics:
-    """One server's metrics, in a registry of its own."""
+    """One server's metrics, in a registry of its own. Its `observe_*` methods are the hooks the registry and the
+    engine are built with; `watch` adds the gauges read from the running server at scrape time."""
 
-    def __init__(self, state: ServerState):
+    def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
         self.requests = Counter(
             "mixserve:requests", "HTTP requests, by route and status", ["route", "status"], registry=registry
@@ -62,10 +62,10 @@ class Metrics:
         self.adapter_evictions = Counter(
             "mixserve:adapter_evictions", "Adapters unloaded to make room", registry=registry
         )
-        registry.register(_Live(state))
-        state.engine.on_finished = self.observe_finished
-        state.registry.on_load = self.observe_load
-        state.registry.on_evict = lambda name: self.adapter_evictions.inc()
+
+    def watch(self, state) -> None:
+        """state: the ServerState whose engine and registry the gauges read."""
+        self.registry.register(_Live(state))
 
     def observe_finished(self, seq: Sequence) -> None:
         self.finished.labels(seq.finish_reason).inc()
@@ -83,11 +83,14 @@ class Metrics:
         if seconds is not None:
             self.adapter_load_seconds.observe(seconds)
 
+    def observe_evict(self, name: str) -> None:
+        self.adapter_evictions.inc()
+
 
 class _Live:
     """Gauges read from the engine and the registry when scraped."""
 
-    def __init__(self, state: ServerState):
+    def __init__(self, state):
         self.state = state
 
     def collect(self):

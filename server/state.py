@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.config import Settings
-from server.engine.engine import Engine
+from server.engine.engine import Engine, Inbox
 from server.errors import MixserveError
+from server.metrics import Metrics
 from server.model import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,15 @@ class ServerState:
     started_at: float
 
     @classmethod
-    def start(cls, settings: Settings) -> ServerState:
+    def start(cls, settings: Settings, metrics: Metrics | None = None) -> ServerState:
         for note in settings.notes:
             log.warning("settings: %s", note)
         device, dtype = settings.torch_device, settings.torch_dtype
         model = load_model(settings.model_path, device, dtype)
         tokenizer = load_tokenizer(settings.model_path)
         store = AdapterStore(settings.adapters_dir, allow_pickle=settings.allow_pickle)
+        metrics = metrics or Metrics()
+        inbox = Inbox()  # the engine's: finished loads wake it
         registry = AdapterRegistry(
             model,
             store,
@@ -46,19 +49,24 @@ class ServerState:
             memory=settings.adapter_memory,
             host_cache=settings.host_cache,
             retry_seconds=settings.load_retry_seconds,
+            wake=inbox.wake,
+            on_load=metrics.observe_load,
+            on_evict=metrics.observe_evict,
         )
         engine = Engine(
             model,
             tokenizer,
             registry,
+            inbox,
             max_batch_size=settings.max_batch_size,
             max_batch_tokens=settings.max_batch_tokens,
             max_queue=settings.max_queue,
+            on_finished=metrics.observe_finished,
         )
         engine.start()
         for name in settings.preload_names:  # before the server answers /health
             try:
-                engine.call(lambda name=name: registry.ensure(name)).result().result()
+                registry.ensure(name).result()
             except MixserveError as exc:
                 engine.stop()
                 raise RuntimeError(f"MIXSERVE_PRELOAD: {exc.message}") from exc

@@ -11,6 +11,7 @@ import httpx
 import pytest
 import torch
 
+from server.adapters.combination import Combination
 from server.adapters.registry import NoRoom
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
@@ -34,11 +35,11 @@ def state(llama):
 
 def _request(state, prompt: str, names: list[str], new_tokens: int, rid: str = "r") -> GenerationRequest:
     ids = encode_prompt(state.tokenizer, prompt)
-    return GenerationRequest(rid, ids, names, SamplingParams(max_new_tokens=new_tokens))
+    return GenerationRequest(rid, ids, Combination(tuple(names)), SamplingParams(max_new_tokens=new_tokens))
 
 
 def _assert_matches_reference(world, seq) -> None:
-    names, prompt = seq.request.adapters, seq.request.prompt_ids
+    names, prompt = list(seq.request.adapters.names), seq.request.prompt_ids
     assert seq.tokens == reference_greedy(world.model_dir, world.store, names, prompt, len(seq.tokens))
     # every generated token's logprob equals the reference's log-softmax at that position
     logits = reference_logits(world.model_dir, world.store, names, prompt + seq.tokens[:-1])
@@ -206,7 +207,7 @@ def test_no_combination_waits_behind_later_requests(serve, llama):
 def test_scheduler_admits_in_order_within_batch_and_token_budget():
     class Fake:
         def __init__(self, n, adapters=()):
-            self.request = GenerationRequest("f", [1] * n, list(adapters), SamplingParams())
+            self.request = GenerationRequest("f", [1] * n, Combination(tuple(adapters)), SamplingParams())
             self.cancelled = False
 
     def ready(seq, protected):
@@ -227,14 +228,14 @@ def test_scheduler_admits_in_order_within_batch_and_token_budget():
 def test_scheduler_skips_loading_requests_and_stops_at_one_short_of_memory():
     class Fake:
         def __init__(self, adapter):
-            self.request = GenerationRequest("f", [1, 2], [adapter], SamplingParams())
+            self.request = GenerationRequest("f", [1, 2], Combination((adapter,)), SamplingParams())
             self.cancelled = False
 
     seen = []
 
     def ready(seq, protected):
-        seen.append((seq.request.adapters[0], set(protected)))
-        state = seq.request.adapters[0]
+        seen.append((seq.request.adapters.names[0], set(protected)))
+        state = seq.request.adapters.names[0]
         if state == "loading":
             return False
         if state == "no-room":
@@ -247,9 +248,9 @@ def test_scheduler_skips_loading_requests_and_stops_at_one_short_of_memory():
     for adapter in ("loading", "ok", "broken", "no-room", "later"):
         scheduler.add(Fake(adapter))
     admitted, failed = scheduler.admit(0, ready)
-    assert [s.request.adapters for s in admitted] == [["ok"]]
-    assert [s.request.adapters for s, _ in failed] == [["broken"]]
-    assert [s.request.adapters for s in scheduler.waiting] == [["loading"], ["no-room"], ["later"]]
+    assert [str(s.request.adapters) for s in admitted] == ["ok"]
+    assert [str(s.request.adapters) for s, _ in failed] == ["broken"]
+    assert [str(s.request.adapters) for s in scheduler.waiting] == ["loading", "no-room", "later"]
     assert ("later", {"loading"}) not in seen  # nothing behind the request short of memory was tried
     assert ("ok", {"loading"}) in seen  # adapters of older waiting requests are protected
 
@@ -257,11 +258,11 @@ def test_scheduler_skips_loading_requests_and_stops_at_one_short_of_memory():
 def test_scheduler_keeps_an_unexpected_error_with_the_request_that_raised_it():
     class Fake:
         def __init__(self, adapter):
-            self.request = GenerationRequest("f", [1, 2], [adapter], SamplingParams())
+            self.request = GenerationRequest("f", [1, 2], Combination((adapter,)), SamplingParams())
             self.cancelled = False
 
     def ready(seq, protected):
-        if seq.request.adapters == ["crash"]:
+        if str(seq.request.adapters) == "crash":
             raise OSError("stat failed")
         return True
 
@@ -269,6 +270,6 @@ def test_scheduler_keeps_an_unexpected_error_with_the_request_that_raised_it():
     for adapter in ("ok", "crash", "later"):
         scheduler.add(Fake(adapter))
     admitted, failed = scheduler.admit(0, ready)
-    assert [s.request.adapters for s in admitted] == [["ok"], ["later"]]
-    assert [(s.request.adapters, type(e)) for s, e in failed] == [(["crash"], OSError)]
+    assert [str(s.request.adapters) for s in admitted] == ["ok", "later"]
+    assert [(str(s.request.adapters), type(e)) for s, e in failed] == [("crash", OSError)]
     assert not scheduler.waiting

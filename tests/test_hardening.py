@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from server.adapters import registry as registry_module
+from server.adapters import loader as loader_module
 from server.adapters.build import BuiltAdapter
 from server.auth import OPEN_PATHS, Keyring, Unauthorized
 from server.errors import AdapterOutOfMemory, Overloaded
@@ -401,13 +401,14 @@ def test_expected_refusals_are_logged_at_info_not_error(guarded, caplog):
 
 
 def _submit(server, prompt: str, adapters: list[str], tokens: int = 4, request_id: str = "r", **params):
+    from server.adapters.combination import Combination
     from server.engine.sampling import SamplingParams
     from server.engine.sequence import GenerationRequest
     from server.model import encode_prompt
 
     ids = encode_prompt(server.state.tokenizer, prompt)
     sampling = SamplingParams(max_new_tokens=tokens, ignore_eos=True, **params)
-    return server.state.engine.submit(GenerationRequest(request_id, ids, adapters, sampling))
+    return server.state.engine.submit(GenerationRequest(request_id, ids, Combination(tuple(adapters)), sampling))
 
 
 async def _outcome(handle, timeout: float = 60):
@@ -505,7 +506,7 @@ def test_loader_errors_name_no_server_path(serve, llama, tmp_path, monkeypatch):
     for name in ("lora", "unreadable", "crashes"):
         shutil.copytree(llama.store / "lora", store / name)
     server = serve(llama.settings(adapters_dir=store))
-    read_bytes, build = Path.read_bytes, registry_module.build_adapter
+    read_bytes, build = Path.read_bytes, loader_module.build_adapter
 
     def unreadable(path):
         if path.parent.name == "unreadable":
@@ -518,7 +519,7 @@ def test_loader_errors_name_no_server_path(serve, llama, tmp_path, monkeypatch):
         return build(files, *args)
 
     monkeypatch.setattr(Path, "read_bytes", unreadable)
-    monkeypatch.setattr(registry_module, "build_adapter", crashes)
+    monkeypatch.setattr(loader_module, "build_adapter", crashes)
     for name, status in (("unreadable", 422), ("crashes", 424)):
         response = generate(server, [name])
         assert response.status_code == status, response.text

@@ -292,6 +292,7 @@ def test_a_combination_that_can_never_fit_is_refused_at_once(serve, llama, store
 
 
 def test_the_engine_refuses_too_many_adapters_even_past_the_edge(serve, llama, store):
+    from server.adapters.combination import Combination
     from server.engine.sampling import SamplingParams
     from server.engine.sequence import GenerationRequest
     from server.errors import ValidationError
@@ -300,7 +301,7 @@ def test_the_engine_refuses_too_many_adapters_even_past_the_edge(serve, llama, s
     ids = encode_prompt(server.state.tokenizer, PROMPT)
 
     async def submit():
-        handle = server.state.engine.submit(GenerationRequest("r", ids, ["lora", "oft"], SamplingParams(2)))
+        handle = server.state.engine.submit(GenerationRequest("r", ids, Combination(("lora", "oft")), SamplingParams(2)))
         return await asyncio.wait_for(handle.result(), 30)
 
     with pytest.raises(ValidationError, match="MIXSERVE_MAX_LOADED_ADAPTERS allows 1"):

@@ -10,6 +10,7 @@ import torch
 from peft.tuners.mixed import COMPATIBLE_TUNER_TYPES
 from safetensors.torch import load_file
 
+from server.adapters.combination import Combination
 from server.adapters.kinds import CANONICAL_ORDER
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
@@ -72,7 +73,7 @@ def engine_world(world_factory):
 def test_greedy_tokens_equal_reference(engine_world, names):
     world, state = engine_world
     ids = encode_prompt(state.tokenizer, PROMPT)
-    request = GenerationRequest("oracle", ids, names, SamplingParams(max_new_tokens=12))
+    request = GenerationRequest("oracle", ids, Combination(tuple(names)), SamplingParams(max_new_tokens=12))
     seq = asyncio.run(state.engine.generate(request))
     expected = reference_greedy(world.model_dir, world.store, names, ids, 12)
     assert seq.tokens == expected[: len(seq.tokens)]

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from server.adapters.combination import Combination
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.engine.sampling import SamplingParams
@@ -34,7 +35,9 @@ NEW_TOKENS = 8
 
 def _generate(state, rows: list[tuple[str, list[str]]]):
     requests = [
-        GenerationRequest(f"r{i}", encode_prompt(state.tokenizer, prompt), names, SamplingParams(NEW_TOKENS))
+        GenerationRequest(
+            f"r{i}", encode_prompt(state.tokenizer, prompt), Combination(tuple(names)), SamplingParams(NEW_TOKENS)
+        )
         for i, (prompt, names) in enumerate(rows)
     ]
 
@@ -54,7 +57,7 @@ def test_mixed_batch_in_reduced_precision_matches_peft_in_that_dtype(llama, dtyp
     finally:
         state.stop()
     for seq in seqs:
-        names, prompt = seq.request.adapters, seq.request.prompt_ids
+        names, prompt = list(seq.request.adapters.names), seq.request.prompt_ids
         # the reference reads our tokens (teacher forcing), so every step is compared, near-ties or not
         logits = reference_logits(llama.model_dir, llama.store, names, prompt + seq.tokens[:-1], dtype)
         logits = logits[len(prompt) - 1 :].float()

@@ -15,35 +15,15 @@ import torch
 from peft import PeftConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from server.adapters.kinds import CANONICAL_ORDER, KINDS, Kind, LayerAdapter
-from server.adapters.kinds.base import LayerShape
+from server.adapters.mixing import BaseLayout
 from server.adapters.store import AdapterFiles
 from server.errors import AdapterInvalid
 
 SAVED_PREFIX = "base_model.model."
 _ROUTED_EXPERT = re.compile(r"\.experts\.\d+\.")
-
-
-class BaseLayout:
-    """The base model's modules as they were before any adapter was attached.
-
-    `linears` are the layers adapters can target: Linear, and GPT-2-style Conv1D (its weight transposed).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model_type = getattr(model.config, "model_type", None)
-        self.modules = dict(model.named_modules())
-        self.linears = {name: m for name, m in self.modules.items() if isinstance(m, (nn.Linear, Conv1D))}
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self.output_embedding = next((n for n, m in self.modules.items() if m is output), None)
-
-    def shape(self, module_name: str) -> LayerShape:
-        weight = self.linears[module_name].weight  # Linear: [out, in]; Conv1D: [in, out]
-        out_f, in_f = weight.shape if isinstance(self.linears[module_name], nn.Linear) else weight.shape[::-1]
-        return LayerShape(in_f, out_f)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Per-row adapter combinations on the model's Linear layers.
+"""Per-row adapter combinations on the model's Linear layers, and the only code that edits the model.
 
 For each forward pass the model runner publishes a `BatchPlan` (which adapters each batch row uses) in the
 `MixingContext`. Every wrapped layer computes the base output once for the whole batch and applies each row's own
@@ -21,6 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from server.adapters.kinds import LayerAdapter
+from server.adapters.kinds.base import LayerShape
 from server.adapters.kinds.lora import ParameterLora
 
 _plan_ids = itertools.count()
@@ -339,6 +340,52 @@ def _gather(parts: list, rows: int):
     return out.flatten(0, 1)
 
 
-def mixed_layer(module: nn.Module, context: MixingContext) -> MixedLinear | MixedParameters:
-    """The wrapper that serves adapters on module: on its input and output (Linear, Conv1D), or on its parameters."""
-    return MixedLinear(module, context) if isinstance(module, (nn.Linear, Conv1D)) else MixedParameters(module, context)
+class BaseLayout:
+    """The base model's modules as they were before any adapter was attached.
+
+    `linears` are the layers adapters can target: Linear, and GPT-2-style Conv1D (its weight transposed).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model_type = getattr(model.config, "model_type", None)
+        self.modules = dict(model.named_modules())
+        self.linears = {name: m for name, m in self.modules.items() if isinstance(m, (nn.Linear, Conv1D))}
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.output_embedding = next((n for n, m in self.modules.items() if m is output), None)
+
+    def shape(self, module_name: str) -> LayerShape:
+        weight = self.linears[module_name].weight  # Linear: [out, in]; Conv1D: [in, out]
+        out_f, in_f = weight.shape if isinstance(self.linears[module_name], nn.Linear) else weight.shape[::-1]
+        return LayerShape(in_f, out_f)
+
+
+class MixedModel:
+    """The model's layers that serve adapters: each module is wrapped in place the first time an adapter targets it,
+    and kept (without adapters a wrapper costs one lookup per pass). Called only on the model's thread."""
+
+    def __init__(self, layout: BaseLayout, context: MixingContext):
+        self.layout = layout
+        self.context = context
+        self._wrappers: dict[str, MixedLinear | MixedParameters] = {}
+
+    def attach(self, slot: int, layers: dict[str, LayerAdapter | ParameterLora]) -> None:
+        for module_name, layer in layers.items():
+            self._wrapper(module_name).attach(slot, layer)
+
+    def detach(self, slot: int, module_names) -> None:
+        for module_name in module_names:
+            self._wrappers[module_name].detach(slot)
+
+    def _wrapper(self, module_name: str) -> MixedLinear | MixedParameters:
+        if module_name not in self._wrappers:
+            module = self.layout.modules[module_name]
+            # on its input and output (Linear, Conv1D), or on its parameters
+            wrapper = (
+                MixedLinear(module, self.context)
+                if isinstance(module, (nn.Linear, Conv1D))
+                else MixedParameters(module, self.context)
+            )
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(self.layout.modules[parent_name], child, wrapper)
+            self._wrappers[module_name] = wrapper
+        return self._wrappers[module_name]

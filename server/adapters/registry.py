@@ -1,40 +1,39 @@
-"""What is loaded: adapters resident in the model (each version under its own slot), a host-memory tier of
-recently evicted ones, and the loads in flight.
+"""What is resident: adapters attached to the model (each version under its own slot), a host-memory tier of
+recently evicted ones, the running requests' references to them, and the budget that decides what is evicted.
 
-Reading, checking and building an adapter happens in a loader pool, off the model's thread. Everything that
-touches the model — attaching, evicting, unloading — happens on the engine's thread at a step boundary
-(`resolve`, `poll`, `ensure`, `unload`); listings may come from any thread.
+Loads happen in the AdapterLoader, off the model's thread. Everything that touches the model — attaching, evicting,
+unloading — happens on the engine's thread at a step boundary (`resolve`, `poll`, `unload`); listings and `ensure`
+may come from any thread.
 
 Lifecycle of a name: its files' stat signature is taken on every request. A signature that no resident version
-has starts one load (single-flight); requests wait for it while everything else keeps running. A load that fails
-is remembered for `retry_seconds`: in that window requests get the old version if there is one (a corrupt or
-half-written update leaves the old one serving), else the error; after it, the next request retries. A new
-version replaces the old one for new requests; requests already running keep the old one, which is freed when
-the last of them finishes.
+has starts one load; requests wait for it while everything else keeps running. While a load of that version failed
+recently, requests get the old version if there is one (a corrupt or half-written update leaves the old one
+serving), else the error. A new version replaces the old one for new requests; requests already running keep the
+old one, which is freed when the last of them finishes.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from server.adapters.build import BaseLayout, BuiltAdapter, build_adapter, check_mixable
+from server.adapters.build import BuiltAdapter, check_mixable
 from server.adapters.kinds import CANONICAL_ORDER
-from server.adapters.mixing import MixedLinear, MixedParameters, MixingContext, mixed_layer
+from server.adapters.loader import CPU, AdapterLoader, FinishedLoad
+from server.adapters.mixing import BaseLayout, MixedModel, MixingContext
 from server.adapters.store import AdapterStore
-from server.errors import AdapterBusy, AdapterLoadFailed, AdapterOutOfMemory, MixserveError, ValidationError
+from server.errors import AdapterBusy, AdapterOutOfMemory, MixserveError, ValidationError
 
 log = logging.getLogger(__name__)
-CPU = torch.device("cpu")
 CAPACITY_SECONDS = 10.0  # without MIXSERVE_MAX_LOADED_ADAPTERS, capacity counts the store at most this often
 
 
@@ -68,18 +67,9 @@ class LoadedAdapter:
 
 
 @dataclass
-class _Failure:
-    signature: tuple
-    at: float
-    error: MixserveError
-
-
-@dataclass
 class _Entry:
     current: LoadedAdapter | None = None  # the newest good version
     retired: list[LoadedAdapter] = field(default_factory=list)  # older versions still running
-    loading: tuple | None = None  # signature of the load in flight
-    failure: _Failure | None = None
 
 
 class AdapterRegistry:
@@ -95,28 +85,31 @@ class AdapterRegistry:
         host_cache: int = 0,
         retry_seconds: float = 1.0,
         loader_threads: int = 2,
+        wake: Callable[[], None] = lambda: None,
+        on_load: Callable[[float | None, str], None] = lambda seconds, outcome: None,
+        on_evict: Callable[[str], None] = lambda name: None,
     ):
+        """wake: called from any thread when the engine's thread has work here (a load finished, a load asked for);
+        on_load and on_evict: for metrics."""
         self.store = store
         self.device = device
-        self.dtype = dtype
         self.max_loaded = max_loaded
         self.memory = memory
         self.host_cache = host_cache
-        self.retry_seconds = retry_seconds
         self.context = MixingContext()
-        self._layout = BaseLayout(model)
-        self._wrappers: dict[str, MixedLinear | MixedParameters] = {}
+        layout = BaseLayout(model)
+        self.model = MixedModel(layout, self.context)
+        self.loader = AdapterLoader(
+            store, layout, dtype, retry_seconds=retry_seconds, threads=loader_threads, wake=wake, on_load=on_load
+        )
+        self._wake = wake
+        self._on_evict = on_evict
         self._entries: dict[str, _Entry] = {}
         self._host: OrderedDict[str, LoadedAdapter] = OrderedDict()  # evicted, kept in host memory; LRU first
         self._slots = itertools.count()
-        self._pool = ThreadPoolExecutor(loader_threads, thread_name_prefix="mixserve-loader")
-        self._finished: queue.SimpleQueue = queue.SimpleQueue()
-        self._waiters: dict[str, list[Future]] = {}
-        self._lock = threading.Lock()  # guards _entries and _host for readers on other threads
+        self._waiters: dict[str, list[Future]] = {}  # `ensure`'s callers, by name
+        self._lock = threading.Lock()  # guards _entries, _host and _waiters for other threads
         self._capacity: tuple[float, int] | None = None  # (when counted, adapters in the store)
-        self.on_load = lambda seconds, outcome: None  # hooks, for metrics
-        self.on_evict = lambda name: None
-        self.wake = lambda: None  # called from a loader thread when a load finished
 
     @property
     def capacity(self) -> int:
@@ -130,7 +123,7 @@ class AdapterRegistry:
         return self._capacity[1]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.loader.close()
 
     # --- any thread
 
@@ -148,26 +141,26 @@ class AdapterRegistry:
             entry = self._entries.get(name)
             return entry.current if entry else None
 
-    def canonical(self, names: list[str]) -> list[str]:
-        """names in canonical composition order, by their types (read from the store when not loaded)."""
-        types = {}
-        for name in names:
-            current = self.get(name)
-            types[name] = current.peft_type if current else self.store.peft_type(name)
-            check_mixable(name, types[name])
-        return sorted(names, key=lambda n: CANONICAL_ORDER.index(types[n]))
+    def peft_type(self, name: str) -> str:
+        """The adapter's type: the loaded version's, else its config's (cached by the file's stat). Raises for an
+        adapter that is not in the store or whose type cannot be mixed."""
+        current = self.get(name)
+        peft_type = current.peft_type if current else self.store.peft_type(name)
+        check_mixable(name, peft_type)
+        return peft_type
 
     def describe(self, name: str) -> dict:
         """State (available | loading | loaded | host | error), version, bytes, times, error text."""
         with self._lock:
             entry = self._entries.get(name) or _Entry()
             current = entry.current
+        error = self.loader.last_error(name)
         state = "available"
         if current is not None:
             state = "loaded" if current.resident else "host"
-        elif entry.failure is not None:
+        elif error is not None:
             state = "error"
-        if entry.loading is not None:
+        if self.loader.is_loading(name):
             state = "loading"
         info = {"name": name, "state": state, "loaded": current is not None and current.resident}
         if current is not None:
@@ -183,8 +176,8 @@ class AdapterRegistry:
                 last_load_ms=round(current.load_ms, 1),
                 running_requests=current.refs,
             )
-        if entry.failure is not None:
-            info["error"] = entry.failure.error.message
+        if error is not None:
+            info["error"] = error.message
         return info
 
     # --- the engine's thread
@@ -228,14 +221,13 @@ class AdapterRegistry:
                 self._drop(adapter)
 
     def poll(self) -> None:
-        """Takes finished loads in; resolves API waiters (`ensure`)."""
-        while True:
-            try:
-                name, signature, outcome, seconds = self._finished.get_nowait()
-            except queue.Empty:
-                break
-            self._finish_load(name, signature, outcome, seconds)
-        for name in list(self._waiters):
+        """Takes finished loads in; resolves `ensure`'s futures."""
+        for load in self.loader.finished():
+            if not isinstance(load.outcome, MixserveError):
+                self._take(load)
+        with self._lock:
+            names = list(self._waiters)
+        for name in names:
             try:
                 adapter = self.resolve([name], set())
                 adapter = adapter and adapter[0]
@@ -251,17 +243,20 @@ class AdapterRegistry:
                 adapter = MixserveError(f"internal error loading adapter {name!r}")
             if adapter is None:
                 continue
-            for waiter in self._waiters.pop(name):
+            with self._lock:
+                waiters = self._waiters.pop(name)
+            for waiter in waiters:
                 if isinstance(adapter, MixserveError):
                     waiter.set_exception(adapter)
                 else:
                     waiter.set_result(adapter)
 
     def ensure(self, name: str) -> Future:
-        """Resident soon: the future resolves to the adapter (the API's load, preloads)."""
+        """From any thread: a future of the adapter once resident (the API's load, preloads)."""
         future: Future = Future()
-        self._waiters.setdefault(name, []).append(future)
-        self.poll()
+        with self._lock:
+            self._waiters.setdefault(name, []).append(future)
+        self._wake()
         return future
 
     def unload(self, name: str, needed: set[str]) -> bool:
@@ -291,18 +286,16 @@ class AdapterRegistry:
     def _version(self, name: str) -> LoadedAdapter | None:
         """The version of name to serve, resident or not; None while it is loading (the load starts here)."""
         signature = self.store.signature(name)
-        entry = self._entry(name)
-        current = entry.current
-        if current is None or current.built.signature != signature:
-            failure = entry.failure
-            if failure is not None and failure.signature == signature:
-                if time.monotonic() - failure.at < self.retry_seconds:
-                    if current is None:
-                        raise failure.error
-                    return current  # the new version is broken: the old one serves
-            self._start_load(name, signature, entry)
+        current = self._entry(name).current
+        if current is not None and current.built.signature == signature:
+            return current
+        error = self.loader.recent_failure(name, signature)
+        if error is None:
+            self.loader.start(name, signature)
             return None
-        return current
+        if current is None:
+            raise error
+        return current  # the new version is broken: the old one serves
 
     def _check_fits(self, adapters: list[LoadedAdapter]) -> None:
         """Refuses a combination that could never be resident at once, whatever finishes or is evicted."""
@@ -315,50 +308,21 @@ class AdapterRegistry:
             which = f"adapter {adapters[0].name!r} needs" if len(adapters) == 1 else "these adapters need together"
             raise ValidationError(f"{which} {total} bytes; MIXSERVE_ADAPTER_MEMORY is {self.memory} bytes")
 
-    def _start_load(self, name: str, signature: tuple, entry: _Entry) -> None:
-        if entry.loading == signature:
-            return
-        with self._lock:
-            entry.loading = signature
-
-        def load() -> None:
-            started = time.perf_counter()
-            try:
-                outcome = build_adapter(self.store.read(name), self._layout, CPU, self.dtype)
-            except MixserveError as exc:
-                outcome = exc
-            except Exception as exc:  # a bug or an I/O error: fail this load, not the server
-                log.exception("loading adapter %s failed", name)
-                outcome = AdapterLoadFailed(f"adapter {name!r}: could not be loaded ({type(exc).__name__})")
-            self._finished.put((name, signature, outcome, time.perf_counter() - started))
-            self.wake()
-
-        self._pool.submit(load)
-
-    def _finish_load(self, name: str, signature: tuple, outcome, seconds: float) -> None:
-        entry = self._entry(name)
-        with self._lock:
-            if entry.loading == signature:
-                entry.loading = None
-        if isinstance(outcome, MixserveError):
-            error = outcome  # 422 for an adapter that cannot be served as it is, 424 for a load that failed
-            with self._lock:
-                entry.failure = _Failure(signature, time.monotonic(), error)
-            self.on_load(None, "error")
-            log.warning("adapter %s: load failed: %s", name, outcome.message)
-            return
-        self.on_load(seconds, "success")
+    def _take(self, load: FinishedLoad) -> None:
+        """A new version becomes current (in no slot yet); the old one is dropped, or retired while it runs."""
+        entry = self._entry(load.name)
+        built: BuiltAdapter = load.outcome
         current = entry.current
-        if current is not None and current.built.version == outcome.version:
-            current.built.signature = outcome.signature  # touched, not changed
+        if current is not None and current.built.version == built.version:
+            current.built.signature = built.signature  # touched, not changed
             return
-        adapter = LoadedAdapter(built=outcome, slot=next(self._slots), load_ms=seconds * 1e3)
+        adapter = LoadedAdapter(built=built, slot=next(self._slots), load_ms=load.seconds * 1e3)
         with self._lock:
-            entry.current, entry.failure = adapter, None
-        log.info("adapter %s: version %s read and checked in %.1f ms", name, outcome.version, seconds * 1e3)
+            entry.current = adapter
+        log.info("adapter %s: version %s read and checked in %.1f ms", load.name, built.version, load.seconds * 1e3)
         if current is not None:
             with self._lock:
-                self._host.pop(name, None)
+                self._host.pop(load.name, None)
             if current.refs:
                 with self._lock:
                     entry.retired.append(current)
@@ -371,8 +335,7 @@ class AdapterRegistry:
         self._make_room(adapter, protected)
         started = time.perf_counter()
         adapter.built = self._to_device(adapter, protected)
-        for module_name, layer in adapter.built.layers.items():
-            self._wrapper(module_name).attach(adapter.slot, layer)
+        self.model.attach(adapter.slot, adapter.built.layers)
         with self._lock:
             adapter.resident = True
             self._host.pop(adapter.name, None)
@@ -419,7 +382,7 @@ class AdapterRegistry:
 
     def _evict(self, adapter: LoadedAdapter) -> None:
         self._detach(adapter)
-        self.on_evict(adapter.name)
+        self._on_evict(adapter.name)
         if adapter.nbytes > self.host_cache:
             with self._lock:
                 entry = self._entries[adapter.name]
@@ -448,16 +411,6 @@ class AdapterRegistry:
             self._detach(adapter)
 
     def _detach(self, adapter: LoadedAdapter) -> None:
-        for module_name in adapter.built.layers:
-            self._wrappers[module_name].detach(adapter.slot)
+        self.model.detach(adapter.slot, adapter.built.layers)
         with self._lock:
             adapter.resident = False
-
-    def _wrapper(self, module_name: str) -> MixedLinear | MixedParameters:
-        """Wrapped on first use and kept: without adapters a wrapper costs one lookup per pass."""
-        if module_name not in self._wrappers:
-            wrapper = mixed_layer(self._layout.modules[module_name], self.context)
-            parent_name, _, child = module_name.rpartition(".")
-            setattr(self._layout.modules[parent_name], child, wrapper)
-            self._wrappers[module_name] = wrapper
-        return self._wrappers[module_name]

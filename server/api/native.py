@@ -120,8 +120,7 @@ async def load_adapter(name: str, request: Request) -> dict:
     check_name(name)
     tenant_of(request).check([name])
     state.store.path(name)  # 404 before any work
-    ready = await asyncio.wrap_future(state.engine.call(lambda: state.registry.ensure(name)))
-    await asyncio.wrap_future(ready)
+    await asyncio.wrap_future(state.registry.ensure(name))
     return state.registry.describe(name)
 
 
@@ -160,7 +159,7 @@ def _generation_request(body: GenerateRequest, request: Request) -> GenerationRe
         },
     )
     sampling = SamplingParams(
-        max_new_tokens=params.max_new_tokens or 0,
+        max_new_tokens=params.max_new_tokens,
         do_sample=bool(params.do_sample),
         temperature=params.temperature,
         top_k=params.top_k,
@@ -202,7 +201,7 @@ def _response(body: GenerateRequest, seq: Sequence, tokenizer) -> GenerateRespon
         top_tokens=[[_token(tokenizer, t, lp) for t, lp in alts] for alts in seq.alternatives]
         if seq.request.params.top_logprobs
         else None,
-        adapters=seq.adapters,
+        adapters=list(seq.request.adapters.names),
     )
     return GenerateResponse(generated_text=_text(body, seq), details=details)
 

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from server.adapters.combination import Combination
 from server.api import validation
 from server.api.errors import OPENAI_ERRORS
 from server.api.openai_schemas import (
@@ -42,6 +43,7 @@ from server.api.openai_schemas import (
     Usage,
 )
 from server.api.serving import event_stream, request_headers, result_headers, state_of, tenant_of, until_done
+from server.engine.output import GeneratedText, without_stop
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest, Sequence
 from server.errors import ValidationError
@@ -102,7 +104,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return JSONResponse(reply.complete(seq).model_dump(), headers=result_headers(seq))
 
 
-def _adapters(state: ServerState, request: Request, body) -> list[str]:
+def _adapters(state: ServerState, request: Request, body) -> Combination:
     named = [] if body.model == state.settings.model_id else validation.split_adapter_id(body.model)
     return validation.combination(state, tenant_of(request), {"model": named, "adapters": body.adapters})
 
@@ -129,7 +131,7 @@ def _chat_prompt(tokenizer, messages: list[Message]) -> list[int]:
 def _sampling(body, max_tokens: int | None, alternatives: int, prompt_logprobs: bool) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     return SamplingParams(
-        max_new_tokens=max_tokens or 0,
+        max_new_tokens=max_tokens,
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None,
         top_k=body.top_k if temperature > 0 else None,
@@ -157,36 +159,26 @@ def _usage(seqs: list[Sequence]) -> Usage:
 
 
 class _Text:
-    """The text a client has been sent: deltas hold back what could still turn out to be a stop sequence."""
+    """The text a client has been sent, as deltas: never any of a stop sequence, not even the start of one."""
 
     def __init__(self, seq: Sequence):
         self.seq = seq
+        self.generated = GeneratedText(seq.tokenizer, seq.request.params.stop)
         self.sent = 0
 
     def final(self) -> str:
-        text, stop = self.seq.text, self.seq.stop_sequence
-        return text[: len(text) - len(stop)] if stop and text.endswith(stop) else text
+        return without_stop(self.seq.text, self.seq.stop_sequence)
 
-    def delta(self, index: int, final: bool) -> str:
+    def delta(self, token: int, final: bool) -> str:
+        """The text that token adds (events come one per token, in order)."""
         if final:
             text = self.final()
         else:
-            text = self.seq.tokenizer.decode(self.seq.tokens[: index + 1], skip_special_tokens=True)
-            text = text[: len(text) - _held_back(text, self.seq.request.params.stop)]
+            self.generated.add(token)
+            text = self.generated.shown()
         delta = text[self.sent :]
         self.sent = len(text)
         return delta
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How much of text's end could begin a stop sequence, or is an incomplete character."""
-    held = len(text) - len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                held = max(held, n)
-                break
-    return held
 
 
 class _Completions:
@@ -242,7 +234,7 @@ class _Completions:
                 yield self._chunk(CompletionChoice(index=index, text=self._echo(seq)))
         async for index, event in _merge(handles):
             seq = seqs[index]
-            delta = texts[index].delta(event.index, event.final)
+            delta = texts[index].delta(event.token, event.final)
             logprobs = None
             if self.body.logprobs is not None:
                 alts = {self.tokenizer.decode([t]): lp for t, lp in seq.alternatives[event.index]}
@@ -301,7 +293,7 @@ class _Chat:
         seq, text = handle.seq, _Text(handle.seq)
         yield self._chunk(ChatChunkChoice(index=0, delta=Delta(role="assistant", content="")))
         async for _, event in _merge([handle]):
-            delta = text.delta(event.index, event.final)
+            delta = text.delta(event.token, event.final)
             finish = FINISH[seq.finish_reason] if event.final else None
             logprobs = self._logprobs(seq, [event.index])
             if delta or finish or logprobs:

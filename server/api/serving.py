@@ -45,7 +45,7 @@ async def until_done(handle: RequestHandle, request: Request) -> Sequence:
 
 def request_headers(gen: GenerationRequest) -> dict[str, str]:
     """Known before generation: also sent on streamed responses."""
-    return {"x-adapters": "+".join(gen.adapters), "x-prompt-tokens": str(len(gen.prompt_ids))}
+    return {"x-adapters": str(gen.adapters), "x-prompt-tokens": str(len(gen.prompt_ids))}
 
 
 def result_headers(seq: Sequence) -> dict[str, str]:

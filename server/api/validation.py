@@ -4,36 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 
-from server.adapters.store import check_name
+from server.adapters.combination import Combination
 from server.api.schemas import MAX_STOP_CHARS
 from server.auth import Tenant
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from server.engine.sequence import GenerationRequest
 from server.errors import ValidationError
 from server.state import ServerState
 
 
-def combination(state: ServerState, tenant: Tenant, sources: dict[str, list[str] | None]) -> list[str]:
-    """One adapter list from whichever request fields carry it: each name valid, listed once, the tenant's, in the
-    store; returned in canonical composition order."""
-    given = {source: names for source, names in sources.items() if names}
-    if len({tuple(names) for names in given.values()}) > 1:
-        raise ValidationError(f"the adapters are given differently in {' and '.join(given)}; give them once")
-    names = next(iter(given.values()), [])
-    for name in names:
-        check_name(name)
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValidationError(f"adapters listed more than once: {', '.join(duplicates)}")
+def combination(state: ServerState, tenant: Tenant, sources: dict[str, list[str] | None]) -> Combination:
+    """The request's combination, from whichever request fields carry it (see Combination.parse)."""
     settings = state.settings
     limit = settings.max_adapters_per_request
-    if len(names) > limit:
-        source = "MIXSERVE_MAX_ADAPTERS_PER_REQUEST"
-        if limit == settings.max_loaded_adapters:
-            source = "MIXSERVE_MAX_LOADED_ADAPTERS, adapters resident at once"
-        raise ValidationError(f"{len(names)} adapters requested; at most {limit} per request ({source})")
-    tenant.check(names)
-    return state.registry.canonical(names)
+    setting = "MIXSERVE_MAX_ADAPTERS_PER_REQUEST"
+    if limit == settings.max_loaded_adapters:
+        setting = "MIXSERVE_MAX_LOADED_ADAPTERS, adapters resident at once"
+    return Combination.parse(sources, tenant, state.registry.peft_type, (limit, setting))
 
 
 def split_adapter_id(adapter_id: str | None) -> list[str] | None:
@@ -41,13 +28,15 @@ def split_adapter_id(adapter_id: str | None) -> list[str] | None:
 
 
 def generation_request(
-    state: ServerState, prompt_ids: list[int], adapters: list[str], sampling: SamplingParams, request_id: str
+    state: ServerState, prompt_ids: list[int], adapters: Combination, sampling: SamplingParams, request_id: str
 ) -> GenerationRequest:
-    """sampling.max_new_tokens <= 0 asks for the default: 100, or what the context leaves when that is less."""
+    """sampling.max_new_tokens None asks for the default, or what the context leaves when that is less."""
     settings, problems = state.settings, []
     room = (state.max_total_tokens or 10**9) - len(prompt_ids)
     max_new = (
-        sampling.max_new_tokens if sampling.max_new_tokens > 0 else max(1, min(100, settings.max_new_tokens, room))
+        sampling.max_new_tokens
+        if sampling.max_new_tokens is not None
+        else max(1, min(DEFAULT_MAX_NEW_TOKENS, settings.max_new_tokens, room))
     )
     if not prompt_ids:
         problems.append("the input encodes to no tokens")

@@ -1,7 +1,8 @@
 """The engine: handlers submit requests; one worker thread owns the model and runs iteration-level batching.
 
-Each step: drop what clients cancelled, admit waiting requests (their adapters made resident), prefill them,
-then decode one token for every running sequence. Requests join and leave the batch between steps.
+Each step: schedule (drop what clients cancelled, admit waiting requests whose adapters are resident), run (prefill
+the admitted, then decode one token for every running sequence), postprocess (sample, append, retire the finished).
+Requests join and leave the batch between steps.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import time
 import torch
 
 from server.adapters.registry import AdapterRegistry
+from server.engine.passes import IsolatedPasses
 from server.engine.runner import ModelRunner
-from server.engine.sampling import TokenChooser
+from server.engine.sampling import TokenChooser, sample
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import EventOutbox, GenerationRequest, RequestHandle, Sequence
 from server.errors import MixserveError, Overloaded, RequestTimeout, ShuttingDown
@@ -27,32 +29,53 @@ log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 0.05  # with nothing running: how often waiting requests look at loads again
 
 
+class Inbox:
+    """What reaches the engine's thread from others: new requests, calls to run there, and wake-ups (None)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, item) -> None:
+        self._queue.put(item)
+
+    def wake(self) -> None:
+        self._queue.put(None)
+
+    def get(self, timeout: float | None):
+        """The next item; raises queue.Empty after timeout (at once when timeout is None)."""
+        return self._queue.get(timeout=timeout) if timeout is not None else self._queue.get_nowait()
+
+
 class Engine:
     def __init__(
         self,
         model,
         tokenizer,
         registry: AdapterRegistry,
+        inbox: Inbox,
+        *,
         max_batch_size: int = 32,
         max_batch_tokens: int = 4096,
         max_queue: int = 256,
+        on_finished=lambda seq: None,
     ):
+        """inbox: the one the registry wakes (`AdapterRegistry(wake=inbox.wake)`); on_finished(seq): for metrics,
+        called on the engine's thread."""
         self.tokenizer = tokenizer
         self.registry = registry
         self.runner = ModelRunner(model, registry.context)
-        registry.wake = lambda: self._inbox.put(None)
+        self.passes = IsolatedPasses(self.runner, self._fail_row)
         self.scheduler = Scheduler(max_batch_size, max_batch_tokens)
         self.max_queue = max_queue
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
-        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self.on_finished = on_finished
+        self._inbox = inbox
         self._queued = 0  # submitted, not yet admitted: what MIXSERVE_MAX_QUEUE bounds
         self._waiting_adapters: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._stopping = False
         self._admitted: list[Sequence] = []  # admitted in the current step, not yet running
         self._outboxes: dict[asyncio.AbstractEventLoop, EventOutbox] = {}
-        self.passes = {"prefill": 0, "decode": 0}  # forward passes run, by kind
-        self.on_finished = lambda seq: None  # a hook for metrics: called on the engine thread
         self._thread = threading.Thread(target=self._loop, name="mixserve-engine", daemon=True)
 
     @property
@@ -73,7 +96,7 @@ class Engine:
 
     def adapters_in_use(self) -> tuple[list[str], list[str]]:
         """Names of the adapters of running requests, and of waiting ones (from any thread)."""
-        running = {name for seq in list(self.runner.rows) for name in seq.adapters}
+        running = {name for seq in list(self.runner.rows) for name in seq.request.adapters.names}
         with self._lock:
             waiting = set(self._waiting_adapters)
         return sorted(running), sorted(waiting)
@@ -83,7 +106,7 @@ class Engine:
 
     def stop(self) -> None:
         self._stopping = True
-        self._inbox.put(None)
+        self._inbox.wake()
         self._thread.join()
         self.registry.close()
 
@@ -95,7 +118,7 @@ class Engine:
             if self._queued >= self.max_queue:
                 raise Overloaded(f"{self._queued} requests are waiting (MIXSERVE_MAX_QUEUE); retry shortly")
             self._queued += 1
-            self._waiting_adapters.update(request.adapters)
+            self._waiting_adapters.update(request.adapters.names)
         seq = Sequence(
             request=request,
             chooser=TokenChooser(request.params, self.runner.device, len(request.prompt_ids)),
@@ -105,7 +128,7 @@ class Engine:
             outbox=self._outbox(asyncio.get_running_loop()),
         )
         self._inbox.put(seq)
-        return RequestHandle(seq, wake=lambda: self._inbox.put(None))
+        return RequestHandle(seq, wake=self._inbox.wake)
 
     def _outbox(self, loop: asyncio.AbstractEventLoop) -> EventOutbox:
         with self._lock:
@@ -153,13 +176,13 @@ class Engine:
     def _take_inbox(self, block: bool) -> None:
         """New requests and calls; blocks (briefly, if requests wait on loads) when there is nothing to run."""
         try:
-            item = self._inbox.get(timeout=IDLE_POLL_SECONDS) if block else self._inbox.get_nowait()
+            item = self._inbox.get(IDLE_POLL_SECONDS if block else None)
             while True:
                 if isinstance(item, Sequence):
                     self.scheduler.add(item)
                 elif item is not None:
                     self._run_call(*item)
-                item = self._inbox.get_nowait()
+                item = self._inbox.get(None)
         except queue.Empty:
             pass
 
@@ -170,68 +193,61 @@ class Engine:
             future.set_exception(exc)
 
     def step(self) -> bool:
-        """One iteration; False when it had nothing to run."""
+        """One iteration: schedule, run, postprocess. False when it had nothing to run."""
         self.registry.poll()
-        now = time.monotonic()
-        for seq in self.scheduler.drop_abandoned(now):
+        self._leave(*self.scheduler.abandoned(self.runner.rows, time.monotonic()))
+        admitted, refused = self.scheduler.admit(len(self.runner.rows), self._ready)
+        self._join(admitted, refused)
+        if admitted:
+            self._admitted = admitted
+            self._postprocess(*self.passes.prefill(admitted))
+            self._admitted = []
+            self._flush()  # first tokens out before the decode pass
+        decoding = bool(self.runner.rows)
+        if decoding:
+            self._postprocess(*self.passes.decode())
+        return bool(admitted) or decoding
+
+    def _leave(self, dropped: list[Sequence], abandoned: list[Sequence]) -> None:
+        """Requests cancelled or past their deadline leave the queue or the batch."""
+        for seq in dropped:
             self._dequeued(seq)
             seq.fail(_abandoned(seq))
-        for seq in [s for s in self.runner.rows if s.cancelled or s.expired(now)]:
+        for seq in abandoned:
             log.info("request %s abandoned after %d tokens", seq.request.request_id, len(seq.tokens))
             self._retire(seq, _abandoned(seq))
 
-        self._admitted, failed = self.scheduler.admit(len(self.runner.rows), self._ready)
-        for seq, error in failed:
+    def _join(self, admitted: list[Sequence], refused: list[tuple[Sequence, Exception]]) -> None:
+        """Requests leave the queue: the refused failed, the admitted about to run."""
+        for seq, error in refused:
             self._dequeued(seq)
             self._refuse(seq, error)
-        for seq in self._admitted:
+        for seq in admitted:
             self._dequeued(seq)
-        if self._admitted:
-            self._score_prompts([s for s in self._admitted if s.request.params.prompt_logprobs])
-            self._admitted = [s for s in self._admitted if s.finished_at is None]  # scoring may fail some
-        if self._admitted:
-            prefilled, logits = self._prefill(self._admitted)
-            if prefilled:
-                self._sample(prefilled, logits)
-            self.passes["prefill"] += 1
-            self._flush()  # first tokens out before the decode pass
-        admitted, self._admitted = bool(self._admitted), []
-        if not self.runner.rows:
-            return admitted
-        logits = self._decode()
-        if logits is not None:
-            self._sample(list(self.runner.rows), logits)
-        self.passes["decode"] += 1
-        return True
 
-    def _prefill(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Prefills seqs; when the pass fails, each alone, so that only requests whose own pass fails are failed.
-        Returns those prefilled, with their logits."""
-        try:
-            return seqs, self.runner.prefill(seqs)
-        except Exception as exc:
-            if len(seqs) == 1:
-                self._fail_row(seqs[0], exc)
-                return [], None
-            log.warning("prefill of %d requests failed (%s); prefilling each alone", len(seqs), exc)
-        outcomes = [self._prefill([seq]) for seq in seqs]
-        logits = [rows for _, rows in outcomes if rows is not None]
-        return [seq for kept, _ in outcomes for seq in kept], torch.cat(logits) if logits else None
-
-    def _decode(self) -> torch.Tensor | None:
-        """A decode pass. When it fails, each row's tokens are run alone (without the cache) to find the rows
-        that fail by themselves; those are failed and the rest decoded again. If that fails too, the step's
-        error handler fails the batch."""
-        try:
-            return self.runner.decode()
-        except Exception as exc:
-            log.warning("decode of %d rows failed (%s); checking each row alone", len(self.runner.rows), exc)
-        for seq in list(self.runner.rows):
+    def _postprocess(self, seqs: list[Sequence], logits: torch.Tensor | None) -> None:
+        """Each row's next token appended (its events sent); finished rows retired."""
+        if logits is None:
+            return
+        for seq, choice in zip(seqs, sample(seqs, logits), strict=True):
+            if isinstance(choice, Exception):
+                self._fail_row(seq, choice)
+                continue
             try:
-                self.runner.score(torch.tensor([seq.request.prompt_ids + seq.tokens]), [seq.slots])
-            except Exception as exc:
+                seq.append(choice.token, choice.logprob, choice.alternatives)
+            except Exception as exc:  # this row's decoding: fail it, not the batch
                 self._fail_row(seq, exc)
-        return self.runner.decode() if self.runner.rows else None
+                continue
+            if seq.finished:
+                self._retire(seq)
+                self.on_finished(seq)
+                log.info(
+                    "request %s: %d tokens with [%s] (%s)",
+                    seq.request.request_id,
+                    len(seq.tokens),
+                    seq.request.adapters,
+                    seq.finish_reason,
+                )
 
     def _refuse(self, seq: Sequence, error: Exception) -> None:
         """A request whose adapters could not be made ready: the adapters' own error, or for an unexpected one a
@@ -243,7 +259,7 @@ class Engine:
         log.error(
             "request %s with [%s]: preparing its adapters failed: %s: %s",
             seq.request.request_id,
-            "+".join(seq.request.adapters),
+            seq.request.adapters,
             type(error).__name__,
             error,
             exc_info=error,
@@ -254,7 +270,7 @@ class Engine:
         log.error(
             "request %s with [%s]: failed at token %d: %s: %s",
             seq.request.request_id,
-            "+".join(seq.adapters),
+            seq.request.adapters,
             len(seq.tokens),
             type(exc).__name__,
             exc,
@@ -264,12 +280,11 @@ class Engine:
 
     def _ready(self, seq: Sequence, protected: set[str]) -> bool:
         """Makes seq's adapters resident and takes them; False while one is loading."""
-        adapters = self.registry.resolve(seq.request.adapters, protected)
+        adapters = self.registry.resolve(seq.request.adapters.names, protected)
         if adapters is None:
             return False
         self.registry.acquire(adapters)
         seq.loaded = adapters
-        seq.adapters = [a.name for a in adapters]
         seq.slots = tuple(a.slot for a in adapters)
         seq.admitted_at = time.monotonic()
         return True
@@ -279,48 +294,6 @@ class Engine:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put((fn, future))
         return future
-
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        # logits: [len(seqs), vocab]
-        logits = logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        greedy = logits.argmax(dim=-1).tolist()
-        for row, seq in enumerate(seqs):
-            try:
-                if seq.chooser.plain_greedy:
-                    token = greedy[row]
-                else:
-                    token = seq.chooser.choose(logits[row : row + 1], seq.request.prompt_ids + seq.tokens)
-                alternatives = []
-                if k := seq.request.params.top_logprobs:
-                    values, ids = logprobs[row].topk(k)
-                    alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
-                seq.append(token, float(logprobs[row, token]), alternatives)
-            except Exception as exc:  # this row's sampling or decoding: fail it, not the batch
-                self._fail_row(seq, exc)
-                continue
-            if seq.finished:
-                self._retire(seq)
-                self.on_finished(seq)
-                log.info(
-                    "request %s: %d tokens with [%s] (%s)",
-                    seq.request.request_id,
-                    len(seq.tokens),
-                    "+".join(seq.adapters),
-                    seq.finish_reason,
-                )
-
-    def _score_prompts(self, seqs: list[Sequence]) -> None:
-        """The logprob of each prompt token given those before it, for requests that ask (one extra pass each).
-        A request whose pass fails is failed alone."""
-        for seq in seqs:
-            ids = seq.request.prompt_ids
-            try:
-                scores = self.runner.score(torch.tensor([ids]), [seq.slots])[0]
-                logprobs = torch.log_softmax(scores.float(), dim=-1)
-                seq.prompt_logprobs = [None] + logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
-            except Exception as exc:
-                self._fail_row(seq, exc)
 
     def _retire(self, seq: Sequence, error: BaseException | None = None) -> None:
         """seq leaves the batch: its row and its adapters are freed."""
@@ -334,7 +307,7 @@ class Engine:
     def _dequeued(self, seq: Sequence) -> None:
         with self._lock:
             self._queued -= 1
-            self._waiting_adapters.subtract(seq.request.adapters)
+            self._waiting_adapters.subtract(seq.request.adapters.names)
             self._waiting_adapters = +self._waiting_adapters  # drop names no longer waiting
 
     def _abandon_all(self) -> None:

@@ -16,11 +16,12 @@ from transformers import (
 )
 
 GREEDY_TEMPERATURE = 1e-5
+DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default; the API fits it to the context room left (api/validation.py)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 100
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS  # None: the default, fitted to the context (the API's)
     do_sample: bool = False
     temperature: float | None = None
     top_k: int | None = None
@@ -86,6 +87,36 @@ class TokenChooser:
         if not torch.isfinite(probs).all():  # a +max score beside others: all mass on the largest
             return int(logits.argmax(dim=-1))
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+@dataclass(frozen=True)
+class Choice:
+    token: int
+    logprob: float
+    alternatives: list[tuple[int, float]]  # the top logprobs, if the request asked
+
+
+def sample(rows: list, logits: torch.Tensor) -> list[Choice | Exception]:
+    """The next token of each row (a Sequence: its chooser, parameters and tokens so far) from its logits,
+    [len(rows), vocab]; a row whose choice fails gets the exception instead, the others are unaffected."""
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    greedy = logits.argmax(dim=-1).tolist()
+    choices: list[Choice | Exception] = []
+    for row, seq in enumerate(rows):
+        try:
+            if seq.chooser.plain_greedy:
+                token = greedy[row]
+            else:
+                token = seq.chooser.choose(logits[row : row + 1], seq.request.prompt_ids + seq.tokens)
+            alternatives = []
+            if k := seq.request.params.top_logprobs:
+                values, ids = logprobs[row].topk(k)
+                alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
+            choices.append(Choice(token, float(logprobs[row, token]), alternatives))
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, which fails this row alone
+            choices.append(exc)
+    return choices
 
 
 class _LogitBias(LogitsProcessor):

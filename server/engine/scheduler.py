@@ -18,6 +18,14 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def abandoned(self, running: list[Sequence], now: float) -> tuple[list[Sequence], list[Sequence]]:
+        """The requests cancelled by their clients or past their deadline: waiting ones (removed from the queue),
+        and running ones (to be retired before others are admitted)."""
+        dropped = [s for s in self.waiting if s.cancelled or s.expired(now)]
+        if dropped:
+            self.waiting = deque(s for s in self.waiting if s not in dropped)
+        return dropped, [s for s in running if s.cancelled or s.expired(now)]
+
     def admit(
         self, running: int, ready: Callable[[Sequence, set[str]], bool]
     ) -> tuple[list[Sequence], list[tuple[Sequence, Exception]]]:
@@ -41,7 +49,7 @@ class Scheduler:
                 break
             try:
                 if not ready(seq, protected):
-                    protected.update(seq.request.adapters)
+                    protected.update(seq.request.adapters.names)
                     continue
             except NoRoom:
                 break
@@ -53,10 +61,3 @@ class Scheduler:
             admitted.append(seq)
             longest = length
         return admitted, failed
-
-    def drop_abandoned(self, now: float) -> list[Sequence]:
-        """Removes and returns the waiting requests cancelled by their clients or past their deadline."""
-        abandoned = [s for s in self.waiting if s.cancelled or s.expired(now)]
-        if abandoned:
-            self.waiting = deque(s for s in self.waiting if s not in abandoned)
-        return abandoned

@@ -8,6 +8,8 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from server.adapters.combination import Combination
+from server.engine.output import GeneratedText
 from server.engine.sampling import SamplingParams, TokenChooser
 
 
@@ -15,7 +17,7 @@ from server.engine.sampling import SamplingParams, TokenChooser
 class GenerationRequest:
     request_id: str
     prompt_ids: list[int]
-    adapters: list[str]  # as the client listed them
+    adapters: Combination
     params: SamplingParams
     timeout: float | None = None  # seconds from submission, queue included
 
@@ -41,8 +43,7 @@ class Sequence:
     eos_ids: frozenset[int]
     events: asyncio.Queue  # read by the client's event loop
     outbox: EventOutbox  # written by the engine
-    adapters: list[str] = field(default_factory=list)  # canonical order, once admitted
-    slots: tuple[int, ...] = ()  # the loaded adapters' slots, canonical order
+    slots: tuple[int, ...] = ()  # the loaded adapters' slots in canonical order, once admitted
     loaded: list = field(default_factory=list)  # the LoadedAdapters it holds while running
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -50,12 +51,16 @@ class Sequence:
     prompt_logprobs: list[float | None] | None = None  # if asked; None for the first prompt token
     finish_reason: str | None = None  # length | eos_token | stop_sequence
     stop_sequence: str | None = None  # the one that ended the text
-    text: str = ""
+    text: str = ""  # set when finished (as TGI returns it: ending with the stop sequence that ended it)
     cancelled: bool = False  # set by the client's side, read by the engine at the next step
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
+
+    def __post_init__(self) -> None:
+        stops = self.request.params.stop
+        self._stops = GeneratedText(self.tokenizer, stops) if stops else None  # decoded per token only to match
 
     def expired(self, now: float) -> bool:
         return self.request.timeout is not None and now - self.submitted_at > self.request.timeout
@@ -77,8 +82,9 @@ class Sequence:
         params = self.request.params
         if token in self.eos_ids and not params.ignore_eos:
             self.finish_reason = "eos_token"
-        elif params.stop and self._hit_stop(params.stop):
+        elif self._stops is not None and self._stops.add(token):
             self.finish_reason = "stop_sequence"
+            self.text, self.stop_sequence = self._stops.text, self._stops.stop_sequence
         elif len(self.tokens) >= params.max_new_tokens:
             self.finish_reason = "length"
         if self.finished and self.finish_reason != "stop_sequence":
@@ -91,16 +97,6 @@ class Sequence:
     def fail(self, error: BaseException) -> None:
         self.finished_at = time.monotonic()
         self._send(_Done(error))
-
-    def _hit_stop(self, stops: tuple[str, ...]) -> bool:
-        previous, self.text = self.text, self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        for stop in stops:
-            at = self.text.find(stop, max(0, len(previous) - len(stop) + 1))
-            if at >= 0:
-                self.text = self.text[: at + len(stop)]  # as TGI: the stop sequence ends the text
-                self.stop_sequence = stop
-                return True
-        return False
 
     def _send(self, event) -> None:
         self.outbox.put(self.events, event)
