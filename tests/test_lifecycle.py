@@ -301,7 +301,9 @@ def test_the_engine_refuses_too_many_adapters_even_past_the_edge(serve, llama, s
     ids = encode_prompt(server.state.tokenizer, PROMPT)
 
     async def submit():
-        handle = server.state.engine.submit(GenerationRequest("r", ids, Combination(("lora", "oft")), SamplingParams(2)))
+        handle = server.state.engine.submit(
+            GenerationRequest("r", ids, Combination(("lora", "oft")), SamplingParams(2))
+        )
         return await asyncio.wait_for(handle.result(), 30)
 
     with pytest.raises(ValidationError, match="MIXSERVE_MAX_LOADED_ADAPTERS allows 1"):
@@ -373,7 +375,7 @@ def test_capacity_is_not_counted_from_the_store_on_every_scrape(serve, llama, st
     walks, names = [], server.state.store.names
     server.state.store.names = lambda: walks.append(1) or names()
     for _ in range(5):
-        assert "max_lora=\"7\"" in httpx.get(f"{server.url}/metrics").text
+        assert 'max_lora="7"' in httpx.get(f"{server.url}/metrics").text
     assert len(walks) <= 1
 
 
@@ -392,3 +394,23 @@ def test_the_store_listing_reads_configs_off_the_event_loop_and_only_when_they_c
     config.write_text(config.read_text().replace('"OFT"', '"IA3"') + "\n")  # a new size: a new signature
     changed = {a["name"]: a for a in httpx.get(f"{server.url}/adapters", params={"all": "true"}).json()["adapters"]}
     assert [name for name, _ in reads] == ["oft"] and changed["oft"]["type"] == "IA3"
+
+
+def test_loader_threads_leave_the_cores_to_the_model(llama):
+    """A load's arithmetic must not stall running streams: one intra-op thread, a lower priority (Linux)."""
+    import os
+
+    import torch
+
+    from server.adapters.loader import LOADER_NICENESS
+
+    _, registry, _ = llama.runner()
+
+    def inside():
+        return torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    threads, niceness = registry.loader._pool.submit(inside).result(timeout=30)
+    assert threads == 1
+    assert niceness == os.getpriority(os.PRIO_PROCESS, 0) + LOADER_NICENESS or niceness == 19
+    assert torch.get_num_threads() > 1 or os.cpu_count() == 1  # the model's threads are untouched
+    registry.close()

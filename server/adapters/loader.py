@@ -9,7 +9,9 @@ that failed is remembered for `retry_seconds`: in that window asking again for t
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +27,16 @@ from server.errors import AdapterLoadFailed, MixserveError
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
+# Loader threads' niceness: about a tenth of a core's share beside the model's threads when both want one
+LOADER_NICENESS = 10
+
+
+def _yield_to_the_model() -> None:
+    """A loader thread takes the cores the model's threads leave idle: one intra-op thread, and a lower scheduling
+    priority (Linux: per thread), so that loading does not stall the running streams."""
+    torch.set_num_threads(1)
+    if sys.platform == "linux":  # elsewhere a thread id is not a process id: it would lower the whole server
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + LOADER_NICENESS)
 
 
 @dataclass(frozen=True)
@@ -61,10 +73,7 @@ class AdapterLoader:
         self.retry_seconds = retry_seconds
         self._wake = wake
         self._on_load = on_load
-        # One intra-op thread per load: a load's arithmetic must not compete with the model's threads for the cores
-        self._pool = ThreadPoolExecutor(
-            threads, thread_name_prefix="mixserve-loader", initializer=torch.set_num_threads, initargs=(1,)
-        )
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="mixserve-loader", initializer=_yield_to_the_model)
         self._finished: queue.SimpleQueue[FinishedLoad] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the two dicts for readers on other threads
         self._loading: dict[str, tuple] = {}  # name -> signature of the load in flight
