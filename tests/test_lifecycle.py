@@ -396,21 +396,45 @@ def test_the_store_listing_reads_configs_off_the_event_loop_and_only_when_they_c
     assert [name for name, _ in reads] == ["oft"] and changed["oft"]["type"] == "IA3"
 
 
-def test_loader_threads_leave_the_cores_to_the_model(llama):
-    """A load's arithmetic must not stall running streams: one intra-op thread, a lower priority (Linux)."""
+def test_loader_threads_yield_to_the_model_and_leave_its_threads_alone(llama):
+    """Loads must not stall running streams: loader threads run at a lower priority (Linux), and nothing they do
+    changes the model's intra-op threads (torch's thread count is process-wide for threads not yet started)."""
     import os
 
     import torch
 
     from server.adapters.loader import LOADER_NICENESS
+    from server.state import ServerState
+
+    threads = torch.get_num_threads()
+    state = ServerState.start(llama.settings(preload="lora"))  # a load before the engine's first pass
+    try:
+        niceness = state.registry.loader._pool.submit(
+            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        ).result(timeout=30)
+        assert niceness == min(19, os.getpriority(os.PRIO_PROCESS, 0) + LOADER_NICENESS)
+        assert state.engine.call(torch.get_num_threads).result(timeout=30) == threads
+    finally:
+        state.stop()
+
+
+def test_a_cancelled_wait_for_a_load_fails_no_other(llama):
+    _, registry, _ = llama.runner()
+    cancelled, waiting = registry.ensure("lora"), registry.ensure("lora")
+    cancelled.cancel()
+    deadline = time.monotonic() + 60
+    while not waiting.done() and time.monotonic() < deadline:
+        registry.poll()
+        time.sleep(0.005)
+    assert waiting.result(timeout=0).name == "lora"
+    registry.close()
+
+
+def test_shutdown_answers_waits_for_loads(llama):
+    from server.errors import ShuttingDown
 
     _, registry, _ = llama.runner()
-
-    def inside():
-        return torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    threads, niceness = registry.loader._pool.submit(inside).result(timeout=30)
-    assert threads == 1
-    assert niceness == os.getpriority(os.PRIO_PROCESS, 0) + LOADER_NICENESS or niceness == 19
-    assert torch.get_num_threads() > 1 or os.cpu_count() == 1  # the model's threads are untouched
+    waiting = registry.ensure("oft")
     registry.close()
+    with pytest.raises(ShuttingDown):
+        waiting.result(timeout=5)

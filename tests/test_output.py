@@ -88,3 +88,18 @@ def test_what_could_begin_a_stop_is_held_back_until_it_cannot():
     for token in tokenizer.encode("D", add_special_tokens=False):
         assert generated.add(token)
     assert generated.shown() == "the "
+
+
+def test_a_tokenizer_that_cleans_up_spaces_loses_no_text():
+    """Clean-up (" ." -> ".") can shorten a window as it grows; pieces are decoded without it."""
+    tokenizer = byte_level_bpe()
+    tokenizer.clean_up_tokenization_spaces = True
+    text = "it is n't here . yes , he 's 'n' they 're ! done"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    generated = GeneratedText(tokenizer)
+    for token in ids:
+        generated.add(token)
+    assert generated.text == tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    stopped = GeneratedText(tokenizer, ("yes",))
+    assert any(stopped.add(token) for token in ids)
+    assert stopped.text == "it isn't here. yes"  # as decoding at once with clean-up

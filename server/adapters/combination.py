@@ -22,9 +22,6 @@ class Combination:
     def __str__(self) -> str:
         return "+".join(self.names)
 
-    def __bool__(self) -> bool:
-        return bool(self.names)
-
     @classmethod
     def parse(
         cls,

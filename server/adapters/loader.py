@@ -1,9 +1,9 @@
 """Reading, checking and building adapters in a pool of threads, off the model's thread.
 
-One load per adapter version (its files' stat signature) at a time. A finished load goes back through a queue that
-the residency manager drains on the model's thread (`finished`); the loader never touches what is resident. A load
-that failed is remembered for `retry_seconds`: in that window asking again for that version gives its error
-(`failure`); after it, the next request retries.
+One load per adapter name at a time for the version (its files' stat signature) last asked for. A finished load goes
+back through a queue that the residency manager drains on the model's thread (`finished`); the loader never touches
+what is resident. A load that failed is remembered for `retry_seconds`: in that window asking again for that version
+gives its error (`recent_failure`); after it, the next request retries.
 """
 
 from __future__ import annotations
@@ -31,12 +31,16 @@ CPU = torch.device("cpu")
 LOADER_NICENESS = 10
 
 
-def _yield_to_the_model() -> None:
-    """A loader thread takes the cores the model's threads leave idle: one intra-op thread, and a lower scheduling
-    priority (Linux: per thread), so that loading does not stall the running streams."""
-    torch.set_num_threads(1)
-    if sys.platform == "linux":  # elsewhere a thread id is not a process id: it would lower the whole server
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + LOADER_NICENESS)
+def _lower_priority() -> None:
+    """A loader thread takes what the model's threads leave idle: a lower scheduling priority (Linux: per thread;
+    elsewhere a thread id is not a process id, and it would lower the whole server). Best effort."""
+    if sys.platform != "linux":
+        return
+    try:
+        niceness = os.getpriority(os.PRIO_PROCESS, 0) + LOADER_NICENESS
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except OSError as exc:
+        log.info("loader threads keep the server's priority: %s", exc)
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class AdapterLoader:
         self.retry_seconds = retry_seconds
         self._wake = wake
         self._on_load = on_load
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="mixserve-loader", initializer=_yield_to_the_model)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="mixserve-loader", initializer=_lower_priority)
         self._finished: queue.SimpleQueue[FinishedLoad] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the two dicts for readers on other threads
         self._loading: dict[str, tuple] = {}  # name -> signature of the load in flight
@@ -88,7 +92,12 @@ class AdapterLoader:
             if self._loading.get(name) == signature:
                 return
             self._loading[name] = signature
-        self._pool.submit(self._load, name, signature)
+        try:
+            self._pool.submit(self._load, name, signature)
+        except BaseException:  # shut down: nothing will finish this load
+            with self._lock:
+                del self._loading[name]
+            raise
 
     def recent_failure(self, name: str, signature: tuple) -> MixserveError | None:
         """The error of this version's last load, if it failed less than retry_seconds ago."""

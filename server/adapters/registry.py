@@ -31,7 +31,7 @@ from server.adapters.kinds import CANONICAL_ORDER
 from server.adapters.loader import CPU, AdapterLoader, FinishedLoad
 from server.adapters.mixing import BaseLayout, MixedModel, MixingContext
 from server.adapters.store import AdapterStore
-from server.errors import AdapterBusy, AdapterOutOfMemory, MixserveError, ValidationError
+from server.errors import AdapterBusy, AdapterOutOfMemory, MixserveError, ShuttingDown, ValidationError
 
 log = logging.getLogger(__name__)
 CAPACITY_SECONDS = 10.0  # without MIXSERVE_MAX_LOADED_ADAPTERS, capacity counts the store at most this often
@@ -123,7 +123,12 @@ class AdapterRegistry:
         return self._capacity[1]
 
     def close(self) -> None:
+        """At shutdown, after the engine's thread stopped: `ensure`'s callers get ShuttingDown."""
         self.loader.close()
+        with self._lock:
+            waiters, self._waiters = self._waiters, {}
+        for pending in waiters.values():
+            _settle(pending, ShuttingDown("the server is shutting down"))
 
     # --- any thread
 
@@ -245,11 +250,7 @@ class AdapterRegistry:
                 continue
             with self._lock:
                 waiters = self._waiters.pop(name)
-            for waiter in waiters:
-                if isinstance(adapter, MixserveError):
-                    waiter.set_exception(adapter)
-                else:
-                    waiter.set_result(adapter)
+            _settle(waiters, adapter)
 
     def ensure(self, name: str) -> Future:
         """From any thread: a future of the adapter once resident (the API's load, preloads)."""
@@ -416,3 +417,14 @@ class AdapterRegistry:
         self.model.detach(adapter.slot, adapter.built.layers)
         with self._lock:
             adapter.resident = False
+
+
+def _settle(waiters: list[Future], outcome: LoadedAdapter | MixserveError) -> None:
+    """Resolves each waiter that its caller has not cancelled (a cancelled one must not fail the others)."""
+    for waiter in waiters:
+        if not waiter.set_running_or_notify_cancel():
+            continue
+        if isinstance(outcome, MixserveError):
+            waiter.set_exception(outcome)
+        else:
+            waiter.set_result(outcome)

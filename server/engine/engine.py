@@ -196,17 +196,18 @@ class Engine:
         """One iteration: schedule, run, postprocess. False when it had nothing to run."""
         self.registry.poll()
         self._leave(*self.scheduler.abandoned(self.runner.rows, time.monotonic()))
-        admitted, refused = self.scheduler.admit(len(self.runner.rows), self._ready)
-        self._join(admitted, refused)
-        if admitted:
-            self._admitted = admitted
-            self._postprocess(*self.passes.prefill(admitted))
-            self._admitted = []
+        self._admitted, refused = self.scheduler.admit(len(self.runner.rows), self._ready)
+        self._join(self._admitted, refused)
+        prefilled = []
+        if self._admitted:
+            prefilled, logits = self.passes.prefill(self._admitted)
+            self._postprocess(prefilled, logits)
             self._flush()  # first tokens out before the decode pass
+        self._admitted = []
         decoding = bool(self.runner.rows)
         if decoding:
             self._postprocess(*self.passes.decode())
-        return bool(admitted) or decoding
+        return bool(prefilled) or decoding
 
     def _leave(self, dropped: list[Sequence], abandoned: list[Sequence]) -> None:
         """Requests cancelled or past their deadline leave the queue or the batch."""

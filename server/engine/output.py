@@ -11,7 +11,9 @@ class GeneratedText:
 
     Each token's text is what decoding a short window of recent tokens gains from it (TGI's and vLLM's prefix and
     read offsets), so a token costs the same however long the answer; a token that ends inside a character adds
-    nothing until the character is complete. `text` ends with the first stop sequence found, if any (TGI returns
+    nothing until the character is complete. Windows are decoded without the tokenizer's clean-up of spaces
+    (which can shorten a window as it grows), so the pieces add up to the whole; the text a stop sequence ends is
+    cleaned up as decoding it at once would be. `text` ends with the first stop sequence found, if any (TGI returns
     it, OpenAI does not).
     """
 
@@ -38,6 +40,8 @@ class GeneratedText:
             at = self.text.find(stop, max(0, checked - len(stop) + 1))
             if at >= 0:
                 self.text = self.text[: at + len(stop)]
+                if getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+                    self.text = self.tokenizer.clean_up_tokenization(self.text)
                 self.stop_sequence = stop
                 return True
         return False
@@ -50,7 +54,7 @@ class GeneratedText:
         return self.text[: len(self.text) - _could_begin_stop(self.text, self.stops)]
 
     def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def without_stop(text: str, stop: str | None) -> str:
