@@ -41,6 +41,8 @@ class BuiltAdapter:
         return sum(layer.nbytes for layer in self.layers.values())
 
     def to(self, device: torch.device, pin: bool = False) -> BuiltAdapter:
+        if device.type == "cpu" and not pin:  # adapters are built on the CPU: nothing to copy
+            return self
         layers = {name: layer.to(device, pin) for name, layer in self.layers.items()}
         return dataclasses.replace(self, layers=layers)
 

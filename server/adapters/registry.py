@@ -351,8 +351,6 @@ class AdapterRegistry:
     def _to_device(self, adapter: LoadedAdapter, protected: set[str]) -> BuiltAdapter:
         """The adapter's weights on the device. Out of memory, every idle adapter is evicted and the copy tried once
         more; out of memory again fails the requests that need it (503), leaving the adapter in host memory."""
-        if self.device == CPU:  # built there
-            return adapter.built
         try:
             return adapter.built.to(self.device)
         except torch.OutOfMemoryError:
