@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build by default; on a GPU host: make serve TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
 TORCH ?= torch==2.13.0
 
-.PHONY: serve test install install-test nginx demo bench bench-throughput bench-engine bench-adapters bench-soak clean
+.PHONY: serve test install install-test nginx demo bench bench-throughput bench-engine bench-mixed bench-adapters bench-soak clean
 
 serve: install
 	$(PY) -m server
@@ -44,13 +44,16 @@ demo: install
 # Benchmarks (minutes each; they print tables and ratios measured side by side in one run).
 # make bench BENCH_FLAGS=--quick: seconds each, to check that they run (what the suite does).
 BENCH_FLAGS ?=
-bench: bench-throughput bench-engine bench-adapters bench-soak
+bench: bench-throughput bench-engine bench-mixed bench-adapters bench-soak
 
 bench-throughput: install-test
 	$(PY) -m bench.throughput $(BENCH_FLAGS)
 
 bench-engine: install-test
 	$(PY) -m bench.engine_choice $(BENCH_FLAGS)
+
+bench-mixed: install-test
+	$(PY) -m bench.mixed_decode $(BENCH_FLAGS)
 
 bench-adapters: install-test
 	$(PY) -m bench.adapter_load $(BENCH_FLAGS)

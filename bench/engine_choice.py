@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, ByT5Tokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, ContinuousBatchingConfig, GenerationConfig
 
 from bench.common import build_bench_model, describe_run, prompt
 from server.adapters.combination import Combination
@@ -33,19 +33,18 @@ NEW_TOKENS = 32
 
 def transformers_cb(model_dir: Path, prompts: list[list[int]], batch: int, quick: bool = False) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="paged|sdpa").eval()
-    config = GenerationConfig(
-        max_new_tokens=NEW_TOKENS,
-        do_sample=False,
-        eos_token_id=-1,
-        pad_token_id=0,
-        max_batch_tokens=batch * len(prompts[0]),
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    # sized for this load: by default the cache and its static tensors are sized by free memory (seconds to fill)
+    batching = ContinuousBatchingConfig(
         num_blocks=64 if quick else 1024,
-        block_size=32,
+        page_size=32,
+        max_batch_tokens=batch * len(prompts[0]),
+        max_requests_per_batch=batch,
     )
     if not quick:
-        model.generate_batch(inputs=prompts[:batch], generation_config=config)  # warm-up
+        model.generate_batch(inputs=prompts[:batch], generation_config=config, continuous_batching_config=batching)
     started = time.perf_counter()
-    outputs = model.generate_batch(inputs=prompts, generation_config=config)
+    outputs = model.generate_batch(inputs=prompts, generation_config=config, continuous_batching_config=batching)
     seconds = time.perf_counter() - started
     return sum(len(o.generated_tokens) for o in outputs.values()) / seconds
 
@@ -57,7 +56,9 @@ def mixserve_engine(model_dir: Path, store: Path, prompts: list[list[int]], batc
 
     async def run(chunk: list[list[int]]) -> int:
         params = SamplingParams(max_new_tokens=NEW_TOKENS)
-        handles = [state.engine.submit(GenerationRequest(str(i), p, Combination(), params)) for i, p in enumerate(chunk)]
+        handles = [
+            state.engine.submit(GenerationRequest(str(i), p, Combination(), params)) for i, p in enumerate(chunk)
+        ]
         return sum([len((await h.result()).tokens) for h in handles])
 
     try:
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--quick", action="store_true", help="a small model and load: checks that it runs")
     args = parser.parse_args()
-    if args.quick:  # transformers' batching loop alone takes ~12 s to start and stop on 2 cores
+    if args.quick:
         args.requests, args.batch, args.rounds = 4, 4, 1
     print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:

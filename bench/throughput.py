@@ -32,7 +32,8 @@ from bench.common import (
     run_load,
 )
 
-CLIENTS, NEW_TOKENS, PROMPT_TOKENS = 16, 32, 32
+CLIENTS, PROMPT_TOKENS = 16, 32
+NEW_TOKENS = 32  # --quick: 8
 ADAPTER_BYTES: dict[str, int] = {}  # as the server reports them
 
 
@@ -112,32 +113,38 @@ def merged(name: str, rounds: list[Result]) -> Result:
     return out
 
 
-def run_mixserve(model_dir: Path, store: Path, loads: dict[str, list[list[dict]]], rounds: int) -> dict[str, Result]:
+def run_mixserve(
+    model_dir: Path, store: Path, loads: dict[str, list[list[dict]]], rounds: int, warm: bool = True
+) -> dict[str, Result]:
     """Every load once per round on one server, interleaved, so that machine noise hits all contenders alike."""
     results: dict[str, list[Result]] = {name: [] for name in loads}
     with mixserve(model_dir, store, max_batch_size=CLIENTS) as server:
-        for load in loads.values():  # warm-up: loads the adapters, warms the kernels
+        for load in loads.values() if warm else ():  # warm-up: loads the adapters, warms the kernels
             run_load("warm-up", server.url, [bodies[:1] for bodies in load])
-        loaded = httpx.get(f"{server.url}/adapters").json()["adapters"]
-        ADAPTER_BYTES.update({a["name"]: a["bytes"] for a in loaded})
         for _ in range(rounds):
             for name, load in loads.items():
                 results[name].append(run_load(name, server.url, load))
+        loaded = httpx.get(f"{server.url}/adapters").json()["adapters"]
+        ADAPTER_BYTES.update({a["name"]: a["bytes"] for a in loaded})
     for name, rs in results.items():
         print(f"  {name}: " + ", ".join(f"{r.tokens_per_second:.1f}" for r in rs) + " tok/s per round")
     return {name: merged(name, rs) for name, rs in results.items()}
 
 
-def run_obvious(model_dir: Path, store: Path, loads: dict[str, list[list[dict]]]) -> dict[str, Result]:
+def run_obvious(
+    model_dir: Path, store: Path, loads: dict[str, list[list[dict]]], warm: bool = True
+) -> dict[str, Result]:
     results = {}
     with Process(["-m", "bench.throughput", "--serve-obvious", str(model_dir), str(store)]) as obvious:
         for name, load in loads.items():
-            run_load("warm-up", obvious.url, [bodies[:1] for bodies in load[:2]], path="/generate", stream=False)
+            if warm:
+                run_load("warm-up", obvious.url, [b[:1] for b in load[:2]], path="/generate", stream=False)
             results[name] = run_load(name, obvious.url, load, path="/generate", stream=False)
     return results
 
 
 def main() -> None:
+    global NEW_TOKENS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="mixserve contenders run interleaved, this many times")
@@ -157,7 +164,7 @@ def main() -> None:
         return
 
     if args.quick:
-        args.requests, args.rounds, args.obvious_requests = CLIENTS, 1, 2
+        args.requests, args.rounds, args.obvious_requests, NEW_TOKENS = CLIENTS, 1, 2, 8
     print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, store = build_bench_model(args.workdir or Path(tmp), quick=args.quick)
@@ -179,6 +186,7 @@ def main() -> None:
                 "(a) mixserve, LoRA only": bodies(lora, args.requests),
             },
             args.rounds,
+            warm=not args.quick,
         )
         naive = run_obvious(
             model_dir,
@@ -187,6 +195,7 @@ def main() -> None:
                 "(c) obvious server, mixed types": bodies(mixed, args.obvious_requests),
                 "(c) obvious server, LoRA only": bodies(lora, args.obvious_requests),
             },
+            warm=not args.quick,
         )
         print()
         print(HEADER)

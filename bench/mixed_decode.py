@@ -1,0 +1,146 @@
+"""The adapter path's cost in the engine itself: decode and prefill of one mixed batch against the same batch
+without adapters, in-process (no HTTP), contenders interleaved in one run.
+
+    python -m bench.mixed_decode [--shape small|0.5b] [--quick]          (make bench-mixed)
+
+16 rows, each with its own combination of 1-3 adapters drawn from seven (LoRA r8, r16, r32 on all linear layers,
+LoRA r16 on attention only, LoHa r4, LoKr r4, OFT block size 32), or, for the LoRA-only line, from the four LoRAs.
+32-token prompts, 24 decode steps, float32, random weights. Shapes: Qwen2-style hidden 384 x 6 layers (6 heads,
+2 KV heads, MLP 1024), or Qwen2.5-0.5B's (896 x 24, 14 heads, 2 KV heads, MLP 4864, its 151,936-token vocabulary).
+
+Printed per contender: decode and prefill tokens/s, and a/b = with adapters / without. Beside a/b, the ideal from
+arithmetic: base FLOPs / (base + each row's own adapters' FLOPs), averaged over the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
+from torch import nn
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from bench.common import describe_run
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import AdapterStore
+from server.demo.tiny import config as tiny_config
+from server.demo.tiny import save_adapter
+from server.engine.runner import ModelRunner, PromptSequence
+from server.model import load_model
+
+ROWS, PROMPT_TOKENS, STEPS = 16, 32, 24
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ADAPTERS = {
+    "lora-r8": (LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False), 0.3),
+    "lora-r16": (LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False), 0.3),
+    "lora-r32": (LoraConfig(r=32, lora_alpha=64, target_modules="all-linear", init_lora_weights=False), 0.2),
+    "lora-attn": (LoraConfig(r=16, lora_alpha=32, target_modules=ATTENTION, init_lora_weights=False), 0.3),
+    "loha-r4": (LoHaConfig(r=4, alpha=4, target_modules="all-linear", init_weights=False), 0.5),
+    "lokr-r4": (LoKrConfig(r=4, alpha=4, target_modules="all-linear", init_weights=False), 0.3),
+    "oft-32": (OFTConfig(r=0, oft_block_size=32, target_modules="all-linear", init_weights=False), 0.3),
+}
+LORAS = ["lora-r8", "lora-r16", "lora-r32", "lora-attn"]
+SHAPES = {
+    "small": dict(hidden=384, intermediate=1024, layers=6, heads=6, kv_heads=2),
+    "0.5b": dict(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab_size=151936),
+    "quick": dict(hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2),
+}
+
+
+def build(root: Path, shape: str) -> tuple[Path, Path]:
+    model_dir, store = root / f"mixed-decode-model-{shape}", root / f"mixed-decode-adapters-{shape}"
+    if (store / "oft-32" / "adapter_config.json").is_file():
+        return model_dir, store
+    torch.manual_seed(0)
+    sizes = dict(SHAPES[shape])
+    vocab = sizes.pop("vocab_size", None)
+    config = tiny_config(**sizes, architecture=Qwen2Config, tie_word_embeddings=False)
+    if vocab:
+        config.vocab_size = vocab
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    for seed, (name, (peft_config, scale)) in enumerate(ADAPTERS.items()):
+        save_adapter(model_dir, copy.deepcopy(peft_config), store / name, seed=seed, base_name=shape, scale=scale)
+    return model_dir, store
+
+
+def layer_flops(layer) -> int:
+    """Multiply-adds per token of one adapter on one layer, as this server computes it."""
+    if layer.low_rank is not None:
+        a, b, _ = layer.low_rank
+        return a.numel() + b.numel()
+    tensors = layer.tensors()
+    if layer.rotates_input:  # blocks [n, s, s]: one s x s matmul per block
+        return tensors[0].numel()
+    if hasattr(layer, "w1"):  # LoKr: W1 (X W2^T), X [c, d]
+        (a, c), (b, d) = layer.w1.shape, layer.w2.shape
+        return c * d * b + a * c * b
+    return sum(t.numel() for t in tensors)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["small", "0.5b"], default="small")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a tiny model, one round: checks that it runs")
+    args = parser.parse_args(argv)
+    shape, rounds = ("quick", 1) if args.quick else (args.shape, args.rounds)
+    print(describe_run())
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, store = build(args.workdir or Path(tmp), shape)
+        model = load_model(model_dir, torch.device("cpu"), torch.float32)
+        registry = AdapterRegistry(model, AdapterStore(store), torch.device("cpu"), torch.float32)
+        runner = ModelRunner(model, registry.context)
+        base = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+        loaded = {a.name: a for a in registry.load_blocking(list(ADAPTERS))}
+        flops = {name: sum(layer_flops(layer) for layer in a.built.layers.values()) for name, a in loaded.items()}
+        rng = random.Random(1)
+        mixed = [rng.sample(list(ADAPTERS), 1 + i % 3) for i in range(ROWS)]
+        lora = [rng.sample(LORAS, 1 + i % 3) for i in range(ROWS)]
+        contenders = {"(b) no adapters": [[]] * ROWS, "(a) mixed types": mixed, "(a) LoRA only": lora}
+        prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
+        decode: dict[str, list[float]] = {name: [] for name in contenders}
+        prefill: dict[str, list[float]] = {name: [] for name in contenders}
+        for _ in range(rounds):
+            for name, combos in contenders.items():
+                rows = [
+                    PromptSequence(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
+                    for p, c in zip(prompts, combos, strict=True)
+                ]
+                started = time.perf_counter()
+                logits = runner.prefill(rows)
+                prefill[name].append(ROWS * PROMPT_TOKENS / (time.perf_counter() - started))
+                started = time.perf_counter()
+                for _ in range(STEPS):
+                    for row, token in zip(rows, logits.argmax(-1).tolist(), strict=True):
+                        row.tokens.append(token)
+                    logits = runner.decode()
+                decode[name].append(ROWS * STEPS / (time.perf_counter() - started))
+                for row in rows:
+                    runner.release(row)
+        registry.close()
+
+    sizes = SHAPES[shape]
+    print(f"model: Qwen2-style hidden {sizes['hidden']} x {sizes['layers']} layers, float32, CPU; {ROWS} rows")
+    print(f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'prefill tok/s':>14s} {'a/b':>6s}")
+    b_decode, b_prefill = statistics.median(decode["(b) no adapters"]), statistics.median(prefill["(b) no adapters"])
+    for name, combos in contenders.items():
+        ideal = statistics.mean(base / (base + sum(flops[n] for n in combo)) for combo in combos)
+        d, p = statistics.median(decode[name]), statistics.median(prefill[name])
+        print(f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {p:14.0f} {p / b_prefill:6.2f}")
+
+
+def registry_order(registry: AdapterRegistry, names: list[str]) -> list[str]:
+    """names in canonical order (what the engine's resolve gives)."""
+    return [a.name for a in registry.resolve(names, set())]
+
+
+if __name__ == "__main__":
+    main()
