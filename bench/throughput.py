@@ -33,7 +33,6 @@ from bench.common import (
 )
 
 CLIENTS, PROMPT_TOKENS = 16, 32
-NEW_TOKENS = 32  # --quick: 8
 ADAPTER_BYTES: dict[str, int] = {}  # as the server reports them
 
 
@@ -46,7 +45,7 @@ def weight_bytes(model_dir: Path) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def bodies(combos: list[list[str]], requests: int, stream_details: bool = True) -> list[list[dict]]:
+def bodies(combos: list[list[str]], requests: int, new_tokens: int) -> list[list[dict]]:
     per_client = [[] for _ in combos]
     for i in range(requests):
         client = i % len(combos)
@@ -54,7 +53,7 @@ def bodies(combos: list[list[str]], requests: int, stream_details: bool = True) 
             {
                 "inputs": prompt(i, PROMPT_TOKENS),
                 "adapters": combos[client],
-                "parameters": {"max_new_tokens": NEW_TOKENS, "details": stream_details},
+                "parameters": {"max_new_tokens": new_tokens, "details": True},
             }
         )
     return per_client
@@ -144,7 +143,6 @@ def run_obvious(
 
 
 def main() -> None:
-    global NEW_TOKENS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3, help="mixserve contenders run interleaved, this many times")
@@ -154,6 +152,7 @@ def main() -> None:
         default=16,
         help="(c) serves one request at a time at a steady rate; fewer requests measure it as well",
     )
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--workdir", type=Path, help="keep the bench model here (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="a small model and load: checks that it runs")
     parser.add_argument("--serve-obvious", nargs=2, metavar=("MODEL", "STORE"), help=argparse.SUPPRESS)
@@ -164,14 +163,14 @@ def main() -> None:
         return
 
     if args.quick:
-        args.requests, args.rounds, args.obvious_requests, NEW_TOKENS = CLIENTS, 1, 2, 8
+        args.requests, args.rounds, args.obvious_requests, args.new_tokens = CLIENTS, 1, 2, 8
     print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, store = build_bench_model(args.workdir or Path(tmp), quick=args.quick)
         shape = "128 x 2 layers (quick)" if args.quick else "512 x 8 layers"
         print(f"bench model: Llama hidden {shape}, float32, CPU; adapters: {', '.join(ADAPTERS)}")
         print(
-            f"load: {CLIENTS} clients, {PROMPT_TOKENS}-token prompts, {NEW_TOKENS} new tokens, greedy;"
+            f"load: {CLIENTS} clients, {PROMPT_TOKENS}-token prompts, {args.new_tokens} new tokens, greedy;"
             f" {args.requests} requests per round, {args.rounds} rounds for mixserve;"
             f" {args.obvious_requests} requests for the obvious server\n"
         )
@@ -181,9 +180,9 @@ def main() -> None:
             model_dir,
             store,
             {
-                "(b) mixserve, no adapters": bodies([[]] * CLIENTS, args.requests),
-                "(a) mixserve, mixed types": bodies(mixed, args.requests),
-                "(a) mixserve, LoRA only": bodies(lora, args.requests),
+                "(b) mixserve, no adapters": bodies([[]] * CLIENTS, args.requests, args.new_tokens),
+                "(a) mixserve, mixed types": bodies(mixed, args.requests, args.new_tokens),
+                "(a) mixserve, LoRA only": bodies(lora, args.requests, args.new_tokens),
             },
             args.rounds,
             warm=not args.quick,
@@ -192,8 +191,8 @@ def main() -> None:
             model_dir,
             store,
             {
-                "(c) obvious server, mixed types": bodies(mixed, args.obvious_requests),
-                "(c) obvious server, LoRA only": bodies(lora, args.obvious_requests),
+                "(c) obvious server, mixed types": bodies(mixed, args.obvious_requests, args.new_tokens),
+                "(c) obvious server, LoRA only": bodies(lora, args.obvious_requests, args.new_tokens),
             },
             warm=not args.quick,
         )

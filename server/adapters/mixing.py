@@ -1,4 +1,4 @@
-"""Per-row adapter combinations on the model's Linear layers, and the only code that edits the model.
+"""Per-row adapter combinations on the model's Linear layers, and the wrapping of those layers in place.
 
 For each forward pass the model runner publishes a `BatchPlan` (which adapters each batch row uses) in the
 `MixingContext`. Every wrapped layer computes the base output once for the whole batch and applies each row's own

@@ -166,13 +166,10 @@ class _Text:
         self.generated = GeneratedText(seq.tokenizer, seq.request.params.stop)
         self.sent = 0
 
-    def final(self) -> str:
-        return without_stop(self.seq.text, self.seq.stop_sequence)
-
     def delta(self, token: int, final: bool) -> str:
         """The text that token adds (events come one per token, in order)."""
         if final:
-            text = self.final()
+            text = without_stop(self.seq.text, self.seq.stop_sequence)
         else:
             self.generated.add(token)
             text = self.generated.shown()
@@ -191,7 +188,7 @@ class _Completions:
     def complete(self, seqs: list[Sequence]) -> Completion:
         choices = []
         for index, seq in enumerate(seqs):
-            echo, text = self._echo(seq), _Text(seq).final()
+            echo, text = self._echo(seq), without_stop(seq.text, seq.stop_sequence)
             choices.append(
                 CompletionChoice(
                     index=index,
@@ -281,7 +278,7 @@ class _Chat:
     def complete(self, seq: Sequence) -> ChatCompletion:
         choice = ChatChoice(
             index=0,
-            message={"content": _Text(seq).final()},
+            message={"content": without_stop(seq.text, seq.stop_sequence)},
             logprobs=self._logprobs(seq, range(len(seq.tokens))),
             finish_reason=FINISH[seq.finish_reason],
         )

@@ -41,9 +41,9 @@ class Inbox:
     def wake(self) -> None:
         self._queue.put(None)
 
-    def get(self, timeout: float | None):
-        """The next item; raises queue.Empty after timeout (at once when timeout is None)."""
-        return self._queue.get(timeout=timeout) if timeout is not None else self._queue.get_nowait()
+    def get(self, timeout: float = 0):
+        """The next item; raises queue.Empty after timeout seconds (at once by default)."""
+        return self._queue.get(timeout=timeout)
 
 
 class Engine:
@@ -176,13 +176,13 @@ class Engine:
     def _take_inbox(self, block: bool) -> None:
         """New requests and calls; blocks (briefly, if requests wait on loads) when there is nothing to run."""
         try:
-            item = self._inbox.get(IDLE_POLL_SECONDS if block else None)
+            item = self._inbox.get(IDLE_POLL_SECONDS if block else 0)
             while True:
                 if isinstance(item, Sequence):
                     self.scheduler.add(item)
                 elif item is not None:
                     self._run_call(*item)
-                item = self._inbox.get(None)
+                item = self._inbox.get()
         except queue.Empty:
             pass
 
