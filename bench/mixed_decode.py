@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 import statistics
 import tempfile
 import time
@@ -27,7 +26,7 @@ from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 from torch import nn
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from bench.common import describe_run
+from bench.common import combinations, describe_run
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.demo.tiny import config as tiny_config
@@ -101,9 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         base = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
         loaded = {a.name: a for a in registry.load_blocking(list(ADAPTERS))}
         flops = {name: sum(layer_flops(layer) for layer in a.built.layers.values()) for name, a in loaded.items()}
-        rng = random.Random(1)
-        mixed = [rng.sample(list(ADAPTERS), 1 + i % 3) for i in range(ROWS)]
-        lora = [rng.sample(LORAS, 1 + i % 3) for i in range(ROWS)]
+        mixed, lora = combinations(list(ADAPTERS), ROWS, seed=1), combinations(LORAS, ROWS, seed=2)
         contenders = {"(b) no adapters": [[]] * ROWS, "(a) mixed types": mixed, "(a) LoRA only": lora}
         prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
         decode: dict[str, list[float]] = {name: [] for name in contenders}
