@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api import native, openai
+from server.api import native, openai, playground
 from server.api.errors import install_error_handlers
 from server.api.middleware import Authenticate, LimitBody, RequestContext, Traffic
 from server.api.schemas import ErrorResponse
@@ -44,6 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.replica = settings.replica
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(playground.router)
 
     @app.get(
         "/metrics",
@@ -70,5 +71,6 @@ def create_app(settings: Settings) -> FastAPI:
     # outermost last: request id first, then the key (an unknown client's body is never read), then the body's size
     app.add_middleware(LimitBody, limit=settings.max_body_bytes)
     app.add_middleware(Authenticate, keyring=Keyring.from_settings(settings.api_keys, settings.api_keys_file))
+    app.add_middleware(playground.Pages)  # the page holds no data: served without a key
     app.add_middleware(RequestContext)
     return app
