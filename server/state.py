@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.config import Settings
+from server.engine.constraints import Grammars
 from server.engine.engine import Engine, Inbox
 from server.errors import MixserveError
 from server.metrics import Metrics
@@ -23,6 +24,7 @@ class ServerState:
     store: AdapterStore
     registry: AdapterRegistry
     engine: Engine
+    grammars: Grammars  # output constraints, compiled for this tokenizer
     tokenizer: object
     max_total_tokens: int | None  # the model's context length, where its config says
     vocab_size: int
@@ -75,6 +77,7 @@ class ServerState:
             store=store,
             registry=registry,
             engine=engine,
+            grammars=Grammars(tokenizer, model.config.vocab_size, engine.eos_ids),
             tokenizer=tokenizer,
             max_total_tokens=getattr(model.config, "max_position_embeddings", None),
             vocab_size=model.config.vocab_size,

@@ -26,6 +26,7 @@ from server.api.schemas import (
     TokenizeRequest,
 )
 from server.api.serving import event_stream, request_headers, result_headers, state_of, tenant_of, until_done
+from server.api.structured import compile_grammar
 from server.auth import Tenant
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest, RequestHandle, Sequence
@@ -40,7 +41,7 @@ router = APIRouter(responses=NATIVE_ERRORS)
 @router.post("/generate", response_model=GenerateResponse, summary="Generate text with a combination of adapters")
 async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
     state = state_of(request)
-    seq = await until_done(state.engine.submit(_generation_request(body, request)), request)
+    seq = await until_done(state.engine.submit(await _generation_request(body, request)), request)
     response = _response(body, seq, state.tokenizer)
     return JSONResponse(response.model_dump(exclude_none=False), headers=result_headers(seq))
 
@@ -49,7 +50,7 @@ async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
 async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
     """Server-sent events in TGI's format: one `data:` event per token, the last with the text and details."""
     state = state_of(request)
-    gen = _generation_request(body, request)
+    gen = await _generation_request(body, request)
     handle = state.engine.submit(gen)
     return event_stream(_events(handle, body, state.tokenizer), [handle], request_headers(gen), openai=False)
 
@@ -145,7 +146,7 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-def _generation_request(body: GenerateRequest, request: Request) -> GenerationRequest:
+async def _generation_request(body: GenerateRequest, request: Request) -> GenerationRequest:
     state = state_of(request)
     params = body.parameters
     adapters = validation.combination(
@@ -173,7 +174,8 @@ def _generation_request(body: GenerateRequest, request: Request) -> GenerationRe
         prompt_logprobs=bool(params.decoder_input_details and params.details),
     )
     prompt = encode_prompt(state.tokenizer, body.inputs)
-    return validation.generation_request(state, prompt, adapters, sampling, request.state.request_id)
+    grammar = await compile_grammar(state, params.grammar_spec())
+    return validation.generation_request(state, prompt, adapters, sampling, request.state.request_id, grammar)
 
 
 def _text(body: GenerateRequest, seq: Sequence) -> str:

@@ -17,13 +17,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from server.adapters.combination import Combination
-from server.api import validation
+from server.api import tools, validation
 from server.api.errors import OPENAI_ERRORS
 from server.api.openai_schemas import (
+    AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
@@ -35,14 +37,19 @@ from server.api.openai_schemas import (
     CompletionLogprobs,
     CompletionRequest,
     Delta,
-    Message,
+    FunctionCall,
+    FunctionCallDelta,
     Model,
     ModelList,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
 from server.api.serving import event_stream, request_headers, result_headers, state_of, tenant_of, until_done
+from server.api.structured import compile_grammar
+from server.engine.constraints import Grammar, GrammarSpec
 from server.engine.output import GeneratedText, without_stop
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest, Sequence
@@ -72,7 +79,8 @@ async def completions(body: CompletionRequest, request: Request):
     adapters = _adapters(state, request, body)
     prompts = _prompts(state, body.prompt)
     sampling = _sampling(body, body.max_tokens, body.logprobs or 0, bool(body.echo and body.logprobs is not None))
-    gens = [_request(state, ids, adapters, sampling, request, i) for i, ids in enumerate(prompts)]
+    grammar = await compile_grammar(state, body.grammar_spec())
+    gens = [_request(state, ids, adapters, sampling, request, i, grammar) for i, ids in enumerate(prompts)]
     handles = []
     try:  # one answer for all the prompts: when one is refused or fails, the others stop too
         for gen in gens:
@@ -92,12 +100,14 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = state_of(request)
     adapters = _adapters(state, request, body)
-    ids = _chat_prompt(state.tokenizer, body.messages)
+    ids = _chat_prompt(state.tokenizer, body)
     alternatives = (body.top_logprobs or 0) if body.logprobs else 0
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, alternatives, False)
-    gen = _request(state, ids, adapters, sampling, request, 0)
+    fmt = tools.call_format(state.tokenizer)
+    grammar = await compile_grammar(state, _chat_grammar(body, fmt))
+    gen = _request(state, ids, adapters, sampling, request, 0, grammar)
     handle = state.engine.submit(gen)
-    reply = _Chat(body, state.tokenizer, f"chatcmpl-{uuid.uuid4().hex}")
+    reply = _Chat(body, state.tokenizer, f"chatcmpl-{uuid.uuid4().hex}", fmt)
     if body.stream:
         return event_stream(reply.stream(handle), [handle], request_headers(gen), openai=True)
     seq = await until_done(handle, request)
@@ -119,13 +129,31 @@ def _prompts(state: ServerState, prompt) -> list[list[int]]:
     return [encode_prompt(state.tokenizer, p) if isinstance(p, str) else list(p) for p in prompt]
 
 
-def _chat_prompt(tokenizer, messages: list[Message]) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
+def _chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
+    """The conversation through the tokenizer's chat template (which gets the tools, unless tool_choice is
+    none), or the plain default."""
+    offered = body.tools if body.tool_mode != "none" else None
+    if not getattr(tokenizer, "chat_template", None):
+        return encode_prompt(tokenizer, tools.plain_prompt(body.messages, offered))
+    try:
         text = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.text} for m in messages], tokenize=False, add_generation_prompt=True
+            tools.template_messages(body.messages),
+            tools=[t.model_dump(exclude_none=True) for t in offered] if offered else None,
+            tokenize=False,
+            add_generation_prompt=True,
         )
-        return tokenizer.encode(text, add_special_tokens=False)
-    return encode_prompt(tokenizer, "".join(f"{m.role}: {m.text}\n" for m in messages) + "assistant:")
+    except jinja2.TemplateError as exc:
+        raise ValidationError(f"messages: the model's chat template refused them: {exc}") from exc
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _chat_grammar(body: ChatCompletionRequest, fmt: str) -> GrammarSpec | None:
+    """A required or named tool call's grammar, or the request's own constraint."""
+    if body.tool_mode == "required":
+        return tools.required_grammar(body.tools, [t.function.name for t in body.tools], body.parallel_tool_calls, fmt)
+    if body.tool_mode == "named":
+        return tools.required_grammar(body.tools, [body.tool_choice.function.name], False, fmt)
+    return body.grammar_spec()
 
 
 def _sampling(body, max_tokens: int | None, alternatives: int, prompt_logprobs: bool) -> SamplingParams:
@@ -147,9 +175,11 @@ def _sampling(body, max_tokens: int | None, alternatives: int, prompt_logprobs: 
     )
 
 
-def _request(state, ids, adapters, sampling, request: Request, index: int) -> GenerationRequest:
+def _request(
+    state, ids, adapters, sampling, request: Request, index: int, grammar: Grammar | None
+) -> GenerationRequest:
     request_id = request.state.request_id if index == 0 else f"{request.state.request_id}-{index}"
-    return validation.generation_request(state, ids, adapters, sampling, request_id)
+    return validation.generation_request(state, ids, adapters, sampling, request_id, grammar)
 
 
 def _usage(seqs: list[Sequence]) -> Usage:
@@ -255,8 +285,16 @@ class _Completions:
 
 
 class _Chat:
-    def __init__(self, body: ChatCompletionRequest, tokenizer, reply_id: str):
+    def __init__(self, body: ChatCompletionRequest, tokenizer, reply_id: str, call_format: str):
         self.body, self.tokenizer, self.id, self.created = body, tokenizer, reply_id, int(time.time())
+        self.call_format = call_format
+
+    def _reader(self) -> tools.CallReader | None:
+        """What reads tool calls out of the text, when the request offers tools (tool_choice not none)."""
+        if self.body.tool_mode == "none":
+            return None
+        names = [t.function.name for t in self.body.tools]
+        return tools.CallReader(self.call_format, names, bool(self.body.parallel_tool_calls))
 
     def _token(self, token: int, logprob: float) -> TopLogprob:
         text = self.tokenizer.decode([token])
@@ -276,29 +314,52 @@ class _Chat:
         )
 
     def complete(self, seq: Sequence) -> ChatCompletion:
+        text, calls = without_stop(seq.text, seq.stop_sequence), []
+        reader = self._reader()
+        if reader is not None:
+            pieces = reader.feed(text) + reader.finish()
+            calls = [p for p in pieces if isinstance(p, tools.ParsedCall)]
+            text = "".join(p for p in pieces if isinstance(p, str))
         choice = ChatChoice(
             index=0,
-            message={"content": without_stop(seq.text, seq.stop_sequence)},
+            message=AssistantMessage(
+                content=text or (None if calls else ""),
+                tool_calls=[ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+                or None,
+            ),
             logprobs=self._logprobs(seq, range(len(seq.tokens))),
-            finish_reason=FINISH[seq.finish_reason],
+            finish_reason=_finish(seq, bool(calls)),
         )
         return ChatCompletion(
             id=self.id, created=self.created, model=self.body.model, choices=[choice], usage=_usage([seq])
         )
 
     async def stream(self, handle) -> AsyncIterator[str]:
-        seq, text = handle.seq, _Text(handle.seq)
+        seq, text, reader, calls = handle.seq, _Text(handle.seq), self._reader(), 0
         yield self._chunk(ChatChunkChoice(index=0, delta=Delta(role="assistant", content="")))
         async for _, event in _merge([handle]):
             delta = text.delta(event.token, event.final)
-            finish = FINISH[seq.finish_reason] if event.final else None
+            pieces = [delta] if reader is None and delta else []
+            if reader is not None:
+                pieces = reader.feed(delta) + (reader.finish() if event.final else [])
+            deltas = []
+            for piece in pieces:
+                deltas += _call_deltas(piece, calls) if isinstance(piece, tools.ParsedCall) else [Delta(content=piece)]
+                calls += isinstance(piece, tools.ParsedCall)
+            finish = _finish(seq, calls > 0) if event.final else None
             logprobs = self._logprobs(seq, [event.index])
-            if delta or finish or logprobs:
+            if not deltas and (finish or logprobs):
+                deltas = [Delta()]
+            for i, piece in enumerate(deltas):
+                last = i == len(deltas) - 1
                 yield self._chunk(
                     ChatChunkChoice(
-                        index=0, delta=Delta(content=delta or None), logprobs=logprobs, finish_reason=finish
+                        index=0,
+                        delta=piece,
+                        logprobs=logprobs if last else None,
+                        finish_reason=finish if last else None,
                     ),
-                    _usage([seq]) if finish else None,
+                    _usage([seq]) if finish and last else None,
                 )
         if self.body.stream_options and self.body.stream_options.include_usage:
             yield self._chunk(None, _usage([seq]))
@@ -308,6 +369,25 @@ class _Chat:
             id=self.id, created=self.created, model=self.body.model, choices=[choice] if choice else [], usage=usage
         )
         return chunk.model_dump_json()
+
+
+def _finish(seq: Sequence, called: bool) -> str:
+    """tool_calls when the answer holds calls and was not cut short."""
+    return "tool_calls" if called and seq.finish_reason != "length" else FINISH[seq.finish_reason]
+
+
+def _call_deltas(call: tools.ParsedCall, index: int) -> list[Delta]:
+    """A call as OpenAI streams one: its id and name, then its arguments."""
+    return [
+        Delta(
+            tool_calls=[
+                ToolCallDelta(
+                    index=index, id=call.id, type="function", function=FunctionCallDelta(name=call.name, arguments="")
+                )
+            ]
+        ),
+        Delta(tool_calls=[ToolCallDelta(index=index, function=FunctionCallDelta(arguments=call.arguments))]),
+    ]
 
 
 async def _merge(handles) -> AsyncIterator[tuple[int, object]]:

@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.api.structured import ResponseFormat, TgiGrammar
+from server.engine.constraints import GrammarSpec
+
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_TOP_N_TOKENS = 5
@@ -16,8 +19,6 @@ _UNIMPLEMENTED_DEFAULTS = {
     "typical_p": (None, 1.0),
     "truncate": (None,),
     "watermark": (None, False),
-    "grammar": (None,),
-    "response_format": (None,),
 }
 
 
@@ -66,8 +67,8 @@ class GenerateParameters(BaseModel):
     typical_p: float | None = None
     truncate: int | None = None
     watermark: bool | None = None
-    grammar: dict | None = None
-    response_format: dict | None = None
+    grammar: TgiGrammar | None = Field(None, description="TGI: {'type': 'json' | 'regex', 'value': ...}")
+    response_format: ResponseFormat | None = Field(None, description="LoRAX: {'type': 'json_object', 'schema': ...}")
 
     @model_validator(mode="after")
     def _implemented(self) -> GenerateParameters:
@@ -80,7 +81,15 @@ class GenerateParameters(BaseModel):
             raise ValueError(f"not supported by this server: {', '.join(unsupported)}")
         if any(not s for s in self.stop or ()):
             raise ValueError("stop sequences must not be empty")
+        if self.grammar is not None and self.response_format is not None:
+            raise ValueError("grammar and response_format: at most one constraint per request")
+        self.grammar_spec()  # raises for a malformed one
         return self
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        if self.grammar is not None:
+            return self.grammar.spec()
+        return self.response_format.spec() if self.response_format is not None else None
 
     @property
     def alternatives(self) -> int:

@@ -7,6 +7,7 @@ import dataclasses
 from server.adapters.combination import Combination
 from server.api.schemas import MAX_STOP_CHARS
 from server.auth import Tenant
+from server.engine.constraints import Grammar
 from server.engine.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from server.engine.sequence import GenerationRequest
 from server.errors import ValidationError
@@ -28,9 +29,15 @@ def split_adapter_id(adapter_id: str | None) -> list[str] | None:
 
 
 def generation_request(
-    state: ServerState, prompt_ids: list[int], adapters: Combination, sampling: SamplingParams, request_id: str
+    state: ServerState,
+    prompt_ids: list[int],
+    adapters: Combination,
+    sampling: SamplingParams,
+    request_id: str,
+    grammar: Grammar | None = None,
 ) -> GenerationRequest:
-    """sampling.max_new_tokens None asks for the default, or what the context leaves when that is less."""
+    """sampling.max_new_tokens None asks for the default, or what the context leaves when that is less. grammar:
+    the output's constraint, compiled (see api/structured.py)."""
     settings, problems = state.settings, []
     room = (state.max_total_tokens or 10**9) - len(prompt_ids)
     max_new = (
@@ -56,7 +63,13 @@ def generation_request(
         problems.append(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")
     if any(not 0 <= token < vocab for token in sampling.logit_bias):
         problems.append(f"logit_bias names token ids outside the vocabulary (0..{vocab - 1})")
+    if grammar is not None and sampling.stop:
+        problems.append("stop sequences cannot be combined with an output constraint: the grammar decides the end")
+    if grammar is not None and sampling.ignore_eos:
+        problems.append("ignore_eos_token cannot be combined with an output constraint: the grammar decides the end")
     if problems:
         raise ValidationError("; ".join(problems))
     sampling = dataclasses.replace(sampling, max_new_tokens=max_new)
-    return GenerationRequest(request_id, prompt_ids, adapters, sampling, timeout=settings.request_timeout)
+    return GenerationRequest(
+        request_id, prompt_ids, adapters, sampling, timeout=settings.request_timeout, grammar=grammar
+    )

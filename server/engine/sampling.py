@@ -15,6 +15,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from server.engine.constraints import mask_constrained
+
 GREEDY_TEMPERATURE = 1e-5
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's default; the API fits it to the context room left (api/validation.py)
 
@@ -100,15 +102,20 @@ def sample(rows: list, logits: torch.Tensor) -> list[Choice | Exception]:
     """The next token of each row (a Sequence: its chooser, parameters and tokens so far) from its logits,
     [len(rows), vocab]; a row whose choice fails gets the exception instead, the others are unaffected."""
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits, dim=-1)  # the model's own, also for constrained rows
     greedy = logits.argmax(dim=-1).tolist()
+    masked = mask_constrained(rows, logits)  # constrained rows only
     choices: list[Choice | Exception] = []
     for row, seq in enumerate(rows):
         try:
-            if seq.chooser.plain_greedy:
+            row_logits = masked.get(row)
+            if isinstance(row_logits, Exception):
+                raise row_logits
+            if row_logits is None and seq.chooser.plain_greedy:
                 token = greedy[row]
             else:
-                token = seq.chooser.choose(logits[row : row + 1], seq.request.prompt_ids + seq.tokens)
+                row_logits = logits[row : row + 1] if row_logits is None else row_logits
+                token = seq.chooser.choose(row_logits, seq.request.prompt_ids + seq.tokens)
             alternatives = []
             if k := seq.request.params.top_logprobs:
                 values, ids = logprobs[row].topk(k)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from server.adapters.combination import Combination
+from server.engine.constraints import Constraint, Grammar
 from server.engine.output import GeneratedText
 from server.engine.sampling import SamplingParams, TokenChooser
 
@@ -20,6 +21,7 @@ class GenerationRequest:
     adapters: Combination
     params: SamplingParams
     timeout: float | None = None  # seconds from submission, queue included
+    grammar: Grammar | None = None  # what the output is constrained to, compiled
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,10 @@ class Sequence:
     admitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
+    constraint: Constraint | None = field(init=False)  # where the output is in its grammar, if constrained
 
     def __post_init__(self) -> None:
+        self.constraint = self.request.grammar.constraint() if self.request.grammar else None
         stops = self.request.params.stop
         self._stops = GeneratedText(self.tokenizer, stops) if stops else None  # decoded per token only to match
 
@@ -80,8 +84,12 @@ class Sequence:
         self.logprobs.append(logprob)
         self.alternatives.append(alternatives or [])
         params = self.request.params
+        if self.constraint is not None:
+            self.constraint.advance(token)  # raises for a token the grammar forbids: this row fails
         if token in self.eos_ids and not params.ignore_eos:
             self.finish_reason = "eos_token"
+        elif self.constraint is not None and self.constraint.finished:
+            self.finish_reason = "eos_token"  # the grammar is complete: nothing but the end may follow
         elif self._stops is not None and self._stops.add(token):
             self.finish_reason = "stop_sequence"
             self.text, self.stop_sequence = self._stops.text, self._stops.stop_sequence
