@@ -1,0 +1,312 @@
+"""The playground page in a real browser — headless Chromium from Debian's packages, driven by Selenium — against
+live demo servers: the demo opens on base vs pirate vs pirate+british; two combinations picked, generated side by
+side, give /generate's text; a token shows its logprob and alternatives; the copy-as snippets (curl, openai,
+huggingface_hub) run and give the column's text; the API-key prompt and a tenant's view. Over HTTP: which of the
+page's paths are public, GET /operator, and the wheel shipping the page.
+
+MIXSERVE_SCREENSHOT=docs/playground.png saves the README's screenshot of the demo's first view."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from server.config import Settings
+from tests.conftest import REPO
+
+CHROMEDRIVER = "/usr/bin/chromedriver"  # Debian's chromium-driver (make install-test)
+WAIT = 120  # seconds, for anything the page waits on
+ADMIN, ACME = "admin-key-0001", "acme-key-0001"
+DEMO_PROMPT = "Alice painted three red boxes near the park. "
+PROMPT = "Grace counted five blue cups at the harbor. "
+
+
+def demo_settings(**overrides) -> Settings:
+    values = {"model": "demo", "adapters_dir": REPO / "adapters_store", "device": "cpu", "dtype": "float32"}
+    return Settings(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def demo(serve):
+    return serve(demo_settings())
+
+
+@pytest.fixture(scope="module")
+def keyed(serve, tmp_path_factory):
+    """The demo adapters in two tenants' namespaces, behind API keys."""
+    store = tmp_path_factory.mktemp("playground-store")
+    for name, source in {"acme/pirate": "pirate", "acme/british": "british", "globex/digits": "digits"}.items():
+        shutil.copytree(REPO / "adapters_store" / source, store / name)
+    return serve(demo_settings(adapters_dir=store, api_keys=f"{ADMIN},{ACME}:acme/"))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    assert Path(CHROMEDRIVER).exists(), "Chromium's driver is missing: make install-test installs it"
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1400,1000")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT)
+    yield driver
+    driver.quit()
+
+
+def call(server, method: str, path: str, key: str | None = None, **kwargs) -> httpx.Response:
+    headers = {**kwargs.pop("headers", {}), **({"Authorization": f"Bearer {key}"} if key else {})}
+    return httpx.request(method, server.url + path, headers=headers, timeout=WAIT, **kwargs)
+
+
+def generate(server, adapters: list[str], prompt: str, tokens: int, key: str | None = None) -> httpx.Response:
+    body = {
+        "inputs": prompt,
+        "adapters": adapters,
+        "parameters": {"max_new_tokens": tokens, "details": True, "top_n_tokens": 5},
+    }
+    response = call(server, "POST", "/generate", key, json=body)
+    assert response.status_code == 200, response.text
+    return response
+
+
+# --- driving the page
+
+
+def wait(browser, condition, message: str):
+    return WebDriverWait(browser, WAIT).until(lambda d: condition(d), message)
+
+
+def columns(browser):
+    return browser.find_elements(By.CSS_SELECTOR, "#columns .column")
+
+
+def wait_until_generated(browser, count: int) -> None:
+    states = lambda d: [c.get_attribute("data-state") for c in columns(d)]
+    wait(browser, lambda d: len(states(d)) == count and all(s in ("done", "error") for s in states(d)), "generation")
+    assert states(browser) == ["done"] * count, [c.find_element(By.CLASS_NAME, "stats").text for c in columns(browser)]
+
+
+def text_of(browser, column) -> str:
+    """What the column shows as generated text (special tokens are drawn by CSS, not part of it)."""
+    return browser.execute_script("return arguments[0].querySelector('.output').textContent", column)
+
+
+def combination_of(column) -> str:
+    return column.find_element(By.CLASS_NAME, "combination").text
+
+
+def tick(browser, name: str, column: int) -> None:
+    browser.find_element(By.CSS_SELECTOR, f'input[aria-label="{name} in column {column}"]').click()
+
+
+def fill(browser, element_id: str, value: str) -> None:
+    field = browser.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def open_page(browser, server, path: str = "/playground") -> None:
+    browser.get(server.url + path)
+    wait(browser, lambda d: d.execute_script("return document.readyState") == "complete", "page load")
+
+
+def open_ready(browser, server) -> None:
+    open_page(browser, server)
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#matrix tbody th"), "the adapters")
+
+
+def snippet(browser, column, fmt: str) -> str:
+    column.find_element(By.CSS_SELECTOR, f'.copy button[data-format="{fmt}"]').click()
+    return browser.execute_script("return arguments[0].querySelector('.snippet code').textContent", column)
+
+
+def run_curl(text: str, key: str | None = None) -> str:
+    """The snippet run by bash (real curl); the text of its stream's last event."""
+    env = {**os.environ, "MIXSERVE_API_KEY": key or ""}
+    done = subprocess.run(["bash", "-c", text], capture_output=True, text=True, timeout=WAIT, env=env, check=True)
+    events = [json.loads(line[5:]) for line in done.stdout.splitlines() if line.startswith("data:")]
+    assert events and events[-1]["generated_text"] is not None, done.stdout
+    return events[-1]["generated_text"]
+
+
+def run_python(text: str) -> str:
+    done = subprocess.run([sys.executable, "-c", text], capture_output=True, text=True, timeout=WAIT, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.removesuffix("\n")
+
+
+# --- in the browser
+
+
+def test_the_demo_opens_on_base_pirate_and_pirate_british_side_by_side(demo, browser):
+    open_page(browser, demo, "/")  # a browser's GET / lands on the playground
+    assert browser.current_url == demo.url + "/playground"
+    wait_until_generated(browser, 3)
+    shown = columns(browser)
+    assert [combination_of(c) for c in shown] == ["base model", "pirate", "pirate+british"]
+    for column, adapters in zip(shown, [[], ["pirate"], ["pirate", "british"]], strict=True):
+        assert text_of(browser, column) == generate(demo, adapters, DEMO_PROMPT, 80).json()["generated_text"]
+    if os.environ.get("MIXSERVE_SCREENSHOT"):
+        shown[2].find_elements(By.CSS_SELECTOR, ".tok")[2].click()
+        browser.save_screenshot(os.environ["MIXSERVE_SCREENSHOT"])
+
+
+def test_two_combinations_picked_stream_what_generate_answers(demo, browser):
+    open_ready(browser, demo)
+    wait_until_generated(browser, 3)
+    browser.find_element(By.CSS_SELECTOR, 'button[aria-label="Remove column 3"]').click()
+    tick(browser, "excited", 1)  # column 1: base -> excited + digits, picked out of canonical order
+    tick(browser, "digits", 1)
+    tick(browser, "pirate", 2)  # column 2: pirate -> british + signoff
+    tick(browser, "british", 2)
+    tick(browser, "signoff", 2)
+    fill(browser, "prompt", PROMPT)
+    fill(browser, "max-tokens", "40")
+    browser.find_element(By.ID, "generate").click()
+    wait_until_generated(browser, 2)
+
+    shown = columns(browser)
+    answers = [generate(demo, names, PROMPT, 40) for names in (["excited", "digits"], ["british", "signoff"])]
+    assert [combination_of(c) for c in shown] == [a.headers["x-adapters"] for a in answers]
+    assert [combination_of(c) for c in shown] == ["digits+excited", "signoff+british"]  # canonical order
+    assert [text_of(browser, c) for c in shown] == [a.json()["generated_text"] for a in answers]
+
+    # a token's logprob and its alternatives, as /generate's details give them
+    details = answers[0].json()["details"]
+    shown[0].find_elements(By.CSS_SELECTOR, ".tok")[2].click()
+    info = shown[0].find_element(By.CLASS_NAME, "token-info")
+    assert f"logprob {details['tokens'][2]['logprob']:.4f}" in info.text
+    cells = info.find_elements(By.CSS_SELECTOR, "tr td:first-child")
+    assert [json.loads(c.text) for c in cells] == [t["text"] for t in details["top_tokens"][2]]
+
+    # each copy-as snippet, run, gives the column's text
+    column_text = text_of(browser, shown[1])
+    assert run_curl(snippet(browser, shown[1], "curl")) == column_text
+    assert run_python(snippet(browser, shown[1], "openai")) == column_text
+    assert run_python(snippet(browser, shown[1], "hub")) == column_text
+
+
+def test_the_page_asks_for_a_key_and_shows_what_it_may_see(keyed, browser):
+    open_page(browser, keyed)
+    dialog = browser.find_element(By.ID, "key-dialog")
+    wait(browser, lambda d: dialog.get_attribute("open") is not None, "the key prompt")
+    fill(browser, "key-input", "wrong-key-0001")
+    browser.find_element(By.ID, "key-submit").click()
+    wait(browser, lambda d: "invalid API key" in d.find_element(By.ID, "key-error").text, "the key refused")
+
+    fill(browser, "key-input", ACME)
+    browser.find_element(By.ID, "key-submit").click()
+    wait(browser, lambda d: dialog.get_attribute("open") is None, "the key accepted")
+    names = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#matrix tbody th")]
+    assert names == ["acme/british", "acme/pirate"]  # not globex/digits
+
+    assert [combination_of(c) for c in columns(browser)] == ["base model", "acme/british"]  # not generated yet
+    tick(browser, "acme/pirate", 2)
+    fill(browser, "max-tokens", "30")
+    browser.find_element(By.ID, "generate").click()
+    wait_until_generated(browser, 2)
+    column = columns(browser)[1]
+    expected = generate(keyed, ["acme/british", "acme/pirate"], DEMO_PROMPT, 30, ACME).json()["generated_text"]
+    assert text_of(browser, column) == expected
+    curl = snippet(browser, column, "curl")
+    assert ACME not in curl and "$MIXSERVE_API_KEY" in curl
+    assert run_curl(curl, ACME) == expected
+
+    # the operator's view spans every tenant: not for this key
+    browser.find_element(By.ID, "tab-operator").click()
+    wait(browser, lambda d: "without namespaces" in d.find_element(By.ID, "operator-status").text, "refusal")
+    assert not browser.find_element(By.ID, "operator").is_displayed()
+
+    # a key without namespaces sees every adapter, and the operator's view
+    browser.find_element(By.ID, "change-key").click()
+    fill(browser, "key-input", ADMIN)
+    browser.find_element(By.ID, "key-submit").click()
+    wait(browser, lambda d: d.find_element(By.ID, "operator").is_displayed(), "the operator's view")
+    names = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#resident tbody tr td:first-child")]
+    assert names == ["acme/british", "acme/pirate"]  # resident since the generation
+    browser.find_element(By.ID, "tab-compare").click()
+    names = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#matrix tbody th")]
+    assert names == ["acme/british", "acme/pirate", "globex/digits"]
+
+
+# --- over HTTP
+
+
+def test_the_page_is_public_the_api_is_not(keyed):
+    page = call(keyed, "GET", "/playground")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    for path, media_type in (
+        ("/playground/playground.js", "text/javascript"),
+        ("/playground/playground.css", "text/css"),
+    ):
+        response = call(keyed, "GET", path)
+        assert response.status_code == 200 and response.headers["content-type"].startswith(media_type)
+        assert f'"{path}"' in page.text
+
+    redirect = call(keyed, "GET", "/", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert redirect.status_code == 307 and redirect.headers["location"] == "/playground"
+    assert call(keyed, "GET", "/").status_code == 401  # not a browser: as before
+    assert call(keyed, "GET", "/playground/anything-else").status_code == 401
+    body = {"inputs": DEMO_PROMPT, "parameters": {"max_new_tokens": 4}}
+    assert call(keyed, "POST", "/", json=body, headers={"Accept": "text/html"}).status_code == 401
+    tgi = call(keyed, "POST", "/", ADMIN, json=body, headers={"Accept": "text/html"})
+    assert tgi.status_code == 200 and isinstance(tgi.json(), list)  # TGI's root route, untouched
+
+    assert call(keyed, "GET", "/operator").status_code == 401
+    forbidden = call(keyed, "GET", "/operator", ACME)
+    assert forbidden.status_code == 403
+    assert forbidden.json() == {"error": "/operator needs an API key without namespaces", "error_type": "forbidden"}
+    assert call(keyed, "GET", "/operator", ADMIN).status_code == 200
+
+
+def test_operator_reports_tiers_activity_and_rows(serve):
+    server = serve(demo_settings(max_loaded_adapters=1))  # a second adapter evicts the first to host memory
+    assert call(server, "POST", "/adapters/pirate/load").status_code == 200
+    assert call(server, "POST", "/adapters/british/load").status_code == 200
+    listed = {a["name"]: a for a in call(server, "GET", "/adapters").json()["adapters"]}
+    body = {
+        "inputs": DEMO_PROMPT,
+        "adapters": ["british"],
+        "parameters": {"max_new_tokens": 900, "ignore_eos_token": True},
+    }
+    with httpx.stream("POST", f"{server.url}/generate_stream", json=body, timeout=WAIT) as stream:
+        lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+        next(lines)  # the first token: the row is running
+        report = call(server, "GET", "/operator").json()
+    assert report["tiers"] == {
+        "loaded": {"adapters": 1, "bytes": listed["british"]["bytes"]},
+        "host": {"adapters": 1, "bytes": listed["pirate"]["bytes"]},
+    }
+    assert [(a["name"], a["state"]) for a in report["adapters"]] == [("british", "loaded"), ("pirate", "host")]
+    activity = report["activity"]
+    assert sum(i["loads"] for i in activity) == 2 and sum(i["evictions"] for i in activity) == 1
+    assert sum(i["failed_loads"] for i in activity) == 0
+    assert report["running"] == 1 and report["waiting"] == 0
+    (row,) = report["rows"]
+    assert row["state"] == "running" and row["adapters"] == "british" and row["generated_tokens"] >= 1
+
+
+def test_the_wheel_ships_the_page(tmp_path):
+    """A non-editable install serves the page: its files are package data."""
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "server", source / "server", ignore=shutil.ignore_patterns("__pycache__", "model"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", str(source)]
+    subprocess.run([*command, "-w", str(tmp_path)], check=True, capture_output=True, timeout=WAIT)
+    (wheel,) = tmp_path.glob("mixserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"server/playground/{f}" for f in ("index.html", "playground.js", "playground.css")} <= names
