@@ -110,8 +110,8 @@ class ParsedCall:
 
 class CallReader:
     """Generated text fed piece by piece (as a stream delivers it, or all at once): out come content pieces (str)
-    and calls (ParsedCall), in order, each as soon as it is certain. Content that is only whitespace is held, and
-    dropped at the end if there were calls. Both the streamed and the plain answer read text through this, so they
+    and calls (ParsedCall), in order, each as soon as it is certain. Content that is only whitespace (around calls)
+    is dropped when there were calls. Both the streamed and the plain answer read text through this, so they
     agree."""
 
     def __init__(self, fmt: str, names: list[str], parallel: bool = True):
@@ -119,6 +119,7 @@ class CallReader:
         self.calls = 0
         self._pending = ""
         self._held = ""  # whitespace-only content not yet sent
+        self._spoke = False  # some content other than whitespace was sent
         self._bare_json: bool | None = None  # Llama 3: the answer is one JSON text (None: not yet known)
 
     def feed(self, text: str) -> list[str | ParsedCall]:
@@ -217,12 +218,15 @@ class CallReader:
         return ParsedCall(value["name"], json.dumps(arguments, ensure_ascii=False))
 
     def _content(self, out: list, text: str) -> None:
-        if not text:
+        """Content is sent as it comes, once some is more than whitespace; whitespace before that is held."""
+        if self._spoke:
+            if text:
+                out.append(text)
             return
         self._held += text
         if self._held.strip():
             out.append(self._held)
-            self._held = ""
+            self._held, self._spoke = "", True
 
 
 def _could_begin(text: str, marker: str) -> int:
