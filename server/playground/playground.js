@@ -248,10 +248,10 @@ async function run(column, body, signal) {
   let finish = "";
   const show = () => {
     const parts = [`${column.tokens.length} tokens`];
-    if (first !== null) parts.unshift(`first token ${Math.round(first - started)} ms`);
+    if (first !== null) parts.unshift(`time to first token ${Math.round(first - started)} ms`);
     if (column.tokens.length > 1) parts.push(`${((column.tokens.length - 1) / ((last - first) / 1000)).toFixed(1)} tokens/s`);
     if (finish) parts.push(finish);
-    stats.textContent = parts.join(" · ");
+    stats.replaceChildren(...parts.flatMap((part, i) => [...(i ? [" · "] : []), cell("span", part, { className: "stat" })]));
   };
   try {
     const response = await api("/generate_stream", {
@@ -361,7 +361,10 @@ function showToken(column, index) {
   info.hidden = false;
 }
 
-const percent = (logprob) => `${(100 * Math.exp(logprob)).toFixed(1)}%`;
+function percent(logprob) {
+  const p = 100 * Math.exp(logprob);
+  return p < 0.1 ? "<0.1%" : `${p.toFixed(1)}%`;
+}
 
 // --- copy as curl / Python: the request a column sent
 
@@ -498,8 +501,8 @@ function renderOperator(data) {
 
 function renderActivity(data) {
   const sum = (key) => data.activity.reduce((total, i) => total + i[key], 0);
-  const minutes = Math.round((data.activity.length * data.interval_s) / 60) || 1;
-  const summary = `Last ${minutes} min: ${sum("loads")} loads, ${sum("failed_loads")} failed loads, ${sum("evictions")} evictions (bars of ${data.interval_s} s).`;
+  const since = data.activity.length * data.interval_s < data.window_s ? "Since the server started" : `Last ${data.window_s / 60} min`;
+  const summary = `${since}: ${sum("loads")} loads, ${sum("failed_loads")} failed loads, ${sum("evictions")} evictions (bars of ${data.interval_s} s).`;
   $("#activity-summary").textContent = summary;
   const chart = $("#activity");
   chart.setAttribute("aria-label", summary);
