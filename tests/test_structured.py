@@ -136,7 +136,8 @@ def test_json_schema_answers_validate_with_every_combination_greedy_and_sampled(
             )
             choice = chat.choices[0]
             assert choice.finish_reason == "stop", (adapters, choice)
-            _valid(choice.message.content, PERSON)
+            value = _valid(choice.message.content, PERSON)
+            assert list(value) == list(PERSON["properties"])  # in the schema's order
 
 
 def oai_model(oai) -> str:

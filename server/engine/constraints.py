@@ -28,11 +28,12 @@ class GrammarSpec:
     regex, choice (value: a JSON list of strings), lark (a Lark grammar with llguidance's extensions)."""
 
     kind: str
-    value: str
+    value: str  # JSON text for json_schema and choice
 
     @classmethod
     def json_schema(cls, schema: dict | bool) -> GrammarSpec:
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        """Keys keep their order: properties are generated in the order the schema lists them."""
+        return cls("json_schema", json.dumps(schema, separators=(",", ":")))
 
     @classmethod
     def choice(cls, choices: list[str]) -> GrammarSpec:
