@@ -113,14 +113,16 @@ def mask_constrained(rows: list, logits: torch.Tensor) -> dict[int, torch.Tensor
         except Exception as exc:  # noqa: BLE001 - this row's grammar failed: handed to the caller for this row
             failed[row] = exc
     masked = logits[[row for row, _ in constrained]]  # [n, vocab], a copy
-    masked.masked_fill_(~allowed(bitmask, vocab).to(masked.device), -torch.inf)
+    masked.masked_fill_(~allowed(bitmask.to(masked.device), vocab), -torch.inf)
     return {row: failed.get(row, masked[i : i + 1]) for i, (row, _) in enumerate(constrained)}
 
 
 def allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """bitmask [n, words] int32 -> [n, vocab] bool."""
-    bits = torch.arange(32, dtype=torch.int32)
-    return ((bitmask[:, :, None] >> bits) & 1).bool().reshape(bitmask.shape[0], -1)[:, :vocab]
+    """bitmask [n, words] int32 -> [n, vocab] bool, on bitmask's device. Read as bytes (little-endian, as on x86
+    and ARM): token 8b+i is bit i of byte b."""
+    data = bitmask.contiguous().view(torch.uint8)  # [n, 4 * words]
+    bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=data.device)
+    return (data[:, :, None] & bits).ne(0).reshape(bitmask.shape[0], -1)[:, :vocab]
 
 
 class Grammars:
