@@ -26,6 +26,26 @@ from server.adapters.kinds.lora import ParameterLora
 
 _plan_ids = itertools.count()
 
+# On CPU, a decode pass's adapter operations are small (a few rows times a low rank): on several threads each one
+# costs more in waking and joining the other threads than in arithmetic, so they run on one thread, and so does
+# the base layer's matmul when it is smaller than this many multiply-adds (rows x in x out). Measured with
+# bench/mixed_decode.py (README, "CPU threads").
+SERIAL_BASE_MACS = 8_000_000
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[int]:
+    """torch's CPU operations on n threads inside; yields the count outside."""
+    outside = torch.get_num_threads()
+    if n == outside:
+        yield outside
+        return
+    torch.set_num_threads(n)
+    try:
+        yield outside
+    finally:
+        torch.set_num_threads(outside)
+
 
 class BatchPlan:
     """Rows of one forward pass (dim 0 of every layer's input) and the adapter slots each uses, canonical order.
@@ -90,6 +110,9 @@ class _LayerPlan:
     # A_cat [R, in], B_cat [out, R], scales [B, 1, R], and where they apply (bool [B, 1, R])
     low_rank: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
     other: list[tuple[torch.Tensor | None, LayerAdapter]]  # (rows, adapter)
+    serial_adapters: bool  # the adapters' operations on one thread (decode on CPU)
+    serial_base: bool  # the base layer's matmul too
+    zero: torch.Tensor  # what torch.where puts outside the rows (a Python 0 would build a tensor per call)
 
     @property
     def empty(self) -> bool:
@@ -153,6 +176,19 @@ class MixedLinear(nn.Module):
         return self._mixed(x.view(rows, -1, x.shape[-1]), layer).flatten(0, 1)
 
     def _mixed(self, x: torch.Tensor, layer: _LayerPlan) -> torch.Tensor:
+        if not layer.serial_adapters:
+            return self._with_adapters(x, layer, self._base_output)
+        with _threads(1) as threads:
+            if layer.serial_base:
+                return self._with_adapters(x, layer, self._base_output)
+
+            def base_output(x_in: torch.Tensor, sparse: list) -> torch.Tensor:
+                with _threads(threads):
+                    return self._base_output(x_in, sparse)
+
+            return self._with_adapters(x, layer, base_output)
+
+    def _with_adapters(self, x: torch.Tensor, layer: _LayerPlan, base_output) -> torch.Tensor:
         x_in = x  # what the base weight sees: rotated on rows with OFT adapters
         for rows, rotations in layer.rotations:
             rotated = x if rows is None or rows.dtype == torch.bool else x.index_select(0, rows)
@@ -166,17 +202,18 @@ class MixedLinear(nn.Module):
                 x_in = x.clone() if x_in is x else x_in
                 x_in.index_copy_(0, rows, rotated)
 
-        y = self._base_output(x_in, layer.sparse)
+        y = base_output(x_in, layer.sparse)
         if layer.low_rank is not None:
             a_cat, b_cat, scales, own = layer.low_rank
-            y += F.linear(torch.where(own, F.linear(x, a_cat) * scales, 0), b_cat)
+            own_ranks = torch.where(own, F.linear(x, a_cat), layer.zero).mul_(scales)
+            y.view(-1, y.shape[-1]).addmm_(own_ranks.view(-1, own_ranks.shape[-1]), b_cat.T)
         for rows, adapter in layer.other:
             if rows is None:
                 y += adapter.delta(x)
             elif rows.dtype == torch.long:
                 y.index_add_(0, rows, adapter.delta(x.index_select(0, rows)))
             else:
-                y += torch.where(rows, adapter.delta(x), 0)
+                y += torch.where(rows, adapter.delta(x), layer.zero)
         return y
 
     def _base_output(self, x_in: torch.Tensor, sparse: list) -> torch.Tensor:
@@ -215,7 +252,10 @@ class MixedLinear(nn.Module):
 
         used = list(dict.fromkeys(s for slots in rows for s in slots))  # first-use order
         additive = [s for s in used if not (a := self.adapters[s]).rotates_input and not a.adds_to_weight]
-        fused = () if plan.gather else tuple(s for s in additive if self.adapters[s].low_rank is not None)
+        # sorted: one stack for a set of adapters, whatever the order of the rows that use them
+        fused = () if plan.gather else tuple(sorted(s for s in additive if self.adapters[s].low_rank is not None))
+
+        serial = not plan.gather and plan.device.type == "cpu"
 
         def select(pattern: tuple[bool, ...]) -> torch.Tensor | None:
             return plan.indices(pattern) if plan.gather else plan.mask(pattern)
@@ -225,6 +265,9 @@ class MixedLinear(nn.Module):
             sparse=groups(lambda a: a.adds_to_weight, plan.indices),
             low_rank=self._low_rank(plan, rows, fused) if fused else None,
             other=[(select(tuple(s in slots for slots in rows)), self.adapters[s]) for s in additive if s not in fused],
+            serial_adapters=serial,
+            serial_base=serial and len(rows) * self.in_features * self.out_features < SERIAL_BASE_MACS,
+            zero=plan.cached(("zero", self.base.weight.dtype), lambda: torch.zeros((), dtype=self.base.weight.dtype)),
         )
 
     def _low_rank(self, plan: BatchPlan, rows: list[tuple[int, ...]], slots: tuple[int, ...]):

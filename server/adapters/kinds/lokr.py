@@ -9,17 +9,16 @@ from .base import Kind, LayerAdapter, expect_params, expect_shape, pattern_value
 
 
 class LoKrLayer(LayerAdapter):
-    def __init__(self, w1: torch.Tensor, w2: torch.Tensor, scaling: float):
-        self.w1 = w1  # [a, c]
+    def __init__(self, w1: torch.Tensor, w2: torch.Tensor):
+        self.w1 = w1  # [a, c], times the scaling
         self.w2 = w2  # [b, d]; out = a*b, in = c*d
-        self.scaling = scaling
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # kron(W1, W2)[i*b+j, k*d+l] = W1[i,k] W2[j,l], so with X = x viewed as [..., c, d]: y = W1 X W2^T
         (a, c), (b, d) = self.w1.shape, self.w2.shape
         xs = x.reshape(-1, c, d)  # [N, c, d]
         y = self.w1 @ (xs @ self.w2.T)  # [N, a, b]
-        return y.reshape(*x.shape[:-1], a * b) * self.scaling
+        return y.reshape(*x.shape[:-1], a * b)
 
 
 class LoKrKind(Kind):
@@ -47,4 +46,4 @@ class LoKrKind(Kind):
             w2 = expect_shape(tensors, "lokr_w2", (out_k, in_n))
         else:
             w2 = expect_shape(tensors, "lokr_w2_a", (out_k, r)) @ expect_shape(tensors, "lokr_w2_b", (r, in_n))
-        return LoKrLayer(w1.to(dtype), w2.to(dtype), alpha / r)
+        return LoKrLayer((w1 * (alpha / r)).to(dtype), w2.to(dtype))
