@@ -20,8 +20,10 @@ import torch
 from huggingface_hub import InferenceClient
 from lorax import Client as LoraxClient
 
+from server.config import Settings
 from server.engine.constraints import Grammars, GrammarSpec, mask_constrained
 from server.model import load_tokenizer
+from tests.conftest import REPO
 
 # Bounded: every path through it ends within ~120 bytes.
 PERSON = {
@@ -299,3 +301,22 @@ def test_constraint_errors_are_422_with_the_reason(server, oai):
     assert "does not compile" in invalid.value.body["message"]
     with pytest.raises(openai.UnprocessableEntityError):
         oai.completions.create(model="lora", prompt="x", extra_body={"guided_regex": "a", "guided_choice": ["b"]})
+
+
+def test_the_demo_model_answers_valid_json_with_its_adapters(serve):
+    """The trained demo (byte tokenizer, no chat template) with one adapter of each type and mixes of them."""
+    demo = serve(Settings(model="demo", adapters_dir=REPO / "adapters_store", device="cpu", dtype="float32"))
+    client = openai.OpenAI(base_url=f"{demo.url}/v1", api_key="unused", max_retries=0)
+    combinations = [[], ["uppercase"], ["digits", "excited"], ["pirate", "british"], ["signoff"]]
+    for adapters in combinations:
+        for temperature in (0, 0.9):
+            completion = client.completions.create(
+                model="+".join(adapters) or demo.state.settings.model_id,
+                prompt="My neighbor Alice has three red cats. ",
+                max_tokens=MAX_TOKENS,
+                temperature=temperature,
+                seed=11,
+                extra_body={"guided_json": PERSON},
+            )
+            assert completion.choices[0].finish_reason == "stop", (adapters, completion.choices[0])
+            _valid(completion.choices[0].text, PERSON)
