@@ -284,7 +284,8 @@ def test_tool_choice_none_and_errors(oai):
         ("hermes", 'Hi <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', "Hi ", ["f"]),
         (
             "hermes",
-            '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool_call>{"name": "g", "arguments": {}}</tool_call>',
+            '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n'
+            '<tool_call>{"name": "g", "arguments": {}}</tool_call>',
             None,
             ["f", "g"],
         ),

@@ -150,7 +150,7 @@ def _chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
 def _chat_grammar(body: ChatCompletionRequest, fmt: str) -> GrammarSpec | None:
     """A required or named tool call's grammar, or the request's own constraint."""
     if body.tool_mode == "required":
-        return tools.required_grammar(body.tools, [t.function.name for t in body.tools], body.parallel_tool_calls, fmt)
+        return tools.required_grammar(body.tools, [t.function.name for t in body.tools], body.parallel_calls, fmt)
     if body.tool_mode == "named":
         return tools.required_grammar(body.tools, [body.tool_choice.function.name], False, fmt)
     return body.grammar_spec()
@@ -294,7 +294,7 @@ class _Chat:
         if self.body.tool_mode == "none":
             return None
         names = [t.function.name for t in self.body.tools]
-        return tools.CallReader(self.call_format, names, bool(self.body.parallel_tool_calls))
+        return tools.CallReader(self.call_format, names, self.body.parallel_calls)
 
     def _token(self, token: int, logprob: float) -> TopLogprob:
         text = self.tokenizer.decode([token])

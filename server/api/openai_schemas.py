@@ -152,6 +152,10 @@ class ChatCompletionRequest(_Sampling):
         return self
 
     @property
+    def parallel_calls(self) -> bool:
+        return self.parallel_tool_calls is not False
+
+    @property
     def tool_mode(self) -> str:
         """none, auto, required or named."""
         if not self.tools or self.tool_choice == "none":

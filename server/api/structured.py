@@ -96,7 +96,9 @@ class GuidedFields(BaseModel):
         outputs = self.structured_outputs
         given = {
             "response_format": self.response_format.spec() if self.response_format else None,
-            "guided_json": _schema(_json_value(self.guided_json, "guided_json")) if self.guided_json else None,
+            "guided_json": _schema(_json_value(self.guided_json, "guided_json"))
+            if self.guided_json is not None
+            else None,
             "guided_regex": GrammarSpec("regex", self.guided_regex) if self.guided_regex is not None else None,
             "guided_choice": _choice(self.guided_choice) if self.guided_choice is not None else None,
             "guided_grammar": GrammarSpec("lark", self.guided_grammar) if self.guided_grammar is not None else None,
