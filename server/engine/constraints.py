@@ -178,7 +178,7 @@ def _lltokenizer(tokenizer, vocab_size: int, eos_ids: list[int]) -> llguidance.L
     if isinstance(tokenizer, PreTrainedTokenizerFast):
         return llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos_ids)
     if isinstance(tokenizer, ByT5Tokenizer):
-        wrapper = llguidance.TokenizerWrapper(_ByteTokens(tokenizer, eos_ids))
+        wrapper = llguidance.TokenizerWrapper(_ByteTokens(tokenizer, eos_ids, vocab_size))
         return llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=eos_ids)
     raise GrammarError(
         f"constrained output needs a fast tokenizer or the byte tokenizer; this is {type(tokenizer).__name__}"
@@ -186,13 +186,14 @@ def _lltokenizer(tokenizer, vocab_size: int, eos_ids: list[int]) -> llguidance.L
 
 
 class _ByteTokens:
-    """ByT5's vocabulary for llguidance: ids offset..offset+255 are the bytes, the rest special."""
+    """ByT5's vocabulary for llguidance: ids offset..offset+255 are the bytes, the rest (up to the model's vocabulary
+    size) special."""
 
-    def __init__(self, tokenizer, eos_ids: list[int]):
+    def __init__(self, tokenizer, eos_ids: list[int], vocab_size: int):
         self.offset = tokenizer.offset
         self.eos_token_id = eos_ids[0]
         self.bos_token_id = None
-        n = len(tokenizer)
+        n = max(len(tokenizer), vocab_size)
         byte_ids = range(self.offset, self.offset + 256)
         self.tokens = [bytes([i - self.offset]) if i in byte_ids else b"\xff<special_%d>" % i for i in range(n)]
         self.special_token_ids = [i for i in range(n) if i not in byte_ids]
