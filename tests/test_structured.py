@@ -72,10 +72,28 @@ def _valid(text: str, schema: dict) -> dict:
 # --- the grammar side, without a server
 
 
-def test_eos_is_allowed_exactly_where_the_grammar_accepts(llama):
+def _bpe_tokenizer():
+    """A small byte-level BPE tokenizer (a fast one, as most models have), trained here on a little text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    text = [json.dumps({"answer": "yes", "n": i, "name": "Alice and Bob"}) for i in range(50)] + ["no nope yes 1234ab"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(text * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_eos_is_allowed_exactly_where_the_grammar_accepts(llama, kind):
     """Random walks through the allowed tokens: at every step the end-of-sequence token is allowed exactly when
-    the text so far is a complete answer (it parses and validates, or matches the regex)."""
-    tokenizer = load_tokenizer(llama.model_dir)
+    the text so far is a complete answer (it parses and validates, or matches the regex); with the byte tokenizer
+    of the test models and a fast (BPE) one."""
+    tokenizer = load_tokenizer(llama.model_dir) if kind == "byte" else _bpe_tokenizer()
     eos = tokenizer.eos_token_id
     grammars = Grammars(tokenizer, len(tokenizer), frozenset({eos}))
     cases = [
