@@ -110,8 +110,7 @@ class _LayerPlan:
     # A_cat [R, in], B_cat [out, R], scales [B, 1, R], and where they apply (bool [B, 1, R])
     low_rank: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
     other: list[tuple[torch.Tensor | None, LayerAdapter]]  # (rows, adapter)
-    serial_adapters: bool  # the adapters' operations on one thread (decode on CPU)
-    serial_base: bool  # the base layer's matmul too
+    serial_adapters: bool  # the adapters' operations on one thread (on CPU)
     zero: torch.Tensor  # what torch.where puts outside the rows (a Python 0 would build a tensor per call)
 
     @property
@@ -179,7 +178,7 @@ class MixedLinear(nn.Module):
         if not layer.serial_adapters:
             return self._with_adapters(x, layer, self._base_output)
         with _threads(1) as threads:
-            if layer.serial_base:
+            if x.shape[0] * x.shape[1] * self.in_features * self.out_features < SERIAL_BASE_MACS:
                 return self._with_adapters(x, layer, self._base_output)
 
             def base_output(x_in: torch.Tensor, sparse: list) -> torch.Tensor:
@@ -208,10 +207,17 @@ class MixedLinear(nn.Module):
             own_ranks = torch.where(own, F.linear(x, a_cat), layer.zero).mul_(scales)
             y.view(-1, y.shape[-1]).addmm_(own_ranks.view(-1, own_ranks.shape[-1]), b_cat.T)
         for rows, adapter in layer.other:
-            if rows is None:
-                y += adapter.delta(x)
-            elif rows.dtype == torch.long:
-                y.index_add_(0, rows, adapter.delta(x.index_select(0, rows)))
+            if rows is None or rows.dtype == torch.long:
+                own_x = x if rows is None else x.index_select(0, rows)
+                if adapter.low_rank is not None:  # the scale applied while adding: one operation fewer
+                    a, b, scale = adapter.low_rank
+                    delta = F.linear(F.linear(own_x, a), b)
+                else:
+                    delta, scale = adapter.delta(own_x), 1
+                if rows is None:
+                    y.add_(delta, alpha=scale)
+                else:
+                    y.index_add_(0, rows, delta, alpha=scale)
             else:
                 y += torch.where(rows, adapter.delta(x), layer.zero)
         return y
@@ -255,7 +261,7 @@ class MixedLinear(nn.Module):
         # sorted: one stack for a set of adapters, whatever the order of the rows that use them
         fused = () if plan.gather else tuple(sorted(s for s in additive if self.adapters[s].low_rank is not None))
 
-        serial = not plan.gather and plan.device.type == "cpu"
+        serial = plan.device.type == "cpu"
 
         def select(pattern: tuple[bool, ...]) -> torch.Tensor | None:
             return plan.indices(pattern) if plan.gather else plan.mask(pattern)
@@ -266,7 +272,6 @@ class MixedLinear(nn.Module):
             low_rank=self._low_rank(plan, rows, fused) if fused else None,
             other=[(select(tuple(s in slots for slots in rows)), self.adapters[s]) for s in additive if s not in fused],
             serial_adapters=serial,
-            serial_base=serial and len(rows) * self.in_features * self.out_features < SERIAL_BASE_MACS,
             zero=plan.cached(("zero", self.base.weight.dtype), lambda: torch.zeros((), dtype=self.base.weight.dtype)),
         )
 
