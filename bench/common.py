@@ -150,6 +150,7 @@ class Result:
     tokens: int = 0
     seconds: float = 0.0
     errors: int = 0
+    answers: dict[tuple, list[int]] = field(default_factory=dict)  # (inputs, adapters) -> generated token ids
 
     @property
     def tokens_per_second(self) -> float:
@@ -172,11 +173,12 @@ HEADER = (
 
 
 async def _one(client: httpx.AsyncClient, path: str, body: dict, result: Result, stream: bool) -> None:
+    key = (body["inputs"], tuple(body.get("adapters", ())))
     started = time.perf_counter()
     if stream:
         async with client.stream("POST", path, json=body) as response:
             response.raise_for_status()
-            first = None
+            first, ids = None, []
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -184,13 +186,17 @@ async def _one(client: httpx.AsyncClient, path: str, body: dict, result: Result,
                 if "error" in event:
                     raise RuntimeError(event["error"])
                 first = first or time.perf_counter()
+                ids.append(event["token"]["id"])
                 if event.get("generated_text") is not None:
                     result.tokens += event["index"] + 1
+                    result.answers[key] = ids
         result.ttfts.append(first - started)
     else:
         response = await client.post(path, json=body)
         response.raise_for_status()
-        result.tokens += response.json()["details"]["generated_tokens"]
+        details = response.json()["details"]
+        result.tokens += details["generated_tokens"]
+        result.answers[key] = [token["id"] for token in details["tokens"]]
     result.latencies.append(time.perf_counter() - started)
 
 

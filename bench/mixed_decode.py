@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 from torch import nn
-from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, GenerationConfig, Qwen2Config
 
 from bench.common import combinations, describe_run
 from server.adapters.registry import AdapterRegistry
@@ -55,7 +55,7 @@ SHAPES = {
 
 def build(root: Path, shape: str) -> tuple[Path, Path]:
     model_dir, store = root / f"mixed-decode-model-{shape}", root / f"mixed-decode-adapters-{shape}"
-    if (store / "oft-32" / "adapter_config.json").is_file():
+    if (store / "oft-32" / "adapter_config.json").is_file() and (model_dir / "tokenizer_config.json").is_file():
         return model_dir, store
     torch.manual_seed(0)
     sizes = dict(SHAPES[shape])
@@ -63,7 +63,10 @@ def build(root: Path, shape: str) -> tuple[Path, Path]:
     config = tiny_config(**sizes, architecture=Qwen2Config, tie_word_embeddings=False)
     if vocab:
         config.vocab_size = vocab
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    model.save_pretrained(model_dir)
+    ByT5Tokenizer().save_pretrained(model_dir)  # for bench.throughput's servers
     for seed, (name, (peft_config, scale)) in enumerate(ADAPTERS.items()):
         save_adapter(model_dir, copy.deepcopy(peft_config), store / name, seed=seed, base_name=shape, scale=scale)
     return model_dir, store
@@ -83,6 +86,21 @@ def layer_flops(layer) -> int:
     return sum(t.numel() for t in tensors)
 
 
+def adapter_flops(registry: AdapterRegistry, names: list[str]) -> dict[str, int]:
+    """Multiply-adds per token of each adapter on every layer it targets (loads them)."""
+    loaded = registry.load_blocking(names)
+    return {a.name: sum(layer_flops(layer) for layer in a.built.layers.values()) for a in loaded}
+
+
+def base_flops(model: nn.Module) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def ideal_ratio(base: int, flops: dict[str, int], combos: list[list[str]]) -> float:
+    """Base FLOPs / (base + each row's own adapters' FLOPs), averaged over the rows."""
+    return statistics.mean(base / (base + sum(flops[n] for n in combo)) for combo in combos)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["small", "0.5b"], default="small")
@@ -97,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
         model = load_model(model_dir, torch.device("cpu"), torch.float32)
         registry = AdapterRegistry(model, AdapterStore(store), torch.device("cpu"), torch.float32)
         runner = ModelRunner(model, registry.context)
-        base = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+        base = base_flops(model)
+        flops = adapter_flops(registry, list(ADAPTERS))
         loaded = {a.name: a for a in registry.load_blocking(list(ADAPTERS))}
-        flops = {name: sum(layer_flops(layer) for layer in a.built.layers.values()) for name, a in loaded.items()}
         mixed, lora = combinations(list(ADAPTERS), ROWS, seed=1), combinations(LORAS, ROWS, seed=2)
         contenders = {"(b) no adapters": [[]] * ROWS, "(a) mixed types": mixed, "(a) LoRA only": lora}
         prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'prefill tok/s':>14s} {'a/b':>6s}")
     b_decode, b_prefill = statistics.median(decode["(b) no adapters"]), statistics.median(prefill["(b) no adapters"])
     for name, combos in contenders.items():
-        ideal = statistics.mean(base / (base + sum(flops[n] for n in combo)) for combo in combos)
+        ideal = ideal_ratio(base, flops, combos)
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
         print(f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {p:14.0f} {p / b_prefill:6.2f}")
 

@@ -1,12 +1,17 @@
 """Throughput of mixed-adapter serving against its ceiling and the obvious server, side by side in one run.
 
-    python -m bench.throughput            (make bench-throughput)
+    python -m bench.throughput [--shape bench|small|0.5b]           (make bench-throughput)
 
-Contenders, each behind real HTTP on loopback with 16 concurrent clients (32-token prompts, 32 new tokens, greedy):
+Contenders, each behind real HTTP on loopback with 16 concurrent clients (32-token prompts, greedy):
   (a) mixserve, each client with its own combination of 1-3 adapters
   (b) mixserve, the same load without adapters: the ceiling
-  (c) the obvious server: one PeftMixedModel, a lock, set_adapter + generate per request
-once with mixes of every type (4 LoRA r16, 2 LoHa r8, 1 LoKr, 1 OFT) and once with LoRA-only mixes.
+  (c) the obvious server: one PeftMixedModel, a lock, set_adapter (canonical order) + generate per request
+once with mixes of every type and once with LoRA-only mixes. The obvious server's greedy answers are compared with
+mixserve's for the same requests. Shapes:
+  bench  Llama 512 x 8 layers; 4 LoRA r16, 2 LoHa r8, 1 LoKr, 1 OFT; 128 requests of 32 new tokens
+  small  Qwen2-style 384 x 6 layers, and 0.5b  Qwen2.5-0.5B's shape (random weights): bench.mixed_decode's seven
+         adapters (LoRA r8, r16, r32, LoRA r16 on attention, LoHa r4, LoKr r4, OFT block 32); 64 requests of 24
+Beside a/b, the ideal from arithmetic: base FLOPs / (base + each client's own adapters' FLOPs).
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from bench import mixed_decode
 from bench.common import (
     ADAPTERS,
     HEADER,
@@ -67,16 +74,21 @@ def serve_obvious(model_dir: str, store: str, port: int) -> None:
     from peft import PeftConfig, PeftMixedModel
     from transformers import AutoModelForCausalLM, ByT5Tokenizer
 
+    from server.adapters.kinds import CANONICAL_ORDER
+
     tokenizer = ByT5Tokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    names = sorted(p.name for p in Path(store).iterdir())
+    configs = {p.name: PeftConfig.from_pretrained(p) for p in sorted(Path(store).iterdir())}
     model = None
-    for name in names:
-        path = Path(store) / name
+    for name, config in configs.items():
         if model is None:
-            model = PeftMixedModel(base, PeftConfig.from_pretrained(path), name)
-        model.load_adapter(str(path), name)
+            model = PeftMixedModel(base, config, name)
+        model.load_adapter(str(Path(store) / name), name)
     model.eval()
+
+    def canonical(names: list[str]) -> list[str]:
+        return sorted(names, key=lambda n: CANONICAL_ORDER.index(str(configs[n].peft_type).split(".")[-1]))
+
     lock = threading.Lock()
     app = FastAPI()
 
@@ -90,13 +102,16 @@ def serve_obvious(model_dir: str, store: str, port: int) -> None:
         new_tokens = body["parameters"]["max_new_tokens"]
         with lock, torch.inference_mode():
             if body.get("adapters"):
-                model.set_adapter(body["adapters"])
+                model.set_adapter(canonical(body["adapters"]))
                 out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
             else:
                 with model.disable_adapter():
                     out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
         generated = out[0, ids.shape[1] :].tolist()
-        return {"generated_text": tokenizer.decode(generated), "details": {"generated_tokens": len(generated)}}
+        return {
+            "generated_text": tokenizer.decode(generated),
+            "details": {"generated_tokens": len(generated), "tokens": [{"id": i} for i in generated]},
+        }
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -107,6 +122,7 @@ def merged(name: str, rounds: list[Result]) -> Result:
     for r in rounds:
         out.latencies += r.latencies
         out.ttfts += r.ttfts
+        out.answers.update(r.answers)
     middle = sorted(rounds, key=lambda r: r.tokens_per_second)[len(rounds) // 2]
     out.tokens, out.seconds = middle.tokens, middle.seconds
     return out
@@ -142,9 +158,57 @@ def run_obvious(
     return results
 
 
+@dataclass
+class Workload:
+    model_dir: Path
+    store: Path
+    description: str
+    adapters: list[str]
+    loras: list[str]
+    requests: int
+    new_tokens: int
+    targets: tuple[float, float, float | None]  # a/b mixed, a/b LoRA only, a/c (the issues' targets)
+
+
+def workload(shape: str, root: Path, quick: bool) -> Workload:
+    if shape == "bench":
+        model_dir, store = build_bench_model(root, quick=quick)
+        size = "128 x 2 layers (quick)" if quick else "512 x 8 layers"
+        return Workload(model_dir, store, f"Llama hidden {size}", list(ADAPTERS), LORAS, 128, 32, (0.70, 0.85, 20))
+    sizes = mixed_decode.SHAPES[shape]
+    return Workload(
+        *mixed_decode.build(root, shape),
+        f"Qwen2-style hidden {sizes['hidden']} x {sizes['layers']} layers",
+        list(mixed_decode.ADAPTERS),
+        mixed_decode.LORAS,
+        64,
+        24,
+        (0.80, 0.90, None) if shape == "small" else (0.85, 0.90, 30),
+    )
+
+
+def ideal_ratios(work: Workload, combos: dict[str, list[list[str]]]) -> dict[str, float]:
+    """What arithmetic allows: base FLOPs / (base + each client's adapters' FLOPs)."""
+    import torch
+
+    from server.adapters.registry import AdapterRegistry
+    from server.adapters.store import AdapterStore
+    from server.model import load_model
+
+    model = load_model(work.model_dir, torch.device("cpu"), torch.float32)
+    registry = AdapterRegistry(model, AdapterStore(work.store), torch.device("cpu"), torch.float32)
+    try:
+        flops = mixed_decode.adapter_flops(registry, work.adapters)
+    finally:
+        registry.close()
+    base = mixed_decode.base_flops(model)
+    return {kind: mixed_decode.ideal_ratio(base, flops, c) for kind, c in combos.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--shape", choices=["bench", "small", "0.5b"], default="bench")
+    parser.add_argument("--requests", type=int, help="per round (default: the shape's)")
     parser.add_argument("--rounds", type=int, default=3, help="mixserve contenders run interleaved, this many times")
     parser.add_argument(
         "--obvious-requests",
@@ -152,7 +216,7 @@ def main() -> None:
         default=16,
         help="(c) serves one request at a time at a steady rate; fewer requests measure it as well",
     )
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, help="(default: the shape's)")
     parser.add_argument("--workdir", type=Path, help="keep the bench model here (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="a small model and load: checks that it runs")
     parser.add_argument("--serve-obvious", nargs=2, metavar=("MODEL", "STORE"), help=argparse.SUPPRESS)
@@ -163,54 +227,57 @@ def main() -> None:
         return
 
     if args.quick:
-        args.requests, args.rounds, args.obvious_requests, args.new_tokens = CLIENTS, 1, 2, 8
+        args.shape, args.requests, args.rounds, args.obvious_requests, args.new_tokens = "bench", CLIENTS, 1, 2, 8
     print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, store = build_bench_model(args.workdir or Path(tmp), quick=args.quick)
-        shape = "128 x 2 layers (quick)" if args.quick else "512 x 8 layers"
-        print(f"bench model: Llama hidden {shape}, float32, CPU; adapters: {', '.join(ADAPTERS)}")
+        work = workload(args.shape, args.workdir or Path(tmp), args.quick)
+        requests, new_tokens = args.requests or work.requests, args.new_tokens or work.new_tokens
+        print(f"bench model: {work.description}, float32, CPU; adapters: {', '.join(work.adapters)}")
         print(
-            f"load: {CLIENTS} clients, {PROMPT_TOKENS}-token prompts, {args.new_tokens} new tokens, greedy;"
-            f" {args.requests} requests per round, {args.rounds} rounds for mixserve;"
+            f"load: {CLIENTS} clients, {PROMPT_TOKENS}-token prompts, {new_tokens} new tokens, greedy;"
+            f" {requests} requests per round, {args.rounds} rounds for mixserve;"
             f" {args.obvious_requests} requests for the obvious server\n"
         )
-        mixed = combinations(list(ADAPTERS), CLIENTS, seed=1)
-        lora = combinations(LORAS, CLIENTS, seed=2)
+        combos = {
+            "mixed types": combinations(work.adapters, CLIENTS, seed=1),
+            "LoRA only": combinations(work.loras, CLIENTS, seed=2),
+        }
         served = run_mixserve(
-            model_dir,
-            store,
+            work.model_dir,
+            work.store,
             {
-                "(b) mixserve, no adapters": bodies([[]] * CLIENTS, args.requests, args.new_tokens),
-                "(a) mixserve, mixed types": bodies(mixed, args.requests, args.new_tokens),
-                "(a) mixserve, LoRA only": bodies(lora, args.requests, args.new_tokens),
+                "(b) mixserve, no adapters": bodies([[]] * CLIENTS, requests, new_tokens),
+                **{f"(a) mixserve, {kind}": bodies(c, requests, new_tokens) for kind, c in combos.items()},
             },
             args.rounds,
             warm=not args.quick,
         )
         naive = run_obvious(
-            model_dir,
-            store,
-            {
-                "(c) obvious server, mixed types": bodies(mixed, args.obvious_requests, args.new_tokens),
-                "(c) obvious server, LoRA only": bodies(lora, args.obvious_requests, args.new_tokens),
-            },
+            work.model_dir,
+            work.store,
+            {f"(c) obvious server, {kind}": bodies(c, args.obvious_requests, new_tokens) for kind, c in combos.items()},
             warm=not args.quick,
         )
+        ideal = ideal_ratios(work, combos)
         print()
         print(HEADER)
         for result in [*served.values(), *naive.values()]:
             print(result.row())
         print()
-        base = served["(b) mixserve, no adapters"].tokens_per_second
-        base_bytes = weight_bytes(model_dir)
-        for kind, combos, target in (("mixed types", mixed, 0.70), ("LoRA only", lora, 0.85)):
-            a = served[f"(a) mixserve, {kind}"].tokens_per_second
-            c = naive[f"(c) obvious server, {kind}"].tokens_per_second
-            extra = sum(ADAPTER_BYTES[n] for n in {n for combo in combos for n in combo})
+        b = served["(b) mixserve, no adapters"].tokens_per_second
+        base_bytes = weight_bytes(work.model_dir)
+        mixed_target, lora_target, ac_target = work.targets
+        for kind, target in (("mixed types", mixed_target), ("LoRA only", lora_target)):
+            a, c = served[f"(a) mixserve, {kind}"], naive[f"(c) obvious server, {kind}"]
+            equal = sum(a.answers.get(key) == text for key, text in c.answers.items())
+            extra = sum(ADAPTER_BYTES[n] for n in {n for combo in combos[kind] for n in combo})
             print(
-                f"{kind:12s} a/b = {a / base:5.2f} (target >= {target:.2f})   a/c = {a / c:6.1f} (target >= 20)"
-                f"   decode reads {base_bytes / 1e6:.0f} MB base + {extra / 1e6:.0f} MB adapters:"
-                f" a/b <= {base_bytes / (base_bytes + extra):.2f} where bandwidth bounds the step"
+                f"{kind:12s} a/b = {a.tokens_per_second / b:5.2f} (ideal {ideal[kind]:.2f}, target >= {target:.2f})"
+                f"   a/c = {a.tokens_per_second / c.tokens_per_second:6.1f}"
+                + (f" (target >= {ac_target})" if ac_target else "")
+                + f" = a/b x b/c, b/c = {b / c.tokens_per_second:5.1f}"
+                f"   greedy tokens equal to (c)'s: {equal}/{len(c.answers)}"
+                f"   decode reads {base_bytes / 1e6:.0f} MB base + {extra / 1e6:.0f} MB adapters"
             )
 
 
