@@ -142,6 +142,7 @@ def test_mixed_traffic_through_nginx(topology):
         events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
     assert events[-1]["generated_text"] is not None and len(events) >= 1
     assert httpx.get(f"{url}/metrics", timeout=5).status_code == 404  # scraped per replica, not through the balancer
+    assert httpx.get(f"{url}/operator", timeout=5).status_code == 404
 
 
 def test_same_combination_lands_on_the_same_replica(topology):

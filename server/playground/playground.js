@@ -474,6 +474,11 @@ async function pollOperator() {
       status.textContent = `The operator's view is the whole server's: it needs an API key without namespaces (${await errorText(response)}).`;
       return;
     }
+    if (response.status === 404) {
+      $("#operator").hidden = true;
+      status.textContent = "The operator's view is one replica's: behind the load balancer, open a replica's own address.";
+      return;
+    }
     if (!response.ok) throw new Error(await errorText(response));
     renderOperator(await response.json());
     $("#operator").hidden = false;
