@@ -94,6 +94,20 @@ def test_same_request_alone_and_in_a_crowd_is_identical(state):
     assert len({tuple(s.tokens) for s in others}) > 1
 
 
+def test_row_without_adapters_among_every_type_equals_it_alone(state):
+    """Decode on CPU runs a mixed layer's operations on one thread; a row without adapters runs the base alone."""
+
+    async def run(crowd: list[list[str]]):
+        handles = [state.engine.submit(_request(state, f"crowd {i}", c, 12)) for i, c in enumerate(crowd)]
+        target = state.engine.submit(_request(state, "The target", [], 12))
+        results = [await h.result() for h in handles]
+        return await target.result(), results
+
+    alone, _ = asyncio.run(run([]))
+    crowded, _ = asyncio.run(run([["oft", "lora"], ["lokr", "adalora"], ["shira"], ["oft", "adalora", "shira"]]))
+    assert crowded.tokens == alone.tokens and crowded.logprobs == pytest.approx(alone.logprobs, abs=ATOL)
+
+
 def test_stream_yields_each_token_once_in_order(state):
     async def run():
         handle = state.engine.submit(_request(state, "Stream me", ["loha"], 10))
