@@ -305,6 +305,12 @@ def test_constraint_errors_are_422_with_the_reason(server, oai):
         assert bad.status_code == 422 and "regex" in bad.json()["error"]
         schema = client.post("/generate", json={"inputs": "x", "parameters": {"grammar": _json({"type": "nope"})}})
         assert schema.status_code == 422 and "nope" in schema.json()["error"]
+        unsatisfiable = _json({"type": "integer", "minimum": 5, "maximum": 2})
+        nothing = client.post("/generate", json={"inputs": "x", "parameters": {"grammar": unsatisfiable}})
+        assert nothing.status_code == 422 and "nsatisfiable" in nothing.json()["error"]
+        assert (
+            client.post("/generate", json={"inputs": "x", "parameters": {"grammar": _json(False)}}).status_code == 422
+        )
         both = {"grammar": _json(ANSWER), "response_format": {"type": "json_object"}}
         assert client.post("/generate", json={"inputs": "x", "parameters": both}).status_code == 422
         stop = {"grammar": _json(ANSWER), "stop": ["}"]}

@@ -126,9 +126,11 @@ def _structured(outputs: StructuredOutputs) -> GrammarSpec:
 def _schema(schema) -> GrammarSpec:
     if schema is None:
         return GrammarSpec.json_schema({"type": "object"})
+    if schema is False:
+        raise ValueError("the JSON schema false accepts no answer")
     if not isinstance(schema, dict | bool):
         raise ValueError("a JSON schema is an object")
-    return GrammarSpec.json_schema(schema)
+    return GrammarSpec.json_schema({} if schema is True else schema)
 
 
 def _choice(choices: list[str]) -> GrammarSpec:
