@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from peft import PeftConfig, PeftMixedModel
 from peft.tuners.adalora import AdaLoraLayer
+from peft.tuners.oft.layer import OFTRotationModule
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -24,9 +26,12 @@ def canonical(store: Path, names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: CANONICAL.index(peft_type(store, n)))
 
 
-def reference_model(model_dir: Path, store: Path, names: list[str], dtype: torch.dtype = torch.float32):
+def reference_model(
+    model_dir: Path, store: Path, names: list[str], dtype: torch.dtype = torch.float32, weights: dict | None = None
+):
     """PeftMixedModel (or the plain base for no adapters) with `names` active, loaded in canonical order, on the base
-    in dtype (with PEFT's defaults: adapter weights stay in float32)."""
+    in dtype (with PEFT's defaults: adapter weights stay in float32); weights: {name: w} for those not at 1 (see
+    _weigh)."""
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if not names:
         return base
@@ -49,7 +54,27 @@ def reference_model(model_dir: Path, store: Path, names: list[str], dtype: torch
         missing = [k for k in result.missing_keys if internal in k.split(".") and ".ranknum." not in k]
         assert not missing, missing  # else random weights would stay in the oracle (AdaLoRA's ranknum is not saved)
     mixed.set_adapter([f"a{i}" for i in range(len(ordered))])
+    for i, name in enumerate(ordered):
+        if (weights or {}).get(name, 1.0) != 1.0:
+            _weigh(mixed, f"a{i}", weights[name])
     return mixed.eval()
+
+
+@torch.no_grad()
+def _weigh(mixed, internal: str, weight: float) -> None:
+    """The adapter at that weight through PEFT's own API where PEFT has one: set_scale (LoRA, LoHa, LoKr, SHiRA;
+    for AdaLoRA, whose scaling is not alpha / r, the scaling itself times the weight, which is what set_scale does
+    to the others). PEFT cannot scale OFT: mixserve's definition, the rotation of the scaled generator, is PEFT's
+    rotation of oft_R times the weight (after COFT's projection, which PEFT then leaves alone for |w| <= 1)."""
+    for path, module in mixed.named_modules():
+        if isinstance(module, OFTRotationModule) and internal in path.split("."):
+            projected = module._project_batch(module.weight, eps=module.eps) if module.coft else module.weight
+            module.weight.copy_(projected * weight)
+        elif isinstance(module, BaseTunerLayer) and internal in getattr(module, "scaling", {}):
+            if isinstance(module, AdaLoraLayer):
+                module.scaling[internal] *= weight
+            elif not hasattr(module, "oft_R"):
+                module.set_scale(internal, weight)
 
 
 def _resize_adalora(mixed, internal: str, config, pattern: dict) -> None:
@@ -68,14 +93,21 @@ def _resize_adalora(mixed, internal: str, config, pattern: dict) -> None:
 
 @torch.no_grad()
 def reference_logits(
-    model_dir: Path, store: Path, names: list[str], ids: list[int], dtype: torch.dtype = torch.float32
+    model_dir: Path,
+    store: Path,
+    names: list[str],
+    ids: list[int],
+    dtype: torch.dtype = torch.float32,
+    weights: dict | None = None,
 ) -> torch.Tensor:
-    return reference_model(model_dir, store, names, dtype)(torch.tensor([ids])).logits[0]
+    return reference_model(model_dir, store, names, dtype, weights)(torch.tensor([ids])).logits[0]
 
 
 @torch.no_grad()
-def reference_greedy(model_dir: Path, store: Path, names: list[str], ids: list[int], new_tokens: int) -> list[int]:
-    model = reference_model(model_dir, store, names)
+def reference_greedy(
+    model_dir: Path, store: Path, names: list[str], ids: list[int], new_tokens: int, weights: dict | None = None
+) -> list[int]:
+    model = reference_model(model_dir, store, names, weights=weights)
     out = model.generate(
         torch.tensor([ids]),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long),

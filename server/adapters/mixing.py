@@ -48,13 +48,21 @@ def _threads(n: int) -> Iterator[int]:
 
 
 class BatchPlan:
-    """Rows of one forward pass (dim 0 of every layer's input) and the adapter slots each uses, canonical order.
+    """Rows of one forward pass (dim 0 of every layer's input), the adapter slots each uses (canonical order) and
+    their weights, slot for slot (None: every weight is 1; a weight is never 0: that adapter is left out).
 
     Layers ask it for row selections by pattern; layers with the same adapters share one tensor per pattern.
     """
 
-    def __init__(self, combos: tuple[tuple[int, ...], ...], device: torch.device, gather: bool = False):
+    def __init__(
+        self,
+        combos: tuple[tuple[int, ...], ...],
+        device: torch.device,
+        gather: bool = False,
+        weights: tuple[tuple[float, ...], ...] | None = None,
+    ):
         self.combos = combos
+        self.weights = weights if weights is not None else tuple((1.0,) * len(c) for c in combos)
         self.device = device
         self.gather = gather  # many tokens per row: compute each adapter on its own rows only
         self.id = next(_plan_ids)
@@ -71,6 +79,18 @@ class BatchPlan:
         if all(pattern):
             return None
         return self.cached(("indices", pattern), lambda: torch.tensor([i for i, p in enumerate(pattern) if p]))
+
+    def weighted(self, slots) -> list[tuple[tuple[int, float], ...]]:
+        """Per row: (slot, weight) of its adapters that are among slots, in the row's order."""
+        found: dict = {}
+        for key in zip(self.combos, self.weights, strict=True):
+            if key not in found:
+                found[key] = tuple((s, w) for s, w in zip(*key, strict=True) if s in slots)
+        return [found[key] for key in zip(self.combos, self.weights, strict=True)]
+
+    def column(self, values: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
+        """[len(values), 1, 1]: one number per row."""
+        return self.cached(("column", values, dtype), lambda: torch.tensor(values, dtype=dtype)[:, None, None])
 
     def cached(self, key, build):
         if key not in self._cache:
@@ -105,11 +125,12 @@ class _LayerPlan:
     as much as the base layer, always runs on its rows only.
     """
 
-    rotations: list[tuple[torch.Tensor | None, list[LayerAdapter]]]  # (rows, adapters in order)
-    sparse: list[tuple[torch.Tensor | None, list[LayerAdapter]]]  # (row indices, adapters)
-    # A_cat [R, in], B_cat [out, R], scales [B, 1, R], and where they apply (bool [B, 1, R])
+    rotations: list[tuple[torch.Tensor | None, list[tuple[LayerAdapter, object]]]]  # (rows, (adapter, rotation))
+    sparse: list[tuple[torch.Tensor | None, list[tuple[LayerAdapter, float]]]]  # (row indices, (adapter, weight))
+    # A_cat [R, in], B_cat [out, R], scales [B, 1, R] (weights included), and where they apply (bool [B, 1, R])
     low_rank: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
-    other: list[tuple[torch.Tensor | None, LayerAdapter]]  # (rows, adapter)
+    # (rows, adapter, weight): one number for all its rows, or one per row of the selection ([n, 1, 1])
+    other: list[tuple[torch.Tensor | None, LayerAdapter, float | torch.Tensor]]
     serial_adapters: bool  # the adapters' operations on one thread (on CPU)
     zero: torch.Tensor  # what torch.where puts outside the rows (a Python 0 would build a tensor per call)
 
@@ -191,8 +212,8 @@ class MixedLinear(nn.Module):
         x_in = x  # what the base weight sees: rotated on rows with OFT adapters
         for rows, rotations in layer.rotations:
             rotated = x if rows is None or rows.dtype == torch.bool else x.index_select(0, rows)
-            for adapter in rotations:
-                rotated = adapter.rotate(rotated)
+            for adapter, rotation in rotations:
+                rotated = adapter.rotate(rotated, rotation)
             if rows is None:
                 x_in = rotated
             elif rows.dtype == torch.bool:
@@ -206,7 +227,8 @@ class MixedLinear(nn.Module):
             a_cat, b_cat, scales, own = layer.low_rank
             own_ranks = torch.where(own, F.linear(x, a_cat), layer.zero).mul_(scales)
             y.view(-1, y.shape[-1]).addmm_(own_ranks.view(-1, own_ranks.shape[-1]), b_cat.T)
-        for rows, adapter in layer.other:
+        for rows, adapter, weight in layer.other:
+            per_row = isinstance(weight, torch.Tensor)
             if rows is None or rows.dtype == torch.long:
                 own_x = x if rows is None else x.index_select(0, rows)
                 if adapter.low_rank is not None:  # the scale applied while adding: one operation fewer
@@ -214,12 +236,17 @@ class MixedLinear(nn.Module):
                     delta = F.linear(F.linear(own_x, a), b)
                 else:
                     delta, scale = adapter.delta(own_x), 1
+                if per_row:
+                    delta.mul_(weight)
+                else:
+                    scale = scale * weight
                 if rows is None:
                     y.add_(delta, alpha=scale)
                 else:
                     y.index_add_(0, rows, delta, alpha=scale)
             else:
-                y += torch.where(rows, adapter.delta(x), layer.zero)
+                delta = torch.where(rows, adapter.delta(x), layer.zero)  # selected first: inf x 0 never meets
+                y += delta.mul_(weight) if per_row or weight != 1 else delta
         return y
 
     def _base_output(self, x_in: torch.Tensor, sparse: list) -> torch.Tensor:
@@ -227,8 +254,8 @@ class MixedLinear(nn.Module):
         y = None
         for rows, adapters in sparse:
             weight = self.base.weight.clone()
-            for adapter in adapters:
-                adapter.add_to(weight)
+            for adapter, w in adapters:
+                adapter.add_to(weight, w)
             if rows is None:
                 return F.linear(x_in, weight, self.base.bias)
             y = self.base(x_in) if y is None else y
@@ -244,40 +271,53 @@ class MixedLinear(nn.Module):
         return layer
 
     def _build_layer_plan(self, plan: BatchPlan) -> _LayerPlan:
-        present = {combo: tuple(s for s in combo if s in self.adapters) for combo in set(plan.combos)}
-        rows = [present[combo] for combo in plan.combos]
+        rows = plan.weighted(self.adapters)  # per row: (slot, weight) of its adapters on this layer
+        dtype = self.base.weight.dtype
 
-        def groups(kind, select) -> list:
-            """Rows grouped by the sequence of their adapters of one kind (order matters)."""
-            chosen = [tuple(s for s in slots if kind(self.adapters[s])) for slots in rows]
+        def groups(kind, select, prepare) -> list:
+            """Rows grouped by the sequence of their adapters of one kind and their weights (order matters)."""
+            chosen = [tuple((s, w) for s, w in pairs if kind(self.adapters[s])) for pairs in rows]
             return [
-                (select(tuple(c == sequence for c in chosen)), [self.adapters[s] for s in sequence])
+                (select(tuple(c == sequence for c in chosen)), [prepare(self.adapters[s], w) for s, w in sequence])
                 for sequence in dict.fromkeys(chosen)
                 if sequence
             ]
 
-        used = list(dict.fromkeys(s for slots in rows for s in slots))  # first-use order
+        used = list(dict.fromkeys(s for pairs in rows for s, _ in pairs))  # first-use order
         additive = [s for s in used if not (a := self.adapters[s]).rotates_input and not a.adds_to_weight]
         # sorted: one stack for a set of adapters, whatever the order of the rows that use them
         fused = () if plan.gather else tuple(sorted(s for s in additive if self.adapters[s].low_rank is not None))
 
-        serial = plan.device.type == "cpu"
-
         def select(pattern: tuple[bool, ...]) -> torch.Tensor | None:
             return plan.indices(pattern) if plan.gather else plan.mask(pattern)
 
+        def other(slot: int) -> tuple:
+            """(rows, adapter, weight): the weight as one number when all its rows share it, else per row."""
+            weights = [dict(pairs).get(slot) for pairs in rows]
+            pattern = tuple(w is not None for w in weights)
+            if len({w for w in weights if w is not None}) == 1:
+                return select(pattern), self.adapters[slot], next(w for w in weights if w is not None)
+            if plan.gather:  # one per selected row
+                column = plan.column(tuple(w for w in weights if w is not None), dtype)
+            else:  # one per row of the batch (the others are not selected)
+                column = plan.column(tuple(1.0 if w is None else w for w in weights), dtype)
+            return select(pattern), self.adapters[slot], column
+
         return _LayerPlan(
-            rotations=groups(lambda a: a.rotates_input, plan.indices if plan.gather else plan.mask),
-            sparse=groups(lambda a: a.adds_to_weight, plan.indices),
+            rotations=groups(
+                lambda a: a.rotates_input, plan.indices if plan.gather else plan.mask, lambda a, w: (a, a.rotation(w))
+            ),
+            sparse=groups(lambda a: a.adds_to_weight, plan.indices, lambda a, w: (a, w)),
             low_rank=self._low_rank(plan, rows, fused) if fused else None,
-            other=[(select(tuple(s in slots for slots in rows)), self.adapters[s]) for s in additive if s not in fused],
-            serial_adapters=serial,
-            zero=plan.cached(("zero", self.base.weight.dtype), lambda: torch.zeros((), dtype=self.base.weight.dtype)),
+            other=[other(s) for s in additive if s not in fused],
+            serial_adapters=plan.device.type == "cpu",
+            zero=plan.cached(("zero", dtype), lambda: torch.zeros((), dtype=dtype)),
         )
 
-    def _low_rank(self, plan: BatchPlan, rows: list[tuple[int, ...]], slots: tuple[int, ...]):
+    def _low_rank(self, plan: BatchPlan, rows: list[tuple[tuple[int, float], ...]], slots: tuple[int, ...]):
         """Every low-rank adapter of the batch side by side, A_cat [R, in] and B_cat [out, R], a mask [rows, 1, R]
-        holding each row's scale on the ranks of its own adapters, and where that is (True on its own ranks)."""
+        holding each row's scale times its weight on the ranks of its own adapters, and where that is (True on its
+        own ranks)."""
         if slots not in self._stacks:
             parts = [self.adapters[s].low_rank for s in slots]
             self._stacks[slots] = (torch.cat([a for a, _, _ in parts]), torch.cat([b for _, b, _ in parts], dim=1))
@@ -287,19 +327,20 @@ class MixedLinear(nn.Module):
         spans = tuple((s, self.adapters[s].low_rank[0].shape[0], self.adapters[s].low_rank[2]) for s in slots)
 
         def build(dtype: torch.dtype, fill) -> torch.Tensor:
-            """[rows, 1, R]: fill(scale) on the ranks of each row's own adapters, zero elsewhere."""
+            """[rows, 1, R]: fill(scale, weight) on the ranks of each row's own adapters, zero elsewhere."""
             mask = torch.zeros(len(rows), 1, a_cat.shape[0], dtype=dtype)
             start = 0
             for slot, width, scale in spans:
-                for row, row_slots in enumerate(rows):
-                    if slot in row_slots:
-                        mask[row, 0, start : start + width] = fill(scale)
+                for row, pairs in enumerate(rows):
+                    weight = dict(pairs).get(slot)
+                    if weight is not None:
+                        mask[row, 0, start : start + width] = fill(scale, weight)
                 start += width
             return mask
 
-        key = (spans, tuple(rows))
-        scales = plan.cached(("low_rank", key), lambda: build(a_cat.dtype, lambda scale: scale))
-        own = plan.cached(("low_rank_own", key), lambda: build(torch.bool, lambda scale: True))
+        where = (spans, tuple(tuple(s for s, _ in pairs) for pairs in rows))
+        scales = plan.cached(("low_rank", where, tuple(rows)), lambda: build(a_cat.dtype, lambda c, w: c * w))
+        own = plan.cached(("low_rank_own", where), lambda: build(torch.bool, lambda c, w: True))
         return a_cat, b_cat, scales, own
 
 
@@ -349,16 +390,17 @@ class MixedParameters(nn.Module):
         return _gather(parts, rows)
 
     def _build_groups(self, plan: BatchPlan) -> list:
-        chosen = [tuple(s for s in combo if s in self.adapters) for combo in plan.combos]
+        """Rows grouped by their adapters here and those adapters' weights."""
+        chosen = plan.weighted(self.adapters)
         return [
-            (plan.indices(tuple(c == sequence for c in chosen)), [self.adapters[s] for s in sequence])
+            (plan.indices(tuple(c == sequence for c in chosen)), [(self.adapters[s], w) for s, w in sequence])
             for sequence in dict.fromkeys(chosen)
         ]
 
-    def _run(self, adapters: list[ParameterLora], args, kwargs):
+    def _run(self, adapters: list[tuple[ParameterLora, float]], args, kwargs):
         if not adapters:
             return self.base(*args, **kwargs)
-        names = {name for adapter in adapters for name, *_ in adapter.deltas}
+        names = {name for adapter, _ in adapters for name, *_ in adapter.deltas}
         patched = {name: ParameterLora.patched(getattr(self.base, name), name, adapters) for name in names}
         return torch.func.functional_call(self.base, patched, args, kwargs)
 

@@ -24,6 +24,7 @@ from server.api.schemas import (
     Token,
     TokenizedToken,
     TokenizeRequest,
+    adapter_pairs,
 )
 from server.api.serving import event_stream, request_headers, result_headers, state_of, tenant_of, until_done
 from server.api.structured import compile_grammar
@@ -153,10 +154,10 @@ async def _generation_request(body: GenerateRequest, request: Request) -> Genera
         state,
         tenant_of(request),
         {
-            "adapters": body.adapters,
-            "parameters.adapters": params.adapters,
+            "adapters": adapter_pairs(body.adapters),
+            "parameters.adapters": adapter_pairs(params.adapters),
             "parameters.adapter_id": validation.split_adapter_id(params.adapter_id),
-            "parameters.merged_adapters": params.merged_adapters.ids if params.merged_adapters else None,
+            "parameters.merged_adapters": adapter_pairs(params.merged_adapters.ids) if params.merged_adapters else None,
         },
     )
     sampling = SamplingParams(
@@ -203,7 +204,7 @@ def _response(body: GenerateRequest, seq: Sequence, tokenizer) -> GenerateRespon
         top_tokens=[[_token(tokenizer, t, lp) for t, lp in alts] for alts in seq.alternatives]
         if seq.request.params.top_logprobs
         else None,
-        adapters=list(seq.request.adapters.names),
+        adapters=seq.request.adapters.parts,
     )
     return GenerateResponse(generated_text=_text(body, seq), details=details)
 

@@ -1,6 +1,7 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions, streamed or not.
 
-`model` is the base model's id or a combination ('a' or 'a+b'); the body field `adapters` may carry it instead.
+`model` is the base model's id or a combination ('a', 'a+b', 'a@0.5+b'); the body field `adapters` (names or
+{"name", "weight"} objects) may carry it instead.
 Chat prompts use the tokenizer's chat template; without one, the plain default
 
     <role>: <content>\\n   (one line per message)
@@ -47,6 +48,7 @@ from server.api.openai_schemas import (
     TopLogprob,
     Usage,
 )
+from server.api.schemas import adapter_pairs
 from server.api.serving import event_stream, request_headers, result_headers, state_of, tenant_of, until_done
 from server.api.structured import compile_grammar
 from server.engine.constraints import Grammar, GrammarSpec
@@ -116,7 +118,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 def _adapters(state: ServerState, request: Request, body) -> Combination:
     named = [] if body.model == state.settings.model_id else validation.split_adapter_id(body.model)
-    return validation.combination(state, tenant_of(request), {"model": named, "adapters": body.adapters})
+    return validation.combination(state, tenant_of(request), {"model": named, "adapters": adapter_pairs(body.adapters)})
 
 
 def _prompts(state: ServerState, prompt) -> list[list[int]]:

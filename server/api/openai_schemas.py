@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.api.schemas import MAX_STOP_SEQUENCES
+from server.api.schemas import MAX_STOP_SEQUENCES, AdapterList
 from server.api.structured import GuidedFields
 
 MAX_LOGPROBS = 5
@@ -21,8 +21,10 @@ class _Sampling(GuidedFields):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="the base model's id, or a combination of adapters: 'a' or 'a+b'")
-    adapters: list[str] | None = Field(None, description="mixserve extension: the combination, as a list")
+    model: str = Field(description="the base model's id, or a combination of adapters: 'a', 'a+b', 'a@0.5+b'")
+    adapters: AdapterList | None = Field(
+        None, description="mixserve extension: the combination, as names or {'name', 'weight'} objects"
+    )
     temperature: float | None = Field(None, ge=0, le=2, description="0: greedy")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, gt=0, description="vLLM extension")

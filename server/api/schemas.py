@@ -22,8 +22,28 @@ _UNIMPLEMENTED_DEFAULTS = {
 }
 
 
+class AdapterRef(BaseModel):
+    """An adapter with a weight: its effect scaled by `weight` (README, "Weighted mixes"); a bare name means 1."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    weight: float = Field(1.0, description="finite, from -10 to 10; 0 leaves the adapter out")
+
+
+AdapterList = list[str | AdapterRef]
+
+
+def adapter_pairs(entries: AdapterList | None) -> list[tuple[str, float]] | None:
+    """(name, weight) pairs of a request's adapter list, as Combination.parse takes them."""
+    if entries is None:
+        return None
+    return [(e, 1.0) if isinstance(e, str) else (e.name, e.weight) for e in entries]
+
+
 class MergedAdapters(BaseModel):
-    """LoRAX's merged_adapters: served as a combination when every weight is 1 (the sum of the adapters)."""
+    """LoRAX's merged_adapters: served as a combination when every weight is 1 (the sum of the adapters); weighted
+    adapters go in `adapters`, as {"name", "weight"} objects."""
 
     ids: list[str] = Field(min_length=1)
     weights: list[float] | None = None
@@ -36,15 +56,20 @@ class MergedAdapters(BaseModel):
         if self.merge_strategy not in (None, "linear"):
             raise ValueError(f"merge_strategy {self.merge_strategy!r} is not supported; combinations add up ('linear')")
         if self.weights is not None and any(w != 1.0 for w in self.weights):
-            raise ValueError("merged_adapters.weights must all be 1.0: a combination applies each adapter in full")
+            raise ValueError(
+                "merged_adapters.weights must all be 1.0 (merges are not supported); for a weighted mix give"
+                ' "adapters": [{"name": ..., "weight": ...}]'
+            )
         return self
 
 
 class GenerateParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    adapters: list[str] | None = Field(None, description="adapter names; same as the top-level `adapters`")
-    adapter_id: str | None = Field(None, description="TGI/LoRAX style: one adapter name, or several joined by '+'")
+    adapters: AdapterList | None = Field(None, description="the combination; same as the top-level `adapters`")
+    adapter_id: str | None = Field(
+        None, description="TGI/LoRAX style: one adapter name, or several joined by '+' (weights as 'a@0.5+b')"
+    )
     merged_adapters: MergedAdapters | None = Field(None, description="LoRAX style: ids of the combination")
     adapter_source: str | None = Field(None, description="accepted for LoRAX clients; the store is the source")
     api_token: str | None = Field(None, description="accepted for LoRAX clients; unused")
@@ -103,7 +128,7 @@ class GenerateRequest(BaseModel):
             "examples": [
                 {
                     "inputs": "Hello",
-                    "adapters": ["digits", "excited"],
+                    "adapters": ["digits", {"name": "excited", "weight": 0.5}],
                     "parameters": {"max_new_tokens": 20, "details": True},
                 }
             ]
@@ -111,7 +136,11 @@ class GenerateRequest(BaseModel):
     )
 
     inputs: str = Field(min_length=1)
-    adapters: list[str] | None = Field(None, description="the combination; empty or absent: the base model")
+    adapters: AdapterList | None = Field(
+        None,
+        description="the combination: names, or {'name', 'weight'} objects (a bare name: weight 1); empty or absent:"
+        " the base model",
+    )
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
     stream: bool | None = Field(False, description="at POST /: answer as /generate_stream does")
 
@@ -137,7 +166,9 @@ class Details(BaseModel):
     prefill: list[InputToken] = Field(default_factory=list, description="with decoder_input_details")
     tokens: list[Token]
     top_tokens: list[list[Token]] | None = Field(None, description="with top_n_tokens")
-    adapters: list[str] = Field(description="the adapters applied, in canonical composition order")
+    adapters: list[str] = Field(
+        description="the adapters applied, in canonical composition order: 'name', or 'name@weight' when not 1"
+    )
 
 
 class GenerateResponse(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from server.adapters.combination import Combination
+from server.adapters.combination import Combination, parse_spec
 from server.api.schemas import MAX_STOP_CHARS
 from server.auth import Tenant
 from server.engine.constraints import Grammar
@@ -14,7 +14,7 @@ from server.errors import ValidationError
 from server.state import ServerState
 
 
-def combination(state: ServerState, tenant: Tenant, sources: dict[str, list[str] | None]) -> Combination:
+def combination(state: ServerState, tenant: Tenant, sources: dict[str, list[tuple[str, float]] | None]) -> Combination:
     """The request's combination, from whichever request fields carry it (see Combination.parse)."""
     settings = state.settings
     limit = settings.max_adapters_per_request
@@ -24,8 +24,9 @@ def combination(state: ServerState, tenant: Tenant, sources: dict[str, list[str]
     return Combination.parse(sources, tenant, state.registry.peft_type, (limit, setting))
 
 
-def split_adapter_id(adapter_id: str | None) -> list[str] | None:
-    return adapter_id.split("+") if adapter_id else None
+def split_adapter_id(adapter_id: str | None) -> list[tuple[str, float]] | None:
+    """'a+b@0.5' (the canonical form) -> (name, weight) pairs."""
+    return parse_spec(adapter_id) if adapter_id else None
 
 
 def generation_request(

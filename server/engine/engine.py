@@ -287,6 +287,7 @@ class Engine:
         self.registry.acquire(adapters)
         seq.loaded = adapters
         seq.slots = tuple(a.slot for a in adapters)
+        seq.weights = tuple(seq.request.adapters.weight(a.name) for a in adapters)
         seq.admitted_at = time.monotonic()
         return True
 

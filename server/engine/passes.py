@@ -39,7 +39,7 @@ class IsolatedPasses:
             log.warning("decode of %d rows failed (%s); checking each row alone", len(self.runner.rows), exc)
         for seq in list(self.runner.rows):
             try:
-                self.runner.score(torch.tensor([seq.request.prompt_ids + seq.tokens]), [seq.slots])
+                self.runner.score(torch.tensor([seq.request.prompt_ids + seq.tokens]), [seq.slots], [seq.weights])
             except Exception as exc:
                 self.fail(seq, exc)
         return list(self.runner.rows), self.runner.decode() if self.runner.rows else None
@@ -63,7 +63,7 @@ class IsolatedPasses:
         for seq in seqs:
             ids = seq.request.prompt_ids
             try:
-                scores = self.runner.score(torch.tensor([ids]), [seq.slots])[0]
+                scores = self.runner.score(torch.tensor([ids]), [seq.slots], [seq.weights])[0]
                 logprobs = torch.log_softmax(scores.float(), dim=-1)
                 seq.prompt_logprobs = [None] + logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
             except Exception as exc:

@@ -75,9 +75,13 @@ class ModelRunner:
         self.rows.pop()
 
     @torch.inference_mode()
-    def score(self, input_ids: torch.Tensor, combos: list[tuple[int, ...]]) -> torch.Tensor:
-        """Logits of every position, [B, T, vocab], without touching the running batch's cache."""
-        with self.context.use(self._plan(tuple(combos), gather=True)):
+    def score(
+        self, input_ids: torch.Tensor, combos: list[tuple[int, ...]], weights: list[tuple[float, ...]] | None = None
+    ) -> torch.Tensor:
+        """Logits of every position, [B, T, vocab], without touching the running batch's cache. combos: each row's
+        adapter slots; weights: theirs, slot for slot (None: all 1)."""
+        weights = tuple(weights) if weights is not None else None
+        with self.context.use(self._plan(tuple(combos), weights, gather=True)):
             return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
 
     @torch.inference_mode()
@@ -138,7 +142,7 @@ class ModelRunner:
         return worst
 
     def _forward(self, seqs, ids, mask, positions, keep, gather: bool = False) -> torch.Tensor:
-        with self.context.use(self._plan(tuple(s.slots for s in seqs), gather)):
+        with self.context.use(self._plan(tuple(s.slots for s in seqs), tuple(s.weights for s in seqs), gather)):
             out = self.model(
                 input_ids=ids.to(self.device),
                 attention_mask=mask,
@@ -149,10 +153,12 @@ class ModelRunner:
             )
         return out.logits
 
-    def _plan(self, combos: tuple[tuple[int, ...], ...], gather: bool = False) -> BatchPlan:
+    def _plan(self, combos: tuple[tuple[int, ...], ...], weights, gather: bool = False) -> BatchPlan:
         """The same plan object while the batch keeps its composition, so that layers reuse their preparation."""
-        key = (combos, gather)
-        plan = self._plans.pop(key, None) or BatchPlan(combos, self.device, gather)
+        if weights is not None and all(w == 1 for row in weights for w in row):
+            weights = None  # the common case, one plan for it
+        key = (combos, weights, gather)
+        plan = self._plans.pop(key, None) or BatchPlan(combos, self.device, gather, weights)
         self._plans[key] = plan
         while len(self._plans) > 8:
             self._plans.popitem(last=False)
@@ -165,6 +171,7 @@ class PromptSequence:
     def __init__(self, prompt_ids: list[int], slots: tuple[int, ...] = ()):
         self.request = SimpleNamespace(prompt_ids=prompt_ids)
         self.slots = slots
+        self.weights = (1.0,) * len(slots)
         self.tokens: list[int] = []
 
     @property

@@ -46,6 +46,7 @@ class Sequence:
     events: asyncio.Queue  # read by the client's event loop
     outbox: EventOutbox  # written by the engine
     slots: tuple[int, ...] = ()  # the loaded adapters' slots in canonical order, once admitted
+    weights: tuple[float, ...] = ()  # their weights, slot for slot
     loaded: list = field(default_factory=list)  # the LoadedAdapters it holds while running
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)

@@ -30,16 +30,24 @@ class LayerAdapter:
 
     Additive adapters whose delta is B(A(x)) * scale set `low_rank = (A, B, scale)`: the mixed layer computes all
     of those in a batch with two matmuls. The others implement `delta`.
+
+    Weights (README, "Weighted mixes"): an additive adapter at weight w adds w * delta(x) (w * S for SHiRA), the
+    mixed layer multiplying; a rotating one applies `rotation(w)`, which it defines.
     """
 
     rotates_input = False
     adds_to_weight = False
     low_rank: tuple[torch.Tensor, torch.Tensor, float] | None = None  # A [r, in], B [out, r], scale
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+    def rotation(self, weight: float) -> object:
+        """What `rotate` applies at that weight, built once (layer plans hold it while they run)."""
         raise NotImplementedError
 
-    def add_to(self, weight: torch.Tensor) -> None:
+    def rotate(self, x: torch.Tensor, rotation: object) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_to(self, weight: torch.Tensor, scale: float = 1.0) -> None:
+        """weight += S * scale."""
         raise NotImplementedError
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,10 +36,11 @@ class ParameterLora(LayerAdapter):
         self.deltas = deltas
 
     @staticmethod
-    def patched(weight: torch.Tensor, name: str, adapters: list[ParameterLora]) -> torch.Tensor:
-        """weight with the adapters' deltas, computed as peft's ParamWrapper does: one adapter on an expert stack
-        folds in with one baddbmm; otherwise the deltas are summed, then added."""
-        found = [d for a in adapters for d in a.deltas if d[0] == name]
+    def patched(weight: torch.Tensor, name: str, adapters: list[tuple[ParameterLora, float]]) -> torch.Tensor:
+        """weight with the (adapter, weight)s' deltas, each times its weight (its scaling multiplied, as peft's
+        set_scale does), computed as peft's ParamWrapper does: one adapter on an expert stack folds in with one
+        baddbmm; otherwise the deltas are summed, then added."""
+        found = [(n, lhs, rhs, scaling * w) for a, w in adapters for n, lhs, rhs, scaling in a.deltas if n == name]
         if not found:
             return weight
         if len(found) == 1 and weight.dim() == 3:

@@ -15,9 +15,10 @@ class ShiraLayer(LayerAdapter):
         self.values = values  # [nnz], scaling (1.0 at inference) included
         self.shape = shape
 
-    def add_to(self, weight: torch.Tensor) -> None:
-        # the same dense += sparse as peft's shira.Linear, so that the sums round alike
-        weight += torch.sparse_coo_tensor(self.indices, self.values, self.shape)
+    def add_to(self, weight: torch.Tensor, scale: float = 1.0) -> None:
+        # the same dense += sparse (values * scaling) as peft's shira.Linear, so that the sums round alike
+        values = self.values if scale == 1 else self.values * scale
+        weight += torch.sparse_coo_tensor(self.indices, values, self.shape)
 
 
 class ShiraKind(Kind):
