@@ -1,11 +1,13 @@
-"""Why mixserve runs its own batching loop: transformers' continuous batching against mixserve's engine.
+"""Why mixserve runs its own batching loop: transformers' continuous batching and its plain batched greedy loop
+against mixserve's engine.
 
-    python -m bench.engine_choice        (make bench-engine)
+    python -m bench.engine_choice [--shape bench|small|0.5b]        (make bench-engine)
 
-Both generate the same 128 greedy requests (32-token prompts, 32 new tokens) on the throughput bench's base model,
-in this process, without HTTP and without adapters: the batching machinery alone. transformers' generate_batch
-(paged attention, its own scheduler) has no hook for per-request adapters either; this measures whether it would
-be worth adding one.
+All three generate the same greedy requests (32-token prompts, 32 new tokens; 128 requests, 32 at the 0.5b shape)
+on the same base model, in this process, without HTTP and without adapters: the batching machinery alone.
+transformers' generate_batch (paged attention, its own scheduler) has no hook for per-request adapters either;
+this measures whether it would be worth adding one. generate() on 16 prompts at a time (all the same length, so no
+padding) is the plain loop. Shapes: the throughput bench's model (bench), or bench.mixed_decode's (small, 0.5b).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, ContinuousBatchingConfig, GenerationConfig
 
+from bench import mixed_decode
 from bench.common import build_bench_model, describe_run, prompt
 from server.adapters.combination import Combination
 from server.config import Settings
@@ -49,13 +52,25 @@ def transformers_cb(model_dir: Path, prompts: list[list[int]], batch: int, quick
     return sum(len(o.generated_tokens) for o in outputs.values()) / seconds
 
 
+def transformers_loop(model_dir: Path, prompts: list[list[int]], batch: int, quick: bool = False) -> float:
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    chunks = [torch.tensor(prompts[i : i + batch]) for i in range(0, len(prompts), batch)]
+    with torch.inference_mode():
+        if not quick:
+            model.generate(chunks[0], generation_config=config)
+        started = time.perf_counter()
+        tokens = sum(model.generate(ids, generation_config=config)[:, ids.shape[1] :].numel() for ids in chunks)
+    return tokens / (time.perf_counter() - started)
+
+
 def mixserve_engine(model_dir: Path, store: Path, prompts: list[list[int]], batch: int) -> float:
     state = ServerState.start(
         Settings(model=str(model_dir), adapters_dir=store, device="cpu", dtype="float32", max_batch_size=batch)
     )
 
     async def run(chunk: list[list[int]]) -> int:
-        params = SamplingParams(max_new_tokens=NEW_TOKENS)
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)  # as the transformers contenders
         handles = [
             state.engine.submit(GenerationRequest(str(i), p, Combination(), params)) for i, p in enumerate(chunk)
         ]
@@ -72,36 +87,45 @@ def mixserve_engine(model_dir: Path, store: Path, prompts: list[list[int]], batc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--shape", choices=["bench", "small", "0.5b"], default="bench")
+    parser.add_argument("--requests", type=int, help="default: 128, or 32 at the 0.5b shape")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--quick", action="store_true", help="a small model and load: checks that it runs")
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.batch, args.rounds = 4, 4, 1
+        args.shape, args.requests, args.batch, args.rounds = "bench", 4, 4, 1
+    requests = args.requests or (32 if args.shape == "0.5b" else 128)
     print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, store = build_bench_model(args.workdir or Path(tmp), quick=args.quick)
+        root = args.workdir or Path(tmp)
+        if args.shape == "bench":
+            model_dir, store = build_bench_model(root, quick=args.quick)
+        else:
+            model_dir, store = mixed_decode.build(root, args.shape)
         tokenizer = ByT5Tokenizer.from_pretrained(model_dir)
-        prompts = [encode_prompt(tokenizer, prompt(i)) for i in range(args.requests)]
+        prompts = [encode_prompt(tokenizer, prompt(i)) for i in range(requests)]
         torch.manual_seed(0)
-        ours, theirs = [], []
+        contenders = {
+            "transformers generate_batch": lambda: transformers_cb(model_dir, prompts, args.batch, args.quick),
+            "transformers generate loop": lambda: transformers_loop(model_dir, prompts, args.batch, args.quick),
+            "mixserve engine": lambda: mixserve_engine(model_dir, store, prompts, args.batch),
+        }
+        rounds: dict[str, list[float]] = {name: [] for name in contenders}
         for _ in range(args.rounds):
-            theirs.append(transformers_cb(model_dir, prompts, args.batch, args.quick))
-            ours.append(mixserve_engine(model_dir, store, prompts, args.batch))
-        print(f"{args.requests} requests, {len(prompts[0])}-token prompts, {NEW_TOKENS} new tokens, batch {args.batch}")
+            for name, run in contenders.items():
+                rounds[name].append(run())
         print(
-            f"transformers generate_batch  {statistics.median(theirs):7.1f} tok/s  (rounds: "
-            + ", ".join(f"{t:.1f}" for t in theirs)
-            + ")"
+            f"model {args.shape}: {requests} requests, {len(prompts[0])}-token prompts, {NEW_TOKENS} new tokens, batch {args.batch}"
         )
-        print(
-            f"mixserve engine              {statistics.median(ours):7.1f} tok/s  (rounds: "
-            + ", ".join(f"{t:.1f}" for t in ours)
-            + ")"
-        )
-        print(f"mixserve / transformers      {statistics.median(ours) / statistics.median(theirs):7.2f}")
+        for name, values in rounds.items():
+            print(
+                f"{name:28s} {statistics.median(values):7.1f} tok/s  (rounds: {', '.join(f'{t:.1f}' for t in values)})"
+            )
+        ours = statistics.median(rounds["mixserve engine"])
+        print(f"mixserve / transformers      {ours / statistics.median(rounds['transformers generate_batch']):7.2f}")
+        print(f"mixserve / generate loop     {ours / statistics.median(rounds['transformers generate loop']):7.2f}")
 
 
 if __name__ == "__main__":
