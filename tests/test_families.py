@@ -1,4 +1,5 @@
-"""Every popular model family served exactly: each combination in one mixed batch equals a fresh PeftMixedModel."""
+"""Every popular model family served exactly: each combination in one mixed batch (one of them weighted) equals a
+fresh PeftMixedModel."""
 
 from __future__ import annotations
 
@@ -45,14 +46,15 @@ def family(request, tmp_path_factory):
 def test_every_combination_in_one_mixed_batch_equals_the_reference(family):
     model_dir, store, built, state = family
     combinations = [[]] + [[name] for name in built] + ([built[::-1]] if len(built) > 1 else [])
+    weighted = dict(zip(built, (0.5, -0.7, 1.6), strict=False))  # README, "Weighted mixes"
     requests = [
         GenerationRequest(
             f"r{i}",
             encode_prompt(state.tokenizer, PROMPTS[i % len(PROMPTS)]),
-            Combination(tuple(names)),
+            Combination(tuple(names), tuple(weights.get(n, 1.0) for n in names)),
             SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True),
         )
-        for i, names in enumerate(combinations)
+        for i, (names, weights) in enumerate([(c, {}) for c in combinations] + [(list(weighted), weighted)])
     ]
 
     async def run_all():
@@ -67,8 +69,10 @@ def test_every_combination_in_one_mixed_batch_equals_the_reference(family):
     assert len(decodes) < NEW_TOKENS * len(requests), "the rows should have shared passes"
     for seq in seqs:
         prompt, names = seq.request.prompt_ids, list(seq.request.adapters.names)
+        weights = dict(zip(names, seq.request.adapters.weights, strict=True))
         assert len(prompt) + len(seq.tokens) > WINDOW
-        logits = reference_logits(model_dir, store, names, prompt + seq.tokens[:-1])[len(prompt) - 1 :]
+        logits = reference_logits(model_dir, store, names, prompt + seq.tokens[:-1], weights=weights)
+        logits = logits[len(prompt) - 1 :]
         if names:
             base = reference_logits(model_dir, store, [], prompt + seq.tokens[:-1])[len(prompt) - 1 :]
             assert (logits - base).abs().max() > 1e-2, f"{names} should move the logits"
