@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, ByT5Tokenizer
 
-from server.api.tools import CallReader, call_format
+from server.api.tools import CallReader, ConstrainedCallReader, assemble, call_format
 from server.demo import tiny
 from tests.builders import ADAPTERS
 from tests.conftest import World
@@ -157,8 +157,8 @@ def test_named_call_streamed_as_openai_streams_calls(oai):
     chunks = list(oai.chat.completions.create(**kwargs, stream=True))
     deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
     assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_time" and deltas[0].index == 0
-    arguments = "".join(d.function.arguments or "" for d in deltas)
-    assert arguments == plain.message.tool_calls[0].function.arguments
+    arguments = [d.function.arguments for d in deltas[1:]]
+    assert len(arguments) > 1 and "".join(arguments) == plain.message.tool_calls[0].function.arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert not any(c.choices[0].delta.content for c in chunks if c.choices)
 
@@ -315,13 +315,42 @@ def test_call_reader_streamed_in_any_pieces_equals_whole(fmt, text, content, nam
         for at in range(0, len(text), size):
             pieces += reader.feed(text[at : at + size])
         pieces += reader.finish()
-        found = "".join(p for p in pieces if isinstance(p, str))
+        found, calls = assemble(pieces)
         assert (found or None) == content, (size, pieces)
-        assert [p.name for p in pieces if not isinstance(p, str)] == names
+        assert [c["name"] for c in calls] == names
+        assert all(json.loads(c["arguments"]) is not None for c in calls)
 
 
 def test_call_reader_not_parallel_keeps_the_second_call_as_content():
     reader = CallReader("hermes", ["f"], parallel=False)
     two = '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "f", "arguments": {}}</tool_call>'
     pieces = reader.feed(two) + reader.finish()
-    assert [type(p).__name__ for p in pieces] == ["ParsedCall", "str"]
+    assert [type(p).__name__ for p in pieces] == ["CallStart", "CallArguments", "str"]
+
+
+F_ARGUMENTS = '{"a": "}\\"{", "b": [1, {"c": 2}]}'  # braces and an escaped quote inside a string
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text"),
+    [
+        (
+            "hermes",
+            f'<tool_call>\n{{"name": "f", "arguments": {F_ARGUMENTS}}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>',
+        ),
+        ("llama3", f'{{"name": "f", "parameters": {F_ARGUMENTS}}}; {{"name": "g", "parameters": {{}}}}'),
+    ],
+)
+def test_constrained_calls_stream_their_arguments_as_written(fmt, text):
+    """A required call's text, as its grammar writes it, read in pieces of any size: each call starts once its name
+    is complete and its arguments come as they are written, adding up to exactly the model's text."""
+    assert json.loads(F_ARGUMENTS) == {"a": '}"{', "b": [1, {"c": 2}]}
+    for size in (len(text), 1, 2, 5):
+        reader, pieces = ConstrainedCallReader(fmt), []
+        for at in range(0, len(text), size):
+            pieces += reader.feed(text[at : at + size])
+        content, calls = assemble(pieces + reader.finish())
+        assert content == "" and [(c["name"], c["arguments"]) for c in calls] == [("f", F_ARGUMENTS), ("g", "{}")]
+        if size == 1:
+            assert sum(1 for p in pieces if type(p).__name__ == "CallArguments") > len(F_ARGUMENTS) // 2

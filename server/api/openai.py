@@ -291,8 +291,11 @@ class _Chat:
         self.body, self.tokenizer, self.id, self.created = body, tokenizer, reply_id, int(time.time())
         self.call_format = call_format
 
-    def _reader(self) -> tools.CallReader | None:
-        """What reads tool calls out of the text, when the request offers tools (tool_choice not none)."""
+    def _reader(self) -> tools.CallReader | tools.ConstrainedCallReader | None:
+        """What reads tool calls out of the text, when the request offers tools (tool_choice not none): for a
+        required or named call, whose grammar fixes how it is written, piece by piece as it is written."""
+        if self.body.tool_mode in ("required", "named"):
+            return tools.ConstrainedCallReader(self.call_format)
         if self.body.tool_mode == "none":
             return None
         names = [t.function.name for t in self.body.tools]
@@ -319,14 +322,14 @@ class _Chat:
         text, calls = without_stop(seq.text, seq.stop_sequence), []
         reader = self._reader()
         if reader is not None:
-            pieces = reader.feed(text) + reader.finish()
-            calls = [p for p in pieces if isinstance(p, tools.ParsedCall)]
-            text = "".join(p for p in pieces if isinstance(p, str))
+            text, calls = tools.assemble(reader.feed(text) + reader.finish())
         choice = ChatChoice(
             index=0,
             message=AssistantMessage(
                 content=text or (None if calls else ""),
-                tool_calls=[ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+                tool_calls=[
+                    ToolCall(id=c["id"], function=FunctionCall(name=c["name"], arguments=c["arguments"])) for c in calls
+                ]
                 or None,
             ),
             logprobs=self._logprobs(seq, range(len(seq.tokens))),
@@ -344,10 +347,8 @@ class _Chat:
             pieces = [delta] if reader is None and delta else []
             if reader is not None:
                 pieces = reader.feed(delta) + (reader.finish() if event.final else [])
-            deltas = []
-            for piece in pieces:
-                deltas += _call_deltas(piece, calls) if isinstance(piece, tools.ParsedCall) else [Delta(content=piece)]
-                calls += isinstance(piece, tools.ParsedCall)
+            deltas = [_delta(piece) for piece in pieces]
+            calls += sum(isinstance(piece, tools.CallStart) for piece in pieces)
             finish = _finish(seq, calls > 0) if event.final else None
             logprobs = self._logprobs(seq, [event.index])
             if not deltas and (finish or logprobs):
@@ -378,18 +379,14 @@ def _finish(seq: Sequence, called: bool) -> str:
     return "tool_calls" if called and seq.finish_reason != "length" else FINISH[seq.finish_reason]
 
 
-def _call_deltas(call: tools.ParsedCall, index: int) -> list[Delta]:
-    """A call as OpenAI streams one: its id and name, then its arguments."""
-    return [
-        Delta(
-            tool_calls=[
-                ToolCallDelta(
-                    index=index, id=call.id, type="function", function=FunctionCallDelta(name=call.name, arguments="")
-                )
-            ]
-        ),
-        Delta(tool_calls=[ToolCallDelta(index=index, function=FunctionCallDelta(arguments=call.arguments))]),
-    ]
+def _delta(piece: tools.Piece) -> Delta:
+    """Content, or a part of a call as OpenAI streams calls: its id and name first, then its arguments."""
+    if isinstance(piece, tools.CallStart):
+        function = FunctionCallDelta(name=piece.name, arguments="")
+        return Delta(tool_calls=[ToolCallDelta(index=piece.index, id=piece.id, type="function", function=function)])
+    if isinstance(piece, tools.CallArguments):
+        return Delta(tool_calls=[ToolCallDelta(index=piece.index, function=FunctionCallDelta(arguments=piece.text))])
+    return Delta(content=piece)
 
 
 async def _merge(handles) -> AsyncIterator[tuple[int, object]]:

@@ -11,6 +11,7 @@ as it comes and what is not a valid call of a listed function stays content.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -102,16 +103,41 @@ def required_grammar(tools, names: list[str], parallel: bool, fmt: str) -> Gramm
 
 
 @dataclass
-class ParsedCall:
+class CallStart:
+    """A call begins: its index in the answer, its function, its id."""
+
+    index: int
     name: str
-    arguments: str  # JSON text
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
 
+@dataclass
+class CallArguments:
+    """More of a call's arguments (JSON text, as the model wrote it)."""
+
+    index: int
+    text: str
+
+
+Piece = str | CallStart | CallArguments  # content, or a call's parts
+
+
+def assemble(pieces: list[Piece]) -> tuple[str, list[dict]]:
+    """The content and the calls ({"id", "name", "arguments"}) that pieces add up to."""
+    calls: list[dict] = []
+    for piece in pieces:
+        if isinstance(piece, CallStart):
+            calls.append({"id": piece.id, "name": piece.name, "arguments": ""})
+        elif isinstance(piece, CallArguments):
+            calls[piece.index]["arguments"] += piece.text
+    return "".join(p for p in pieces if isinstance(p, str)), calls
+
+
 class CallReader:
-    """Generated text fed piece by piece (as a stream delivers it, or all at once): out come content pieces (str)
-    and calls (ParsedCall), in order, each as soon as it is certain. Content that is only whitespace (around calls)
-    is dropped when there were calls. Both the streamed and the plain answer read text through this, so they
+    """Generated text fed piece by piece (as a stream delivers it, or all at once): out come content (str) and
+    calls (CallStart, then CallArguments), in order, each as soon as it is certain: a call once it is complete and
+    valid, since text that is not a valid call stays content. Content that is only whitespace (around calls) is
+    dropped when there were calls. Both the streamed and the plain answer read text through this, so they
     agree."""
 
     def __init__(self, fmt: str, names: list[str], parallel: bool = True):
@@ -122,19 +148,19 @@ class CallReader:
         self._spoke = False  # some content other than whitespace was sent
         self._bare_json: bool | None = None  # Llama 3: the answer is one JSON text (None: not yet known)
 
-    def feed(self, text: str) -> list[str | ParsedCall]:
+    def feed(self, text: str) -> list[Piece]:
         self._pending += text
         return self._read(final=False)
 
-    def finish(self) -> list[str | ParsedCall]:
+    def finish(self) -> list[Piece]:
         out = self._read(final=True)
         if self._held and not self.calls:
             out.append(self._held)
         self._held = ""
         return out
 
-    def _read(self, final: bool) -> list[str | ParsedCall]:
-        out: list[str | ParsedCall] = []
+    def _read(self, final: bool) -> list[Piece]:
+        out: list[Piece] = []
         if self.fmt == LLAMA3:
             self._read_llama3(out, final)
         else:
@@ -158,11 +184,11 @@ class CallReader:
                     self._pending = ""
                 return
             block, self._pending = self._pending[: end + len(CLOSE)], self._pending[end + len(CLOSE) :]
-            call = self._call(block[len(OPEN) : -len(CLOSE)])
+            call = self._calls([_members(block[len(OPEN) : -len(CLOSE)].strip())])
             if call is None:
                 self._content(out, block)
             else:
-                out.append(call)
+                out.extend(call)
 
     def _read_llama3(self, out: list, final: bool) -> None:
         if self._bare_json is None:
@@ -176,46 +202,29 @@ class CallReader:
             return
         if not final:
             return
-        calls = self._llama3_calls(self._pending)
+        calls = self._calls(_objects(self._pending))
         if calls is None:
             self._content(out, self._pending)
         else:
             out.extend(calls)
         self._pending = ""
 
-    def _llama3_calls(self, text: str) -> list[ParsedCall] | None:
-        """Every JSON object of text (separated by ';') as a call, or None if any is not a valid call."""
-        decoder, at, calls = json.JSONDecoder(), 0, []
-        while True:
-            while at < len(text) and (text[at].isspace() or (calls and text[at] == ";")):
-                at += 1
-            if at == len(text):
-                return calls or None
-            try:
-                value, at = decoder.raw_decode(text, at)
-            except json.JSONDecodeError:
+    def _calls(self, objects: list[dict[str, tuple[object, str]] | None]) -> list[Piece] | None:
+        """The calls these objects (their members: value and text) are, or None unless each is a call of a listed
+        function with an arguments object (and one at most, when not parallel)."""
+        pieces: list[Piece] = []
+        for members in objects:
+            if not members or members.get("name", (None,))[0] not in self.names:
                 return None
-            call = self._call_of(value)
-            if call is None:
+            arguments = members.get("arguments", members.get("parameters"))
+            if arguments is None or not isinstance(arguments[0], dict):
                 return None
-            calls.append(call)
-
-    def _call(self, text: str) -> ParsedCall | None:
-        try:
-            return self._call_of(json.loads(text))
-        except json.JSONDecodeError:
+            index = self.calls + len(pieces) // 2
+            pieces += [CallStart(index, members["name"][0]), CallArguments(index, arguments[1])]
+        if not pieces or (not self.parallel and self.calls + len(pieces) // 2 > 1):
             return None
-
-    def _call_of(self, value) -> ParsedCall | None:
-        """A call of a listed function with an arguments object, else None; past the first call when not parallel,
-        None."""
-        if not isinstance(value, dict) or value.get("name") not in self.names:
-            return None
-        arguments = value.get("arguments", value.get("parameters"))
-        if not isinstance(arguments, dict) or (self.calls and not self.parallel):
-            return None
-        self.calls += 1
-        return ParsedCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+        self.calls += len(pieces) // 2
+        return pieces
 
     def _content(self, out: list, text: str) -> None:
         """Content is sent as it comes, once some is more than whitespace; whitespace before that is held."""
@@ -227,6 +236,109 @@ class CallReader:
         if self._held.strip():
             out.append(self._held)
             self._held, self._spoke = "", True
+
+
+class ConstrainedCallReader:
+    """The text of a required or named call, which its grammar writes in exactly one way (required_grammar):
+    each call's start as soon as its name is complete, its arguments as they are written."""
+
+    def __init__(self, fmt: str):
+        key = arguments_key(fmt)
+        opening = re.escape(OPEN + "\n") if fmt == HERMES else ""
+        separator = "\n" if fmt == HERMES else "; "
+        self._start = re.compile(f'(?:{separator})?{opening}\\{{"name": "([^"]*)", "{key}": ')
+        self._end = re.compile(re.escape("}\n" + CLOSE) if fmt == HERMES else re.escape("}"))
+        self.calls = 0
+        self._pending = ""
+        self._arguments: str | None = None  # the current call's arguments so far, while they are written
+
+    def feed(self, text: str) -> list[Piece]:
+        self._pending += text
+        out: list[Piece] = []
+        while True:
+            if self._arguments is not None:
+                text = self._arguments + self._pending
+                end = _value_end(text)
+                written = text[len(self._arguments) : end]
+                if written:
+                    out.append(CallArguments(self.calls - 1, written))
+                if end is None:
+                    self._arguments, self._pending = text, ""
+                    return out
+                self._arguments, self._pending = None, text[end:]
+            closing = self._end.match(self._pending)
+            self._pending = self._pending[closing.end() :] if closing else self._pending
+            start = self._start.match(self._pending)
+            if start is None:
+                return out
+            out.append(CallStart(self.calls, start.group(1)))
+            self.calls += 1
+            self._pending, self._arguments = self._pending[start.end() :], ""
+
+    def finish(self) -> list[Piece]:
+        return []  # what is left is the end of the last call, or of a call cut short
+
+
+def _members(text: str) -> dict[str, tuple[object, str]] | None:
+    """A JSON object's members, each as (value, its text), or None if text is not exactly one JSON object."""
+    members, end = _object_members(text, 0)
+    return members if members is not None and end == len(text) else None
+
+
+def _objects(text: str) -> list[dict[str, tuple[object, str]] | None]:
+    """The JSON objects of text, separated by ';' (Llama 3's parallel calls); a None where one does not parse."""
+    objects, at = [], 0
+    while True:
+        while at < len(text) and (text[at].isspace() or (objects and text[at] == ";")):
+            at += 1
+        if at == len(text):
+            return objects
+        members, at = _object_members(text, at)
+        if members is None:
+            return [None]
+        objects.append(members)
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _object_members(text: str, at: int) -> tuple[dict[str, tuple[object, str]] | None, int]:
+    """The members of the JSON object at text[at:], each as (value, its text), and where the object ends."""
+
+    def skip(i: int) -> int:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        return i
+
+    try:
+        _DECODER.raw_decode(text, at)  # the whole object parses
+        members, i = {}, skip(at + 1)
+        while text[i] != "}":
+            key, i = _DECODER.raw_decode(text, i)
+            i = skip(skip(i) + 1)  # past ':'
+            value, end = _DECODER.raw_decode(text, i)
+            members[key], i = (value, text[i:end]), skip(end)
+            i = skip(i + 1) if text[i] == "," else i
+        return members, i + 1
+    except (json.JSONDecodeError, IndexError, TypeError):
+        return None, at
+
+
+def _value_end(text: str) -> int | None:
+    """Where the JSON object or array that text begins with ends, if it is complete."""
+    depth, in_string, escaped = 0, False, False
+    for i, char in enumerate(text):
+        if in_string:
+            escaped, in_string = (not escaped and char == "\\"), in_string and (escaped or char != '"')
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return None
 
 
 def _could_begin(text: str, marker: str) -> int:
