@@ -275,10 +275,16 @@ class MixedLinear(nn.Module):
         dtype = self.base.weight.dtype
 
         def groups(kind, select, prepare) -> list:
-            """Rows grouped by the sequence of their adapters of one kind and their weights (order matters)."""
+            """Rows grouped by the sequence of their adapters of one kind and their weights (order matters). A
+            group with weights other than 1 runs on its own rows only: there are as many such groups as weights."""
             chosen = [tuple((s, w) for s, w in pairs if kind(self.adapters[s])) for pairs in rows]
             return [
-                (select(tuple(c == sequence for c in chosen)), [prepare(self.adapters[s], w) for s, w in sequence])
+                (
+                    (select if all(w == 1 for _, w in sequence) else plan.indices)(
+                        tuple(c == sequence for c in chosen)
+                    ),
+                    [prepare(self.adapters[s], w) for s, w in sequence],
+                )
                 for sequence in dict.fromkeys(chosen)
                 if sequence
             ]

@@ -17,7 +17,7 @@ class OFTLayerAdapter(LayerAdapter):
     the exact transform; up to the series' truncation for Neumann)."""
 
     rotates_input = True
-    WEIGHTS_KEPT = 4  # rotations of other weights than 1 kept per layer (plans in use hold theirs regardless)
+    WEIGHTS_KEPT = 16  # rotations at weights other than 1 kept per layer, LRU (plans in use hold theirs regardless)
 
     def __init__(self, blocks: torch.Tensor, generator: torch.Tensor, cayley: tuple[int, int, bool, int]):
         self.blocks = blocks  # [n_blocks, block_size, block_size]: R(1)
