@@ -33,10 +33,14 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Hello there, how are
 NEW_TOKENS = 8
 
 
-def _generate(state, rows: list[tuple[str, list[str]]]):
+def _generate(state, rows: list[tuple[str, list[str] | dict[str, float]]]):
+    """rows: (prompt, adapter names, or {name: weight} in canonical order)."""
     requests = [
         GenerationRequest(
-            f"r{i}", encode_prompt(state.tokenizer, prompt), Combination(tuple(names)), SamplingParams(NEW_TOKENS)
+            f"r{i}",
+            encode_prompt(state.tokenizer, prompt),
+            Combination(tuple(names), tuple(names.values()) if isinstance(names, dict) else ()),
+            SamplingParams(NEW_TOKENS),
         )
         for i, (prompt, names) in enumerate(rows)
     ]
@@ -50,6 +54,7 @@ def _generate(state, rows: list[tuple[str, list[str]]]):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_mixed_batch_in_reduced_precision_matches_peft_in_that_dtype(llama, dtype):
     combinations = [[]] + [[name] for name in SIX] + [SIX, ["oft", "lora"], ["lokr", "loha", "shira"]]
+    combinations += [{"oft": 0.5, "lora": -0.7}, {"shira": 0.6, "adalora": 1.4, "loha": 0.3, "lokr": -1.2}]
     rows = [(PROMPTS[i % len(PROMPTS)], names) for i, names in enumerate(combinations)]
     state = ServerState.start(llama.settings(dtype=str(dtype).removeprefix("torch."), max_batch_size=16))
     try:
@@ -58,8 +63,9 @@ def test_mixed_batch_in_reduced_precision_matches_peft_in_that_dtype(llama, dtyp
         state.stop()
     for seq in seqs:
         names, prompt = list(seq.request.adapters.names), seq.request.prompt_ids
+        weights = dict(zip(names, seq.request.adapters.weights, strict=True))
         # the reference reads our tokens (teacher forcing), so every step is compared, near-ties or not
-        logits = reference_logits(llama.model_dir, llama.store, names, prompt + seq.tokens[:-1], dtype)
+        logits = reference_logits(llama.model_dir, llama.store, names, prompt + seq.tokens[:-1], dtype, weights)
         logits = logits[len(prompt) - 1 :].float()
         expected = logits.log_softmax(-1).gather(1, torch.tensor(seq.tokens)[:, None])[:, 0]
         assert torch.isfinite(torch.tensor(seq.logprobs)).all()
