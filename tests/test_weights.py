@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from server.adapters.combination import MAX_WEIGHT, Combination
+from server.adapters.kinds.oft import OFTLayerAdapter, _cayley
 from server.auth import EVERYTHING
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
@@ -276,3 +277,22 @@ def test_vllm_router_metric_keeps_adapter_names_only(server):
         metrics = client.get("/metrics").text
     line = next(x for x in metrics.splitlines() if x.startswith("mixserve:lora_requests_info{"))
     assert "@" not in line
+
+
+@pytest.mark.parametrize("terms", [2, 3, 4, 5, 6])
+def test_rows_at_their_own_weights_rotate_as_each_weight_alone(terms):
+    """OFT's Neumann series is a polynomial in w: one product for rows at different weights equals each row rotated
+    by its own R(w) (PEFT's series of w Q), for every number of terms PEFT accepts."""
+    torch.manual_seed(terms)
+    size, in_features = 8, 32
+    generator = torch.randn(in_features // size, size * (size - 1) // 2) * 0.1
+    cayley = (size, in_features, True, terms)
+    layer = OFTLayerAdapter(_cayley(generator, *cayley), generator, cayley)
+    assert layer.rotates_per_row
+    weights = (0.5, -1.3, 2.0, 0.25)
+    x = torch.randn(len(weights), 3, in_features)
+    together = layer.rotate(x, layer.rotation_per_row(weights))
+    for row, w in enumerate(weights):
+        torch.testing.assert_close(
+            together[row], layer.rotate(x[row : row + 1], layer.rotation(w))[0], atol=1e-6, rtol=0
+        )

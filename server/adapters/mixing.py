@@ -275,19 +275,23 @@ class MixedLinear(nn.Module):
         dtype = self.base.weight.dtype
 
         def groups(kind, select, prepare) -> list:
-            """Rows grouped by the sequence of their adapters of one kind and their weights (order matters). A
-            group with weights other than 1 runs on its own rows only: there are as many such groups as weights."""
+            """Rows grouped by the sequence of their adapters of one kind and their weights (order matters), where
+            rows at weights other than 1 of an adapter that rotates each row by its own weight share a group (None
+            stands for their weights). A group with weights other than 1 runs on its own rows only."""
             chosen = [tuple((s, w) for s, w in pairs if kind(self.adapters[s])) for pairs in rows]
-            return [
-                (
-                    (select if all(w == 1 for _, w in sequence) else plan.indices)(
-                        tuple(c == sequence for c in chosen)
-                    ),
-                    [prepare(self.adapters[s], w) for s, w in sequence],
-                )
-                for sequence in dict.fromkeys(chosen)
-                if sequence
+            keys = [
+                tuple((s, None if w != 1 and self.adapters[s].rotates_per_row else w) for s, w in c) for c in chosen
             ]
+            found = []
+            for key in dict.fromkeys(k for k in keys if k):
+                pattern = tuple(k == key for k in keys)
+                members = [c for c, p in zip(chosen, pattern, strict=True) if p]
+                steps = [
+                    prepare(self.adapters[s], tuple(m[i][1] for m in members) if w is None else w)
+                    for i, (s, w) in enumerate(key)
+                ]
+                found.append(((select if all(w == 1 for _, w in key) else plan.indices)(pattern), steps))
+            return found
 
         used = list(dict.fromkeys(s for pairs in rows for s, _ in pairs))  # first-use order
         additive = [s for s in used if not (a := self.adapters[s]).rotates_input and not a.adds_to_weight]
@@ -310,9 +314,7 @@ class MixedLinear(nn.Module):
             return select(pattern), self.adapters[slot], column
 
         return _LayerPlan(
-            rotations=groups(
-                lambda a: a.rotates_input, plan.indices if plan.gather else plan.mask, lambda a, w: (a, a.rotation(w))
-            ),
+            rotations=groups(lambda a: a.rotates_input, plan.indices if plan.gather else plan.mask, _rotation),
             sparse=groups(lambda a: a.adds_to_weight, plan.indices, lambda a, w: (a, w)),
             low_rank=self._low_rank(plan, rows, fused) if fused else None,
             other=[other(s) for s in additive if s not in fused],
@@ -348,6 +350,13 @@ class MixedLinear(nn.Module):
         scales = plan.cached(("low_rank", where, tuple(rows)), lambda: build(a_cat.dtype, lambda c, w: c * w))
         own = plan.cached(("low_rank_own", where), lambda: build(torch.bool, lambda c, w: True))
         return a_cat, b_cat, scales, own
+
+
+def _rotation(adapter: LayerAdapter, weight: float | tuple[float, ...]) -> tuple[LayerAdapter, object]:
+    """(adapter, what it rotates by): at one weight, or at each row's own (a tuple)."""
+    if isinstance(weight, tuple):
+        return adapter, adapter.rotation_per_row(weight)
+    return adapter, adapter.rotation(weight)
 
 
 class MixedParameters(nn.Module):

@@ -36,11 +36,16 @@ class LayerAdapter:
     """
 
     rotates_input = False
+    rotates_per_row = False  # a rotating adapter that takes one weight per row in one operation (rotation_per_row)
     adds_to_weight = False
     low_rank: tuple[torch.Tensor, torch.Tensor, float] | None = None  # A [r, in], B [out, r], scale
 
     def rotation(self, weight: float) -> object:
         """What `rotate` applies at that weight, built once (layer plans hold it while they run)."""
+        raise NotImplementedError
+
+    def rotation_per_row(self, weights: tuple[float, ...]) -> object:
+        """What `rotate` applies to rows each at its own weight (rows in the order of weights)."""
         raise NotImplementedError
 
     def rotate(self, x: torch.Tensor, rotation: object) -> torch.Tensor:

@@ -13,8 +13,11 @@ from .base import Kind, LayerAdapter, expect_params, expect_shape
 class OFTLayerAdapter(LayerAdapter):
     """Semantics at weight w: the rotation of the scaled generator, R(w) = Cayley(w Q), Q the skew-symmetric blocks
     PEFT builds from oft_R (after COFT's projection) and Cayley PEFT's own (exact, or its Neumann series as the
-    adapter was trained): R(1) is PEFT's rotation, R(0) the identity, R(-w) the inverse of R(w) (exactly so for
-    the exact transform; up to the series' truncation for Neumann)."""
+    adapter was trained): R(1) is PEFT's rotation, R(0) the identity, R(-w) = R(w)^T (the inverse of R(w), exactly
+    so for the exact transform; as far as the series is orthogonal for Neumann).
+
+    With the Neumann series, R(w) = I + sum_k c_k w^k Q^k is a polynomial in w: rows at different weights rotate in
+    one batched product with Q's powers (`rotation_per_row`) instead of one product per weight."""
 
     rotates_input = True
     WEIGHTS_KEPT = 16  # rotations at weights other than 1 kept per layer, LRU (plans in use hold theirs regardless)
@@ -23,7 +26,8 @@ class OFTLayerAdapter(LayerAdapter):
         self.blocks = blocks  # [n_blocks, block_size, block_size]: R(1)
         self.generator = generator  # [n_blocks or 1 (shared), block_size * (block_size - 1) / 2]: Q's upper triangle
         self.cayley = cayley  # (block_size, in_features, use_cayley_neumann, num_cayley_neumann_terms)
-        self._weighted: OrderedDict[float, torch.Tensor] = OrderedDict()
+        self.rotates_per_row = bool(_neumann_coefficients(*cayley[2:]))
+        self._weighted: OrderedDict[float | str, torch.Tensor] = OrderedDict()
 
     def rotation(self, weight: float) -> torch.Tensor:
         if weight == 1:
@@ -37,7 +41,24 @@ class OFTLayerAdapter(LayerAdapter):
             self._weighted.popitem(last=False)
         return blocks
 
-    def rotate(self, x: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
+    def rotation_per_row(self, weights: tuple[float, ...]) -> PerRowRotation:
+        """R(w) for rows each at its own weight (Neumann series only): [Q; Q^2; ...; Q^m] built once per layer."""
+        powers = self._weighted.pop("powers", None)
+        if powers is None:
+            size, in_features, _, terms = self.cayley
+            q = _cayley(self.generator.float(), size, in_features, False, 0, skew=True)  # [n, s, s]
+            stack = [q]
+            for _ in range(len(_neumann_coefficients(True, terms)) - 1):
+                stack.append(torch.bmm(stack[-1], q))
+            powers = torch.cat(stack, dim=1).to(self.blocks.dtype)  # [n, m*s, s]
+        self._weighted["powers"] = powers  # most recent: evicted last
+        coefficients = _neumann_coefficients(True, self.cayley[3])
+        per_row = torch.tensor([[c * w**k for k, c in enumerate(coefficients, 1)] for w in weights])
+        return PerRowRotation(powers, per_row.to(powers)[:, None, None, :, None])
+
+    def rotate(self, x: torch.Tensor, rotation: torch.Tensor | PerRowRotation | None = None) -> torch.Tensor:
+        if isinstance(rotation, PerRowRotation):
+            return rotation(x)
         # x: [..., in] viewed as [N, n_blocks, block_size]; peft's einsum "...rk,rkc->...rc" as one bmm
         blocks = self.blocks if rotation is None else rotation
         n, size, _ = blocks.shape
@@ -50,8 +71,37 @@ class OFTLayerAdapter(LayerAdapter):
         return copy
 
 
-def _cayley(generator: torch.Tensor, size: int, in_features: int, neumann: bool, terms: int) -> torch.Tensor:
-    """PEFT's blocks from a generator [n or 1, size * (size - 1) / 2] (float32): [in_features / size, size, size]."""
+class PerRowRotation:
+    """x R(w_row) = x + sum_k (c_k w_row^k x) Q^k for rows [rows, tokens, in]: one batched product for every weight."""
+
+    def __init__(self, powers: torch.Tensor, coefficients: torch.Tensor):
+        self.powers = powers  # [n_blocks, m * s, s]: Q, Q^2, ..., Q^m stacked
+        self.coefficients = coefficients  # [rows, 1, 1, m, 1]: c_k w^k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, ms, s = self.powers.shape
+        rows, tokens = x.shape[0], x.shape[1]
+        scaled = x.reshape(rows, tokens, n, 1, s) * self.coefficients  # [rows, tokens, n, m, s]
+        scaled = scaled.reshape(rows * tokens, n, ms).transpose(0, 1)  # [n, N, m*s]
+        xs = x.reshape(rows * tokens, n, s).transpose(0, 1)  # [n, N, s]
+        return torch.baddbmm(xs, scaled, self.powers).transpose(0, 1).reshape(x.shape)
+
+
+def _neumann_coefficients(neumann: bool, terms: int) -> tuple[float, ...]:
+    """PEFT's Neumann series (OFTRotationModule._cayley_batch) as R = I + sum_k c_k Q^k: (c_1, ..., c_m); empty for
+    the exact transform, or a series that is the identity."""
+    if not neumann or terms <= 1:
+        return ()
+    if terms == 2:
+        return (2.0,)
+    return (2.0,) * (max(terms - 1, 3) - 1) + (1.0,)
+
+
+def _cayley(
+    generator: torch.Tensor, size: int, in_features: int, neumann: bool, terms: int, skew: bool = False
+) -> torch.Tensor:
+    """PEFT's blocks from a generator [n or 1, size * (size - 1) / 2] (float32): [in_features / size, size, size];
+    skew: the skew-symmetric Q itself, not its rotation."""
     rotation = OFTRotationModule(
         generator.shape[0],
         generator.shape[1],
@@ -60,7 +110,10 @@ def _cayley(generator: torch.Tensor, size: int, in_features: int, neumann: bool,
         use_cayley_neumann=neumann,
         num_cayley_neumann_terms=terms,
     ).to(generator.device)
-    blocks = rotation._cayley_batch(generator, size, neumann, terms)
+    if skew:
+        blocks = rotation._pytorch_skew_symmetric(generator, size)
+    else:
+        blocks = rotation._cayley_batch(generator, size, neumann, terms)
     return blocks if blocks.shape[0] == in_features // size else blocks.repeat(in_features // size, 1, 1)
 
 
