@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024, description="the most sequences decoded together")
     max_batch_tokens: int = Field(4096, ge=16, description="the most prompt tokens prefilled in one step (padded)")
     max_queue: int = Field(256, ge=0, description="requests waiting beyond this get 429 with Retry-After")
+    kv_cache_memory: int | float | None = Field(
+        None,
+        description="the KV cache's budget: bytes (e.g. 2GB), or on GPU a fraction of free memory (e.g. 0.8);"
+        " default: half of free GPU memory, on CPU room for max_batch_size of the longest requests",
+    )
     max_loaded_adapters: int | None = Field(None, ge=1, description="adapters resident at once (default: no limit)")
     adapter_memory: int | None = Field(None, description="bytes of resident adapters, e.g. 512MB (default: no limit)")
     host_cache: int = Field(parse_bytes("1GB"), description="bytes of evicted adapters kept in host memory")
@@ -93,6 +98,19 @@ class Settings(BaseSettings):
     @classmethod
     def _sizes(cls, value):
         return None if value in (None, "") else parse_bytes(value)
+
+    @field_validator("kv_cache_memory", mode="before")
+    @classmethod
+    def _cache_budget(cls, value):
+        """A number below 1 is a fraction (of free GPU memory); anything else a size in bytes."""
+        if value in (None, ""):
+            return None
+        if isinstance(value, float) or (isinstance(value, str) and re.fullmatch(r"\s*0?\.\d+\s*", value)):
+            fraction = float(value)
+            if not 0 < fraction < 1:
+                raise ValueError(f"a fraction of free GPU memory is between 0 and 1, not {value!r}")
+            return fraction
+        return parse_bytes(value)
 
     @field_validator("model")
     @classmethod

@@ -23,6 +23,15 @@ class ValidationError(MixserveError):
     error_type = "validation"
 
 
+class CacheTooSmall(ValidationError):
+    """A request longer than the whole KV cache holds (MIXSERVE_KV_CACHE_MEMORY)."""
+
+    def __init__(self, tokens: int, capacity: int):
+        super().__init__(
+            f"the request needs {tokens} tokens of KV cache; the cache holds {capacity} (MIXSERVE_KV_CACHE_MEMORY)"
+        )
+
+
 class AdapterNotFound(MixserveError):
     status_code = 404
     error_type = "adapter_not_found"

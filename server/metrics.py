@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from server.engine.sequence import Sequence
 
@@ -94,15 +94,20 @@ class _Live:
         self.state = state
 
     def collect(self):
-        engine, registry, settings = self.state.engine, self.state.registry, self.state.settings
+        engine, registry = self.state.engine, self.state.registry
         running, waiting = engine.adapters_in_use()
         loaded = registry.loaded()
         yield _gauge("mixserve:num_requests_waiting", "Requests waiting to be admitted", engine.queued)
         yield _gauge("mixserve:num_requests_running", "Sequences in the running batch", engine.running)
-        yield _gauge(
-            "mixserve:kv_cache_usage_perc",
-            "Batch rows in use, as a fraction of MIXSERVE_MAX_BATCH_SIZE",
-            engine.running / settings.max_batch_size,
+        pool = engine.runner.cache.pool
+        used, total = pool.used, pool.total
+        yield _gauge("mixserve:kv_cache_usage_perc", "KV cache blocks in use, as a fraction of all", used / total)
+        yield _gauge("mixserve:kv_cache_blocks_used", "KV cache blocks held by sequences", used)
+        yield _gauge("mixserve:kv_cache_blocks_total", "KV cache blocks (MIXSERVE_KV_CACHE_MEMORY)", total)
+        yield CounterMetricFamily(
+            "mixserve:num_preemptions",
+            "Running sequences preempted for lack of KV cache blocks (recomputed later)",
+            value=engine.preemptions,
         )
         yield _gauge("mixserve:adapters_resident", "Adapters loaded in the model", len(loaded))
         yield _gauge(

@@ -55,16 +55,22 @@ class ServerState:
             on_load=metrics.observe_load,
             on_evict=metrics.observe_evict,
         )
-        engine = Engine(
-            model,
-            tokenizer,
-            registry,
-            inbox,
-            max_batch_size=settings.max_batch_size,
-            max_batch_tokens=settings.max_batch_tokens,
-            max_queue=settings.max_queue,
-            on_finished=metrics.observe_finished,
-        )
+        try:
+            engine = Engine(
+                model,
+                tokenizer,
+                registry,
+                inbox,
+                max_batch_size=settings.max_batch_size,
+                max_batch_tokens=settings.max_batch_tokens,
+                max_queue=settings.max_queue,
+                kv_cache_memory=settings.kv_cache_memory,
+                max_sequence_tokens=settings.max_input_tokens + settings.max_new_tokens,
+                on_finished=metrics.observe_finished,
+            )
+        except BaseException:  # e.g. a KV cache budget too small: the registry's threads stop too
+            registry.close()
+            raise
         engine.start()
         for name in settings.preload_names:  # before the server answers /health
             try:

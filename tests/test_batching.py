@@ -13,10 +13,11 @@ import torch
 
 from server.adapters.combination import Combination
 from server.adapters.registry import NoRoom
+from server.engine.kv_cache import BlockPool
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import GenerationRequest
-from server.errors import AdapterLoadFailed
+from server.errors import AdapterLoadFailed, CacheTooSmall
 from server.model import encode_prompt
 from server.state import ServerState
 from tests.builders import ADAPTERS
@@ -218,11 +219,20 @@ def test_no_combination_waits_behind_later_requests(serve, llama):
     assert max(s.admitted_at for s in before) <= rare.admitted_at
 
 
+class Waiting:
+    """What the scheduler reads of a waiting request."""
+
+    def __init__(self, n: int = 2, adapters: tuple[str, ...] = ()):
+        self.request = GenerationRequest("f", [1] * n, Combination(adapters), SamplingParams())
+        self.cancelled = False
+        self.num_tokens = n
+
+
+ROOMY = BlockPool(1000)
+
+
 def test_scheduler_admits_in_order_within_batch_and_token_budget():
-    class Fake:
-        def __init__(self, n, adapters=()):
-            self.request = GenerationRequest("f", [1] * n, Combination(tuple(adapters)), SamplingParams())
-            self.cancelled = False
+    Fake = Waiting
 
     def ready(seq, protected):
         return True
@@ -233,17 +243,31 @@ def test_scheduler_admits_in_order_within_batch_and_token_budget():
     scheduler = Scheduler(max_batch_size=4, max_batch_tokens=100)
     for n in (30, 30, 30, 500, 5):
         scheduler.add(Fake(n))
-    assert lengths(scheduler.admit(0, ready)[0]) == [30, 30, 30]
-    assert lengths(scheduler.admit(3, ready)[0]) == [500]  # the oldest goes, alone
-    assert scheduler.admit(4, ready) == ([], [])
-    assert lengths(scheduler.admit(0, ready)[0]) == [5]
+    assert lengths(scheduler.admit(0, ready, ROOMY)[0]) == [30, 30, 30]
+    assert lengths(scheduler.admit(3, ready, ROOMY)[0]) == [500]  # the oldest goes, alone
+    assert scheduler.admit(4, ready, ROOMY) == ([], [])
+    assert lengths(scheduler.admit(0, ready, ROOMY)[0]) == [5]
+
+
+def test_scheduler_admits_what_the_cache_holds_and_refuses_what_it_never_can():
+    """A prompt is admitted when its blocks fit beside a block for each running row's next token; one longer than
+    the whole cache is refused (422) rather than left waiting."""
+    pool = BlockPool(10)  # 160 tokens
+    scheduler = Scheduler(max_batch_size=8, max_batch_tokens=1000)
+    for n in (64, 48, 40, 161, 16):  # 4, 3, 3 blocks; 161 tokens: 11 blocks
+        scheduler.add(Waiting(n))
+    admitted, failed = scheduler.admit(1, lambda seq, protected: True, pool)  # one running: 9 blocks to give
+    assert [s.num_tokens for s in admitted] == [64, 48]  # 4 + 1 and 3 + 1 (the next decode's blocks) of 9
+    assert not failed
+    admitted, failed = scheduler.admit(0, lambda seq, protected: True, pool)
+    assert [s.num_tokens for s in admitted] == [40, 16]
+    assert [(s.num_tokens, type(e)) for s, e in failed] == [(161, CacheTooSmall)]
+    assert failed[0][1].status_code == 422
 
 
 def test_scheduler_skips_loading_requests_and_stops_at_one_short_of_memory():
-    class Fake:
-        def __init__(self, adapter):
-            self.request = GenerationRequest("f", [1, 2], Combination((adapter,)), SamplingParams())
-            self.cancelled = False
+    def Fake(adapter):  # noqa: N802
+        return Waiting(2, (adapter,))
 
     seen = []
 
@@ -261,7 +285,7 @@ def test_scheduler_skips_loading_requests_and_stops_at_one_short_of_memory():
     scheduler = Scheduler(max_batch_size=8, max_batch_tokens=1000)
     for adapter in ("loading", "ok", "broken", "no-room", "later"):
         scheduler.add(Fake(adapter))
-    admitted, failed = scheduler.admit(0, ready)
+    admitted, failed = scheduler.admit(0, ready, ROOMY)
     assert [str(s.request.adapters) for s in admitted] == ["ok"]
     assert [str(s.request.adapters) for s, _ in failed] == ["broken"]
     assert [str(s.request.adapters) for s in scheduler.waiting] == ["loading", "no-room", "later"]
@@ -270,10 +294,8 @@ def test_scheduler_skips_loading_requests_and_stops_at_one_short_of_memory():
 
 
 def test_scheduler_keeps_an_unexpected_error_with_the_request_that_raised_it():
-    class Fake:
-        def __init__(self, adapter):
-            self.request = GenerationRequest("f", [1, 2], Combination((adapter,)), SamplingParams())
-            self.cancelled = False
+    def Fake(adapter):  # noqa: N802
+        return Waiting(2, (adapter,))
 
     def ready(seq, protected):
         if str(seq.request.adapters) == "crash":
@@ -283,7 +305,7 @@ def test_scheduler_keeps_an_unexpected_error_with_the_request_that_raised_it():
     scheduler = Scheduler(max_batch_size=8, max_batch_tokens=1000)
     for adapter in ("ok", "crash", "later"):
         scheduler.add(Fake(adapter))
-    admitted, failed = scheduler.admit(0, ready)
+    admitted, failed = scheduler.admit(0, ready, ROOMY)
     assert [str(s.request.adapters) for s in admitted] == ["ok", "later"]
     assert [(str(s.request.adapters), type(e)) for s, e in failed] == [("crash", OSError)]
     assert not scheduler.waiting

@@ -1,8 +1,10 @@
 """The engine: handlers submit requests; one worker thread owns the model and runs iteration-level batching.
 
-Each step: schedule (drop what clients cancelled, admit waiting requests whose adapters are resident), run (prefill
-the admitted, then decode one token for every running sequence), postprocess (sample, append, retire the finished).
-Requests join and leave the batch between steps.
+Each step: schedule (drop what clients cancelled, admit waiting requests whose adapters are resident and whose
+prompts fit in the KV cache), run (prefill the admitted, then decode one token for every running sequence, first
+preempting the youngest while the cache lacks a block for that), postprocess (sample, append, retire the finished).
+Requests join and leave the batch between steps; a preempted one waits first in line and, readmitted, recomputes
+its prompt and tokens: its stream goes on where it was.
 """
 
 from __future__ import annotations
@@ -57,13 +59,23 @@ class Engine:
         max_batch_size: int = 32,
         max_batch_tokens: int = 4096,
         max_queue: int = 256,
+        kv_cache_memory: int | float | None = None,
+        max_sequence_tokens: int | None = None,
         on_finished=lambda seq: None,
     ):
-        """inbox: the one the registry wakes (`AdapterRegistry(wake=inbox.wake)`); on_finished(seq): for metrics,
-        called on the engine's thread."""
+        """inbox: the one the registry wakes (`AdapterRegistry(wake=inbox.wake)`); kv_cache_memory: the KV cache's
+        budget (bytes, or a fraction of free GPU memory); max_sequence_tokens: the longest a request may be, which
+        the cache must hold; on_finished(seq): for metrics, called on the engine's thread."""
         self.tokenizer = tokenizer
         self.registry = registry
-        self.runner = ModelRunner(model, registry.context)
+        default_tokens = max_batch_size * (max_sequence_tokens or 4096 + 1024)
+        self.runner = ModelRunner(model, registry.context, kv_cache_memory, default_tokens)
+        capacity = self.runner.cache.capacity_tokens
+        if max_sequence_tokens is not None and capacity < max_sequence_tokens:
+            raise RuntimeError(
+                f"MIXSERVE_KV_CACHE_MEMORY holds {capacity} tokens, less than one request may need"
+                f" ({max_sequence_tokens}: MIXSERVE_MAX_INPUT_TOKENS + MIXSERVE_MAX_NEW_TOKENS)"
+            )
         self.passes = IsolatedPasses(self.runner, self._fail_row)
         self.scheduler = Scheduler(max_batch_size, max_batch_tokens)
         self.max_queue = max_queue
@@ -75,6 +87,8 @@ class Engine:
         self._lock = threading.Lock()
         self._stopping = False
         self._admitted: list[Sequence] = []  # admitted in the current step, not yet running
+        self._preempted: set[Sequence] = set()  # waiting again, holding their adapters
+        self.preemptions = 0
         self._outboxes: dict[asyncio.AbstractEventLoop, EventOutbox] = {}
         self._thread = threading.Thread(target=self._loop, name="mixserve-engine", daemon=True)
 
@@ -167,7 +181,6 @@ class Engine:
             except Exception:  # a bug in a step: fail the requests it touched, keep serving
                 touched = list(dict.fromkeys([*self._admitted, *self.runner.rows]))
                 log.exception("engine step failed; failing %d requests", len(touched))
-                self.runner.rows.clear()
                 for seq in touched:  # the details are in the log: the error may be about any of them
                     self._retire(seq, MixserveError("internal error; the request was not completed"))
                 self._admitted = []
@@ -196,7 +209,7 @@ class Engine:
         """One iteration: schedule, run, postprocess. False when it had nothing to run."""
         self.registry.poll()
         self._leave(*self.scheduler.abandoned(self.runner.rows, time.monotonic()))
-        self._admitted, refused = self.scheduler.admit(len(self.runner.rows), self._ready)
+        self._admitted, refused = self.scheduler.admit(len(self.runner.rows), self._ready, self.runner.cache.pool)
         self._join(self._admitted, refused)
         prefilled = []
         if self._admitted:
@@ -204,16 +217,42 @@ class Engine:
             self._postprocess(prefilled, logits)
             self._flush()  # first tokens out before the decode pass
         self._admitted = []
+        self._make_room()
         decoding = bool(self.runner.rows)
         if decoding:
             self._postprocess(*self.passes.decode())
         return bool(prefilled) or decoding
 
+    def _make_room(self) -> None:
+        """The youngest running sequences are preempted while the cache lacks the blocks the decode needs: their
+        blocks freed, they wait first in line, holding their adapters, to be recomputed when readmitted."""
+        pool = self.runner.cache.pool
+        while self.runner.blocks_to_decode() > pool.free:
+            seq = self.runner.rows[-1]  # rows are in admission order
+            self.runner.release(seq)
+            self._preempted.add(seq)
+            self.scheduler.waiting.appendleft(seq)
+            with self._lock:
+                self._queued += 1
+                self._waiting_adapters.update(seq.request.adapters.names)
+            self.preemptions += 1
+            log.info(
+                "request %s preempted after %d tokens: the KV cache has %d free blocks of %d",
+                seq.request.request_id,
+                len(seq.tokens),
+                pool.free,
+                pool.total,
+            )
+
     def _leave(self, dropped: list[Sequence], abandoned: list[Sequence]) -> None:
         """Requests cancelled or past their deadline leave the queue or the batch."""
         for seq in dropped:
             self._dequeued(seq)
-            seq.fail(_abandoned(seq))
+            if seq in self._preempted:
+                self._preempted.discard(seq)
+                self._retire(seq, _abandoned(seq))
+            else:
+                seq.fail(_abandoned(seq))
         for seq in abandoned:
             log.info("request %s abandoned after %d tokens", seq.request.request_id, len(seq.tokens))
             self._retire(seq, _abandoned(seq))
@@ -280,7 +319,11 @@ class Engine:
         self._retire(seq, MixserveError(f"internal error computing this request: {type(exc).__name__}"))
 
     def _ready(self, seq: Sequence, protected: set[str]) -> bool:
-        """Makes seq's adapters resident and takes them; False while one is loading."""
+        """Makes seq's adapters resident and takes them; False while one is loading. A preempted sequence holds its
+        own since it first ran (the same versions: a reload meanwhile does not change its stream)."""
+        if seq in self._preempted:
+            self._preempted.discard(seq)
+            return True
         adapters = self.registry.resolve(seq.request.adapters.names, protected)
         if adapters is None:
             return False
@@ -298,9 +341,8 @@ class Engine:
         return future
 
     def _retire(self, seq: Sequence, error: BaseException | None = None) -> None:
-        """seq leaves the batch: its row and its adapters are freed."""
-        if seq in self.runner.rows:
-            self.runner.release(seq)
+        """seq leaves the batch: its row, its cache blocks and its adapters are freed."""
+        self.runner.release(seq)
         self.registry.release(seq.loaded)
         seq.loaded = []
         if error is not None:
@@ -316,7 +358,7 @@ class Engine:
         self._take_inbox(block=False)
         error = ShuttingDown("the server is shutting down")
         for seq in list(self.scheduler.waiting):
-            seq.fail(error)
+            self._retire(seq, error)
         for seq in list(self.runner.rows):
             self._retire(seq, error)
 

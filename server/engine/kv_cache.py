@@ -1,63 +1,157 @@
-"""Keys and values of the running sequences, one slot (batch row) each, grown on demand.
+"""Keys and values of the running sequences, in fixed-size blocks from one pool sized by a memory budget.
 
-Row i of a forward pass is slot `first + i`; a sequence's token at position p sits at index p of its slot. The
-model's attention calls `update`, which writes this pass's keys and values and returns the slots' caches up to
-`length` positions; the runner's mask hides what lies beyond each sequence's own length, where a slot holds its
-prompt's padding or zeros (freed slots are zeroed).
+Each sequence holds a block table: its token at position p sits in block `table[p // BLOCK_SIZE]`, at offset
+`p % BLOCK_SIZE`. A block is handed out zeroed and returns to the pool when its sequence leaves the batch
+(finished, cancelled, failed or preempted), so the cache holds the live tokens only, at most one partly filled
+block per sequence. Block 0 is never handed out: it stays zero and pads the tables of shorter rows.
 
-Each layer's tensors take the shape of the first keys written to them, so that the cache holds what the model's
-attention really stores (one shared head for multi-query Falcon, other head sizes per layer).
+The model's attention calls `update`, which writes this pass's keys and values into the rows' blocks and returns
+what attention reads, `[rows, kv_heads, length, head_dim]`: in a prefill (every row from position 0) the pass's own
+keys and values; in a decode each row's own blocks gathered up to `length` (the longest row's), where a shorter
+row's positions past its own length read zeros, hidden by the runner's mask. Masks hide keys by adding -inf, which
+cannot hide a NaN: hence zeroed blocks, never an earlier occupant's values (an overflowing adapter may leave NaN).
+
+Each layer's pool takes the shape the model's attention stores (one shared head for multi-query Falcon, other
+head sizes per layer), learnt from one probe pass when the cache is built.
 """
 
 from __future__ import annotations
 
+import heapq
+import os
+from collections.abc import Callable, Sequence
+
 import torch
 
+BLOCK_SIZE = 16  # tokens per block
+GPU_DEFAULT_FRACTION = 0.5  # of the device memory free once the model is loaded (adapters need the rest)
+CPU_DEFAULT_SHARE = 0.25  # the default budget on CPU never exceeds this share of the machine's memory
 
-class SlotCache:
-    def __init__(self) -> None:
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self._rows = 0  # slots the current pass needs
-        self._first = 0
-        self._positions: torch.Tensor | None = None  # [rows] write position of each row; None: prefill from 0
+
+def blocks_for(tokens: int) -> int:
+    return -(-tokens // BLOCK_SIZE)
+
+
+class BlockPool:
+    """Which blocks are free and which each sequence holds. Free blocks are handed out lowest first, so that the
+    pages a CPU touches stay few (an untouched block of the pool costs no resident memory)."""
+
+    def __init__(self, blocks: int):
+        self.total = blocks
+        self._free = list(range(1, blocks + 1))  # a heap; block 0 is the zero block
+        self.tables: dict[object, list[int]] = {}
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def used(self) -> int:
+        return self.total - len(self._free)
+
+    def missing(self, seq, tokens: int) -> int:
+        """Blocks seq lacks to hold `tokens` tokens."""
+        return max(0, blocks_for(tokens) - len(self.tables.get(seq, ())))
+
+    def allocate(self, seq, tokens: int) -> list[int]:
+        """Extends seq's table to hold `tokens` tokens; returns the new blocks. Raises MemoryError when the pool
+        is short (the engine makes room before it asks)."""
+        need = self.missing(seq, tokens)
+        if need > len(self._free):
+            raise MemoryError(f"KV cache: {need} blocks needed, {len(self._free)} free")
+        new = [heapq.heappop(self._free) for _ in range(need)]
+        self.tables.setdefault(seq, []).extend(new)
+        return new
+
+    def deallocate(self, seq) -> None:
+        for block in self.tables.pop(seq, ()):
+            heapq.heappush(self._free, block)
+
+
+class PagedCache:
+    """The pool's tensors, one per layer for keys and one for values: [blocks + 1, BLOCK_SIZE, heads, head_dim]."""
+
+    def __init__(self, shapes: dict[int, tuple[torch.Size, torch.Size]], blocks: int, dtype, device):
+        """shapes: per layer, the [heads, head_dim] of its keys and of its values."""
+        self.shapes, self.dtype = shapes, dtype
+        self.pool = BlockPool(blocks)
+        self.keys = {i: _storage(blocks, k, dtype, device) for i, (k, _) in shapes.items()}
+        self.values = {i: _storage(blocks, v, dtype, device) for i, (_, v) in shapes.items()}
+        self.device = device
+        self.block_bytes = sum(t[0].numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+        self._write: torch.Tensor | None = None  # [tokens written] flat slots of this pass
+        self._written: torch.Tensor | None = None  # prefill: [rows, width] which positions are a row's own
+        self._read: torch.Tensor | None = None  # decode: [rows, length] flat slots each row reads
         self._length = 0
         self._query_length = 0
 
-    def begin(self, first: int, rows: int, positions: torch.Tensor | None, length: int, query_length: int) -> None:
-        """The next forward pass: its rows are slots first..first+rows-1, writing at `positions` ([rows], one token
-        each) or, when None, prompts of query_length tokens from position 0; attention spans `length` positions.
-        Each layer grows (by doubling, keeping what is stored) when the pass writes it."""
-        self._first, self._positions, self._length, self._query_length = first, positions, length, query_length
-        self._rows = first + rows
+    @classmethod
+    def for_model(cls, forward: Callable, budget: int | float | None, default_tokens: int, dtype, device):
+        """A cache for the model that `forward(cache)` runs one token through; budget: bytes, a fraction of free
+        device memory (GPU), or None for the default (GPU: GPU_DEFAULT_FRACTION of free memory; CPU: room for
+        default_tokens tokens, within CPU_DEFAULT_SHARE of the machine's memory)."""
+        probe = _ShapeProbe()
+        forward(probe)
+        token_bytes = sum(k.numel() + v.numel() for k, v in probe.shapes.values()) * dtype.itemsize
+        blocks = _budget(budget, default_tokens * token_bytes, device) // (BLOCK_SIZE * token_bytes)
+        if blocks < 1:
+            raise ValueError(
+                f"MIXSERVE_KV_CACHE_MEMORY holds no block of {BLOCK_SIZE} tokens ({BLOCK_SIZE * token_bytes} bytes)"
+            )
+        return cls(probe.shapes, int(blocks), dtype, device)
+
+    def sibling(self, blocks: int) -> PagedCache:
+        """Another cache of `blocks` blocks for the same model."""
+        return PagedCache(self.shapes, blocks, self.dtype, self.device)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.total * BLOCK_SIZE
+
+    def allocate(self, seq, tokens: int) -> None:
+        """seq's table extended to hold `tokens` tokens, its new blocks zeroed."""
+        new = self.pool.allocate(seq, tokens)
+        if new:
+            index = torch.tensor(new, device=self.device)
+            for layer in (*self.keys.values(), *self.values.values()):
+                layer.index_fill_(0, index, 0)
+
+    def free(self, seq) -> None:
+        self.pool.deallocate(seq)
+
+    def begin_prefill(self, seqs: Sequence, lengths: list[int], width: int) -> None:
+        """The next pass prefills seqs from position 0: row r's first lengths[r] of `width` positions are its own
+        (the rest is padding, never stored)."""
+        slots = self._slots(seqs, torch.arange(width))  # [rows, width]
+        self._written = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        self._write = slots[self._written].to(self.device)
+        self._written = self._written.to(self.device)
+        self._read, self._length, self._query_length = None, width, width
+
+    def begin_decode(self, seqs: Sequence, positions: list[int], length: int) -> None:
+        """The next pass writes one token per row at positions[r] and reads positions 0..length-1 of every row."""
+        read = self._slots(seqs, torch.arange(length))  # [rows, length]
+        self._write = read[torch.arange(len(seqs)), torch.tensor(positions)].to(self.device)
+        self._read = read.to(self.device)
+        self._written, self._length, self._query_length = None, length, 1
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key, value: [rows, kv_heads, tokens, head_dim]
-        rows = key.shape[0]
-        slots = slice(self._first, self._first + rows)
-        keys, values = self._layer(self.keys, layer_idx, key), self._layer(self.values, layer_idx, value)
-        if self._positions is None:
-            keys[slots, :, : key.shape[2]] = key
-            values[slots, :, : key.shape[2]] = value
-        else:
-            index = torch.arange(self._first, self._first + rows, device=key.device)
-            keys[index, :, self._positions] = key[:, :, 0]
-            values[index, :, self._positions] = value[:, :, 0]
-        return keys[slots, :, : self._length], values[slots, :, : self._length]
+        keys, values = self.keys[layer_idx].flatten(0, 1), self.values[layer_idx].flatten(0, 1)  # [slots, heads, dim]
+        if self._read is None:  # prefill from position 0: attention reads this pass's own keys
+            keys.index_copy_(0, self._write, key.transpose(1, 2)[self._written])
+            values.index_copy_(0, self._write, value.transpose(1, 2)[self._written])
+            return key, value
+        keys.index_copy_(0, self._write, key[:, :, 0])
+        values.index_copy_(0, self._write, value[:, :, 0])
+        return keys[self._read].transpose(1, 2), values[self._read].transpose(1, 2)
 
-    def move(self, source: int, target: int, length: int) -> None:
-        """Copies slot source into slot target (the first `length` positions; zeros after them)."""
-        for cache in (self.keys, self.values):
-            for layer in cache.values():
-                layer[target, :, :length] = layer[source, :, :length]
-                layer[target, :, length:] = 0
-
-    def clear(self, slot: int) -> None:
-        """Zeros a freed slot. Masks hide keys past a row's length by adding -inf, which cannot hide a NaN or inf
-        left there by an earlier occupant whose adapter overflowed: the next occupant must find zeros."""
-        for cache in (self.keys, self.values):
-            for layer in cache.values():
-                layer[slot] = 0
+    def _slots(self, seqs: Sequence, positions: torch.Tensor) -> torch.Tensor:
+        """[rows, P] flat slot of each row's positions [P]; past a row's blocks: the zero block."""
+        width = int(positions.max()) // BLOCK_SIZE + 1
+        tables = [self.pool.tables.get(seq, [])[:width] for seq in seqs]
+        table = torch.tensor([blocks + [0] * (width - len(blocks)) for blocks in tables], dtype=torch.long)
+        return table[:, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
 
     # What transformers asks of a cache while it builds masks and positions for models that build their own
     # (ALiBi models get a 2D padding mask): every row's keys span 0..length-1, the queries end at length-1.
@@ -74,19 +168,50 @@ class SlotCache:
     def is_compileable(self) -> bool:
         return False
 
-    def _layer(self, cache: dict[int, torch.Tensor], layer_idx: int, like: torch.Tensor) -> torch.Tensor:
-        """The layer's tensor, grown to hold this pass."""
-        old = cache.get(layer_idx)
-        have_rows, have_length = (0, 0) if old is None else (old.shape[0], old.shape[2])
-        if self._rows <= have_rows and self._length <= have_length:
-            return old
-        rows, length = _grown(self._rows, have_rows), _grown(self._length, have_length)
-        new = like.new_zeros(rows, like.shape[1], length, like.shape[3])
-        if old is not None:
-            new[: old.shape[0], :, : old.shape[2]] = old
-        cache[layer_idx] = new
-        return new
+
+class _ShapeProbe:
+    """A cache for one token's pass that records the shape each layer stores."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[int, tuple[torch.Size, torch.Size]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.shapes[layer_idx] = (
+            torch.Size((key.shape[1], key.shape[3])),
+            torch.Size((value.shape[1], value.shape[3])),
+        )
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        return 1, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
 
 
-def _grown(need: int, have: int) -> int:
-    return have if need <= have else max(need, 2 * have)
+def _storage(blocks: int, shape: torch.Size, dtype, device) -> torch.Tensor:
+    """Uninitialised (on CPU, pages untouched until a block is first handed out), but for the zero block."""
+    storage = torch.empty(blocks + 1, BLOCK_SIZE, *shape, dtype=dtype, device=device)
+    storage[0] = 0
+    return storage
+
+
+def _budget(budget: int | float | None, default_bytes: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if budget is None or isinstance(budget, float):
+            return int(free * (GPU_DEFAULT_FRACTION if budget is None else budget))
+        return budget
+    if isinstance(budget, float):
+        raise ValueError("MIXSERVE_KV_CACHE_MEMORY as a fraction is for GPUs; on CPU give bytes (e.g. 2GB)")
+    if budget is not None:
+        return budget
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(default_bytes, int(machine * CPU_DEFAULT_SHARE))

@@ -24,9 +24,9 @@ class IsolatedPasses:
         self.fail = fail
 
     def prefill(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Scores the prompts of those that ask, then takes seqs into the batch. Returns those prefilled, with
-        their logits."""
-        self._score_prompts([s for s in seqs if s.request.params.prompt_logprobs])
+        """Scores the prompts of those that ask (once: not again when a preempted one is recomputed), then takes
+        seqs into the batch. Returns those prefilled, with their logits."""
+        self._score_prompts([s for s in seqs if s.request.params.prompt_logprobs and s.prompt_logprobs is None])
         return self._prefill([s for s in seqs if s.finished_at is None])
 
     def decode(self) -> tuple[list[Sequence], torch.Tensor | None]:

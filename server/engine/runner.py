@@ -1,7 +1,8 @@
 """Runs the model over a batch whose rows each carry their own adapter combination.
 
-The running sequences occupy cache slots 0..n-1 in `rows` order. A prefill pass takes new sequences (right-padded
-prompts) into the next slots; a decode pass feeds every running sequence its last token.
+The running sequences are `rows`, in the order they joined; each holds its keys and values in blocks of the paged
+cache. A prefill pass takes new sequences (right-padded: a prompt, or a preempted sequence's prompt and tokens to
+recompute) into the batch; a decode pass feeds every running sequence its last token.
 """
 
 from __future__ import annotations
@@ -15,64 +16,85 @@ from transformers import PreTrainedModel
 
 from server.adapters.mixing import BatchPlan, MixingContext
 from server.engine.attention import MaskLayout, UnsupportedModel
-from server.engine.kv_cache import SlotCache
+from server.engine.kv_cache import PagedCache
 from server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 CHECK_WINDOW = 8  # the sliding window the self-check runs with (see ModelRunner.self_check)
+DEFAULT_CACHE_TOKENS = 32 * (4096 + 1024)  # the CPU default budget: the default batch of the longest requests
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, context: MixingContext):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        context: MixingContext,
+        kv_cache_memory: int | float | None = None,
+        default_cache_tokens: int = DEFAULT_CACHE_TOKENS,
+    ):
+        """kv_cache_memory: the KV cache's budget, bytes or a fraction of free GPU memory (kv_cache.PagedCache)."""
         self.model = model
         self.context = context
         self.device = model.device
         self.dtype = model.dtype
         self.layout = MaskLayout.of(model.config)
-        self.cache = SlotCache()
         config = model.config
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+        self.cache = PagedCache.for_model(self._probe, kv_cache_memory, default_cache_tokens, self.dtype, self.device)
         self.rows: list[Sequence] = []
         self._plans: OrderedDict[tuple, BatchPlan] = OrderedDict()
         self.self_check()
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Takes seqs into the batch; returns the logits after each prompt, [len(seqs), vocab]."""
-        first, lengths = len(self.rows), [len(s.request.prompt_ids) for s in seqs]
+        """Takes seqs into the batch, each computing its prompt and the tokens it has (a preempted sequence's);
+        returns the logits after each one's last token, [len(seqs), vocab]. The caller made room in the cache
+        (a MemoryError otherwise); on failure seqs hold no blocks."""
+        texts = [s.request.prompt_ids + s.tokens for s in seqs]
+        lengths = [len(text) for text in texts]
         width = max(lengths)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, : lengths[row]] = torch.tensor(seq.request.prompt_ids)
+        for row, text in enumerate(texts):
+            ids[row, : lengths[row]] = torch.tensor(text)
         positions = torch.arange(width, device=self.device)[None]
         last = torch.tensor(lengths, device=self.device) - 1
         keep, row_of = torch.unique(last, return_inverse=True)
-        self.cache.begin(first, len(seqs), None, width, width)
-        mask = self.layout.masks(positions, len(seqs), width, self.dtype)
-        logits = self._forward(seqs, ids, mask, positions.expand(len(seqs), width), keep, gather=True)
+        try:
+            for seq, length in zip(seqs, lengths, strict=True):
+                self.cache.allocate(seq, length)
+            self.cache.begin_prefill(seqs, lengths, width)
+            mask = self.layout.masks(positions, len(seqs), width, self.dtype)
+            logits = self._forward(seqs, ids, mask, positions.expand(len(seqs), width), keep, gather=True)
+        except BaseException:
+            for seq in seqs:
+                self.cache.free(seq)
+            raise
         self.rows.extend(seqs)
         return logits[torch.arange(len(seqs), device=self.device), row_of]
 
+    def blocks_to_decode(self) -> int:
+        """The blocks the next decode pass must take from the pool (rows whose next position starts a block)."""
+        return sum(self.cache.pool.missing(s, s.num_tokens) for s in self.rows)
+
     @torch.inference_mode()
     def decode(self) -> torch.Tensor:
-        """One token for every running sequence; logits [len(rows), vocab] in rows order."""
-        positions = torch.tensor([s.num_tokens - 1 for s in self.rows], device=self.device)
-        length = int(positions.max()) + 1
+        """One token for every running sequence; logits [len(rows), vocab] in rows order. The caller made room in
+        the cache for blocks_to_decode() blocks (a MemoryError otherwise)."""
+        positions = [s.num_tokens - 1 for s in self.rows]
+        for seq in self.rows:
+            self.cache.allocate(seq, seq.num_tokens)
+        length = max(positions) + 1
         ids = torch.tensor([[s.tokens[-1]] for s in self.rows])
-        self.cache.begin(0, len(self.rows), positions, length, 1)
+        self.cache.begin_decode(self.rows, positions, length)
+        positions = torch.tensor(positions, device=self.device)
         mask = self.layout.masks(positions[:, None], len(self.rows), length, self.dtype)
         return self._forward(self.rows, ids, mask, positions[:, None], 1)[:, -1]
 
-    @torch.inference_mode()
     def release(self, seq: Sequence) -> None:
-        """Frees seq's slot; the last row moves into it so that the rows stay contiguous."""
-        row, last = self.rows.index(seq), len(self.rows) - 1
-        if row != last:
-            moved = self.rows[last]
-            self.cache.move(last, row, moved.num_tokens)
-            self.rows[row] = moved
-        self.cache.clear(last)
-        self.rows.pop()
+        """seq leaves the batch, if in it; its blocks return to the pool."""
+        if seq in self.rows:
+            self.rows.remove(seq)
+        self.cache.free(seq)
 
     @torch.inference_mode()
     def score(
@@ -89,7 +111,7 @@ class ModelRunner:
         """Refuses a model that the engine would serve differently from its own forward.
 
         Three prompts of different lengths are prefilled together and decoded step by step, one of them released
-        halfway (a row moves into its slot), each step compared with the model's own forward. A model with sliding
+        halfway, each step compared with the model's own forward. A model with sliding
         windows runs the check with its window shrunk to CHECK_WINDOW, which the model and the runner both read
         from its config, so that short prompts cross it: the check covers how windows are applied, for any size.
         """
@@ -99,11 +121,13 @@ class ModelRunner:
         if shrink:
             config.sliding_window = CHECK_WINDOW
             self.layout = MaskLayout.of(config)
+        cache, self.cache = self.cache, self.cache.sibling(8)  # whatever the budget; the real pool left untouched
         try:
             worst = self._compare_with_own_forward(CHECK_WINDOW + 6 if window else 12, decode_steps)
         except Exception as exc:
             raise UnsupportedModel(f"{config.model_type}: the engine cannot run this model: {exc!r}") from exc
         finally:
+            self.cache = cache
             if shrink:
                 config.sliding_window = window
                 self.layout = MaskLayout.of(config)
@@ -132,7 +156,7 @@ class ModelRunner:
                     worst = max(worst, float((row - expected).abs().max()) / scale)
                     probe.tokens.append(int(expected.argmax()))
                 if step == 1:
-                    self.release(probes[0])  # the last row moves into its slot
+                    self.release(probes[0])  # the others read their own blocks as before
                 if step < decode_steps:
                     logits = self.decode()
         finally:
@@ -140,6 +164,14 @@ class ModelRunner:
                 if probe in self.rows:
                     self.release(probe)
         return worst
+
+    def _probe(self, cache) -> None:
+        """One token through the model, into `cache` (PagedCache learns the shapes the layers store)."""
+        positions = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        mask = self.layout.masks(positions, 1, 1, self.dtype)
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
 
     def _forward(self, seqs, ids, mask, positions, keep, gather: bool = False) -> torch.Tensor:
         with self.context.use(self._plan(tuple(s.slots for s in seqs), tuple(s.weights for s in seqs), gather)):

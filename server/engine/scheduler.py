@@ -6,7 +6,9 @@ from collections import deque
 from collections.abc import Callable
 
 from server.adapters.registry import NoRoom
+from server.engine.kv_cache import BLOCK_SIZE, BlockPool
 from server.engine.sequence import Sequence
+from server.errors import CacheTooSmall
 
 
 class Scheduler:
@@ -27,11 +29,12 @@ class Scheduler:
         return dropped, [s for s in running if s.cancelled or s.expired(now)]
 
     def admit(
-        self, running: int, ready: Callable[[Sequence, set[str]], bool]
+        self, running: int, ready: Callable[[Sequence, set[str]], bool], pool: BlockPool
     ) -> tuple[list[Sequence], list[tuple[Sequence, Exception]]]:
         """The oldest waiting requests whose adapters are ready, that fit beside `running` sequences: the batch
-        size, and a prefill of at most max_batch_tokens (padded) tokens; and those whose adapters failed, with
-        the error (any exception: it stays with the request that raised it).
+        size, a prefill of at most max_batch_tokens (padded) tokens, and the KV cache's free blocks (keeping one
+        per running or admitted row for its next decode); and those that failed, with the error (any exception: it stays with
+        the request that raised it). A request the whole cache cannot hold fails (CacheTooSmall).
 
         ready(seq, protected) makes seq's adapters resident and takes them (True), starts their loads (False), or
         raises: NoRoom when memory is short, the load's error when it failed. A request whose adapters are loading
@@ -40,12 +43,19 @@ class Scheduler:
         admitted: list[Sequence] = []
         failed: list[tuple[Sequence, Exception]] = []
         protected: set[str] = set()
-        longest = 0
+        longest, free = 0, pool.free - running  # a block for each running row's next decode
         for seq in list(self.waiting):
             if running + len(admitted) >= self.max_batch_size:
                 break
-            length = max(longest, len(seq.request.prompt_ids))
+            length = max(longest, seq.num_tokens)
             if admitted and length * (len(admitted) + 1) > self.max_batch_tokens:
+                break
+            blocks = pool.missing(seq, seq.num_tokens)
+            if blocks > pool.total:
+                self.waiting.remove(seq)
+                failed.append((seq, CacheTooSmall(seq.num_tokens, pool.total * BLOCK_SIZE)))
+                continue
+            if blocks > free - len(admitted):
                 break
             try:
                 if not ready(seq, protected):
@@ -59,5 +69,5 @@ class Scheduler:
                 continue
             self.waiting.remove(seq)
             admitted.append(seq)
-            longest = length
+            longest, free = length, free - blocks
         return admitted, failed

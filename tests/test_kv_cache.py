@@ -1,0 +1,149 @@
+"""The paged KV cache: blocks return to the pool whatever ends a request, and a preempted sequence resumes exactly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from prometheus_client import generate_latest
+
+from server.adapters.combination import Combination
+from server.engine.kv_cache import BLOCK_SIZE, BlockPool
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import GenerationRequest
+from server.metrics import Metrics
+from server.state import ServerState
+from tests.reference import reference_logits
+
+ATOL = 1e-5
+COMBOS = [[], ["lora"], ["oft", "loha"], ["lokr", "shira", "adalora"]]
+
+
+def _prompt(i: int, n: int) -> list[int]:
+    return [3 + (7 * i + 13 * j) % 200 for j in range(n)]
+
+
+def _request(i: int, n: int, new_tokens: int, names: list[str], **params) -> GenerationRequest:
+    params = {"max_new_tokens": new_tokens, "ignore_eos": True, **params}
+    return GenerationRequest(f"r{i}", _prompt(i, n), Combination(tuple(names)), SamplingParams(**params))
+
+
+@pytest.fixture(scope="module")
+def small(llama):
+    """A cache of 12 blocks (192 tokens), for requests of at most 48 + 64 tokens: rows must take turns."""
+    probe = ServerState.start(llama.settings(max_batch_size=2))
+    block_bytes = probe.engine.runner.cache.block_bytes
+    probe.stop()
+    settings = llama.settings(
+        max_batch_size=8, max_input_tokens=48, max_new_tokens=64, kv_cache_memory=12 * block_bytes
+    )
+    state = ServerState.start(settings)
+    assert state.engine.runner.cache.pool.total == 12
+    yield state
+    state.stop()
+
+
+def test_the_pool_hands_out_its_lowest_free_blocks_and_takes_them_back():
+    pool, a, b = BlockPool(4), object(), object()
+    assert pool.allocate(a, BLOCK_SIZE + 4) == [1, 2]  # block 0 is the zero block, never handed out
+    assert pool.allocate(b, 1) == [3]
+    assert pool.allocate(a, BLOCK_SIZE + 5) == []  # still within its second block
+    assert pool.missing(a, 2 * BLOCK_SIZE + 1) == 1
+    assert pool.allocate(a, 2 * BLOCK_SIZE + 1) == [4]
+    with pytest.raises(MemoryError):
+        pool.allocate(b, BLOCK_SIZE + 1)
+    pool.deallocate(a)
+    assert (pool.free, pool.used) == (3, 1)
+    assert pool.allocate(b, BLOCK_SIZE + 1) == [1]
+    pool.deallocate(b)
+    pool.deallocate(b)  # twice: nothing more
+    assert pool.free == pool.total == 4
+
+
+def test_a_cache_too_small_for_one_request_is_refused_at_start(llama):
+    with pytest.raises(RuntimeError, match="MIXSERVE_KV_CACHE_MEMORY holds 16 tokens"):
+        ServerState.start(llama.settings(max_input_tokens=16, max_new_tokens=16, kv_cache_memory=10000))
+
+
+def test_preempted_sequences_resume_with_the_reference_tokens(small, llama):
+    """Six requests of 60 tokens in a cache of 192: the youngest are preempted, recomputed when readmitted, and
+    every one still gives the reference's greedy tokens and logprobs; each stream sends each token once."""
+    engine = small.engine
+    before = engine.preemptions
+    requests = [_request(i, 20 + 2 * i, 40, COMBOS[i % len(COMBOS)]) for i in range(6)]
+
+    async def run():
+        handles = [engine.submit(r) for r in requests]
+
+        async def events(handle):
+            return [event async for event in handle.stream()]
+
+        streams = await asyncio.gather(*(events(h) for h in handles))
+        return [h.seq for h in handles], streams
+
+    seqs, streams = asyncio.run(run())
+    assert engine.preemptions > before, "the cache should have been too small for all six at once"
+    for seq, events in zip(seqs, streams, strict=True):
+        assert [e.index for e in events] == list(range(40)) and [e.token for e in events] == seq.tokens
+        names, prompt = list(seq.request.adapters.names), seq.request.prompt_ids
+        logits = reference_logits(llama.model_dir, llama.store, names, prompt + seq.tokens[:-1])[len(prompt) - 1 :]
+        assert seq.tokens == logits.argmax(-1).tolist(), names
+        expected = logits.log_softmax(-1).gather(1, torch.tensor(seq.tokens)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(seq.logprobs), expected, atol=ATOL, rtol=0)
+    pool = engine.runner.cache.pool
+    assert pool.free == pool.total
+
+
+def test_no_block_leaks_after_hundreds_of_requests_with_cancels_and_faults(small):
+    """300 requests through a cache too small for them all: some cancelled after their first token, some failing in
+    prefill (a poisoned prompt) or in decode (a poisoned first token); every block is back in the pool after."""
+    engine, model = small.engine, small.engine.model
+    poison = 250  # no prompt of _prompt holds it
+    original = model.forward
+
+    def forward(*args, input_ids=None, **kwargs):
+        if input_ids is not None and bool((input_ids == poison).any()):
+            raise RuntimeError("injected fault")
+        return original(*args, input_ids=input_ids, **kwargs)
+
+    def request(i: int) -> GenerationRequest:
+        names = COMBOS[i % len(COMBOS)]
+        if i % 11 == 3:  # fails in its prefill
+            return GenerationRequest(f"p{i}", [*_prompt(i, 8), poison], Combination(tuple(names)), SamplingParams())
+        bias = {poison: 100.0} if i % 13 == 5 else {}  # its first token fails the decode that feeds it
+        return _request(i, 8 + i % 40, 1 + i % 24, names, logit_bias=bias)
+
+    async def one(i: int):
+        handle = engine.submit(request(i))
+        try:
+            async for _ in handle.stream():
+                if i % 7 == 2:
+                    handle.cancel()
+        except asyncio.CancelledError:
+            return "cancelled"
+        except Exception:
+            return "failed"
+        return "done"
+
+    async def run():
+        outcomes = []
+        for wave in range(0, 300, 30):
+            outcomes += await asyncio.gather(*(one(i) for i in range(wave, wave + 30)))
+        return outcomes
+
+    model.forward = forward
+    try:
+        outcomes = asyncio.run(run())
+    finally:
+        model.forward = original
+    assert {"done", "cancelled", "failed"} <= set(outcomes), outcomes
+    assert engine.preemptions > 0
+    pool = engine.runner.cache.pool
+    assert (pool.free, pool.used, engine.running, engine.queued) == (pool.total, 0, 0, 0)
+    assert not pool.tables
+    metrics = Metrics()
+    metrics.watch(small)
+    text = generate_latest(metrics.registry).decode()
+    assert "mixserve:kv_cache_usage_perc 0.0" in text and "mixserve:kv_cache_blocks_total 12.0" in text
+    assert f"mixserve:num_preemptions_total {float(engine.preemptions)}" in text
