@@ -66,6 +66,16 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM: how long in-flight requests may finish")
     replica_id: str = Field("", description="sent as x-replica (default: hostname:port)")
     allow_pickle: bool = Field(False, description="also load adapter_model.bin (pickle) adapters")
+    adapter_sources: str = Field(
+        "", description="remote sources mounted under names: 'acme/=s3://bucket/prefix/,shared/=hf://org' (sources)"
+    )
+    s3_endpoint_url: str = Field("", description="S3-compatible endpoint (MinIO, Ceph, R2); default: AWS's own chain")
+    disk_cache: int = Field(parse_bytes("10GB"), description="bytes of fetched adapters kept on local disk")
+    disk_cache_dir: Path = Field(
+        Path.home() / ".cache" / "mixserve" / "adapters", description="the folder of fetched adapters"
+    )
+    remote_check_seconds: float = Field(30.0, ge=0, description="a mounted adapter's version is checked this often")
+    fetch_timeout: float = Field(30.0, gt=0, description="seconds a call to a remote source may take")
     api_keys: str = Field(
         "", description="API keys, comma-separated, each 'key' or 'key:prefix/|prefix/' (server.auth)"
     )
@@ -111,6 +121,20 @@ class Settings(BaseSettings):
                 raise ValueError(f"a fraction of free GPU memory is between 0 and 1, not {value!r}")
             return fraction
         return parse_bytes(value)
+
+    @field_validator("disk_cache", mode="before")
+    @classmethod
+    def _disk_size(cls, value):
+        return parse_bytes(value)
+
+    @field_validator("adapter_sources")
+    @classmethod
+    def _sources_mount(cls, value: str) -> str:
+        """Every mount names an installed source and a well-formed location (nothing is fetched yet)."""
+        from server.adapters.sources import SourceOptions, parse_mounts
+
+        parse_mounts(value, SourceOptions())
+        return value
 
     @field_validator("model")
     @classmethod

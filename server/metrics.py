@@ -62,6 +62,18 @@ class Metrics:
         self.adapter_evictions = Counter(
             "mixserve:adapter_evictions", "Adapters unloaded to make room", registry=registry
         )
+        self.adapter_fetches = Counter(
+            "mixserve:adapter_fetches",
+            "Adapter fetches from remote sources, by outcome (success, or the failure's reason)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.adapter_fetch_seconds = Histogram(
+            "mixserve:adapter_fetch_seconds", "Remote adapter fetch latency", buckets=LATENCY, registry=registry
+        )
+        self.adapter_fetch_bytes = Counter(
+            "mixserve:adapter_fetch_bytes", "Bytes of adapters fetched from remote sources", registry=registry
+        )
 
     def watch(self, state) -> None:
         """state: the ServerState whose engine and registry the gauges read."""
@@ -85,6 +97,12 @@ class Metrics:
 
     def observe_evict(self, name: str) -> None:
         self.adapter_evictions.inc()
+
+    def observe_fetch(self, seconds: float | None, size: int, outcome: str) -> None:
+        self.adapter_fetches.labels(outcome).inc()
+        if seconds is not None:
+            self.adapter_fetch_seconds.observe(seconds)
+            self.adapter_fetch_bytes.inc(size)
 
 
 class _Live:
@@ -113,6 +131,7 @@ class _Live:
         yield _gauge(
             "mixserve:adapter_bytes_resident", "Bytes of the loaded adapters", sum(a.built.nbytes for a in loaded)
         )
+        yield _tiers(registry, self.state.store)
         info = GaugeMetricFamily(
             "mixserve:lora_requests_info",
             "Adapters of running and waiting requests (value: update time)",
@@ -120,6 +139,25 @@ class _Live:
         )
         info.add_metric([",".join(running), ",".join(waiting), str(registry.capacity)], time.time())
         yield info
+
+
+def _tiers(registry, store) -> GaugeMetricFamily:
+    """Adapters and bytes per tier: device (attached to the model), host (evicted to host memory), disk (the
+    disk tier of fetched adapters; the local store is not counted)."""
+    host = [a for a in (registry.get(name) for name in registry.known()) if a is not None and not a.resident]
+    loaded = registry.loaded()
+    disk_count, disk_bytes = store.disk_usage()
+    family = GaugeMetricFamily(
+        "mixserve:adapter_tier", "Adapters (what=adapters) and their bytes (what=bytes) per tier", labels=["tier", "what"]
+    )
+    for tier, count, size in (
+        ("device", len(loaded), sum(a.nbytes for a in loaded)),
+        ("host", len(host), sum(a.nbytes for a in host)),
+        ("disk", disk_count, disk_bytes),
+    ):
+        family.add_metric([tier, "adapters"], count)
+        family.add_metric([tier, "bytes"], size)
+    return family
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

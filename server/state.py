@@ -39,8 +39,8 @@ class ServerState:
         device, dtype = settings.torch_device, settings.torch_dtype
         model = load_model(settings.model_path, device, dtype)
         tokenizer = load_tokenizer(settings.model_path)
-        store = AdapterStore(settings.adapters_dir, allow_pickle=settings.allow_pickle)
         metrics = metrics or Metrics()
+        store = AdapterStore.from_settings(settings, on_fetch=metrics.observe_fetch)
         inbox = Inbox()  # the engine's: finished loads wake it
         registry = AdapterRegistry(
             model,
@@ -94,3 +94,4 @@ class ServerState:
 
     def stop(self) -> None:
         self.engine.stop()
+        self.store.close()

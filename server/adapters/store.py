@@ -1,7 +1,11 @@
-"""Where adapters come from: a local directory with one folder per adapter.
+"""Where adapters come from: a local directory with one folder per adapter, and remote sources mounted under names.
 
 An adapter's name is its folder's path in the store: `support-bot`, or `acme/support-bot` for a folder of a
 namespace folder (tenants' adapters live under their namespace). Each part of a name matches SEGMENT.
+
+A name under a mount of MIXSERVE_ADAPTER_SOURCES (`acme/` -> `s3://bucket/tenants/acme/`) resolves to a folder of
+the disk tier instead, fetched on demand (server/adapters/sources/): past that, it is read, checked and served as a
+local adapter is. Its signature is the version last seen at the source rather than the files' stat.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
+from server.adapters.sources import SourceOptions, parse_mounts
+from server.adapters.sources.disk import DiskTier
+from server.adapters.sources.remote import RemoteAdapters
 from server.errors import AdapterInvalid, AdapterLoadFailed, AdapterNotFound, ValidationError
 
 SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -46,14 +53,74 @@ def check_name(name: str) -> None:
 
 
 class AdapterStore:
-    def __init__(self, root: Path, allow_pickle: bool = False):
+    def __init__(self, root: Path, allow_pickle: bool = False, remote: RemoteAdapters | None = None):
+        """remote: the mounted sources and their disk tier (None: the local folder only)."""
         self.root = root.resolve()
         self.allow_pickle = allow_pickle
+        self.remote = remote
         self._types: dict[str, tuple[tuple, str | None]] = {}  # name -> (its config's stat, its peft_type)
         self._types_lock = threading.Lock()
 
+    @classmethod
+    def from_settings(cls, settings, on_fetch=lambda seconds, size, outcome: None) -> AdapterStore:
+        """The store the settings describe; on_fetch(seconds or None, bytes, outcome): remote fetches, for metrics."""
+        options = SourceOptions(timeout=settings.fetch_timeout, s3_endpoint_url=settings.s3_endpoint_url or None)
+        mounts = parse_mounts(settings.adapter_sources, options)
+        remote = None
+        if mounts:
+            remote = RemoteAdapters(
+                mounts,
+                DiskTier(settings.disk_cache_dir, settings.disk_cache),
+                check_seconds=settings.remote_check_seconds,
+                retry_seconds=settings.load_retry_seconds,
+                on_fetch=on_fetch,
+            )
+        return cls(settings.adapters_dir, allow_pickle=settings.allow_pickle, remote=remote)
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+
+    def mounted(self, name: str) -> bool:
+        """Whether name is served by a remote source (a mount shadows local folders of the same names)."""
+        return self.remote is not None and self.remote.mount(name) is not None
+
+    def source_kind(self, name: str) -> str:
+        """What LoRAX's parameters.adapter_source calls where name comes from: local, s3, hub (or a plugin's)."""
+        return self.remote.mount(name).source.kind if self.mounted(name) else "local"
+
+    def check_source(self, names, given: str | None) -> None:
+        """LoRAX's parameters.adapter_source: when given, it must be where each name comes from (a name's source
+        is the configuration's, never the client's: this only refuses a mismatch, with 422)."""
+        if given is None:
+            return
+        known = {"local"} | ({m.source.kind for m in self.remote.mounts} if self.remote else set())
+        if given not in known:
+            raise ValidationError(f"adapter_source {given!r}: this server serves adapters from {sorted(known)}")
+        wrong = [name for name in names if self.source_kind(name) != given]
+        if wrong:
+            raise ValidationError(
+                f"adapter_source {given!r} does not match where {', '.join(map(repr, wrong))} come(s) from"
+                f" ({', '.join(sorted({self.source_kind(n) for n in wrong}))}); leave it out or give that"
+            )
+
+    def tier(self, name: str) -> str:
+        """Where name's files are when not in memory: 'disk' (the store, or the disk tier), or 'remote'."""
+        return self.remote.tier(name) if self.mounted(name) else "disk"
+
+    def disk_usage(self) -> tuple[int, int]:
+        """(adapter versions, bytes) in the disk tier."""
+        return self.remote.disk.usage() if self.remote is not None else (0, 0)
+
     def names(self) -> list[str]:
-        """Every adapter: a folder with an adapter_config.json, at the top or inside namespace folders."""
+        """Every adapter: a folder with an adapter_config.json, at the top or inside namespace folders; and the
+        mounted adapters this replica knows of (a bucket is not listed)."""
+        if self.remote is None:
+            return self._local_names()
+        local = [name for name in self._local_names() if not self.mounted(name)]
+        return sorted(set(local) | self.remote.names())
+
+    def _local_names(self) -> list[str]:
         found = []
 
         def walk(folder: Path, prefix: str, depth: int) -> None:
@@ -70,8 +137,11 @@ class AdapterStore:
         return found
 
     def path(self, name: str) -> Path:
-        """The adapter's folder. Refuses bad names, unknown names and folders that resolve outside the store."""
+        """The adapter's folder. Refuses bad names, unknown names and folders that resolve outside the store. A
+        mounted adapter's folder is in the disk tier: this may fetch it (call it off the event loop)."""
         check_name(name)
+        if self.mounted(name):
+            return self.remote.materialize(name)[0]
         candidate = self.root / name
         if not candidate.is_dir():
             raise AdapterNotFound(f"adapter {name!r} not found in the store")
@@ -84,6 +154,9 @@ class AdapterStore:
 
     def peft_type(self, name: str) -> str | None:
         """The config's peft_type, read again only when the config file changes (listings ask for every adapter)."""
+        if self.mounted(name):  # a version on disk when there is one (a type rarely changes): no network call
+            folder = self.remote.folder_on_disk(name) or self.remote.materialize(name)[0]
+            return _read_config(name, folder / CONFIG_FILE).get("peft_type")
         signature = _stat(name, self._file(name, CONFIG_FILE))
         with self._types_lock:
             cached = self._types.get(name)
@@ -95,11 +168,17 @@ class AdapterStore:
         return peft_type
 
     def signature(self, name: str) -> tuple:
-        """Cheap to take on every request: (file, mtime, size, inode) of the adapter's files."""
+        """Cheap to take on every request: (file, mtime, size, inode) of the adapter's files; for a mounted adapter
+        ('remote', mount, the version last seen at its source), with no network call."""
+        if self.mounted(name):
+            check_name(name)
+            return self.remote.signature(name)
         paths = [self._file(name, CONFIG_FILE), self._weights_file(name)]
         return tuple((p.name, *_stat(name, p)) for p in paths)
 
     def read(self, name: str) -> AdapterFiles:
+        if self.mounted(name):
+            return self._read_mounted(name)
         before = self.signature(name)
         config_path = self._file(name, CONFIG_FILE)
         config_bytes = _read_bytes(name, config_path)
@@ -120,6 +199,28 @@ class AdapterStore:
             raise AdapterLoadFailed(f"adapter {name!r}: its files changed while being read (being written?); retried")
         version = hashlib.sha256(config_bytes + weights_bytes).hexdigest()[:16]
         return AdapterFiles(name=name, config=config, tensors=tensors, version=version, signature=before)
+
+    def _read_mounted(self, name: str) -> AdapterFiles:
+        """The current version from the disk tier (fetched first if need be), its bytes checked against the
+        manifest written when it was fetched: a folder damaged on disk is dropped and fetched again next time."""
+        check_name(name)
+        folder, at_source = self.remote.materialize(name)
+        with self.remote.disk.pinned(folder):
+            manifest = self.remote.disk.manifest(folder) or {}
+            data = {}
+            for filename in (CONFIG_FILE, SAFETENSORS_FILE):
+                data[filename] = _read_bytes(name, folder / filename)
+                if hashlib.sha256(data[filename]).hexdigest() != manifest.get("files", {}).get(filename):
+                    self.remote.disk.drop(folder)
+                    raise AdapterLoadFailed(f"adapter {name!r}: its copy on local disk is damaged; fetched again")
+        config = _read_config(name, folder / CONFIG_FILE, data[CONFIG_FILE])
+        try:
+            tensors = load_safetensors(data[SAFETENSORS_FILE])
+        except Exception as exc:
+            raise AdapterLoadFailed(f"adapter {name!r}: cannot read {SAFETENSORS_FILE}: {exc}") from exc
+        version = hashlib.sha256(data[CONFIG_FILE] + data[SAFETENSORS_FILE]).hexdigest()[:16]
+        signature = ("remote", self.remote.mount(name).name, at_source)  # as signature() answers once it is seen
+        return AdapterFiles(name=name, config=config, tensors=tensors, version=version, signature=signature)
 
     def _file(self, name: str, filename: str) -> Path:
         path = self.path(name) / filename

@@ -1,0 +1,116 @@
+"""The Hugging Face Hub through huggingface_hub: `hf://org` (each name under the mount a repo of org), `hf://org/repo`
+(names under the mount: folders of that repo), with an optional revision pin: `hf://org/repo@v1.2`.
+
+huggingface_hub does the work and keeps its own cache: the token is its own (HF_TOKEN, or a logged-in token), the
+endpoint too (HF_ENDPOINT), and with HF_HUB_OFFLINE=1 everything is resolved from its cache (HF_HUB_CACHE) without a
+network call. An adapter's version is the commit its revision points at; files are fetched at that commit, and an
+LFS file's bytes are checked against its SHA-256 (the name of its blob in the cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from server.adapters.sources import AdapterSource, SourceError, SourceOptions
+
+try:  # the HTTP client of huggingface_hub 2 (an httpx fork); 1.x used httpx itself
+    import httpx2 as httpx
+except ImportError:
+    import httpx
+
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class HubSource(AdapterSource):
+    scheme = "hf"
+    kind = "hub"
+
+    def __init__(self, location: str, options: SourceOptions):
+        super().__init__(location, options)
+        path, at, revision = location.partition("@")
+        self.path = path.strip("/")
+        self.revision = revision if at else None
+        if not all(_PART.fullmatch(part) for part in self.path.split("/")) or (at and not revision):
+            raise ValueError("expected hf://org, hf://org/repo or hf://org/repo/folder, optionally @revision")
+
+    def version(self, key: str) -> str:
+        repo_id, subfolder = self._repo(key)
+        if constants.is_offline_mode():  # the commit the revision points at in the local cache
+            path = Path(_call(lambda: self._download(repo_id, FILES[0], subfolder, self.revision)))
+            return path.parts[path.parts.index("snapshots") + 1]
+        info = _call(lambda: HfApi().model_info(repo_id, revision=self.revision, timeout=self.options.timeout))
+        return info.sha
+
+    def fetch(self, key: str, version: str, into: Path) -> None:
+        repo_id, subfolder = self._repo(key)
+        for filename in FILES:
+            cached = Path(_call(lambda f=filename: self._download(repo_id, f, subfolder, version)))
+            blob = cached.resolve()
+            if _SHA256.fullmatch(blob.name) and _sha256(blob) != blob.name:
+                raise SourceError("corrupt", f"{repo_id}/{filename}: its bytes do not match its SHA-256")
+            shutil.copyfile(blob, into / filename)
+
+    def _repo(self, key: str) -> tuple[str, str | None]:
+        parts = [p for p in f"{self.path}/{key}".split("/") if p]
+        if len(parts) < 2:
+            raise SourceError("not_found", "a Hub adapter needs a repository: org/repo")
+        return "/".join(parts[:2]), "/".join(parts[2:]) or None
+
+    def _download(self, repo_id: str, filename: str, subfolder: str | None, revision: str | None) -> str:
+        return hf_hub_download(
+            repo_id,
+            filename,
+            subfolder=subfolder,
+            revision=revision,
+            etag_timeout=self.options.timeout,
+            local_files_only=constants.is_offline_mode(),
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _call(call):
+    """call(), with huggingface_hub's errors as SourceError reasons."""
+    try:
+        return call()
+    except GatedRepoError as exc:
+        raise SourceError("access_denied", str(exc)) from exc
+    except LocalEntryNotFoundError as exc:  # offline, or the Hub unreachable, and not in the cache
+        reason = "not_cached" if constants.is_offline_mode() else "unreachable"
+        raise SourceError(reason, str(exc)) from exc
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
+        raise SourceError("not_found", str(exc)) from exc
+    except OfflineModeIsEnabled as exc:
+        raise SourceError("not_cached", str(exc)) from exc
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        raise SourceError("access_denied" if status in (401, 403) else "error", str(exc)) from exc
+    except httpx.TimeoutException as exc:
+        raise SourceError("timeout", str(exc)) from exc
+    except (httpx.TransportError, ConnectionError) as exc:
+        raise SourceError("unreachable", str(exc)) from exc
+    except OSError as exc:
+        raise SourceError("error", f"{type(exc).__name__}: {os.strerror(exc.errno) if exc.errno else exc}") from exc
