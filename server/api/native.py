@@ -121,7 +121,7 @@ async def load_adapter(name: str, request: Request) -> dict:
     state = state_of(request)
     check_name(name)
     tenant_of(request).check([name])
-    state.store.path(name)  # 404 before any work
+    await asyncio.to_thread(state.store.path, name)  # 404 before any work (a mounted adapter: fetched)
     await asyncio.wrap_future(state.registry.ensure(name))
     return state.registry.describe(name)
 
@@ -150,7 +150,8 @@ async def health() -> dict:
 async def _generation_request(body: GenerateRequest, request: Request) -> GenerationRequest:
     state = state_of(request)
     params = body.parameters
-    adapters = validation.combination(
+    adapters = await asyncio.to_thread(  # a mounted adapter's config may be fetched first (store.py)
+        validation.combination,
         state,
         tenant_of(request),
         {
@@ -160,6 +161,7 @@ async def _generation_request(body: GenerateRequest, request: Request) -> Genera
             "parameters.merged_adapters": adapter_pairs(params.merged_adapters.ids) if params.merged_adapters else None,
         },
     )
+    state.store.check_source(adapters.names, params.adapter_source)
     sampling = SamplingParams(
         max_new_tokens=params.max_new_tokens,
         do_sample=bool(params.do_sample),
@@ -241,6 +243,7 @@ def _listing(state: ServerState, tenant: Tenant, everything: bool) -> list[dict]
     for entry in listed:
         if entry["state"] == "available":
             _add_type(state.store, entry)
+        entry["tier"] = {"loaded": "device", "host": "host"}.get(entry["state"]) or state.store.tier(entry["name"])
     return [e for e in listed if everything or e["state"] != "available"]
 
 

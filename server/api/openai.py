@@ -78,7 +78,7 @@ async def models(request: Request) -> ModelList:
 @router.post("/completions", response_model=Completion, responses=STREAM, summary="Text completion")
 async def completions(body: CompletionRequest, request: Request):
     state = state_of(request)
-    adapters = _adapters(state, request, body)
+    adapters = await _adapters(state, request, body)
     prompts = _prompts(state, body.prompt)
     sampling = _sampling(body, body.max_tokens, body.logprobs or 0, bool(body.echo and body.logprobs is not None))
     grammar = await compile_grammar(state, body.grammar_spec())
@@ -101,7 +101,7 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/chat/completions", response_model=ChatCompletion, responses=STREAM, summary="Chat completion")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = state_of(request)
-    adapters = _adapters(state, request, body)
+    adapters = await _adapters(state, request, body)
     ids = _chat_prompt(state.tokenizer, body)
     alternatives = (body.top_logprobs or 0) if body.logprobs else 0
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, alternatives, False)
@@ -116,9 +116,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return JSONResponse(reply.complete(seq).model_dump(), headers=result_headers(seq))
 
 
-def _adapters(state: ServerState, request: Request, body) -> Combination:
+async def _adapters(state: ServerState, request: Request, body) -> Combination:
+    """Off the event loop: a mounted adapter's config may be fetched first (store.py)."""
     named = [] if body.model == state.settings.model_id else validation.split_adapter_id(body.model)
-    return validation.combination(state, tenant_of(request), {"model": named, "adapters": adapter_pairs(body.adapters)})
+    sources = {"model": named, "adapters": adapter_pairs(body.adapters)}
+    return await asyncio.to_thread(validation.combination, state, tenant_of(request), sources)
 
 
 def _prompts(state: ServerState, prompt) -> list[list[int]]:

@@ -71,7 +71,11 @@ class GenerateParameters(BaseModel):
         None, description="TGI/LoRAX style: one adapter name, or several joined by '+' (weights as 'a@0.5+b')"
     )
     merged_adapters: MergedAdapters | None = Field(None, description="LoRAX style: ids of the combination")
-    adapter_source: str | None = Field(None, description="accepted for LoRAX clients; the store is the source")
+    adapter_source: str | None = Field(
+        None,
+        description="LoRAX's: local, s3 or hub; when given, it must be where the adapters come from (the server's"
+        " configuration decides that: a client cannot name a bucket or URL), else 422",
+    )
     api_token: str | None = Field(None, description="accepted for LoRAX clients; unused")
     max_new_tokens: int | None = Field(None, ge=1, description="default: 100, capped by the server's limit")
     do_sample: bool | None = False
