@@ -1,0 +1,407 @@
+"""Adapters from object storage: a real S3-compatible server (moto's server mode) on loopback, the real boto3 client.
+
+First fetch, a disk hit after a restart, single-flight, a replaced object, each failure (missing, unreachable,
+timeout, access denied, partial download, corrupt in transit, corrupt file), the disk budget, tenants, and that no
+error or log line names a credential, the bucket or the endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+from moto.server import ThreadedMotoServer
+
+from server.adapters.store import AdapterStore
+from server.model import encode_prompt
+from tests.reference import reference_greedy
+
+PROMPT = "Adapters come and go"
+BUCKET = "mixserve-internal-bucket"
+ACCESS_KEY, SECRET_KEY = "AKIATHROWAWAYTEST001", "throwaway-secret-for-moto-only"
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on 127.0.0.1 (a free port), throwaway credentials in the standard environment variables."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        env.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+            env.delenv(name, raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        url = f"http://{host}:{port}"
+        client = boto3.client("s3", endpoint_url=url)
+        client.create_bucket(Bucket=BUCKET)
+        yield S3(url, client)
+        server.stop()
+
+
+class S3:
+    def __init__(self, url: str, client):
+        self.url, self.client = url, client
+
+    def upload(self, folder: Path, prefix: str, files=FILES) -> None:
+        for filename in files:
+            self.client.put_object(Bucket=BUCKET, Key=f"{prefix}/{filename}", Body=(folder / filename).read_bytes())
+
+
+def settings(llama, s3, tmp_path, endpoint=None, **overrides):
+    values = {
+        "adapter_sources": f"acme/=s3://{BUCKET}/tenants/acme/,globex/=s3://{BUCKET}/tenants/globex/",
+        "s3_endpoint_url": endpoint or s3.url,
+        "disk_cache_dir": tmp_path / "disk",
+        "load_retry_seconds": 0.2,
+        "fetch_timeout": 2,
+    }
+    return llama.settings(**{**values, **overrides})
+
+
+def generate(server, adapters, tokens=6, **parameters) -> httpx.Response:
+    body = {"inputs": PROMPT, "adapters": adapters, "parameters": {"max_new_tokens": tokens, **parameters}}
+    return httpx.post(f"{server.url}/generate", json=body, timeout=120)
+
+
+def expected(server, llama, names, tokens=6) -> str:
+    ids = encode_prompt(server.state.tokenizer, PROMPT)
+    out = reference_greedy(llama.model_dir, llama.store, names, ids, tokens)
+    return server.state.tokenizer.decode(out, skip_special_tokens=True)
+
+
+def gets(server, name: str) -> list[str]:
+    """Object keys the server's boto3 client GETs from now on (the real client's own event hooks)."""
+    keys: list[str] = []
+    client = server.state.store.remote.mount(name).source.client()
+    client.meta.events.register("before-call.s3.GetObject", lambda params, **_: keys.append(params["url_path"]))
+    return keys
+
+
+def metric(server, line: str) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    found = re.search(rf"^{re.escape(line)} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def listed(server) -> dict[str, dict]:
+    return {a["name"]: a for a in httpx.get(f"{server.url}/adapters", params={"all": "true"}).json()["adapters"]}
+
+
+def test_first_fetch_serves_as_local_then_a_restart_reads_the_disk_tier(serve, llama, s3, tmp_path):
+    s3.upload(llama.store / "lora", "tenants/acme/first")
+    server = serve(settings(llama, s3, tmp_path))
+    response = generate(server, ["acme/first"])
+    assert response.status_code == 200, response.text
+    assert response.json()["generated_text"] == expected(server, llama, ["lora"])
+    assert metric(server, 'mixserve:adapter_fetches_total{outcome="success"}') == 1
+    assert metric(server, "mixserve:adapter_fetch_bytes_total") > 0
+    assert metric(server, 'mixserve:adapter_tier{tier="disk",what="adapters"}') == 1
+    assert listed(server)["acme/first"]["state"] == "loaded"
+
+    again = serve(settings(llama, s3, tmp_path))  # a restart: same disk tier, a new process state
+    fetched = gets(again, "acme/first")
+    assert again.state.store.tier("acme/first") == "disk"
+    response = generate(again, ["acme/first"])
+    assert response.status_code == 200 and response.json()["generated_text"] == expected(again, llama, ["lora"])
+    assert fetched == [] and metric(again, 'mixserve:adapter_fetches_total{outcome="success"}') == 0
+
+
+def test_sixteen_concurrent_requests_fetch_once(serve, llama, s3, tmp_path):
+    s3.upload(llama.store / "loha", "tenants/acme/burst")
+    server = serve(settings(llama, s3, tmp_path))
+    fetched = gets(server, "acme/burst")
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            body = {"inputs": PROMPT, "adapters": ["acme/burst"], "parameters": {"max_new_tokens": 4}}
+            return await asyncio.gather(*(client.post("/generate", json=body) for _ in range(16)))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 16
+    assert len({r.json()["generated_text"] for r in responses}) == 1
+    assert sorted(fetched) == sorted(f"/tenants/acme/burst/{f}" for f in FILES)
+    assert metric(server, 'mixserve:adapter_fetches_total{outcome="success"}') == 1
+
+
+def test_a_replaced_object_is_picked_up_and_running_requests_finish_on_the_old(serve, llama, s3, tmp_path):
+    s3.upload(llama.store / "lora", "tenants/acme/swap")
+    server = serve(settings(llama, s3, tmp_path, remote_check_seconds=0.3))
+    body = {"inputs": PROMPT, "adapters": ["acme/swap"], "parameters": {"max_new_tokens": 60, "ignore_eos_token": True}}
+    events, first = [], threading.Event()
+
+    def stream():
+        with httpx.stream("POST", f"{server.url}/generate_stream", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line)
+                    first.set()
+
+    thread = threading.Thread(target=stream, daemon=True)
+    thread.start()
+    assert first.wait(60)
+    s3.upload(llama.store / "lora.patterns", "tenants/acme/swap")
+    new = expected(server, llama, ["lora.patterns"])
+    deadline = time.monotonic() + 30
+    while generate(server, ["acme/swap"]).json()["generated_text"] != new:
+        assert time.monotonic() < deadline, "the new version was not picked up"
+        time.sleep(0.2)
+    thread.join(120)
+    old = httpx.post(f"{server.url}/generate", json={**body, "adapters": ["lora"]}, timeout=120).json()
+    assert json.loads(events[-1][5:])["generated_text"] == old["generated_text"]
+
+
+def test_a_missing_adapter_is_404_and_a_corrupt_file_424(serve, llama, s3, tmp_path):
+    server = serve(settings(llama, s3, tmp_path))
+    response = generate(server, ["acme/nowhere"])
+    assert response.status_code == 404 and response.json()["error_type"] == "adapter_not_found"
+    s3.client.put_object(Bucket=BUCKET, Key="tenants/acme/garbage/adapter_config.json",
+                         Body=(llama.store / "lora" / FILES[0]).read_bytes())
+    s3.client.put_object(Bucket=BUCKET, Key="tenants/acme/garbage/adapter_model.safetensors", Body=os.urandom(4096))
+    response = generate(server, ["acme/garbage"])
+    assert response.status_code == 424 and response.json()["error_type"] == "adapter_load", response.text
+    assert generate(server, ["lora"]).status_code == 200  # others unaffected
+
+
+class Proxy:
+    """A TCP proxy on loopback in front of the S3 server that can misbehave: pass, truncate or flip a byte of
+    large responses (over 1 kB: the weights), or hang (accept and never answer)."""
+
+    def __init__(self, target: str):
+        host, port = target.removeprefix("http://").split(":")
+        self.target = (host, int(port))
+        self.mode = "pass"
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            client, _ = self.sock.accept()
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket):
+        if self.mode == "hang":
+            time.sleep(30)
+            client.close()
+            return
+        upstream = socket.create_connection(self.target)
+        methods: collections.deque[bytes] = collections.deque()
+        threading.Thread(target=self._pipe, args=(client, upstream, methods), daemon=True).start()
+        mode, data, cut = self.mode, b"", False
+        while not cut:
+            try:
+                chunk = upstream.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            if mode == "pass":
+                client.sendall(chunk)
+                continue
+            data += chunk
+            while b"\r\n\r\n" in data and not cut:  # one whole response at a time
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)content-length: (\d+)", head)
+                size = int(length.group(1)) if length and methods and methods[0] != b"HEAD" else 0
+                if len(body) < size:
+                    break  # more to come
+                methods and methods.popleft()
+                if size > 1024 and head.startswith(b"HTTP/1.1 200"):
+                    cut = mode == "truncate"
+                    if cut:
+                        body, size = body[: size // 2], size // 2
+                    else:
+                        body = body[:100] + bytes([body[100] ^ 0xFF]) + body[101:]
+                client.sendall(head + b"\r\n\r\n" + body[:size])
+                data = body[size:]
+        for sock in (client, upstream):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket, methods: collections.deque):
+        """Client to server, noting each request's method (a HEAD's answer has a length but no body)."""
+        try:
+            while chunk := source.recv(65536):
+                method = re.match(rb"^(GET|HEAD|PUT|POST|DELETE) ", chunk)
+                if method:
+                    methods.append(method.group(1))
+                sink.sendall(chunk)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def proxied(serve, llama, s3, tmp_path_factory):
+    proxy = Proxy(s3.url)
+    tmp = tmp_path_factory.mktemp("proxied")
+    return proxy, serve(settings(llama, s3, tmp, endpoint=proxy.url, fetch_timeout=0.5))
+
+
+@pytest.mark.parametrize("mode, reason", [("truncate", "incomplete"), ("flip", "corrupt"), ("hang", "timeout")])
+def test_a_failed_fetch_is_424_leaves_nothing_and_is_retried_later(proxied, llama, s3, mode, reason, caplog):
+    caplog.set_level(logging.INFO)
+    proxy, server = proxied
+    name = f"acme/{mode}"
+    s3.upload(llama.store / "lokr", f"tenants/{name}")
+    proxy.mode = mode
+    try:
+        response = generate(server, [name])
+    finally:
+        proxy.mode = "pass"
+    assert response.status_code == 424 and response.json()["error_type"] == "adapter_load", response.text
+    assert metric(server, f'mixserve:adapter_fetches_total{{outcome="{reason}"}}') >= 1
+    assert listed(server).get(name, {}).get("state") != "loaded"
+    disk = server.state.store.remote.disk
+    assert disk.latest(name) is None and not any((disk.root / ".partial").iterdir())
+    assert_no_secrets(response.text, caplog, s3, proxy.url)
+    deadline = time.monotonic() + 30
+    while (response := generate(server, [name])).status_code != 200:  # after the failure's backoff
+        assert response.status_code == 424 and time.monotonic() < deadline, response.text
+        time.sleep(0.1)
+    assert response.json()["generated_text"] == expected(server, llama, ["lokr"])
+
+
+def test_an_unreachable_source_is_424_without_its_address(serve, llama, s3, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    server = serve(settings(llama, s3, tmp_path, endpoint=endpoint))
+    response = generate(server, ["acme/first"])
+    assert response.status_code == 424 and "unreachable" in response.json()["error"], response.text
+    assert metric(server, 'mixserve:adapter_fetches_total{outcome="unreachable"}') == 1
+    assert_no_secrets(response.text, caplog, s3, endpoint)
+    assert generate(server, ["lora"]).status_code == 200
+
+
+def test_access_denied_is_424(serve, llama, s3, tmp_path, caplog, monkeypatch):
+    import moto.settings
+
+    caplog.set_level(logging.INFO)
+    s3.upload(llama.store / "lora", "tenants/acme/denied")
+    server = serve(settings(llama, s3, tmp_path))
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks keys: ours are unknown
+    response = generate(server, ["acme/denied"])
+    monkeypatch.undo()
+    assert response.status_code == 424 and "denied" in response.json()["error"], response.text
+    assert_no_secrets(response.text, caplog, s3, s3.url)
+
+
+def assert_no_secrets(text: str, caplog, s3, *urls: str) -> None:
+    secrets = [ACCESS_KEY, SECRET_KEY, BUCKET, "tenants/", s3.url, *urls]
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("server")]
+    for secret in secrets:
+        assert secret not in text
+        assert not [line for line in logged if secret in line], secret
+
+
+def test_the_disk_budget_evicts_the_least_recently_used(serve, llama, s3, tmp_path):
+    size = sum((llama.store / "lora" / f).stat().st_size for f in FILES)
+    for name in ("a", "b", "c"):
+        s3.upload(llama.store / "lora", f"tenants/acme/lru-{name}")
+    server = serve(
+        settings(llama, s3, tmp_path, disk_cache=int(size * 2.5), max_loaded_adapters=1, host_cache=0)
+    )
+    for name in ("a", "b", "a", "c"):  # each request reads from disk: one resident, no host tier
+        assert generate(server, [f"acme/lru-{name}"]).status_code == 200
+    disk = server.state.store.remote.disk
+    assert {n for n in disk.names()} == {"acme/lru-a", "acme/lru-c"}
+    assert disk.usage()[1] <= size * 2.5
+    assert generate(server, ["acme/lru-b"]).status_code == 200  # fetched again
+
+
+def test_tenants_see_only_their_mount_and_adapter_source_must_agree(serve, llama, s3, tmp_path):
+    s3.upload(llama.store / "lora", "tenants/globex/private")
+    s3.upload(llama.store / "lora", "tenants/acme/mine")
+    keys = "acme-key-0001:acme/,admin-key-0001"
+    server = serve(settings(llama, s3, tmp_path, api_keys=keys))
+    acme = {"Authorization": "Bearer acme-key-0001"}
+
+    def post(adapters, headers=acme, **parameters):
+        body = {"inputs": PROMPT, "adapters": adapters, "parameters": {"max_new_tokens": 2, **parameters}}
+        return httpx.post(f"{server.url}/generate", json=body, headers=headers, timeout=120)
+
+    hidden, missing = post(["globex/private"]), post(["globex/nothing-here"])
+    assert hidden.status_code == missing.status_code == 404
+    assert hidden.json()["error"].replace("private", "X") == missing.json()["error"].replace("nothing-here", "X")
+    assert post(["acme/mine"], adapter_source="s3").status_code == 200
+    for source, adapters in (("hub", ["acme/mine"]), ("local", ["acme/mine"]), ("s3", ["lora"]), ("http", ["lora"])):
+        response = post(adapters, headers={"Authorization": "Bearer admin-key-0001"}, adapter_source=source)
+        assert response.status_code == 422, (source, response.text)
+    for name in (f"s3://{BUCKET}/tenants/globex/private", "acme/../globex/private", "https://example.com/x"):
+        assert post([name]).status_code in (404, 422)
+    assert "globex/private" not in httpx.get(f"{server.url}/adapters?all=true", headers=acme).text
+
+
+def test_mounts_are_validated_at_start(llama):
+    for bad in ("acme/=ftp://x/", "acme/=s3://Not_A_Bucket/", "=s3://bucket/", "acme/=s3://bucket/,acme/=hf://org"):
+        with pytest.raises(ValueError, match="MIXSERVE_ADAPTER_SOURCES"):
+            llama.settings(adapter_sources=bad)
+
+
+def test_the_store_without_mounts_is_the_local_folder(llama):
+    store = AdapterStore(llama.store)
+    assert not store.mounted("acme/x") and store.tier("lora") == "disk" and store.source_kind("lora") == "local"
+
+
+def hub_repo(cache: Path, repo: str, commits: dict[str, Path], refs: dict[str, str]) -> None:
+    """A repo in huggingface_hub's documented cache layout: models--org--name/{blobs,refs,snapshots}; blobs of
+    LFS files are named by their SHA-256, snapshot files are links to them."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    for commit, folder in commits.items():
+        (root / "snapshots" / commit).mkdir(parents=True)
+        for filename in FILES:
+            data = (folder / filename).read_bytes()
+            blob = hashlib.sha256(data).hexdigest()
+            (root / "blobs" / blob).write_bytes(data)
+            (root / "snapshots" / commit / filename).symlink_to(f"../../blobs/{blob}")
+    for ref, commit in refs.items():
+        (root / "refs" / ref).write_text(commit)
+
+
+def test_hub_offline_from_its_cache_with_revision_pins(serve, llama, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache, old, new = tmp_path / "hf-cache", "a" * 40, "b" * 40
+    hub_repo(cache, "org/pirate", {old: llama.store / "lora", new: llama.store / "lora.patterns"}, {"main": new, "v1": old})
+    hub_repo(cache, "org/damaged", {old: llama.store / "lora"}, {"main": old})
+    blob = next(p for p in (cache / "models--org--damaged" / "blobs").iterdir() if p.stat().st_size > 1024)
+    blob.write_bytes(blob.read_bytes()[:-8] + b"\0" * 8)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read by huggingface_hub when imported
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    mounts = f"shared/=hf://org,pinned/pirate=hf://org/pirate@v1,commit/pirate=hf://org/pirate@{old}"
+    server = serve(llama.settings(adapter_sources=mounts, disk_cache_dir=tmp_path / "disk", load_retry_seconds=0.2))
+    for name, local in (("shared/pirate", "lora.patterns"), ("pinned/pirate", "lora"), ("commit/pirate", "lora")):
+        response = generate(server, [name], adapter_source="hub")
+        assert response.status_code == 200, response.text
+        assert response.json()["generated_text"] == expected(server, llama, [local]), name
+    absent = generate(server, ["shared/absent"])
+    assert absent.status_code == 424 and "HF_HUB_OFFLINE" in absent.json()["error"], absent.text
+    damaged = generate(server, ["shared/damaged"])
+    assert damaged.status_code == 424 and "integrity" in damaged.json()["error"], damaged.text
+    assert str(cache) not in absent.text + damaged.text
+    tiers = {a["name"]: a["tier"] for a in httpx.get(f"{server.url}/adapters?all=true").json()["adapters"]}
+    assert tiers["shared/pirate"] == "device" and "shared/damaged" not in tiers
