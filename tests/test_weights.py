@@ -249,6 +249,10 @@ def test_every_route_takes_weights_and_answers_with_the_canonical_form(server, l
         ({"parameters": {"adapter_id": "lora@half"}}, "'lora@half': the weight after '@' is not a number"),
         ({"adapters": [{"name": "lora", "weight": 0.5, "scale": 2}]}, "Extra inputs are not permitted"),
         ({"parameters": {"merged_adapters": {"ids": ["lora"], "weights": [0.5]}}}, "merges are not supported"),
+        (
+            {"parameters": {"merged_adapters": {"ids": ["lora"], "merge_strategy": "ties"}}},
+            "merges are not implemented",
+        ),
     ],
 )
 def test_bad_weights_get_a_clear_422(server, body, reason):

@@ -54,7 +54,10 @@ class MergedAdapters(BaseModel):
     @model_validator(mode="after")
     def _a_plain_sum(self) -> MergedAdapters:
         if self.merge_strategy not in (None, "linear"):
-            raise ValueError(f"merge_strategy {self.merge_strategy!r} is not supported; combinations add up ('linear')")
+            raise ValueError(
+                f"merge_strategy {self.merge_strategy!r} is not supported (merges are not implemented): 'linear' with"
+                ' weights 1 serves the combination; for a weighted mix give "adapters": [{"name": ..., "weight": ...}]'
+            )
         if self.weights is not None and any(w != 1.0 for w in self.weights):
             raise ValueError(
                 "merged_adapters.weights must all be 1.0 (merges are not supported); for a weighted mix give"
