@@ -405,3 +405,49 @@ def test_hub_offline_from_its_cache_with_revision_pins(serve, llama, tmp_path, m
     assert str(cache) not in absent.text + damaged.text
     tiers = {a["name"]: a["tier"] for a in httpx.get(f"{server.url}/adapters?all=true").json()["adapters"]}
     assert tiers["shared/pirate"] == "device" and "shared/damaged" not in tiers
+
+
+def test_compose_serves_demo_adapters_from_its_minio():
+    import yaml
+
+    from server.adapters.sources import SourceOptions, parse_mounts
+    from server.config import Settings
+    from tests.conftest import REPO
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    replica, minio, seed = services["mixserve"], services["minio"], services["minio-seed"]
+    env = replica["environment"]
+    assert set(env) <= {f"MIXSERVE_{name.upper()}" for name in Settings.model_fields}
+    (mount,) = parse_mounts(env["MIXSERVE_ADAPTER_SOURCES"], SourceOptions())
+    assert env["MIXSERVE_S3_ENDPOINT_URL"] == "http://minio:9000" and minio["expose"] == ["9000"]
+    assert minio["image"].startswith("minio/minio:") and seed["image"].startswith("minio/mc:")
+    assert replica["depends_on"]["minio-seed"]["condition"] == "service_completed_successfully"
+    assert seed["depends_on"]["minio"]["condition"] == "service_healthy"
+    seeding = " ".join(seed["command"])
+    assert f"local/{mount.source.bucket}/{mount.source.prefix}" in seeding and "./adapters_store:/seed:ro" in seed["volumes"]
+    credentials = (REPO / replica["env_file"]).read_text()
+    keys = {line.split("=")[0] for line in credentials.splitlines() if line and not line.startswith("#")}
+    assert keys == {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
+    assert minio["env_file"] == seed["env_file"] == replica["env_file"]
+    assert "minio-data" in compose["volumes"]
+
+
+def test_kubernetes_s3_patch_fits_the_deployment():
+    import yaml
+
+    from server.adapters.sources import SourceOptions, parse_mounts
+    from server.config import Settings
+    from tests.conftest import REPO
+
+    k8s = REPO / "deploy" / "k8s"
+    deployment = yaml.safe_load((k8s / "deployment.yaml").read_text())
+    patch = yaml.safe_load((k8s / "adapters-s3.yaml").read_text())
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == deployment["spec"]["template"]["spec"]["containers"][0]["name"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) <= {f"MIXSERVE_{name.upper()}" for name in Settings.model_fields}
+    assert len(parse_mounts(env["MIXSERVE_ADAPTER_SOURCES"], SourceOptions())) == 2
+    assert Path(env["MIXSERVE_DISK_CACHE_DIR"]).is_relative_to(container["volumeMounts"][0]["mountPath"])
+    assert container["envFrom"][0]["secretRef"]["name"] == "mixserve-s3"  # credentials from a Secret, none inline
+    assert patch["spec"]["template"]["spec"]["volumes"][0]["emptyDir"]
