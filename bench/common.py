@@ -173,7 +173,7 @@ HEADER = (
 
 
 async def _one(client: httpx.AsyncClient, path: str, body: dict, result: Result, stream: bool) -> None:
-    key = (body["inputs"], tuple(body.get("adapters", ())))
+    key = (body["inputs"], json.dumps(body.get("adapters", []), sort_keys=True))  # names, or {name, weight}
     started = time.perf_counter()
     if stream:
         async with client.stream("POST", path, json=body) as response:

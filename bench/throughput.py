@@ -6,6 +6,8 @@ Contenders, each behind real HTTP on loopback with 16 concurrent clients (32-tok
   (a) mixserve, each client with its own combination of 1-3 adapters
   (b) mixserve, the same load without adapters: the ceiling
   (c) the obvious server: one PeftMixedModel, a lock, set_adapter (canonical order) + generate per request
+  (w) mixserve, (a)'s mixed-types requests with a random weight per adapter per request (uniform in [0.2, 1.5],
+      seeded): weighted / unweighted, interleaved with (a) on the same server (issue 15's target >= 0.97)
 once with mixes of every type and once with LoRA-only mixes. The obvious server's greedy answers are compared with
 mixserve's for the same requests. Shapes:
   bench  Llama 512 x 8 layers; 4 LoRA r16, 2 LoHa r8, 1 LoKr, 1 OFT; 128 requests of 32 new tokens
@@ -17,6 +19,7 @@ Beside a/b, the ideal from arithmetic: base FLOPs / (base + each client's own ad
 from __future__ import annotations
 
 import argparse
+import random
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ from bench.common import (
 )
 
 CLIENTS, PROMPT_TOKENS = 16, 32
+WEIGHTED = "(w) mixserve, mixed, weighted"
 ADAPTER_BYTES: dict[str, int] = {}  # as the server reports them
 
 
@@ -64,6 +68,18 @@ def bodies(combos: list[list[str]], requests: int, new_tokens: int) -> list[list
             }
         )
     return per_client
+
+
+def weighted(per_client: list[list[dict]], seed: int = 3, low: float = 0.2, high: float = 1.5) -> list[list[dict]]:
+    """The same requests, each adapter at a random weight: {"name", "weight"} objects (README, "Weighted mixes")."""
+    rng = random.Random(seed)
+    return [
+        [
+            {**body, "adapters": [{"name": n, "weight": round(rng.uniform(low, high), 3)} for n in body["adapters"]]}
+            for body in client
+        ]
+        for client in per_client
+    ]
 
 
 def serve_obvious(model_dir: str, store: str, port: int) -> None:
@@ -248,6 +264,7 @@ def main() -> None:
             {
                 "(b) mixserve, no adapters": bodies([[]] * CLIENTS, requests, new_tokens),
                 **{f"(a) mixserve, {kind}": bodies(c, requests, new_tokens) for kind, c in combos.items()},
+                WEIGHTED: weighted(bodies(combos["mixed types"], requests, new_tokens)),
             },
             args.rounds,
             warm=not args.quick,
@@ -279,6 +296,11 @@ def main() -> None:
                 f"   greedy tokens equal to (c)'s: {equal}/{len(c.answers)}"
                 f"   decode reads {base_bytes / 1e6:.0f} MB base + {extra / 1e6:.0f} MB adapters"
             )
+        w, a = served[WEIGHTED], served["(a) mixserve, mixed types"]
+        print(
+            f"weighted / unweighted = {w.tokens_per_second / a.tokens_per_second:5.2f} (target >= 0.97)"
+            "   (w) against (a): the same mixed-types requests, random weights in [0.2, 1.5]"
+        )
 
 
 if __name__ == "__main__":

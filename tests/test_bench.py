@@ -13,7 +13,13 @@ from bench.common import build_bench_model
 from tests.conftest import REPO
 
 BENCHMARKS = {
-    "throughput": ["(a) mixserve, mixed types", "(c) obvious server, LoRA only", "a/b =", "a/c ="],
+    "throughput": [
+        "(a) mixserve, mixed types",
+        "(c) obvious server, LoRA only",
+        "a/b =",
+        "a/c =",
+        "weighted / unweighted =",
+    ],
     "engine_choice": ["mixserve / transformers"],
     "adapter_load": ["cold load, POST .../load", "host-tier reload", "gap ratio p99 loading / quiet ="],
     "mixed_decode": ["(a) mixed types", "(a) LoRA only", "ideal"],
