@@ -9,7 +9,10 @@ modules (--kinds others: LoHa, LoKr and OFT in turn), behind real HTTP on loopba
   * host-tier reload: the same call for an adapter evicted to host memory (MIXSERVE_MAX_LOADED_ADAPTERS=1 forces
     the evictions);
   * inter-token gap p99 of 8 streams of the base model while 20 different adapters load, as a ratio to the same
-    streams with no loading going on (rounds interleaved).
+    streams with no loading going on (rounds interleaved);
+  * from object storage: the same adapters in a local S3 server (moto's server mode, on loopback) mounted under
+    s3/: cold fetch + load (version check, download into the disk tier, read, check, build, attach), then after
+    unloading them, the disk-tier load (no network: the version was checked within MIXSERVE_REMOTE_CHECK_SECONDS).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import logging
+import os
 import statistics
 import tempfile
 import time
@@ -87,6 +92,38 @@ async def stream_gaps(url: str, during=None, streams: int = STREAMS, tokens: int
     return gaps
 
 
+def s3_loads(model_dir: Path, store: Path, names: list[str]) -> tuple[list[float], list[float]]:
+    """Wall ms of POST .../load: cold from a local S3 server (fetch + load), then from the disk tier."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
+    os.environ.update(AWS_ACCESS_KEY_ID="bench-only", AWS_SECRET_ACCESS_KEY="bench-only", AWS_DEFAULT_REGION="us-east-1")
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    url = "http://{}:{}".format(*s3.get_host_and_port())
+    bucket = boto3.client("s3", endpoint_url=url)
+    bucket.create_bucket(Bucket="bench")
+    for name in names:
+        for filename in ("adapter_config.json", "adapter_model.safetensors"):
+            bucket.put_object(Bucket="bench", Key=f"adapters/{name}/{filename}", Body=(store / name / filename).read_bytes())
+    try:
+        with (
+            tempfile.TemporaryDirectory() as disk,
+            mixserve(
+                model_dir, store, adapter_sources="s3/=s3://bench/adapters/", s3_endpoint_url=url, disk_cache_dir=disk
+            ) as server,
+            httpx.Client(base_url=server.url, timeout=120) as client,
+        ):
+            cold = [timed_load(client, f"s3/{name}")[0] for name in names]
+            for name in names:
+                client.delete(f"/adapters/s3/{name}").raise_for_status()
+            from_disk = [timed_load(client, f"s3/{name}")[0] for name in names]
+    finally:
+        s3.stop()
+    return cold, from_disk
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -143,6 +180,8 @@ def main() -> None:
                     client.post(f"/adapters/{name}/load").raise_for_status()
                     host.append((time.perf_counter() - started) * 1e3)
 
+        s3_cold, s3_disk = s3_loads(model_dir, store, names)
+
     wall, server_ms = [w for w, _ in cold], [s for _, s in cold]
     model = "quick bench model (hidden 128 x 2)" if args.quick else "bench model"
     kinds = "LoRA r16" if args.kinds == "lora" else "LoHa r8, LoKr r8 and OFT in turn"
@@ -151,6 +190,8 @@ def main() -> None:
     print(f"{'cold load, POST .../load':34s} {percentile(wall, 50):8.1f} {percentile(wall, 95):8.1f}   p50 < 50")
     print(f"{'  of which the loader (server)':34s} {percentile(server_ms, 50):8.1f} {percentile(server_ms, 95):8.1f}")
     print(f"{'host-tier reload, POST .../load':34s} {percentile(host, 50):8.1f} {percentile(host, 95):8.1f}   p50 < 10")
+    print(f"{'cold fetch + load from local S3':34s} {percentile(s3_cold, 50):8.1f} {percentile(s3_cold, 95):8.1f}")
+    print(f"{'disk-tier load (fetched before)':34s} {percentile(s3_disk, 50):8.1f} {percentile(s3_disk, 95):8.1f}")
     q99, l99 = percentile(quiet, 99), percentile(loading, 99)
     print(
         f"\ninter-token gap of {streams} streams, p50 / p99 ms: quiet {percentile(quiet, 50):.1f} / {q99:.1f},"
