@@ -183,16 +183,32 @@ class Proxy:
     def __init__(self, target: str):
         host, port = target.removeprefix("http://").split(":")
         self.target = (host, int(port))
-        self.mode = "pass"
+        self._mode = "pass"
+        self._open: set[socket.socket] = set()  # client connections, closed when the mode changes
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
 
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        """Connections kept alive by the client would keep the old mode: they are closed (it reconnects)."""
+        self._mode = mode
+        for client in list(self._open):
+            try:
+                client.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _accept(self):
         while True:
             client, _ = self.sock.accept()
+            self._open.add(client)
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket):
@@ -236,6 +252,7 @@ class Proxy:
             except OSError:
                 pass
             sock.close()
+        self._open.discard(client)
 
     @staticmethod
     def _pipe(source: socket.socket, sink: socket.socket, methods: collections.deque):
