@@ -98,7 +98,9 @@ def s3_loads(model_dir: Path, store: Path, names: list[str]) -> tuple[list[float
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
-    os.environ.update(AWS_ACCESS_KEY_ID="bench-only", AWS_SECRET_ACCESS_KEY="bench-only", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench-only", AWS_SECRET_ACCESS_KEY="bench-only", AWS_DEFAULT_REGION="us-east-1"
+    )
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     s3.start()
     url = "http://{}:{}".format(*s3.get_host_and_port())
@@ -106,7 +108,9 @@ def s3_loads(model_dir: Path, store: Path, names: list[str]) -> tuple[list[float
     bucket.create_bucket(Bucket="bench")
     for name in names:
         for filename in ("adapter_config.json", "adapter_model.safetensors"):
-            bucket.put_object(Bucket="bench", Key=f"adapters/{name}/{filename}", Body=(store / name / filename).read_bytes())
+            bucket.put_object(
+                Bucket="bench", Key=f"adapters/{name}/{filename}", Body=(store / name / filename).read_bytes()
+            )
     try:
         with (
             tempfile.TemporaryDirectory() as disk,

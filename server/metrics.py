@@ -148,7 +148,9 @@ def _tiers(registry, store) -> GaugeMetricFamily:
     loaded = registry.loaded()
     disk_count, disk_bytes = store.disk_usage()
     family = GaugeMetricFamily(
-        "mixserve:adapter_tier", "Adapters (what=adapters) and their bytes (what=bytes) per tier", labels=["tier", "what"]
+        "mixserve:adapter_tier",
+        "Adapters (what=adapters) and their bytes (what=bytes) per tier",
+        labels=["tier", "what"],
     )
     for tier, count, size in (
         ("device", len(loaded), sum(a.nbytes for a in loaded)),

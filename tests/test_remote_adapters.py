@@ -168,8 +168,11 @@ def test_a_missing_adapter_is_404_and_a_corrupt_file_424(serve, llama, s3, tmp_p
     server = serve(settings(llama, s3, tmp_path))
     response = generate(server, ["acme/nowhere"])
     assert response.status_code == 404 and response.json()["error_type"] == "adapter_not_found"
-    s3.client.put_object(Bucket=BUCKET, Key="tenants/acme/garbage/adapter_config.json",
-                         Body=(llama.store / "lora" / FILES[0]).read_bytes())
+    s3.client.put_object(
+        Bucket=BUCKET,
+        Key="tenants/acme/garbage/adapter_config.json",
+        Body=(llama.store / "lora" / FILES[0]).read_bytes(),
+    )
     s3.client.put_object(Bucket=BUCKET, Key="tenants/acme/garbage/adapter_model.safetensors", Body=os.urandom(4096))
     response = generate(server, ["acme/garbage"])
     assert response.status_code == 424 and response.json()["error_type"] == "adapter_load", response.text
@@ -336,9 +339,7 @@ def test_the_disk_budget_evicts_the_least_recently_used(serve, llama, s3, tmp_pa
     size = sum((llama.store / "lora" / f).stat().st_size for f in FILES)
     for name in ("a", "b", "c"):
         s3.upload(llama.store / "lora", f"tenants/acme/lru-{name}")
-    server = serve(
-        settings(llama, s3, tmp_path, disk_cache=int(size * 2.5), max_loaded_adapters=1, host_cache=0)
-    )
+    server = serve(settings(llama, s3, tmp_path, disk_cache=int(size * 2.5), max_loaded_adapters=1, host_cache=0))
     for name in ("a", "b", "a", "c"):  # each request reads from disk: one resident, no host tier
         assert generate(server, [f"acme/lru-{name}"]).status_code == 200
     disk = server.state.store.remote.disk
@@ -402,7 +403,9 @@ def test_hub_offline_from_its_cache_with_revision_pins(serve, llama, tmp_path, m
     from huggingface_hub import constants
 
     cache, old, new = tmp_path / "hf-cache", "a" * 40, "b" * 40
-    hub_repo(cache, "org/pirate", {old: llama.store / "lora", new: llama.store / "lora.patterns"}, {"main": new, "v1": old})
+    hub_repo(
+        cache, "org/pirate", {old: llama.store / "lora", new: llama.store / "lora.patterns"}, {"main": new, "v1": old}
+    )
     hub_repo(cache, "org/damaged", {old: llama.store / "lora"}, {"main": old})
     blob = next(p for p in (cache / "models--org--damaged" / "blobs").iterdir() if p.stat().st_size > 1024)
     blob.write_bytes(blob.read_bytes()[:-8] + b"\0" * 8)
@@ -442,10 +445,19 @@ def test_compose_serves_demo_adapters_from_its_minio():
     assert replica["depends_on"]["minio-seed"]["condition"] == "service_completed_successfully"
     assert seed["depends_on"]["minio"]["condition"] == "service_healthy"
     seeding = " ".join(seed["command"])
-    assert f"local/{mount.source.bucket}/{mount.source.prefix}" in seeding and "./adapters_store:/seed:ro" in seed["volumes"]
+    assert (
+        f"local/{mount.source.bucket}/{mount.source.prefix}" in seeding
+        and "./adapters_store:/seed:ro" in seed["volumes"]
+    )
     credentials = (REPO / replica["env_file"]).read_text()
     keys = {line.split("=")[0] for line in credentials.splitlines() if line and not line.startswith("#")}
-    assert keys == {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
+    assert keys == {
+        "MINIO_ROOT_USER",
+        "MINIO_ROOT_PASSWORD",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
+    }
     assert minio["env_file"] == seed["env_file"] == replica["env_file"]
     assert "minio-data" in compose["volumes"]
 

@@ -32,7 +32,15 @@ class SourceError(Exception):
     log and may name internal locations: clients only ever see the reason."""
 
     REASONS = (
-        "unreachable", "access_denied", "timeout", "incomplete", "corrupt", "changed", "not_cached", "not_found", "error"
+        "unreachable",
+        "access_denied",
+        "timeout",
+        "incomplete",
+        "corrupt",
+        "changed",
+        "not_cached",
+        "not_found",
+        "error",
     )
 
     def __init__(self, reason: str, detail: str = ""):
@@ -83,7 +91,9 @@ def source_classes() -> dict[str, type[AdapterSource]]:
     for point in entry_points(group=ENTRY_POINT_GROUP):
         cls = point.load()
         if not (isinstance(cls, type) and issubclass(cls, AdapterSource)):
-            raise ValueError(f"entry point {point.name!r} of {ENTRY_POINT_GROUP} is not an AdapterSource")
+            raise ValueError(  # noqa: TRY004 - a settings error: pydantic reports ValueError, not TypeError
+                f"entry point {point.name!r} of {ENTRY_POINT_GROUP} is not an AdapterSource"
+            )
         classes[point.name] = cls
     return classes
 

@@ -124,7 +124,9 @@ class DiskTier:
                 victim = victims[0]
                 manifest = self._entries.pop(victim)
             shutil.rmtree(victim, ignore_errors=True)
-            log.info("disk tier: evicted %s version %s (%d bytes)", manifest["name"], manifest["version"], manifest["bytes"])
+            log.info(
+                "disk tier: evicted %s version %s (%d bytes)", manifest["name"], manifest["version"], manifest["bytes"]
+            )
 
     def _scan(self) -> None:
         found = []

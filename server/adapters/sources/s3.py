@@ -66,7 +66,9 @@ class S3Source(AdapterSource):
             return self._client
 
     def version(self, key: str) -> str:
-        etags = [_call(lambda k=k: self.client().head_object(Bucket=self.bucket, Key=k))["ETag"] for k in self._keys(key)]
+        etags = [
+            _call(lambda k=k: self.client().head_object(Bucket=self.bucket, Key=k))["ETag"] for k in self._keys(key)
+        ]
         return "/".join(etag.strip('"') for etag in etags)
 
     def fetch(self, key: str, version: str, into: Path) -> None:
@@ -82,7 +84,9 @@ class S3Source(AdapterSource):
 
     def _download(self, object_key: str, etag: str, path: Path) -> None:
         response = _call(
-            lambda: self.client().get_object(Bucket=self.bucket, Key=object_key, IfMatch=f'"{etag}"', ChecksumMode="ENABLED")
+            lambda: self.client().get_object(
+                Bucket=self.bucket, Key=object_key, IfMatch=f'"{etag}"', ChecksumMode="ENABLED"
+            )
         )
         md5, size = hashlib.md5(usedforsecurity=False), 0
         with path.open("wb") as out:
