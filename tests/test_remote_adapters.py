@@ -120,6 +120,30 @@ def test_first_fetch_serves_as_local_then_a_restart_reads_the_disk_tier(serve, l
     assert fetched == [] and metric(again, 'mixserve:adapter_fetches_total{outcome="success"}') == 0
 
 
+def test_with_its_source_away_a_restart_serves_the_version_on_disk(serve, llama, s3, tmp_path):
+    s3.upload(llama.store / "oft", "tenants/acme/kept")
+    assert generate(serve(settings(llama, s3, tmp_path)), ["acme/kept"]).status_code == 200
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        away = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    server = serve(settings(llama, s3, tmp_path, endpoint=away))
+    response = generate(server, ["acme/kept"])
+    assert response.status_code == 200 and response.json()["generated_text"] == expected(server, llama, ["oft"])
+
+
+def test_an_object_deleted_at_the_source_is_404_after_the_next_check(serve, llama, s3, tmp_path):
+    s3.upload(llama.store / "lora", "tenants/acme/deleted")
+    server = serve(settings(llama, s3, tmp_path, remote_check_seconds=0.3))
+    assert generate(server, ["acme/deleted"]).status_code == 200
+    for filename in FILES:
+        s3.client.delete_object(Bucket=BUCKET, Key=f"tenants/acme/deleted/{filename}")
+    deadline = time.monotonic() + 30
+    while (response := generate(server, ["acme/deleted"])).status_code == 200:
+        assert time.monotonic() < deadline, "the deletion was not noticed"
+        time.sleep(0.2)
+    assert response.status_code == 404 and response.json()["error_type"] == "adapter_not_found"
+
+
 def test_sixteen_concurrent_requests_fetch_once(serve, llama, s3, tmp_path):
     s3.upload(llama.store / "loha", "tenants/acme/burst")
     server = serve(settings(llama, s3, tmp_path))
