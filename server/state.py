@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from server.adapters.merges import MergingStore
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.config import Settings
@@ -40,7 +41,7 @@ class ServerState:
         model = load_model(settings.model_path, device, dtype)
         tokenizer = load_tokenizer(settings.model_path)
         metrics = metrics or Metrics()
-        store = AdapterStore.from_settings(settings, on_fetch=metrics.observe_fetch)
+        store = MergingStore.from_settings(settings, on_fetch=metrics.observe_fetch)  # the store, and merges
         inbox = Inbox()  # the engine's: finished loads wake it
         registry = AdapterRegistry(
             model,

@@ -135,10 +135,21 @@ def test_lorax_client_adapter_id_and_merged_adapters(server):
     assert "".join(r.token.text for r in streamed) == by_id.generated_text or streamed[-1].generated_text == (
         by_id.generated_text
     )
-    with pytest.raises(Exception, match="weights must all be 1.0"):
+    weighted = client.generate(  # linear: the weighted mix (README, "Merged adapters")
+        PROMPT,
+        merged_adapters=MergedAdapters(ids=["shira", "lora"], weights=[0.5, 0.5], density=1.0),
+        max_new_tokens=8,
+    )
+    assert (
+        weighted.generated_text
+        == client.generate(PROMPT, adapter_id="lora@0.5+shira@0.5", max_new_tokens=8).generated_text
+    )
+    with pytest.raises(Exception, match="merges combine LoRA adapters only"):
         client.generate(
             PROMPT,
-            merged_adapters=MergedAdapters(ids=["shira", "lora"], weights=[0.5, 0.5], density=1.0),
+            merged_adapters=MergedAdapters(
+                ids=["shira", "lora"], weights=[0.5, 0.5], density=0.5, merge_strategy="ties"
+            ),
             max_new_tokens=2,
         )
 

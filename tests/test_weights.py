@@ -248,10 +248,10 @@ def test_every_route_takes_weights_and_answers_with_the_canonical_form(server, l
         ({"adapters": [{"name": "lora", "weight": 11}]}, "adapter weights must be finite numbers from -10 to 10"),
         ({"parameters": {"adapter_id": "lora@half"}}, "'lora@half': the weight after '@' is not a number"),
         ({"adapters": [{"name": "lora", "weight": 0.5, "scale": 2}]}, "Extra inputs are not permitted"),
-        ({"parameters": {"merged_adapters": {"ids": ["lora"], "weights": [0.5]}}}, "merges are not supported"),
+        ({"parameters": {"merged_adapters": {"ids": ["lora"], "weights": [0.5, 1]}}}, "1 ids and 2 weights"),
         (
             {"parameters": {"merged_adapters": {"ids": ["lora"], "merge_strategy": "ties"}}},
-            "merges are not implemented",
+            "merge_strategy 'ties' needs a density in (0, 1]",
         ),
     ],
 )

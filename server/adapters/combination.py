@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.adapters.kinds import CANONICAL_ORDER
+from server.adapters.merges import Merge, is_merge
 from server.adapters.store import check_name
 from server.auth import Tenant
 from server.errors import ValidationError
@@ -58,7 +59,7 @@ class Combination:
         pairs = next(iter(given.values()), [])
         names = [name for name, _ in pairs]
         for name in names:
-            check_name(name)
+            Merge.parse(name) if is_merge(name) else check_name(name)
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValidationError(f"adapters listed more than once: {', '.join(duplicates)}")
@@ -70,18 +71,21 @@ class Combination:
         most, setting = limit
         if len(names) > most:
             raise ValidationError(f"{len(names)} adapters requested; at most {most} per request ({setting})")
-        tenant.check(names)
+        tenant.check([s for n in names for s in (Merge.parse(n).names if is_merge(n) else [n])])
         types = {name: peft_type(name) for name in names}
         kept = sorted(((n, float(w)) for n, w in pairs if w != 0), key=lambda p: CANONICAL_ORDER.index(types[p[0]]))
         return cls(tuple(n for n, _ in kept), tuple(w for _, w in kept))
 
 
 def parse_spec(spec: str) -> list[tuple[str, float]]:
-    """The combination as the canonical form writes it, `a+b@0.5` (TGI's adapter_id, OpenAI's model): (name,
+    """The combination as the canonical form writes it, `a+b@0.5` (TGI's adapter_id, OpenAI's model), a merge
+    written `merge:ties(a@0.5,b@0.5;density=0.2,majority_sign_method=total)` (server/adapters/merges.py): (name,
     weight) pairs. A weight that is not a number is refused; the names are checked by Combination.parse."""
     pairs = []
     for part in spec.split("+"):
-        name, at, weight = part.partition("@")
+        head, close, tail = part.rpartition(")") if is_merge(part) else ("", "", part)
+        name, at, weight = tail.partition("@")
+        name = head + close + name  # a merge's own weights are inside its parentheses
         try:
             pairs.append((name, float(weight) if at else 1.0))
         except ValueError:

@@ -158,7 +158,7 @@ async def _generation_request(body: GenerateRequest, request: Request) -> Genera
             "adapters": adapter_pairs(body.adapters),
             "parameters.adapters": adapter_pairs(params.adapters),
             "parameters.adapter_id": validation.split_adapter_id(params.adapter_id),
-            "parameters.merged_adapters": adapter_pairs(params.merged_adapters.ids) if params.merged_adapters else None,
+            "parameters.merged_adapters": params.merged_adapters.pairs() if params.merged_adapters else None,
         },
     )
     state.store.check_source(adapters.names, params.adapter_source)

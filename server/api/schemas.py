@@ -6,8 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.adapters.merges import Merge, uses_density, uses_sign
 from server.api.structured import ResponseFormat, TgiGrammar
 from server.engine.constraints import GrammarSpec
+from server.errors import ValidationError
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
@@ -42,28 +44,42 @@ def adapter_pairs(entries: AdapterList | None) -> list[tuple[str, float]] | None
 
 
 class MergedAdapters(BaseModel):
-    """LoRAX's merged_adapters: served as a combination when every weight is 1 (the sum of the adapters); weighted
-    adapters go in `adapters`, as {"name", "weight"} objects."""
+    """LoRAX's merged_adapters. `linear` (or none): the weighted mix of the adapters, each delta times its weight
+    (any types and ranks; README, "Weighted mixes"). Any other strategy of PEFT's `add_weighted_adapter` (LoRAX's
+    ties, dare_linear, dare_ties; also cat, svd, magnitude_prune and the *_svd ones): one merged LoRA adapter,
+    computed once and cached (server/adapters/merges.py)."""
 
     ids: list[str] = Field(min_length=1)
-    weights: list[float] | None = None
-    merge_strategy: str | None = Field(None, description="'linear' (or absent) only")
-    density: float | None = None
-    majority_sign_method: str | None = None
+    weights: list[float] | None = Field(None, description="one per id; default: all 1")
+    merge_strategy: str | None = Field(None, description="linear (the weighted mix), ties, dare_linear, dare_ties, ...")
+    density: float | None = Field(None, description="the fraction kept: ties, dare_*, magnitude_prune (else ignored)")
+    majority_sign_method: str | None = Field(None, description="total (default) or frequency: ties, dare_ties")
 
     @model_validator(mode="after")
-    def _a_plain_sum(self) -> MergedAdapters:
-        if self.merge_strategy not in (None, "linear"):
-            raise ValueError(
-                f"merge_strategy {self.merge_strategy!r} is not supported (merges are not implemented): 'linear' with"
-                ' weights 1 serves the combination; for a weighted mix give "adapters": [{"name": ..., "weight": ...}]'
-            )
-        if self.weights is not None and any(w != 1.0 for w in self.weights):
-            raise ValueError(
-                "merged_adapters.weights must all be 1.0 (merges are not supported); for a weighted mix give"
-                ' "adapters": [{"name": ..., "weight": ...}]'
-            )
+    def _valid(self) -> MergedAdapters:
+        if self.weights is not None and len(self.weights) != len(self.ids):
+            raise ValueError(f"merged_adapters: {len(self.ids)} ids and {len(self.weights)} weights")
+        if self.merge_strategy in (None, "linear"):
+            return self
+        try:
+            self.merge()
+        except ValidationError as exc:
+            raise ValueError(f"merged_adapters: {exc.message}") from None
         return self
+
+    def merge(self) -> Merge:
+        weights = self.weights or [1.0] * len(self.ids)
+        pairs = list(zip(self.ids, weights, strict=True))
+        strategy = self.merge_strategy
+        density = self.density if uses_density(strategy) else None  # LoRAX clients always send one
+        sign = self.majority_sign_method if uses_sign(strategy) else None
+        return Merge.of(strategy, pairs, density, sign)
+
+    def pairs(self) -> list[tuple[str, float]]:
+        """(name, weight) pairs, as Combination.parse takes them: the adapters, or the one merged adapter."""
+        if self.merge_strategy in (None, "linear"):
+            return list(zip(self.ids, self.weights or [1.0] * len(self.ids), strict=True))
+        return [(self.merge().name, 1.0)]
 
 
 class GenerateParameters(BaseModel):
@@ -73,7 +89,9 @@ class GenerateParameters(BaseModel):
     adapter_id: str | None = Field(
         None, description="TGI/LoRAX style: one adapter name, or several joined by '+' (weights as 'a@0.5+b')"
     )
-    merged_adapters: MergedAdapters | None = Field(None, description="LoRAX style: ids of the combination")
+    merged_adapters: MergedAdapters | None = Field(
+        None, description="LoRAX style: the weighted mix of ids (linear), or their merge (ties, dare_*, ...)"
+    )
     adapter_source: str | None = Field(
         None,
         description="LoRAX's: local, s3 or hub; when given, it must be where the adapters come from (the server's"
