@@ -474,10 +474,10 @@ def test_a_fault_scoring_one_prompt_fails_only_that_request(plain):
     poison_ids = torch.tensor([encode_prompt(plain.state.tokenizer, poisoned)])
     original = runner.score
 
-    def score(ids, slots):
+    def score(ids, *args):
         if ids.shape == poison_ids.shape and bool((ids == poison_ids).all()):
             raise RuntimeError(f"injected scoring fault reading {SECRET}")
-        return original(ids, slots)
+        return original(ids, *args)
 
     runner.score = score
 
