@@ -12,6 +12,7 @@ from server.adapters.combination import Combination
 from server.engine.kv_cache import BLOCK_SIZE, BlockPool
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
+from server.errors import MixserveError
 from server.metrics import Metrics
 from server.state import ServerState
 from tests.reference import reference_logits
@@ -122,7 +123,7 @@ def test_no_block_leaks_after_hundreds_of_requests_with_cancels_and_faults(small
                     handle.cancel()
         except asyncio.CancelledError:
             return "cancelled"
-        except Exception:
+        except MixserveError:
             return "failed"
         return "done"
 

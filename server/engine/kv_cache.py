@@ -81,7 +81,7 @@ class PagedCache:
         self.block_bytes = sum(t[0].numel() * t.element_size() for t in (*self.keys.values(), *self.values.values()))
         self._write: torch.Tensor | None = None  # [tokens written] flat slots of this pass
         self._written: torch.Tensor | None = None  # prefill: [rows, width] which positions are a row's own
-        self._read: torch.Tensor | None = None  # decode: [rows, length] flat slots each row reads
+        self._read: torch.Tensor | None = None  # decode: [rows * blocks] the blocks each row reads, in order
         self._length = 0
         self._query_length = 0
 
@@ -129,10 +129,14 @@ class PagedCache:
         self._read, self._length, self._query_length = None, width, width
 
     def begin_decode(self, seqs: Sequence, positions: list[int], length: int) -> None:
-        """The next pass writes one token per row at positions[r] and reads positions 0..length-1 of every row."""
-        read = self._slots(seqs, torch.arange(length))  # [rows, length]
-        self._write = read[torch.arange(len(seqs)), torch.tensor(positions)].to(self.device)
-        self._read = read.to(self.device)
+        """The next pass writes one token per row at positions[r] and reads positions 0..length-1 of every row
+        (whole blocks are gathered: a copy of contiguous blocks, several times faster than one of tokens)."""
+        table = self._table(seqs, blocks_for(length))  # [rows, blocks]
+        positions = torch.tensor(positions)
+        self._write = (
+            table[torch.arange(len(seqs)), positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+        ).to(self.device)
+        self._read = table.flatten().to(self.device)
         self._written, self._length, self._query_length = None, length, 1
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -144,14 +148,22 @@ class PagedCache:
             return key, value
         keys.index_copy_(0, self._write, key[:, :, 0])
         values.index_copy_(0, self._write, value[:, :, 0])
-        return keys[self._read].transpose(1, 2), values[self._read].transpose(1, 2)
+        return self._gather(self.keys[layer_idx], key.shape[0]), self._gather(self.values[layer_idx], key.shape[0])
+
+    def _gather(self, pool: torch.Tensor, rows: int) -> torch.Tensor:
+        """[rows, heads, length, dim]: each row's blocks in order, up to the pass's length."""
+        blocks = pool.index_select(0, self._read)  # [rows * blocks, BLOCK_SIZE, heads, dim]
+        return blocks.view(rows, -1, *pool.shape[2:])[:, : self._length].transpose(1, 2)
 
     def _slots(self, seqs: Sequence, positions: torch.Tensor) -> torch.Tensor:
         """[rows, P] flat slot of each row's positions [P]; past a row's blocks: the zero block."""
-        width = int(positions.max()) // BLOCK_SIZE + 1
-        tables = [self.pool.tables.get(seq, [])[:width] for seq in seqs]
-        table = torch.tensor([blocks + [0] * (width - len(blocks)) for blocks in tables], dtype=torch.long)
+        table = self._table(seqs, int(positions.max()) // BLOCK_SIZE + 1)
         return table[:, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+
+    def _table(self, seqs: Sequence, width: int) -> torch.Tensor:
+        """[rows, width] each row's first blocks, padded with the zero block."""
+        tables = [self.pool.tables.get(seq, [])[:width] for seq in seqs]
+        return torch.tensor([blocks + [0] * (width - len(blocks)) for blocks in tables], dtype=torch.long)
 
     # What transformers asks of a cache while it builds masks and positions for models that build their own
     # (ALiBi models get a 2D padding mask): every row's keys span 0..length-1, the queries end at length-1.
