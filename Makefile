@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build by default; on a GPU host: make serve TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
 TORCH ?= torch==2.13.0
 
-.PHONY: serve test install install-test nginx chromium demo bench bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured clean
+.PHONY: serve test install install-test nginx chromium demo bench bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache clean
 
 serve: install
 	$(PY) -m server
@@ -53,7 +53,7 @@ demo: install
 # Benchmarks (minutes each; they print tables and ratios measured side by side in one run).
 # make bench BENCH_FLAGS=--quick: seconds each, to check that they run (what the suite does).
 BENCH_FLAGS ?=
-bench: bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured
+bench: bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache
 
 bench-throughput: install-test
 	$(PY) -m bench.throughput $(BENCH_FLAGS)
@@ -72,6 +72,9 @@ bench-soak: install-test
 
 bench-structured: install-test
 	$(PY) -m bench.structured $(BENCH_FLAGS)
+
+bench-kv-cache: install-test
+	$(PY) -m bench.kv_cache $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
