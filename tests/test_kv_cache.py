@@ -142,9 +142,40 @@ def test_no_block_leaks_after_hundreds_of_requests_with_cancels_and_faults(small
     assert engine.preemptions > 0
     pool = engine.runner.cache.pool
     assert (pool.free, pool.used, engine.running, engine.queued) == (pool.total, 0, 0, 0)
-    assert not pool.tables
+    assert not pool.tables and not engine.scheduler.waiting
+    assert [a.name for a in small.registry.loaded() if a.refs] == []  # preempted ones gave their adapters back too
     metrics = Metrics()
     metrics.watch(small)
     text = generate_latest(metrics.registry).decode()
     assert "mixserve:kv_cache_usage_perc 0.0" in text and "mixserve:kv_cache_blocks_total 12.0" in text
     assert f"mixserve:num_preemptions_total {float(engine.preemptions)}" in text
+
+
+def test_a_preempted_request_cancelled_while_it_waits_gives_back_its_adapters(small):
+    """Two requests that outgrow the cache together: the younger is preempted, and its client goes away while it
+    waits to be recomputed: it fails as cancelled, its adapters released; the older one runs to its end."""
+    engine = small.engine
+    make_room = engine._make_room
+
+    def make_room_then_cancel():
+        make_room()
+        for seq in engine._preempted:
+            seq.cancelled = True
+
+    async def run():
+        older = engine.submit(_request(0, 48, 64, ["lora"]))
+        younger = engine.submit(_request(1, 48, 64, ["oft", "loha"]))
+        finished = await older.result()
+        with pytest.raises(asyncio.CancelledError):
+            await younger.result()
+        return finished, younger.seq
+
+    engine._make_room = make_room_then_cancel
+    try:
+        older, younger = asyncio.run(run())
+    finally:
+        del engine._make_room
+    assert len(older.tokens) == 64 and 0 < len(younger.tokens) < 64
+    pool = engine.runner.cache.pool
+    assert pool.free == pool.total and not engine._preempted and engine.queued == 0
+    assert [a.name for a in small.registry.loaded() if a.refs] == []
