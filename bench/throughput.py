@@ -95,15 +95,19 @@ def serve_obvious(model_dir: str, store: str, port: int) -> None:
     tokenizer = ByT5Tokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     configs = {p.name: PeftConfig.from_pretrained(p) for p in sorted(Path(store).iterdir())}
+
+    def canonical(names: list[str]) -> list[str]:
+        return sorted(names, key=lambda n: CANONICAL_ORDER.index(str(configs[n].peft_type).split(".")[-1]))
+
     model = None
-    for name, config in configs.items():
+    # PEFT nests each type's wrapper in the order adapters are loaded (the first innermost): loaded in canonical
+    # order, every combination is composed as the contract says (an OFT loaded last would rotate LoRA's input too)
+    for name in canonical(list(configs)):
+        config = configs[name]
         if model is None:
             model = PeftMixedModel(base, config, name)
         model.load_adapter(str(Path(store) / name), name)
     model.eval()
-
-    def canonical(names: list[str]) -> list[str]:
-        return sorted(names, key=lambda n: CANONICAL_ORDER.index(str(configs[n].peft_type).split(".")[-1]))
 
     lock = threading.Lock()
     app = FastAPI()
