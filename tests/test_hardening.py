@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import shutil
 import threading
@@ -564,3 +565,23 @@ def test_completions_for_several_prompts_stop_them_all_when_one_is_refused_or_fa
         restore()
     assert response.status_code == 500
     assert submitted[0].seq.cancelled
+
+
+def test_an_unexpected_error_midway_through_a_stream_ends_it_with_an_error_event(plain, monkeypatch):
+    """Not a cut connection: the stream's last event says what happened, in the route's shape, and the server
+    serves the next request."""
+    import server.api.native as native
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"injected fault reading {SECRET}")
+
+    monkeypatch.setattr(native, "_token", broken)
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}
+    with plain.client() as client:
+        events = [line for line in client.post("/generate_stream", json=body).text.splitlines() if line]
+    last = json.loads(events[-1].removeprefix("data:"))
+    assert last["error_type"] == "internal" and last["error"] == "internal error: RuntimeError", events
+    assert SECRET not in "".join(events)
+    monkeypatch.undo()
+    with plain.client() as client:
+        assert client.post("/generate", json=body).status_code == 200

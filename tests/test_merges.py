@@ -176,6 +176,7 @@ def test_a_merge_is_computed_once_cached_under_the_budget_and_new_when_a_source_
         ({"ids": ["m1", "m2"], "merge_strategy": "best"}, "merge_strategy 'best' is not one of"),
         ({"ids": ["m1", "m2"], "weights": [1.0], "merge_strategy": "ties", "density": 0.5}, "2 ids and 1 weights"),
         ({"ids": ["m1", "missing"], "merge_strategy": "cat"}, "missing"),
+        ({"ids": ["m1", "m2"], "weights": [1e19, 1.0], "merge_strategy": "cat"}, "finite numbers from -10 to 10"),
     ],
 )
 def test_what_cannot_be_merged_is_refused_with_the_reason(served, merged, reason):
@@ -189,6 +190,13 @@ def test_what_cannot_be_merged_is_refused_with_the_reason(served, merged, reason
 @pytest.fixture(scope="module")
 def served(serve, llama, world):
     return serve(llama.settings(adapters_dir=world[1], max_batch_size=4))
+
+
+def test_a_merge_counts_as_its_adapters_against_the_per_request_limit(serve, llama, world):
+    limited = serve(llama.settings(adapters_dir=world[1], max_adapters_per_request=1))
+    with limited.client() as client:
+        response = client.post("/generate", json={"inputs": "x", "adapters": ["merge:cat(m1@1,m2@1)"]})
+    assert response.status_code == 422 and "2 adapters requested; at most 1" in response.text, response.text
 
 
 def test_lorax_merged_adapters_and_the_canonical_name_serve_the_same_merge(served):

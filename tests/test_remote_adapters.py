@@ -447,6 +447,8 @@ def test_hub_offline_from_its_cache_with_revision_pins(serve, llama, tmp_path, m
     damaged = generate(server, ["shared/damaged"])
     assert damaged.status_code == 424 and "integrity" in damaged.json()["error"], damaged.text
     assert str(cache) not in absent.text + damaged.text
+    invalid = generate(server, ["shared/a..b"])  # a valid store name, not a valid Hub repo id
+    assert invalid.status_code == 404 and "org/" not in invalid.text, invalid.text
     tiers = {a["name"]: a["tier"] for a in httpx.get(f"{server.url}/adapters?all=true").json()["adapters"]}
     assert tiers["shared/pirate"] == "device" and "shared/damaged" not in tiers
 

@@ -301,6 +301,13 @@ def test_tool_choice_none_and_errors(oai):
             '<tool_call>{"name": "f", "arguments": 3}</tool_call>',
             [],
         ),
+        (  # a name that is not a string (a model may write any JSON value) is no call, and no error
+            "hermes",
+            '<tool_call>{"name": ["f"], "arguments": {}}</tool_call>',
+            '<tool_call>{"name": ["f"], "arguments": {}}</tool_call>',
+            [],
+        ),
+        ("llama3", '{"name": {"f": 1}, "parameters": {}}', '{"name": {"f": 1}, "parameters": {}}', []),
         ("hermes", 'a <tool_call>{"name": "f"', 'a <tool_call>{"name": "f"', []),
         ("hermes", "a < b <tool_ c", "a < b <tool_ c", []),
         ("llama3", '{"name": "f", "parameters": {"x": "y"}}', None, ["f"]),

@@ -63,15 +63,16 @@ class Combination:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValidationError(f"adapters listed more than once: {', '.join(duplicates)}")
-        bad = [f"{name}: {weight!r}" for name, weight in pairs if not _valid_weight(weight)]
+        bad = [f"{name}: {weight!r}" for name, weight in pairs if not valid_weight(weight)]
         if bad:
             raise ValidationError(
                 f"adapter weights must be finite numbers from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}: {', '.join(bad)}"
             )
         most, setting = limit
-        if len(names) > most:
-            raise ValidationError(f"{len(names)} adapters requested; at most {most} per request ({setting})")
-        tenant.check([s for n in names for s in (Merge.parse(n).names if is_merge(n) else [n])])
+        sources = [s for n in names for s in (Merge.parse(n).names if is_merge(n) else [n])]
+        if len(sources) > most:  # a merge counts as the adapters it merges
+            raise ValidationError(f"{len(sources)} adapters requested; at most {most} per request ({setting})")
+        tenant.check(sources)
         types = {name: peft_type(name) for name in names}
         kept = sorted(((n, float(w)) for n, w in pairs if w != 0), key=lambda p: CANONICAL_ORDER.index(types[p[0]]))
         return cls(tuple(n for n, _ in kept), tuple(w for _, w in kept))
@@ -93,7 +94,7 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
     return pairs
 
 
-def _valid_weight(weight) -> bool:
+def valid_weight(weight) -> bool:
     return isinstance(weight, (int, float)) and math.isfinite(weight) and abs(weight) <= MAX_WEIGHT
 
 

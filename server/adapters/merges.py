@@ -85,9 +85,13 @@ class Merge:
             check_name(name)
         if len(set(names)) != len(names):
             problems.append("an adapter is listed twice in the merge")
-        bad = [f"{n}: {w!r}" for n, w in sources if not (isinstance(w, (int, float)) and math.isfinite(w))]
+        from server.adapters.combination import MAX_WEIGHT, valid_weight  # combination imports this module
+
+        bad = [f"{n}: {w!r}" for n, w in sources if not valid_weight(w)]
         if bad:
-            problems.append(f"merge weights must be finite numbers: {', '.join(bad)}")
+            problems.append(
+                f"merge weights must be finite numbers from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}: {', '.join(bad)}"
+            )
         if uses_density(str(strategy)):
             if density is None or not (isinstance(density, (int, float)) and 0 < density <= 1):
                 problems.append(f"merge_strategy {strategy!r} needs a density in (0, 1] (got {density!r})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import Request
@@ -15,6 +16,8 @@ from server.auth import Tenant
 from server.engine.sequence import GenerationRequest, RequestHandle, Sequence
 from server.errors import ClientDisconnected, MixserveError
 from server.state import ServerState
+
+log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_SECONDS = 0.1
 
@@ -75,6 +78,11 @@ def event_stream(events: AsyncIterator[str], handles, headers: dict[str, str], o
                 yield "data: [DONE]\n\n"
         except MixserveError as exc:
             yield f"data: {json.dumps(error_body(openai, exc.status_code, exc.message, exc.error_type))}\n\n"
+        except Exception as exc:  # as the routes' handler of unexpected errors does: logged, and a 500 event
+            ids = ", ".join(handle.seq.request.request_id for handle in handles)
+            log.exception("request %s (%s): its stream failed", ids, headers.get("x-adapters", ""))
+            body = error_body(openai, 500, f"internal error: {type(exc).__name__}", "internal")
+            yield f"data: {json.dumps(body)}\n\n"
         finally:
             for handle in handles:
                 handle.cancel()

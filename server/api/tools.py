@@ -214,7 +214,8 @@ class CallReader:
         function with an arguments object (and one at most, when not parallel)."""
         pieces: list[Piece] = []
         for members in objects:
-            if not members or members.get("name", (None,))[0] not in self.names:
+            name = members.get("name", (None,))[0] if members else None
+            if not isinstance(name, str) or name not in self.names:  # a model may write any JSON value there
                 return None
             arguments = members.get("arguments", members.get("parameters"))
             if arguments is None or not isinstance(arguments[0], dict):

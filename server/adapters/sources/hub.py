@@ -20,6 +20,7 @@ from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
@@ -105,6 +106,8 @@ def _call(call):
         raise SourceError("not_found", str(exc)) from exc
     except OfflineModeIsEnabled as exc:
         raise SourceError("not_cached", str(exc)) from exc
+    except HFValidationError as exc:  # a store name the Hub cannot have as a repo id: no such adapter there
+        raise SourceError("not_found", str(exc)) from exc
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         raise SourceError("access_denied" if status in (401, 403) else "error", str(exc)) from exc
