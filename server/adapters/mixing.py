@@ -26,16 +26,17 @@ from server.adapters.kinds.lora import ParameterLora
 
 _plan_ids = itertools.count()
 
-# On CPU, a decode pass's adapter operations are small (a few rows times a low rank): on several threads each one
-# costs more in waking and joining the other threads than in arithmetic, so they run on one thread, and so does
-# the base layer's matmul when it is smaller than this many multiply-adds (rows x in x out). Measured with
-# bench/mixed_decode.py (README, "CPU threads").
+# On CPU, adapter operations are small (a rank-sized matmul, a mask, a block rotation): on several threads each one
+# costs more in waking and joining the other threads than in arithmetic, so they run on one thread, in decode and
+# prefill, and so does the base layer's matmul when it is smaller than this many multiply-adds (tokens x in x out).
+# Measured with bench/mixed_decode.py (README, "CPU threads").
 SERIAL_BASE_MACS = 8_000_000
 
 
 @contextmanager
 def _threads(n: int) -> Iterator[int]:
-    """torch's CPU operations on n threads inside; yields the count outside."""
+    """torch's CPU operations on n threads inside; yields the count outside. Called on the model's thread only:
+    torch.set_num_threads also sets the count that a thread starting torch work meanwhile keeps."""
     outside = torch.get_num_threads()
     if n == outside:
         yield outside
