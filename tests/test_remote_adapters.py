@@ -506,3 +506,29 @@ def test_kubernetes_s3_patch_fits_the_deployment():
     assert Path(env["MIXSERVE_DISK_CACHE_DIR"]).is_relative_to(container["volumeMounts"][0]["mountPath"])
     assert container["envFrom"][0]["secretRef"]["name"] == "mixserve-s3"  # credentials from a Secret, none inline
     assert patch["spec"]["template"]["spec"]["volumes"][0]["emptyDir"]
+
+
+def test_a_hung_source_holds_only_the_requests_that_name_its_adapters(serve, llama, s3, tmp_path):
+    """Configs of mounted adapters are fetched in a pool of their mount's own: twelve requests stuck on a source
+    that accepts and never answers leave requests for the base model and for local adapters unaffected."""
+    proxy = Proxy(s3.url)
+    server = serve(settings(llama, s3, tmp_path, endpoint=proxy.url, fetch_timeout=60))
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+
+            async def status(adapters: list[str]) -> int:
+                body = {"inputs": PROMPT, "adapters": adapters, "parameters": {"max_new_tokens": 2}}
+                return (await client.post("/generate", json=body)).status_code
+
+            proxy.mode = "hang"
+            stuck = [asyncio.create_task(status([f"acme/cold{i}"])) for i in range(12)]
+            await asyncio.sleep(0.5)  # they reach the source (not needed for what is asserted)
+            base, local = await status([]), await status(["lora"])
+            waiting = sum(not task.done() for task in stuck)
+            proxy.mode = "pass"  # closes the hung connections: the stuck requests end (404: no such objects)
+            return base, local, waiting, await asyncio.gather(*stuck)
+
+    base, local, waiting, stuck = asyncio.run(run())
+    assert base == local == 200 and waiting == 12
+    assert set(stuck) <= {404, 424}

@@ -26,7 +26,15 @@ from server.api.schemas import (
     TokenizeRequest,
     adapter_pairs,
 )
-from server.api.serving import event_stream, request_headers, result_headers, state_of, tenant_of, until_done
+from server.api.serving import (
+    combination,
+    event_stream,
+    request_headers,
+    result_headers,
+    state_of,
+    tenant_of,
+    until_done,
+)
 from server.api.structured import compile_grammar
 from server.auth import Tenant
 from server.engine.sampling import SamplingParams
@@ -150,8 +158,7 @@ async def health() -> dict:
 async def _generation_request(body: GenerateRequest, request: Request) -> GenerationRequest:
     state = state_of(request)
     params = body.parameters
-    adapters = await asyncio.to_thread(  # a mounted adapter's config may be fetched first (store.py)
-        validation.combination,
+    adapters = await combination(
         state,
         tenant_of(request),
         {

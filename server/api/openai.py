@@ -49,7 +49,15 @@ from server.api.openai_schemas import (
     Usage,
 )
 from server.api.schemas import adapter_pairs
-from server.api.serving import event_stream, request_headers, result_headers, state_of, tenant_of, until_done
+from server.api.serving import (
+    combination,
+    event_stream,
+    request_headers,
+    result_headers,
+    state_of,
+    tenant_of,
+    until_done,
+)
 from server.api.structured import compile_grammar
 from server.engine.constraints import Grammar, GrammarSpec
 from server.engine.output import GeneratedText, without_stop
@@ -117,10 +125,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 
 async def _adapters(state: ServerState, request: Request, body) -> Combination:
-    """Off the event loop: a mounted adapter's config may be fetched first (store.py)."""
     named = [] if body.model == state.settings.model_id else validation.split_adapter_id(body.model)
     sources = {"model": named, "adapters": adapter_pairs(body.adapters)}
-    return await asyncio.to_thread(validation.combination, state, tenant_of(request), sources)
+    return await combination(state, tenant_of(request), sources)
 
 
 def _prompts(state: ServerState, prompt) -> list[list[int]]:

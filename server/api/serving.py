@@ -7,10 +7,14 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from server.adapters.combination import Combination
+from server.adapters.merges import Merge, is_merge
+from server.api import validation
 from server.api.errors import error_body
 from server.auth import Tenant
 from server.engine.sequence import GenerationRequest, RequestHandle, Sequence
@@ -20,6 +24,8 @@ from server.state import ServerState
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_SECONDS = 0.1
+MOUNT_THREADS = 4  # per mounted source: how many of its adapters' configs may be fetched at once
+_mount_pools: dict[str, ThreadPoolExecutor] = {}
 
 
 def state_of(request: Request) -> ServerState:
@@ -29,6 +35,34 @@ def state_of(request: Request) -> ServerState:
 def tenant_of(request: Request) -> Tenant:
     """Who the request acts for, as the Authenticate middleware found it from the API key."""
     return request.state.tenant
+
+
+async def combination(
+    state: ServerState, tenant: Tenant, sources: dict[str, list[tuple[str, float]] | None]
+) -> Combination:
+    """validation.combination without blocking the event loop. Local adapters' configs are read here (small files,
+    cached by their stat). A mounted adapter's may have to be fetched first: that runs in a pool of its mount's own,
+    so that a slow or hung source holds up only the requests that name its adapters, never the others."""
+    mount = _first_mount(state, sources)
+    if mount is None:
+        return validation.combination(state, tenant, sources)
+    if mount not in _mount_pools:
+        _mount_pools[mount] = ThreadPoolExecutor(MOUNT_THREADS, thread_name_prefix=f"mount {mount}")
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(_mount_pools[mount], validation.combination, state, tenant, sources)
+
+
+def _first_mount(state: ServerState, sources: dict[str, list[tuple[str, float]] | None]) -> str | None:
+    remote = state.store.remote
+    if remote is None:
+        return None
+    for pairs in sources.values():
+        for name, _ in pairs or ():
+            for source in Merge.parse(name).names if is_merge(name) else [name]:
+                mount = remote.mount(source) if isinstance(source, str) else None
+                if mount is not None:
+                    return mount.name
+    return None
 
 
 async def until_done(handle: RequestHandle, request: Request) -> Sequence:
