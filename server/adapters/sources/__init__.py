@@ -23,6 +23,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what a source fetches for an adapter
+
 ENTRY_POINT_GROUP = "mixserve.adapter_sources"
 _MOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9][A-Za-z0-9._-]{0,127}){0,3}/?$")
 

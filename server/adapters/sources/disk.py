@@ -65,7 +65,7 @@ class DiskTier:
         partial.mkdir()
         try:
             fill(partial)
-            files = {p.name: _sha256(p) for p in sorted(partial.iterdir())}
+            files = {p.name: sha256_of(p) for p in sorted(partial.iterdir())}
             manifest = {"name": name, "version": version, "bytes": _size(partial), "files": files}
             (partial / MANIFEST).write_text(json.dumps(manifest))
             folder = self.folder(name, version)
@@ -145,7 +145,7 @@ class DiskTier:
             log.info("disk tier: reusing %d adapter versions (%d bytes)", count, size)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):

@@ -9,7 +9,6 @@ LFS file's bytes are checked against its SHA-256 (the name of its blob in the ca
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -27,14 +26,15 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from server.adapters.sources import ADAPTER_FILES as FILES
 from server.adapters.sources import AdapterSource, SourceError, SourceOptions
+from server.adapters.sources.disk import sha256_of
 
 try:  # the HTTP client of huggingface_hub 2 (an httpx fork); 1.x used httpx itself
     import httpx2 as httpx
 except ImportError:
     import httpx
 
-FILES = ("adapter_config.json", "adapter_model.safetensors")
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -64,7 +64,7 @@ class HubSource(AdapterSource):
         for filename in FILES:
             cached = Path(_call(lambda f=filename: self._download(repo_id, f, subfolder, version)))
             blob = cached.resolve()
-            if _SHA256.fullmatch(blob.name) and _sha256(blob) != blob.name:
+            if _SHA256.fullmatch(blob.name) and sha256_of(blob) != blob.name:
                 raise SourceError("corrupt", f"{repo_id}/{filename}: its bytes do not match its SHA-256")
             shutil.copyfile(blob, into / filename)
 
@@ -83,14 +83,6 @@ class HubSource(AdapterSource):
             etag_timeout=self.options.timeout,
             local_files_only=constants.is_offline_mode(),
         )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _call(call):

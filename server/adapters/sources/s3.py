@@ -28,9 +28,9 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
+from server.adapters.sources import ADAPTER_FILES as FILES
 from server.adapters.sources import AdapterSource, SourceError, SourceOptions
 
-FILES = ("adapter_config.json", "adapter_model.safetensors")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
