@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.adapters.kinds import CANONICAL_ORDER
-from server.adapters.merges import Merge, is_merge
+from server.adapters.merges import Merge, is_merge, weight_text
 from server.adapters.store import check_name
 from server.auth import Tenant
 from server.errors import ValidationError
@@ -37,7 +37,9 @@ class Combination:
     @property
     def parts(self) -> list[str]:
         """Each adapter as the canonical form writes it: `name`, or `name@weight` when the weight is not 1."""
-        return [name if w == 1 else f"{name}@{_number(w)}" for name, w in zip(self.names, self.weights, strict=True)]
+        return [
+            name if w == 1 else f"{name}@{weight_text(w)}" for name, w in zip(self.names, self.weights, strict=True)
+        ]
 
     def weight(self, name: str) -> float:
         return self.weights[self.names.index(name)]
@@ -96,9 +98,3 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
 
 def valid_weight(weight) -> bool:
     return isinstance(weight, (int, float)) and math.isfinite(weight) and abs(weight) <= MAX_WEIGHT
-
-
-def _number(weight: float) -> str:
-    """The shortest text that reads back as the same float: 0.5, 2, -1.25, 1e-05."""
-    text = repr(float(weight))
-    return text.removesuffix(".0")

@@ -43,7 +43,6 @@ PREFIX = "merge:"
 SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 STRATEGIES = (*SAME_RANK, "cat", *SVD)
-LORAX_STRATEGIES = ("ties", "dare_linear", "dare_ties")  # LoRAX's `linear` is the weighted mix (README)
 SIGN_METHODS = ("total", "frequency")
 _FORM = re.compile(r"^merge:([a-z_]+)\(([^();]*)(?:;([^()]*))?\)$")
 
@@ -139,8 +138,8 @@ class Merge:
 
     @property
     def name(self) -> str:
-        listed = ",".join(f"{n}@{_number(w)}" for n, w in self.sources)
-        options = [f"density={_number(self.density)}"] if self.density is not None else []
+        listed = ",".join(f"{n}@{weight_text(w)}" for n, w in self.sources)
+        options = [f"density={weight_text(self.density)}"] if self.density is not None else []
         if uses_sign(self.strategy):
             options.append(f"majority_sign_method={self.majority_sign_method}")
         return f"{PREFIX}{self.strategy}({listed}{';' + ','.join(options) if options else ''})"
@@ -335,5 +334,6 @@ def _float(name: str, text: str) -> float:
         raise ValidationError(f"invalid merge {name!r}: {text!r} is not a number") from None
 
 
-def _number(value: float) -> str:
+def weight_text(value: float) -> str:
+    """The shortest text that reads back as the same float: 0.5, 2, -1.25, 1e-05."""
     return repr(float(value)).removesuffix(".0")
