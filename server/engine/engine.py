@@ -21,7 +21,7 @@ import torch
 
 from server.adapters.registry import AdapterRegistry
 from server.engine.passes import IsolatedPasses
-from server.engine.runner import ModelRunner
+from server.engine.runner import DEFAULT_SEQUENCE_TOKENS, ModelRunner
 from server.engine.sampling import TokenChooser, sample
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import EventOutbox, GenerationRequest, RequestHandle, Sequence
@@ -68,7 +68,7 @@ class Engine:
         the cache must hold; on_finished(seq): for metrics, called on the engine's thread."""
         self.tokenizer = tokenizer
         self.registry = registry
-        default_tokens = max_batch_size * (max_sequence_tokens or 4096 + 1024)
+        default_tokens = max_batch_size * (max_sequence_tokens or DEFAULT_SEQUENCE_TOKENS)
         self.runner = ModelRunner(model, registry.context, kv_cache_memory, default_tokens)
         capacity = self.runner.cache.capacity_tokens
         if max_sequence_tokens is not None and capacity < max_sequence_tokens:

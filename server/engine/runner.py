@@ -21,7 +21,8 @@ from server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 CHECK_WINDOW = 8  # the sliding window the self-check runs with (see ModelRunner.self_check)
-DEFAULT_CACHE_TOKENS = 32 * (4096 + 1024)  # the CPU default budget: the default batch of the longest requests
+DEFAULT_SEQUENCE_TOKENS = 4096 + 1024  # the longest request by default: input and new tokens
+DEFAULT_CACHE_TOKENS = 32 * DEFAULT_SEQUENCE_TOKENS  # the CPU default budget: the default batch of the longest requests
 
 
 class ModelRunner:
