@@ -1,9 +1,10 @@
 """bfloat16 and float16: held to PEFT's reference in the same dtype, and no row ever sees another row's overflow.
 
-Numerics: adapter weights are kept in the serving dtype (as vLLM and LoRAX do), where PEFT keeps some in float32;
-the difference is of the order of the dtype's own rounding (measured: PEFT in bfloat16 differs from PEFT in float32
-by up to 0.125 in logprobs on these models, and from us by up to 0.14), so the tolerances below are stated per
-dtype, and greedy tokens must be the reference's wherever it has no near-tie (and its second choice where it has).
+Numerics: adapter weights are kept in the serving dtype (as vLLM and LoRAX do; OFT's generator is float32, see the
+last test), where PEFT keeps some in float32; the difference is of the order of the dtype's own rounding (measured:
+PEFT in bfloat16 differs from PEFT in float32 by up to 0.125 in logprobs on these models, and from us by up to
+0.14), so the tolerances below are stated per dtype, and greedy tokens must be the reference's wherever it has no
+near-tie (and its second choice where it has).
 """
 
 from __future__ import annotations
@@ -129,3 +130,23 @@ def test_a_finished_rows_overflow_never_reaches_the_next_occupant_of_its_slot(ll
     for before, again in zip(fresh, after, strict=True):
         assert again.tokens == before.tokens
         assert again.logprobs == before.logprobs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("neumann", [False, True], ids=["exact", "neumann"])
+def test_oft_at_a_weight_is_its_float32_rotation_cast_once(dtype, neumann):
+    """PEFT keeps adapter weights in float32 (autocast_adapter_dtype): R(w) = Cayley(w Q) is computed from the float32
+    generator and cast to the serving dtype once. Tolerance: none, it is the same computation."""
+    from peft import OFTConfig
+
+    from server.adapters.kinds.oft import OFTKind, _cayley
+    from server.adapters.kinds.base import LayerShape
+
+    torch.manual_seed(0)
+    size, in_features = 8, 64
+    generator = torch.randn(in_features // size, size * (size - 1) // 2) * 0.3
+    config = OFTConfig(r=0, oft_block_size=size, use_cayley_neumann=neumann, target_modules=["q"])
+    layer = OFTKind().build(config, "q", LayerShape(in_features, in_features), {"oft_R.weight": generator}, dtype)
+    for weight in (0.5, -1.5):
+        expected = _cayley(generator * weight, size, in_features, neumann, config.num_cayley_neumann_terms)
+        torch.testing.assert_close(layer.rotation(weight), expected.to(dtype), atol=0, rtol=0)

@@ -24,7 +24,9 @@ class OFTLayerAdapter(LayerAdapter):
 
     def __init__(self, blocks: torch.Tensor, generator: torch.Tensor, cayley: tuple[int, int, bool, int]):
         self.blocks = blocks  # [n_blocks, block_size, block_size]: R(1)
-        self.generator = generator  # [n_blocks or 1 (shared), block_size * (block_size - 1) / 2]: Q's upper triangle
+        # [n_blocks or 1 (shared), block_size * (block_size - 1) / 2]: Q's upper triangle, in float32 as PEFT keeps
+        # it (autocast_adapter_dtype): R(w) is computed from it and cast to the serving dtype once
+        self.generator = generator
         self.cayley = cayley  # (block_size, in_features, use_cayley_neumann, num_cayley_neumann_terms)
         self.rotates_per_row = bool(_neumann_coefficients(*cayley[2:]))
         self._weighted: OrderedDict[float | str, torch.Tensor] = OrderedDict()
@@ -34,8 +36,7 @@ class OFTLayerAdapter(LayerAdapter):
             return self.blocks
         blocks = self._weighted.pop(weight, None)
         if blocks is None:
-            generator = self.generator.float() * weight
-            blocks = _cayley(generator, *self.cayley).to(self.blocks.dtype)
+            blocks = _cayley(self.generator * weight, *self.cayley).to(self.blocks.dtype)
         self._weighted[weight] = blocks
         while len(self._weighted) > self.WEIGHTS_KEPT:
             self._weighted.popitem(last=False)
@@ -46,7 +47,7 @@ class OFTLayerAdapter(LayerAdapter):
         powers = self._weighted.pop("powers", None)
         if powers is None:
             size, in_features, _, terms = self.cayley
-            q = _cayley(self.generator.float(), size, in_features, False, 0, skew=True)  # [n, s, s]
+            q = _cayley(self.generator, size, in_features, False, 0, skew=True)  # [n, s, s]
             stack = [q]
             for _ in range(len(_neumann_coefficients(True, terms)) - 1):
                 stack.append(torch.bmm(stack[-1], q))
@@ -148,4 +149,5 @@ class OFTKind(Kind):
             ).to(weight.device)
             weight = projector._project_batch(weight, eps=config.eps)
         cayley = (size, in_f, config.use_cayley_neumann, config.num_cayley_neumann_terms)
-        return OFTLayerAdapter(_cayley(weight, *cayley).to(dtype), weight.to(dtype), cayley)
+        weight = weight.float()
+        return OFTLayerAdapter(_cayley(weight, *cayley).to(dtype), weight, cayley)
