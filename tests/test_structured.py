@@ -11,6 +11,7 @@ import asyncio
 import json
 import random
 import re
+import threading
 
 import httpx
 import jsonschema
@@ -138,6 +139,34 @@ def test_a_forbidden_token_fails_its_row_only(llama):
     constraint = grammars.compile(GrammarSpec.choice(["yes"])).constraint()
     with pytest.raises(RuntimeError, match="not allowed"):
         constraint.advance(tokenizer.encode("n", add_special_tokens=False)[0])
+
+
+def test_a_cache_lookup_never_waits_for_the_vocabulary_being_read(llama, monkeypatch):
+    """`cached` runs on the event loop: it must not wait behind the first compile's reading of the vocabulary."""
+    from server.engine import constraints
+
+    tokenizer = load_tokenizer(llama.model_dir)
+    grammars = Grammars(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))
+    reading, release, looked_up = threading.Event(), threading.Event(), threading.Event()
+    convert = constraints._lltokenizer
+
+    def slow_conversion(*args):
+        reading.set()
+        release.wait(60)
+        return convert(*args)
+
+    monkeypatch.setattr(constraints, "_lltokenizer", slow_conversion)
+    compiling = threading.Thread(target=grammars.compile, args=(GrammarSpec.choice(["yes"]),))
+    compiling.start()
+    try:
+        assert reading.wait(60)
+        lookup = threading.Thread(target=lambda: grammars.cached(GrammarSpec.choice(["no"])) or looked_up.set())
+        lookup.start()
+        assert looked_up.wait(60), "the lookup waited for the vocabulary"
+    finally:
+        release.set()
+        compiling.join(60)
+    assert grammars.cached(GrammarSpec.choice(["yes"])) is not None
 
 
 # --- through the server

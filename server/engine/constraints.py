@@ -135,7 +135,8 @@ class Grammars:
         self.eos_ids = sorted(eos_ids)
         self._lltokenizer: llguidance.LLTokenizer | None = None
         self._cache: collections.OrderedDict[GrammarSpec, Grammar] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache's: `cached` is called on the event loop
+        self._tokenizer_lock = threading.Lock()  # held while the vocabulary is read (seconds)
 
     def cached(self, spec: GrammarSpec) -> Grammar | None:
         with self._lock:
@@ -164,7 +165,7 @@ class Grammars:
         return grammar
 
     def lltokenizer(self) -> llguidance.LLTokenizer:
-        with self._lock:
+        with self._tokenizer_lock:
             if self._lltokenizer is None:
                 self._lltokenizer = _lltokenizer(self.tokenizer, self.vocab_size, self.eos_ids)
             return self._lltokenizer
