@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -23,7 +24,11 @@ import httpx
 import pytest
 from moto.server import ThreadedMotoServer
 
+from server.adapters.sources import AdapterSource, Mount, SourceError, SourceOptions, parse_mounts
+from server.adapters.sources.disk import DiskTier
+from server.adapters.sources.remote import RemoteAdapters
 from server.adapters.store import AdapterStore
+from server.errors import AdapterLoadFailed
 from server.model import encode_prompt
 from tests.reference import reference_greedy
 
@@ -532,3 +537,53 @@ def test_a_hung_source_holds_only_the_requests_that_name_its_adapters(serve, lla
     base, local, waiting, stuck = asyncio.run(run())
     assert base == local == 200 and waiting == 12
     assert set(stuck) <= {404, 424}
+
+
+class FolderSource(AdapterSource):
+    """A source of local folders by key, at versions the test sets; `down` makes every call fail as unreachable."""
+
+    scheme = kind = "folders"
+
+    def __init__(self, folders: dict[str, Path]):
+        super().__init__("folders", SourceOptions())
+        self.folders, self.versions, self.down = folders, dict.fromkeys(folders, "v1"), False
+
+    def version(self, key: str) -> str:
+        if self.down:
+            raise SourceError("unreachable")
+        return self.versions[key]
+
+    def fetch(self, key: str, version: str, into: Path) -> None:
+        if version != self.version(key):
+            raise SourceError("changed", f"{key} is no longer at {version}")
+        for filename in FILES:
+            shutil.copyfile(self.folders[key] / filename, into / filename)
+
+
+def folder_store(llama, tmp_path, budget=10**9, **options) -> tuple[AdapterStore, FolderSource]:
+    source = FolderSource({"a": llama.store / "lora", "b": llama.store / "lokr"})
+    remote = RemoteAdapters([Mount("acme/", source)], DiskTier(tmp_path / "disk", budget), **options)
+    return AdapterStore(llama.store, remote=remote), source
+
+
+@pytest.mark.parametrize("found", ["on disk", "fetched"])
+def test_a_version_being_read_is_never_evicted_by_another_fetch(llama, tmp_path, monkeypatch, found):
+    """A budget of less than one adapter: fetching b evicts every other version not being read. It is fetched right
+    after a's folder is found (or put), before a is read: a must still be there."""
+    store, _ = folder_store(llama, tmp_path, budget=1)
+    if found == "on disk":
+        store.read("acme/a")
+    hooked = DiskTier.get if found == "on disk" else DiskTier.put
+    interleaved = []
+
+    def then_fetch_b(disk, name, *args, **kwargs):
+        folder = hooked(disk, name, *args, **kwargs)
+        if name == "acme/a" and folder is not None and not interleaved:
+            interleaved.append(folder)
+            store.read("acme/b")
+        return folder
+
+    monkeypatch.setattr(DiskTier, hooked.__name__, then_fetch_b)
+    files = store.read("acme/a")
+    assert interleaved and files.tensors and files.config["peft_type"] == "LORA"
+

@@ -155,8 +155,8 @@ class AdapterStore:
     def peft_type(self, name: str) -> str | None:
         """The config's peft_type, read again only when the config file changes (listings ask for every adapter)."""
         if self.mounted(name):  # a version on disk when there is one (a type rarely changes): no network call
-            folder = self.remote.folder_on_disk(name) or self.remote.materialize(name)[0]
-            return _read_config(name, folder / CONFIG_FILE).get("peft_type")
+            with self.remote.materialized(name, any_version=True) as (folder, _):
+                return _read_config(name, folder / CONFIG_FILE).get("peft_type")
         signature = _stat(name, self._file(name, CONFIG_FILE))
         with self._types_lock:
             cached = self._types.get(name)
@@ -204,8 +204,7 @@ class AdapterStore:
         """The current version from the disk tier (fetched first if need be), its bytes checked against the
         manifest written when it was fetched: a folder damaged on disk is dropped and fetched again next time."""
         check_name(name)
-        folder, at_source = self.remote.materialize(name)
-        with self.remote.disk.pinned(folder):
+        with self.remote.materialized(name) as (folder, at_source):
             manifest = self.remote.disk.manifest(folder) or {}
             data = {}
             for filename in (CONFIG_FILE, SAFETENSORS_FILE):

@@ -3,7 +3,8 @@
 Each version of an adapter is one folder, `<root>/<name>/@<digest of the version>/`, written under `.partial/` and
 renamed into place once complete, with a manifest (`.mixserve.json`: name, version, bytes, each file's SHA-256)
 written last: a folder without one is never used. Folders found at start are reused (their manifest's time is their
-last use). A folder being read is pinned: eviction passes over it.
+last use). A folder being read is pinned, from the moment it is found or put (under the lock that eviction takes)
+until its reader unpins it: eviction passes over it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -40,27 +40,32 @@ class DiskTier:
     def folder(self, name: str, version: str) -> Path:
         return self.root / name / ("@" + hashlib.sha256(version.encode()).hexdigest()[:16])
 
-    def get(self, name: str, version: str, use: bool = True) -> Path | None:
-        """The folder of this version, marked as just used (unless use is false); None when it is not on disk."""
+    def get(self, name: str, version: str, use: bool = True, pin: bool = False) -> Path | None:
+        """The folder of this version, marked as just used (unless use is false), pinned when pin (then unpin it);
+        None when it is not on disk."""
         folder = self.folder(name, version)
         with self._lock:
             if folder not in self._entries:
                 return None
             if use:
                 self._entries.move_to_end(folder)
+            if pin:
+                self._pins[folder] += 1
         if use:
             _touch(folder / MANIFEST)
         return folder
 
-    def latest(self, name: str) -> tuple[Path, str] | None:
-        """The most recently used version of name on disk: (folder, version)."""
+    def latest(self, name: str, pin: bool = False) -> tuple[Path, str] | None:
+        """The most recently used version of name on disk: (folder, version), pinned when pin."""
         with self._lock:
             found = [(f, m["version"]) for f, m in self._entries.items() if m["name"] == name]
+            if found and pin:
+                self._pins[found[-1][0]] += 1
         return found[-1] if found else None
 
     def put(self, name: str, version: str, fill: Callable[[Path], None]) -> Path:
-        """fill(folder) writes the files into an empty folder; they are hashed, and the folder renamed into place
-        and the budget enforced (the new folder is kept even over budget: it is about to be read)."""
+        """fill(folder) writes the files into an empty folder; they are hashed, and the folder renamed into place,
+        pinned (unpin it once read), and the budget enforced."""
         partial = self.root / PARTIAL / uuid.uuid4().hex
         partial.mkdir()
         try:
@@ -79,19 +84,15 @@ class DiskTier:
             shutil.rmtree(partial, ignore_errors=True)
         with self._lock:
             self._entries[folder] = manifest
-        self._evict(keep=folder)
+            self._pins[folder] += 1
+        self._evict()
         return folder
 
-    @contextmanager
-    def pinned(self, folder: Path):
-        """Eviction passes over folder meanwhile."""
+    def unpin(self, folder: Path) -> None:
         with self._lock:
-            self._pins[folder] += 1
-        try:
-            yield folder
-        finally:
-            with self._lock:
-                self._pins[folder] -= 1
+            self._pins[folder] -= 1
+            if not self._pins[folder]:
+                del self._pins[folder]
 
     def drop(self, folder: Path) -> None:
         """Forgets folder and deletes it (its files were found damaged)."""
@@ -114,11 +115,11 @@ class DiskTier:
         with self._lock:
             return len(self._entries), sum(m["bytes"] for m in self._entries.values())
 
-    def _evict(self, keep: Path) -> None:
+    def _evict(self) -> None:
         while True:
             with self._lock:
                 total = sum(m["bytes"] for m in self._entries.values())
-                victims = [f for f in self._entries if f != keep and not self._pins[f]]
+                victims = [f for f in self._entries if not self._pins[f]]
                 if total <= self.budget or not victims:
                     return
                 victim = victims[0]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,12 +104,13 @@ class RemoteAdapters:
         """'disk' when a version is on disk, else 'remote'."""
         return "disk" if self.folder_on_disk(name, use=False) is not None else "remote"
 
-    def folder_on_disk(self, name: str, use: bool = True) -> Path | None:
-        """The disk tier's folder of the version last seen, else of the latest version on disk, or None."""
+    def folder_on_disk(self, name: str, use: bool = True, pin: bool = False) -> Path | None:
+        """The disk tier's folder of the version last seen, else of the latest version on disk, or None; pinned when
+        pin (then unpin it)."""
         with self._lock:
             seen = self._seen.get(name)
-        folder = self.disk.get(name, seen.version, use) if seen is not None and seen.version else None
-        latest = self.disk.latest(name) if folder is None else None
+        folder = self.disk.get(name, seen.version, use, pin) if seen is not None and seen.version else None
+        latest = self.disk.latest(name, pin) if folder is None else None
         return latest[0] if latest else folder
 
     def names(self) -> set[str]:
@@ -117,9 +119,24 @@ class RemoteAdapters:
 
     # --- may fetch: loader threads, API worker threads
 
+    @contextmanager
+    def materialized(self, name: str, any_version: bool = False) -> Iterator[tuple[Path, str]]:
+        """materialize's answer, pinned in the disk tier meanwhile (a fetch of another adapter cannot evict it while
+        it is read). any_version: a version already on disk will do, without a network call."""
+        folder = self.folder_on_disk(name, pin=True) if any_version else None
+        found = (folder, "") if folder is not None else self._materialize(name)
+        try:
+            yield found
+        finally:
+            self.disk.unpin(found[0])
+
     def materialize(self, name: str) -> tuple[Path, str]:
-        """(folder in the disk tier, version) of name's current version; raises AdapterNotFound (404) or
-        AdapterLoadFailed (424)."""
+        """(folder in the disk tier, version) of name's current version, not pinned (it may be evicted by the time
+        it is read: read it in `materialized`); raises AdapterNotFound (404) or AdapterLoadFailed (424)."""
+        with self.materialized(name) as found:
+            return found
+
+    def _materialize(self, name: str) -> tuple[Path, str]:
         with self._lock:
             failure = self._failures.get(name)
         if failure is not None and time.monotonic() < failure.until(self.retry_seconds):
@@ -127,9 +144,10 @@ class RemoteAdapters:
         mount = self.mount(name)
         try:
             version = self._version(name, mount)
-            folder = self.disk.get(name, version) or self._fetch_once(name, mount, version)
+            folder = self._pinned(name, mount, version)
         except SourceError as exc:
-            stale = self.disk.latest(name) if exc.reason in ("unreachable", "timeout", "not_cached") else None
+            away = exc.reason in ("unreachable", "timeout", "not_cached")
+            stale = self.disk.latest(name, pin=True) if away else None
             if stale is not None:  # the source is away: serve what is on disk, look again after check_seconds
                 log.warning("adapter %s: source %s; serving the version on disk", name, exc.reason)
                 with self._lock:
@@ -157,7 +175,16 @@ class RemoteAdapters:
             self._seen[name] = _Seen(version, time.monotonic())
         return version
 
-    def _fetch_once(self, name: str, mount: Mount, version: str) -> Path:
+    def _pinned(self, name: str, mount: Mount, version: str) -> Path:
+        """The version's folder, pinned: on disk already, else fetched (a caller that waited for another's fetch
+        pins it if it is still there, else fetches it again)."""
+        while True:
+            folder = self.disk.get(name, version, pin=True) or self._fetch_once(name, mount, version)
+            if folder is not None:
+                return folder
+
+    def _fetch_once(self, name: str, mount: Mount, version: str) -> Path | None:
+        """The version fetched and pinned; None when another caller fetched it meanwhile (it is on disk, unpinned)."""
         folder = self.disk.folder(name, version)
         with self._lock:
             flight = self._flights.get(folder)
@@ -165,7 +192,8 @@ class RemoteAdapters:
             if leader:
                 flight = self._flights[folder] = Future()
         if not leader:
-            return flight.result()
+            flight.result()
+            return None
         try:
             result = self._fetch(name, mount, version)
         except BaseException as exc:
