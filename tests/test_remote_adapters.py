@@ -587,3 +587,16 @@ def test_a_version_being_read_is_never_evicted_by_another_fetch(llama, tmp_path,
     files = store.read("acme/a")
     assert interleaved and files.tensors and files.config["peft_type"] == "LORA"
 
+
+def test_a_remembered_failure_is_raised_as_a_new_exception_each_time(llama, tmp_path):
+    """One exception object raised in several requests would share its traceback and context between them."""
+    store, source = folder_store(llama, tmp_path, retry_seconds=60)
+    source.down = True
+    errors = []
+    for _ in range(3):
+        with pytest.raises(AdapterLoadFailed) as raised:
+            store.read("acme/a")
+        errors.append(raised.value)
+    assert len({id(e) for e in errors}) == 3 and len({str(e) for e in errors}) == 1
+    assert all(e.__context__ is None for e in errors[1:])
+

@@ -50,6 +50,7 @@ class SourceError(Exception):
             raise ValueError(f"unknown source error reason {reason!r}")
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 @dataclass(frozen=True)

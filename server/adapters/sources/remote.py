@@ -7,7 +7,8 @@ thread to look again (so a changed remote object is picked up like a changed loc
 fetched once however many callers want it at the same time.
 
 A failure is remembered per name with backoff (retry_seconds, doubled on each further failure up to
-MAX_BACKOFF_SECONDS); meanwhile asking again answers the same error without a network call. Clients see the reason
+MAX_BACKOFF_SECONDS); meanwhile asking again answers the same error (a new exception each time: one object raised in
+several threads would share its traceback) without a network call. Clients see the reason
 only: never a credential, a bucket or a URL (those go to the log at most, as the exception's type).
 """
 
@@ -48,7 +49,8 @@ class _Seen:
 
 @dataclass
 class _Failure:
-    error: MixserveError
+    error: type[MixserveError]
+    message: str
     at: float
     count: int
 
@@ -140,7 +142,7 @@ class RemoteAdapters:
         with self._lock:
             failure = self._failures.get(name)
         if failure is not None and time.monotonic() < failure.until(self.retry_seconds):
-            raise failure.error
+            raise failure.error(failure.message)
         mount = self.mount(name)
         try:
             version = self._version(name, mount)
@@ -192,7 +194,11 @@ class RemoteAdapters:
             if leader:
                 flight = self._flights[folder] = Future()
         if not leader:
-            flight.result()
+            error = flight.exception()
+            if isinstance(error, SourceError):
+                raise SourceError(error.reason, error.detail)
+            if error is not None:
+                raise SourceError("error", f"the fetch by another request failed: {type(error).__name__}")
             return None
         try:
             result = self._fetch(name, mount, version)
@@ -225,7 +231,7 @@ class RemoteAdapters:
         else:
             error = AdapterLoadFailed(f"adapter {name!r}: fetching it failed: {REASONS[exc.reason]}; retried later")
         self._on_fetch(None, 0, exc.reason)
-        failure = _Failure(error, time.monotonic(), (previous.count + 1) if previous else 1)
+        failure = _Failure(type(error), error.message, time.monotonic(), (previous.count + 1) if previous else 1)
         with self._lock:
             self._failures[name] = failure
         # the source's own message may name the bucket or the endpoint: the log gets the reason and the type only
