@@ -600,3 +600,18 @@ def test_a_remembered_failure_is_raised_as_a_new_exception_each_time(llama, tmp_
     assert len({id(e) for e in errors}) == 3 and len({str(e) for e in errors}) == 1
     assert all(e.__context__ is None for e in errors[1:])
 
+
+def test_a_version_gone_at_the_source_is_looked_at_again_at_once(llama, s3, tmp_path):
+    """S3's 412 on If-Match (the object replaced since its ETag was read) makes the next step look at the version
+    again, not serve the stale ETag's failure until check_seconds."""
+    options = SourceOptions(timeout=2, s3_endpoint_url=s3.url)
+    mounts = parse_mounts(f"acme/=s3://{BUCKET}/tenants/acme/", options)
+    remote = RemoteAdapters(mounts, DiskTier(tmp_path / "disk", 10**9), check_seconds=3600)
+    store = AdapterStore(llama.store, remote=remote)
+    s3.upload(llama.store / "lora", "tenants/acme/replaced")
+    first = store.read("acme/replaced")
+    remote.disk.drop(remote.disk.latest("acme/replaced")[0])  # evicted: the next read fetches the version last seen
+    s3.upload(llama.store / "lokr", "tenants/acme/replaced")
+    second = store.read("acme/replaced")
+    assert first.config["peft_type"] == "LORA" and second.config["peft_type"] == "LOKR"
+    assert second.signature != first.signature

@@ -8,7 +8,8 @@ fetched once however many callers want it at the same time.
 
 A failure is remembered per name with backoff (retry_seconds, doubled on each further failure up to
 MAX_BACKOFF_SECONDS); meanwhile asking again answers the same error (a new exception each time: one object raised in
-several threads would share its traceback) without a network call. Clients see the reason
+several threads would share its traceback) without a network call. A source that finds the version it was asked
+for gone (S3's 412 on If-Match) has its version looked at again at once, and the fetch retried once. Clients see the reason
 only: never a credential, a bucket or a URL (those go to the log at most, as the exception's type).
 """
 
@@ -145,8 +146,7 @@ class RemoteAdapters:
             raise failure.error(failure.message)
         mount = self.mount(name)
         try:
-            version = self._version(name, mount)
-            folder = self._pinned(name, mount, version)
+            version, folder = self._current(name, mount)
         except SourceError as exc:
             away = exc.reason in ("unreachable", "timeout", "not_cached")
             stale = self.disk.latest(name, pin=True) if away else None
@@ -159,6 +159,21 @@ class RemoteAdapters:
         with self._lock:
             self._failures.pop(name, None)
         return folder, version
+
+    def _current(self, name: str, mount: Mount) -> tuple[str, Path]:
+        """The current version and its folder, pinned. A version gone at the source by the time it is fetched (S3's
+        412) is looked at again at once rather than after check_seconds."""
+        version = self._version(name, mount)
+        try:
+            return version, self._pinned(name, mount, version)
+        except SourceError as exc:
+            if exc.reason != "changed":
+                raise
+        log.info("adapter %s: changed at its source since its version was looked at; looking again", name)
+        with self._lock:
+            self._seen.pop(name, None)
+        version = self._version(name, mount)
+        return version, self._pinned(name, mount, version)
 
     def _version(self, name: str, mount: Mount) -> str:
         """The version last seen while it is fresh, else the source's (and it is remembered)."""
