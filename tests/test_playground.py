@@ -52,12 +52,30 @@ def keyed(serve, tmp_path_factory):
     return serve(demo_settings(adapters_dir=store, api_keys=f"{ADMIN},{ACME}:acme/"))
 
 
+QUIET = (  # the browser calls nothing but the test's server: no updates, metrics, safe browsing, sync or crash reports
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-default-apps",
+    "--disable-sync",
+    "--disable-extensions",
+    "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection",
+    "--disable-breakpad",
+    "--metrics-recording-only",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--no-pings",
+)
+FEATURES_OFF = ("OptimizationHints", "MediaRouter", "Translate", "AutofillServerCommunication")
+
+
 @pytest.fixture(scope="module")
 def browser():
     assert Path(CHROMEDRIVER).exists(), "Chromium's driver is missing: make install-test installs it"
     options = webdriver.ChromeOptions()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", *QUIET):
         options.add_argument(argument)
+    options.add_argument("--disable-features=" + ",".join(FEATURES_OFF))
     options.add_argument("--window-size=1400,1000")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(WAIT)
@@ -79,6 +97,14 @@ def generate(server, adapters: list[str], prompt: str, tokens: int, key: str | N
     response = call(server, "POST", "/generate", key, json=body)
     assert response.status_code == 200, response.text
     return response
+
+
+def test_the_browser_runs_with_its_own_network_calls_off(browser):
+    browser.get("chrome://version")
+    command_line = browser.find_element(By.ID, "command_line").text
+    flags = set(command_line.split())
+    features = next(f for f in flags if f.startswith("--disable-features=")).partition("=")[2].split(",")
+    assert set(QUIET) <= flags and set(FEATURES_OFF) <= set(features), command_line
 
 
 # --- driving the page
