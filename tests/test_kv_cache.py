@@ -12,7 +12,7 @@ from server.adapters.combination import Combination
 from server.engine.kv_cache import BLOCK_SIZE, BlockPool
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
-from server.errors import MixserveError
+from server.errors import CacheTooSmall, MixserveError
 from server.metrics import Metrics
 from server.state import ServerState
 from tests.reference import reference_logits
@@ -179,3 +179,21 @@ def test_a_preempted_request_cancelled_while_it_waits_gives_back_its_adapters(sm
     pool = engine.runner.cache.pool
     assert pool.free == pool.total and not engine._preempted and engine.queued == 0
     assert [a.name for a in small.registry.loaded() if a.refs] == []
+
+
+def test_a_preempted_request_the_whole_cache_cannot_hold_fails_and_gives_back_its_adapters(llama):
+    """A request that outgrows the cache alone (the engine takes it unchecked) is preempted, and refused when it
+    would be readmitted; the adapters it held are released."""
+    probe = ServerState.start(llama.settings(max_batch_size=2))
+    block_bytes = probe.engine.runner.cache.block_bytes
+    probe.stop()
+    state = ServerState.start(llama.settings(max_input_tokens=48, max_new_tokens=64, kv_cache_memory=8 * block_bytes))
+    try:
+        with pytest.raises(CacheTooSmall):
+            asyncio.run(state.engine.generate(_request(0, 40, 200, ["lora"])))
+        assert state.engine.preemptions == 1
+        assert [a.name for a in state.registry.loaded() if a.refs] == []
+        pool = state.engine.runner.cache.pool
+        assert pool.free == pool.total and not state.engine._preempted
+    finally:
+        state.stop()

@@ -261,6 +261,9 @@ class Engine:
         """Requests leave the queue: the refused failed, the admitted about to run."""
         for seq, error in refused:
             self._dequeued(seq)
+            self._preempted.discard(seq)  # a preempted one gives back the adapters it held
+            self.registry.release(seq.loaded)
+            seq.loaded = []
             self._refuse(seq, error)
         for seq in admitted:
             self._dequeued(seq)
