@@ -480,16 +480,28 @@ def test_compose_serves_demo_adapters_from_its_minio():
         f"local/{mount.source.bucket}/{mount.source.prefix}" in seeding
         and "./adapters_store:/seed:ro" in seed["volumes"]
     )
-    credentials = (REPO / replica["env_file"]).read_text()
-    keys = {line.split("=")[0] for line in credentials.splitlines() if line and not line.startswith("#")}
-    assert keys == {
-        "MINIO_ROOT_USER",
-        "MINIO_ROOT_PASSWORD",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_DEFAULT_REGION",
-    }
-    assert minio["env_file"] == seed["env_file"] == replica["env_file"]
+
+    def env(path: str) -> dict[str, str]:
+        lines = (REPO / path).read_text().splitlines()
+        return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+    root, server = env(minio["env_file"]), env(replica["env_file"])
+    assert set(root) == {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}  # MinIO's root user: never the replicas'
+    assert set(server) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}
+    assert server["AWS_ACCESS_KEY_ID"] != root["MINIO_ROOT_USER"]
+    assert seed["env_file"] == [minio["env_file"], replica["env_file"]]
+    policy_file = next(v.split(":")[0] for v in seed["volumes"] if v.endswith("mixserve-read.json:ro"))
+    for step in (
+        "mc admin policy create local mixserve-read /policy/mixserve-read.json",
+        'mc admin user add local "$$AWS_ACCESS_KEY_ID" "$$AWS_SECRET_ACCESS_KEY"',
+        'mc admin policy attach local mixserve-read --user "$$AWS_ACCESS_KEY_ID"',
+    ):
+        assert step in seeding, step
+    statements = json.loads((REPO / policy_file).read_text())["Statement"]
+    assert {action for s in statements for action in s["Action"]} == {"s3:GetObject", "s3:ListBucket"}
+    assert all(s["Effect"] == "Allow" for s in statements)
+    objects = f"arn:aws:s3:::{mount.source.bucket}/{mount.source.prefix}/*"
+    assert [s["Resource"] for s in statements if "s3:GetObject" in s["Action"]] == [[objects]]
     assert "minio-data" in compose["volumes"]
 
 
