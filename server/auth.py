@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.errors import AdapterNotFound, MixserveError
@@ -37,9 +37,11 @@ class Forbidden(MixserveError):
 
 @dataclass(frozen=True)
 class Tenant:
-    """Who a request acts for: the adapter name prefixes it may use, or None for all."""
+    """Who a request acts for: the adapter name prefixes it may use, or None for all; identity: its key's SHA-256
+    (hex; "" on an open server), which keeps what one key's requests cached from serving another's."""
 
     prefixes: tuple[str, ...] | None = None
+    identity: str = field(default="", repr=False)
 
     def allows(self, name: str) -> bool:
         return self.prefixes is None or name.startswith(self.prefixes)
@@ -82,7 +84,7 @@ class Keyring:
             if len(key) < 8:
                 raise ValueError("API keys must be at least 8 characters")
             prefixes = tuple(_prefix(p) for p in scope.split("|") if p.strip()) if scope.strip() else None
-            entries.append((key, Tenant(prefixes)))
+            entries.append((key, Tenant(prefixes, _digest(key).hex())))
         return cls(entries)
 
     @classmethod

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         description="the KV cache's budget: bytes (e.g. 2GB), or on GPU a fraction of free memory (e.g. 0.8);"
         " default: half of free GPU memory, on CPU room for max_batch_size of the longest requests",
     )
+    prefix_cache: bool = Field(
+        True, description="reuse the KV cache blocks of a prompt prefix seen before with the same adapters (on|off)"
+    )
     max_loaded_adapters: int | None = Field(None, ge=1, description="adapters resident at once (default: no limit)")
     adapter_memory: int | None = Field(None, description="bytes of resident adapters, e.g. 512MB (default: no limit)")
     host_cache: int = Field(parse_bytes("1GB"), description="bytes of evicted adapters kept in host memory")

@@ -122,6 +122,18 @@ class _Live:
         yield _gauge("mixserve:kv_cache_usage_perc", "KV cache blocks in use, as a fraction of all", used / total)
         yield _gauge("mixserve:kv_cache_blocks_used", "KV cache blocks held by sequences", used)
         yield _gauge("mixserve:kv_cache_blocks_total", "KV cache blocks (MIXSERVE_KV_CACHE_MEMORY)", total)
+        yield _gauge("mixserve:prefix_cache_blocks", "KV cache blocks cached for their prefix (reusable)", pool.cached)
+        runner = engine.runner
+        yield CounterMetricFamily(
+            "mixserve:prefix_cache_queries",
+            "Prefilled tokens looked up in the prefix cache (MIXSERVE_PREFIX_CACHE)",
+            value=runner.prefix_queried_tokens,
+        )
+        yield CounterMetricFamily(
+            "mixserve:prefix_cache_hits",
+            "Prefilled tokens found in the prefix cache, not computed again",
+            value=runner.prefix_hit_tokens,
+        )
         yield CounterMetricFamily(
             "mixserve:num_preemptions",
             "Running sequences preempted for lack of KV cache blocks (recomputed later)",

@@ -185,7 +185,9 @@ async def _generation_request(body: GenerateRequest, request: Request) -> Genera
     )
     prompt = encode_prompt(state.tokenizer, body.inputs)
     grammar = await compile_grammar(state, params.grammar_spec())
-    return validation.generation_request(state, prompt, adapters, sampling, request.state.request_id, grammar)
+    return validation.generation_request(
+        state, prompt, adapters, sampling, request.state.request_id, grammar, tenant_of(request)
+    )
 
 
 def _text(body: GenerateRequest, seq: Sequence) -> str:

@@ -190,7 +190,7 @@ def _request(
     state, ids, adapters, sampling, request: Request, index: int, grammar: Grammar | None
 ) -> GenerationRequest:
     request_id = request.state.request_id if index == 0 else f"{request.state.request_id}-{index}"
-    return validation.generation_request(state, ids, adapters, sampling, request_id, grammar)
+    return validation.generation_request(state, ids, adapters, sampling, request_id, grammar, tenant_of(request))
 
 
 def _usage(seqs: list[Sequence]) -> Usage:

@@ -6,7 +6,7 @@ import dataclasses
 
 from server.adapters.combination import Combination, parse_spec
 from server.api.schemas import MAX_STOP_CHARS
-from server.auth import Tenant
+from server.auth import EVERYTHING, Tenant
 from server.engine.constraints import Grammar
 from server.engine.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams
 from server.engine.sequence import GenerationRequest
@@ -36,9 +36,10 @@ def generation_request(
     sampling: SamplingParams,
     request_id: str,
     grammar: Grammar | None = None,
+    tenant: Tenant = EVERYTHING,
 ) -> GenerationRequest:
     """sampling.max_new_tokens None asks for the default, or what the context leaves when that is less. grammar:
-    the output's constraint, compiled (see api/structured.py)."""
+    the output's constraint, compiled (see api/structured.py); tenant: whom the request acts for."""
     settings, problems = state.settings, []
     room = (state.max_total_tokens or 10**9) - len(prompt_ids)
     max_new = (
@@ -72,5 +73,11 @@ def generation_request(
         raise ValidationError("; ".join(problems))
     sampling = dataclasses.replace(sampling, max_new_tokens=max_new)
     return GenerationRequest(
-        request_id, prompt_ids, adapters, sampling, timeout=settings.request_timeout, grammar=grammar
+        request_id,
+        prompt_ids,
+        adapters,
+        sampling,
+        timeout=settings.request_timeout,
+        grammar=grammar,
+        tenant=tenant.identity,
     )

@@ -1,7 +1,8 @@
 """The engine: handlers submit requests; one worker thread owns the model and runs iteration-level batching.
 
 Each step: schedule (drop what clients cancelled, admit waiting requests whose adapters are resident and whose
-prompts fit in the KV cache), run (prefill the admitted, then decode one token for every running sequence, first
+prompts fit in the KV cache), run (prefill the admitted, each after the blocks of its prefix that an earlier request
+of the same tenant, adapters, versions and weights left cached; then decode one token for every running sequence,
 preempting the youngest while the cache lacks a block for that), postprocess (sample, append, retire the finished).
 Requests join and leave the batch between steps; a preempted one waits first in line and, readmitted, recomputes
 its prompt and tokens: its stream goes on where it was.
@@ -61,15 +62,17 @@ class Engine:
         max_queue: int = 256,
         kv_cache_memory: int | float | None = None,
         max_sequence_tokens: int | None = None,
+        prefix_cache: bool = True,
         on_finished=lambda seq: None,
     ):
         """inbox: the one the registry wakes (`AdapterRegistry(wake=inbox.wake)`); kv_cache_memory: the KV cache's
         budget (bytes, or a fraction of free GPU memory); max_sequence_tokens: the longest a request may be, which
-        the cache must hold; on_finished(seq): for metrics, called on the engine's thread."""
+        the cache must hold; prefix_cache: whether a request reuses the cached blocks of an earlier one's prefix (same
+        tenant, adapters, versions and weights); on_finished(seq): for metrics, called on the engine's thread."""
         self.tokenizer = tokenizer
         self.registry = registry
         default_tokens = max_batch_size * (max_sequence_tokens or DEFAULT_SEQUENCE_TOKENS)
-        self.runner = ModelRunner(model, registry.context, kv_cache_memory, default_tokens)
+        self.runner = ModelRunner(model, registry.context, kv_cache_memory, default_tokens, prefix_cache)
         capacity = self.runner.cache.capacity_tokens
         if max_sequence_tokens is not None and capacity < max_sequence_tokens:
             raise RuntimeError(
@@ -334,6 +337,8 @@ class Engine:
         seq.loaded = adapters
         seq.slots = tuple(a.slot for a in adapters)
         seq.weights = tuple(seq.request.adapters.weight(a.name) for a in adapters)
+        versions = [(a.name, a.built.version, w) for a, w in zip(adapters, seq.weights, strict=True)]
+        seq.cache_scope = repr((seq.request.tenant, versions)).encode()  # what the keys and values depend on
         seq.admitted_at = time.monotonic()
         return True
 

@@ -2,13 +2,16 @@
 
 Each sequence holds a block table: its token at position p sits in block `table[p // BLOCK_SIZE]`, at offset
 `p % BLOCK_SIZE`. A block is handed out zeroed and returns to the pool when its sequence leaves the batch
-(finished, cancelled, failed or preempted), so the cache holds the live tokens only, at most one partly filled
-block per sequence. Block 0 is never handed out: it stays zero and pads the tables of shorter rows.
+(finished, cancelled, failed or preempted), unless it is a full block cached for its prefix: then it stays, free but
+reusable by a later sequence of the same scope (tenant, adapters, their versions and weights) and leading tokens,
+until the pool needs it for another (BlockPool). Block 0 is never handed out: it stays zero and pads the tables of
+shorter rows.
 
 The model's attention calls `update`, which writes this pass's keys and values into the rows' blocks and returns
-what attention reads, `[rows, kv_heads, length, head_dim]`: in a prefill (every row from position 0) the pass's own
-keys and values; in a decode each row's own blocks gathered up to `length` (the longest row's), where a shorter
-row's positions past its own length read zeros, hidden by the runner's mask. Masks hide keys by adding -inf, which
+what attention reads, `[rows, kv_heads, length, head_dim]`: in a prefill where every row starts at position 0 the
+pass's own keys and values; otherwise (a decode, or a prefill of rows whose first blocks are cached) each row's own
+blocks gathered up to `length` (the longest row's), where a shorter row's positions past its own length read
+zeros, hidden by the runner's mask. Masks hide keys by adding -inf, which
 cannot hide a NaN: hence zeroed blocks, never an earlier occupant's values (an overflowing adapter may leave NaN).
 
 Each layer's pool takes the shape the model's attention stores (one shared head for multi-query Falcon, other
@@ -17,8 +20,11 @@ head sizes per layer), learnt from one probe pass when the cache is built.
 
 from __future__ import annotations
 
+import array
+import hashlib
 import heapq
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -33,39 +39,108 @@ def blocks_for(tokens: int) -> int:
 
 
 class BlockPool:
-    """Which blocks are free and which each sequence holds. Free blocks are handed out lowest first, so that the
-    pages a CPU touches stay few (an untouched block of the pool costs no resident memory)."""
+    """Which blocks are free, which each sequence holds, and which hold a cached prefix.
+
+    A full block whose keys and values are computed can be cached under its chain key (`chain_keys`): a later
+    sequence whose text starts with the same blocks, in the same scope, takes it into its table instead of computing
+    it again. A block may be in several tables (refs counts them); it is never written once full. A cached block no
+    table holds is still free: it waits in least-recently-released order and is evicted (its key forgotten) when the
+    free heap is empty. Free blocks are handed out lowest first, so that the pages a CPU touches stay few (an
+    untouched block of the pool costs no resident memory)."""
 
     def __init__(self, blocks: int):
         self.total = blocks
         self._free = list(range(1, blocks + 1))  # a heap; block 0 is the zero block
         self.tables: dict[object, list[int]] = {}
+        self._refs: dict[int, int] = {}  # block -> tables holding it
+        self._cached: dict[bytes, int] = {}  # chain key -> block
+        self._key_of: dict[int, bytes] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no table holds, oldest first
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     @property
     def used(self) -> int:
-        return self.total - len(self._free)
+        return self.total - self.free
+
+    @property
+    def cached(self) -> int:
+        return len(self._cached)
 
     def missing(self, seq, tokens: int) -> int:
         """Blocks seq lacks to hold `tokens` tokens."""
         return max(0, blocks_for(tokens) - len(self.tables.get(seq, ())))
 
+    def lookup(self, keys: Sequence[bytes]) -> list[int]:
+        """The cached blocks of the longest run of leading keys."""
+        blocks = []
+        for key in keys:
+            block = self._cached.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def attach(self, seq, blocks: list[int]) -> None:
+        """seq, holding no block yet, starts its table with these cached blocks."""
+        assert seq not in self.tables
+        self.tables[seq] = list(blocks)
+        for block in blocks:
+            self._refs[block] = self._refs.get(block, 0) + 1
+            self._evictable.pop(block, None)
+
     def allocate(self, seq, tokens: int) -> list[int]:
-        """Extends seq's table to hold `tokens` tokens; returns the new blocks. Raises MemoryError when the pool
-        is short (the engine makes room before it asks)."""
+        """Extends seq's table to hold `tokens` tokens; returns the new blocks (evicted cached blocks among them).
+        Raises MemoryError when the pool is short (the engine makes room before it asks)."""
         need = self.missing(seq, tokens)
-        if need > len(self._free):
-            raise MemoryError(f"KV cache: {need} blocks needed, {len(self._free)} free")
-        new = [heapq.heappop(self._free) for _ in range(need)]
+        if need > self.free:
+            raise MemoryError(f"KV cache: {need} blocks needed, {self.free} free")
+        new = [self._take() for _ in range(need)]
         self.tables.setdefault(seq, []).extend(new)
+        for block in new:
+            self._refs[block] = 1
         return new
 
+    def _take(self) -> int:
+        if self._free:
+            return heapq.heappop(self._free)
+        block, _ = self._evictable.popitem(last=False)
+        del self._cached[self._key_of.pop(block)]
+        return block
+
+    def register(self, seq, keys: Sequence[bytes]) -> None:
+        """seq's first len(keys) blocks, full and computed, become cached under these keys (a block already cached,
+        or a key another block holds, stays as it is)."""
+        for block, key in zip(self.tables.get(seq, ()), keys):
+            if block not in self._key_of and key not in self._cached:
+                self._cached[key], self._key_of[block] = block, key
+
     def deallocate(self, seq) -> None:
-        for block in self.tables.pop(seq, ()):
-            heapq.heappush(self._free, block)
+        # the table's last blocks first into the eviction order: a chain is looked up from its first block, so its
+        # tail is the least useful without it
+        for block in reversed(self.tables.pop(seq, ())):
+            self._refs[block] -= 1
+            if self._refs[block]:
+                continue
+            del self._refs[block]
+            if block in self._key_of:
+                self._evictable[block] = None
+            else:
+                heapq.heappush(self._free, block)
+
+
+def chain_keys(scope: bytes, tokens: Sequence[int], blocks: int) -> list[bytes]:
+    """The keys of the first `blocks` full blocks of tokens: each a SHA-256 of the one before it (the scope's digest
+    before the first) and of its own tokens, so that a key names the whole prefix up to its block. Cryptographic:
+    two prefixes under one key would hand one request another's keys and values."""
+    keys, parent = [], hashlib.sha256(scope).digest()
+    for i in range(blocks):
+        chunk = array.array("q", tokens[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]).tobytes()
+        parent = hashlib.sha256(parent + chunk).digest()
+        keys.append(parent)
+    return keys
 
 
 class PagedCache:
@@ -108,8 +183,12 @@ class PagedCache:
     def capacity_tokens(self) -> int:
         return self.pool.total * BLOCK_SIZE
 
+    def attach(self, seq, blocks: list[int]) -> None:
+        """seq's table starts with these cached blocks (BlockPool.lookup)."""
+        self.pool.attach(seq, blocks)
+
     def allocate(self, seq, tokens: int) -> None:
-        """seq's table extended to hold `tokens` tokens, its new blocks zeroed."""
+        """seq's table extended to hold `tokens` tokens, its new blocks zeroed (an evicted one too)."""
         new = self.pool.allocate(seq, tokens)
         if new:
             index = torch.tensor(new, device=self.device)
@@ -119,14 +198,21 @@ class PagedCache:
     def free(self, seq) -> None:
         self.pool.deallocate(seq)
 
-    def begin_prefill(self, seqs: Sequence, lengths: list[int], width: int) -> None:
-        """The next pass prefills seqs from position 0: row r's first lengths[r] of `width` positions are its own
-        (the rest is padding, never stored)."""
-        slots = self._slots(seqs, torch.arange(width))  # [rows, width]
-        self._written = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
-        self._write = slots[self._written].to(self.device)
-        self._written = self._written.to(self.device)
-        self._read, self._length, self._query_length = None, width, width
+    def begin_prefill(self, seqs: Sequence, starts: list[int], lengths: list[int], width: int) -> None:
+        """The next pass computes row r's positions starts[r]..lengths[r]-1 (its first lengths[r] - starts[r] of
+        `width` queries; the rest is padding, never stored). Rows from position 0 attend to this pass's own keys;
+        when a row starts later (its first blocks cached), every row reads its blocks gathered."""
+        queries = torch.arange(width)
+        own = queries[None, :] < torch.tensor([n - s for s, n in zip(starts, lengths, strict=True)])[:, None]
+        slots = self._slots(seqs, torch.tensor(starts)[:, None] + queries[None, :])  # [rows, width]
+        self._write = slots[own].to(self.device)
+        self._written = own.to(self.device)
+        self._query_length = width
+        if not any(starts):
+            self._read, self._length = None, width
+            return
+        self._length = max(lengths)
+        self._read = self._table(seqs, blocks_for(self._length)).flatten().to(self.device)
 
     def begin_decode(self, seqs: Sequence, positions: list[int], length: int) -> None:
         """The next pass writes one token per row at positions[r] and reads positions 0..length-1 of every row
@@ -142,12 +228,14 @@ class PagedCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key, value: [rows, kv_heads, tokens, head_dim]
         keys, values = self.keys[layer_idx].flatten(0, 1), self.values[layer_idx].flatten(0, 1)  # [slots, heads, dim]
-        if self._read is None:  # prefill from position 0: attention reads this pass's own keys
+        if self._written is None:  # decode: one token per row
+            keys.index_copy_(0, self._write, key[:, :, 0])
+            values.index_copy_(0, self._write, value[:, :, 0])
+        else:
             keys.index_copy_(0, self._write, key.transpose(1, 2)[self._written])
             values.index_copy_(0, self._write, value.transpose(1, 2)[self._written])
+        if self._read is None:  # prefill from position 0: attention reads this pass's own keys
             return key, value
-        keys.index_copy_(0, self._write, key[:, :, 0])
-        values.index_copy_(0, self._write, value[:, :, 0])
         return self._gather(self.keys[layer_idx], key.shape[0]), self._gather(self.values[layer_idx], key.shape[0])
 
     def _gather(self, pool: torch.Tensor, rows: int) -> torch.Tensor:
@@ -156,9 +244,9 @@ class PagedCache:
         return blocks.view(rows, -1, *pool.shape[2:])[:, : self._length].transpose(1, 2)
 
     def _slots(self, seqs: Sequence, positions: torch.Tensor) -> torch.Tensor:
-        """[rows, P] flat slot of each row's positions [P]; past a row's blocks: the zero block."""
+        """[rows, P] flat slot of each row's positions [rows, P]; past a row's blocks: the zero block."""
         table = self._table(seqs, int(positions.max()) // BLOCK_SIZE + 1)
-        return table[:, positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+        return table.gather(1, positions // BLOCK_SIZE) * BLOCK_SIZE + positions % BLOCK_SIZE
 
     def _table(self, seqs: Sequence, width: int) -> torch.Tensor:
         """[rows, width] each row's first blocks, padded with the zero block."""

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from server.adapters.mixing import BatchPlan, MixingContext
 from server.engine.attention import MaskLayout, UnsupportedModel
-from server.engine.kv_cache import PagedCache
+from server.engine.kv_cache import BLOCK_SIZE, PagedCache, chain_keys
 from server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,19 @@ class ModelRunner:
         context: MixingContext,
         kv_cache_memory: int | float | None = None,
         default_cache_tokens: int = DEFAULT_CACHE_TOKENS,
+        prefix_cache: bool = True,
     ):
-        """kv_cache_memory: the KV cache's budget, bytes or a fraction of free GPU memory (kv_cache.PagedCache)."""
+        """kv_cache_memory: the KV cache's budget, bytes or a fraction of free GPU memory (kv_cache.PagedCache);
+        prefix_cache: whether sequences with a cache_scope share their cached leading blocks (not for ALiBi models,
+        whose 2D padding mask cannot place rows' queries at different offsets)."""
         self.model = model
         self.context = context
         self.device = model.device
         self.dtype = model.dtype
         self.layout = MaskLayout.of(model.config)
+        self.prefix_cache = prefix_cache and not self.layout.padding_only
+        self.prefix_queried_tokens = 0  # prefilled tokens of sequences whose prefixes are cached
+        self.prefix_hit_tokens = 0  # of those, tokens found in the cache
         config = model.config
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.cache = PagedCache.for_model(self._probe, kv_cache_memory, default_cache_tokens, self.dtype, self.device)
@@ -48,30 +54,56 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Takes seqs into the batch, each computing its prompt and the tokens it has (a preempted sequence's);
-        returns the logits after each one's last token, [len(seqs), vocab]. The caller made room in the cache
-        (a MemoryError otherwise); on failure seqs hold no blocks."""
+        """Takes seqs into the batch, each computing its prompt and the tokens it has (a preempted sequence's), but
+        for its leading blocks found in the prefix cache; returns the logits after each one's last token,
+        [len(seqs), vocab]. The caller made room in the cache (a MemoryError otherwise); on failure seqs hold no
+        blocks."""
         texts = [s.request.prompt_ids + s.tokens for s in seqs]
         lengths = [len(text) for text in texts]
-        width = max(lengths)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        for row, text in enumerate(texts):
-            ids[row, : lengths[row]] = torch.tensor(text)
-        positions = torch.arange(width, device=self.device)[None]
-        last = torch.tensor(lengths, device=self.device) - 1
-        keep, row_of = torch.unique(last, return_inverse=True)
+        keys = [self._block_keys(seq, text, len(text) // BLOCK_SIZE) for seq, text in zip(seqs, texts, strict=True)]
         try:
+            # every row's cached blocks taken before any block is allocated: an allocation may evict a cached block
+            starts = []
+            for seq, length, own in zip(seqs, lengths, keys, strict=True):
+                self.cache.attach(seq, self.cache.pool.lookup(own[: (length - 1) // BLOCK_SIZE]))  # a token to compute
+                starts.append(len(self.cache.pool.tables[seq]) * BLOCK_SIZE)
             for seq, length in zip(seqs, lengths, strict=True):
                 self.cache.allocate(seq, length)
-            self.cache.begin_prefill(seqs, lengths, width)
-            mask = self.layout.masks(positions, len(seqs), width, self.dtype)
-            logits = self._forward(seqs, ids, mask, positions.expand(len(seqs), width), keep, gather=True)
+            width = max(n - start for n, start in zip(lengths, starts, strict=True))
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            for row, (text, start) in enumerate(zip(texts, starts, strict=True)):
+                ids[row, : lengths[row] - start] = torch.tensor(text[start:])
+            last = torch.tensor(lengths, device=self.device) - torch.tensor(starts, device=self.device) - 1
+            keep, row_of = torch.unique(last, return_inverse=True)
+            self.cache.begin_prefill(seqs, starts, lengths, width)
+            if any(starts):
+                queries = torch.arange(width)[None, :] + torch.tensor(starts)[:, None]
+                # padding queries kept within the row's own positions (a model with learnt positions has no more)
+                positions = torch.minimum(queries, torch.tensor(lengths)[:, None] - 1).to(self.device)
+                mask = self.layout.masks(positions, len(seqs), max(lengths), self.dtype)
+            else:
+                positions = torch.arange(width, device=self.device)[None]
+                mask = self.layout.masks(positions, len(seqs), width, self.dtype)
+                positions = positions.expand(len(seqs), width)
+            logits = self._forward(seqs, ids, mask, positions, keep, gather=True)
         except BaseException:
             for seq in seqs:
                 self.cache.free(seq)
             raise
+        for seq, own, length, start in zip(seqs, keys, lengths, starts, strict=True):
+            self.cache.pool.register(seq, own)
+            if self._shares(seq):
+                self.prefix_queried_tokens += length
+                self.prefix_hit_tokens += start
         self.rows.extend(seqs)
         return logits[torch.arange(len(seqs), device=self.device), row_of]
+
+    def _block_keys(self, seq: Sequence, text: list[int], blocks: int) -> list[bytes]:
+        """The prefix cache's keys of text's first full blocks; none when seq's blocks are not shared."""
+        return chain_keys(seq.cache_scope, text, blocks) if self._shares(seq) else []
+
+    def _shares(self, seq: Sequence) -> bool:
+        return self.prefix_cache and seq.cache_scope is not None
 
     def blocks_to_decode(self) -> int:
         """The blocks the next decode pass must take from the pool (rows whose next position starts a block)."""
@@ -92,9 +124,13 @@ class ModelRunner:
         return self._forward(self.rows, ids, mask, positions[:, None], 1)[:, -1]
 
     def release(self, seq: Sequence) -> None:
-        """seq leaves the batch, if in it; its blocks return to the pool."""
+        """seq leaves the batch, if in it; its blocks return to the pool, the full ones whose keys and values are
+        computed (all but the last token's) cached for its prefix."""
         if seq in self.rows:
             self.rows.remove(seq)
+        if seq in self.cache.pool.tables:
+            text = seq.request.prompt_ids + seq.tokens
+            self.cache.pool.register(seq, self._block_keys(seq, text, (len(text) - 1) // BLOCK_SIZE))
         self.cache.free(seq)
 
     @torch.inference_mode()
@@ -109,12 +145,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def self_check(self, decode_steps: int = 4) -> None:
-        """Refuses a model that the engine would serve differently from its own forward.
+        """Refuses a model that the engine would serve differently from its own forward, and turns the prefix cache
+        off for one whose rows cannot start at the positions their cached blocks leave (with a warning).
 
         Three prompts of different lengths are prefilled together and decoded step by step, one of them released
-        halfway, each step compared with the model's own forward. A model with sliding
-        windows runs the check with its window shrunk to CHECK_WINDOW, which the model and the runner both read
-        from its config, so that short prompts cross it: the check covers how windows are applied, for any size.
+        halfway, each step compared with the model's own forward; then again for prompts whose first blocks are
+        cached, beside one whose are not. A model with sliding windows runs the check with its window shrunk to
+        CHECK_WINDOW, which the model and the runner both read from its config, so that short prompts cross it: the
+        check covers how windows are applied, for any size.
         """
         config = self.model.config
         window = getattr(config, "sliding_window", None)  # what the model's masks and MaskLayout both read
@@ -123,12 +161,23 @@ class ModelRunner:
             config.sliding_window = CHECK_WINDOW
             self.layout = MaskLayout.of(config)
         cache, self.cache = self.cache, self.cache.sibling(8)  # whatever the budget; the real pool left untouched
+        length, vocab = CHECK_WINDOW + 6 if window else 12, config.vocab_size
+        prefix_worst: float | Exception = 0.0
         try:
-            worst = self._compare_with_own_forward(CHECK_WINDOW + 6 if window else 12, decode_steps)
-        except Exception as exc:
-            raise UnsupportedModel(f"{config.model_type}: the engine cannot run this model: {exc!r}") from exc
+            try:
+                worst = self._compare_with_own_forward(
+                    [PromptSequence(_check_prompt(n, n, vocab)) for n in (length, length - 3, length - 6)], decode_steps
+                )
+            except Exception as exc:
+                raise UnsupportedModel(f"{config.model_type}: the engine cannot run this model: {exc!r}") from exc
+            if self.prefix_cache:
+                try:
+                    prefix_worst = self._compare_with_cached_prefixes(length, vocab, decode_steps)
+                except Exception as exc:
+                    prefix_worst = exc
         finally:
             self.cache = cache
+            self.prefix_queried_tokens = self.prefix_hit_tokens = 0
             if shrink:
                 config.sliding_window = window
                 self.layout = MaskLayout.of(config)
@@ -139,13 +188,35 @@ class ModelRunner:
                 f" (relative difference {worst:.2g}, tolerance {tolerance:g}); this model's attention layout is not"
                 " supported"
             )
+        if isinstance(prefix_worst, Exception) or not prefix_worst <= tolerance:
+            self.prefix_cache = False
+            log.warning(
+                "%s: the prefix cache is off: rows prefilled after their cached blocks disagree with the model's own"
+                " forward (%s)",
+                config.model_type,
+                repr(prefix_worst)
+                if isinstance(prefix_worst, Exception)
+                else f"relative difference {prefix_worst:.2g}",
+            )
         log.info("self-check passed: worst relative difference %.2g", worst)
 
-    def _compare_with_own_forward(self, length: int, decode_steps: int) -> float:
-        vocab = self.model.config.vocab_size
+    def _compare_with_cached_prefixes(self, length: int, vocab: int, decode_steps: int) -> float:
+        """A prompt's blocks cached, then prompts that start with two of them, with one of them, and with none."""
+        scope, shared = b"self-check", _check_prompt(2 * BLOCK_SIZE + 3, 1, vocab)
+        first = PromptSequence(shared, cache_scope=scope)
+        self.prefill([first])
+        self.release(first)
         probes = [
-            PromptSequence([(7 * i + 11 + n) % vocab for i in range(n)]) for n in (length, length - 3, length - 6)
+            PromptSequence(shared[: 2 * BLOCK_SIZE] + _check_prompt(5, 2, vocab), cache_scope=scope),
+            PromptSequence(_check_prompt(length, 3, vocab), cache_scope=scope),
+            PromptSequence(shared[: BLOCK_SIZE + 4], cache_scope=scope),
         ]
+        worst = self._compare_with_own_forward(probes, decode_steps)
+        if self.prefix_hit_tokens != 3 * BLOCK_SIZE:
+            raise AssertionError(f"{self.prefix_hit_tokens} tokens found cached, not {3 * BLOCK_SIZE}")
+        return worst
+
+    def _compare_with_own_forward(self, probes: list[PromptSequence], decode_steps: int) -> float:
         worst = 0.0
         logits = self.prefill(probes)
         try:
@@ -198,14 +269,19 @@ class ModelRunner:
         return plan
 
 
+def _check_prompt(length: int, salt: int, vocab: int) -> list[int]:
+    return [(7 * i + 11 + salt) % vocab for i in range(length)]
+
+
 class PromptSequence:
     """What the runner reads of a Sequence, without a request around it (the self-check's, and tests')."""
 
-    def __init__(self, prompt_ids: list[int], slots: tuple[int, ...] = ()):
+    def __init__(self, prompt_ids: list[int], slots: tuple[int, ...] = (), cache_scope: bytes | None = None):
         self.request = SimpleNamespace(prompt_ids=prompt_ids)
         self.slots = slots
         self.weights = (1.0,) * len(slots)
         self.tokens: list[int] = []
+        self.cache_scope = cache_scope
 
     @property
     def num_tokens(self) -> int:

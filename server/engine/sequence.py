@@ -22,6 +22,7 @@ class GenerationRequest:
     params: SamplingParams
     timeout: float | None = None  # seconds from submission, queue included
     grammar: Grammar | None = None  # what the output is constrained to, compiled
+    tenant: str = ""  # auth.Tenant.identity: cached prefixes are never shared across tenants
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Sequence:
     slots: tuple[int, ...] = ()  # the loaded adapters' slots in canonical order, once admitted
     weights: tuple[float, ...] = ()  # their weights, slot for slot
     loaded: list = field(default_factory=list)  # the LoadedAdapters it holds while running
+    cache_scope: bytes | None = None  # once admitted: what its cached prefix blocks are shared within (None: not)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     alternatives: list[list[tuple[int, float]]] = field(default_factory=list)  # top logprobs per token, if asked
