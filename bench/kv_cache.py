@@ -12,6 +12,9 @@ archive), and (new) this tree; each runs the same workload in a subprocess of it
   (d) the attention read of one decode step (16 rows of 32..700 tokens, Qwen2.5-0.5B's heads): SDPA over the slot
       cache's views, over each row's gathered blocks (ours), and over all rows flattened into one sequence with a
       block-diagonal mask (the layout of transformers' paged/continuous-batching attention)
+  (e) the prefix cache (this tree, on and off, alternated): 16 combinations, one client each, sending requests on a
+      shared 512-token system prompt and a short suffix of their own: time to first token p50 off/on (target 3),
+      throughput on/off, and whether the answers are the same
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ from pathlib import Path
 BASELINE = "8266af5"  # the commit before the paged cache
 CLIENTS, SHORT_PROMPT, SHORT_NEW = 16, 32, 32
 MIXES = [[], ["lora-0"], ["lora-1", "loha-0"], ["oft-0", "lora-2"], ["lokr-0"], ["loha-1", "lora-3", "oft-0"]]
+SYSTEM_TOKENS, SUFFIX_TOKENS, PREFIX_NEW = 512, 16, 16
+COMBINATIONS = [  # (names, weights): the mixes, more single adapters, and some of them weighted
+    *((tuple(mix), ()) for mix in MIXES),
+    *(((name,), ()) for name in ("lora-1", "lora-2", "lora-3", "loha-0", "loha-1", "oft-0")),
+    (("lora-0",), (0.5,)),
+    (("lokr-0",), (0.5,)),
+    (("lora-1", "loha-0"), (0.5, 1.0)),
+    (("oft-0", "lora-2"), (1.0, 0.5)),
+]
 
 
 # --- the worker: runs in a subprocess against one tree's `server` package
@@ -57,6 +69,12 @@ def _worker(task: dict) -> dict:
         state = start()
         try:
             return asyncio.run(_throughput(state, task["requests"]))
+        finally:
+            state.stop()
+    if task["name"] == "prefix":
+        state = start(prefix_cache=task["prefix_cache"])
+        try:
+            return asyncio.run(_prefix(state, task["requests"]))
         finally:
             state.stop()
     probe = start()
@@ -109,6 +127,41 @@ async def _throughput(state, requests: int, new_tokens: int = SHORT_NEW) -> dict
         "tokens_per_second": sum(len(t) for t in answers.values()) / seconds,
         "answered": len(answers),
         "answers": [answers[i] for i in sorted(answers)],
+    }
+
+
+async def _prefix(state, per_client: int) -> dict:
+    """One client per combination: a first request each (on: its prefix computed and cached), then per_client more
+    each, measured: time to first token of each, generated tokens per second."""
+    from server.adapters.combination import Combination
+    from server.engine.sampling import SamplingParams
+    from server.engine.sequence import GenerationRequest
+
+    engine, system = state.engine, [3 + (11 * j) % 250 for j in range(SYSTEM_TOKENS)]
+    params = SamplingParams(max_new_tokens=PREFIX_NEW, ignore_eos=True)
+    ttft: list[float] = []
+    answers: dict[str, list[int]] = {}
+
+    async def client(c: int, requests: range) -> None:
+        for k in requests:
+            suffix = [3 + (31 * c + 17 * k + j) % 250 for j in range(SUFFIX_TOKENS)]
+            request = GenerationRequest(f"p{c}-{k}", system + suffix, Combination(*COMBINATIONS[c]), params)
+            seq = await engine.generate(request)
+            answers[request.request_id] = seq.tokens
+            if k:
+                ttft.append(seq.first_token_at - seq.submitted_at)
+
+    clients = range(len(COMBINATIONS))
+    await asyncio.gather(*(client(c, range(1)) for c in clients))
+    started = time.perf_counter()
+    await asyncio.gather(*(client(c, range(1, per_client + 1)) for c in clients))
+    seconds = time.perf_counter() - started
+    runner = engine.runner
+    return {
+        "ttft_p50": statistics.median(ttft),
+        "tokens_per_second": len(clients) * per_client * PREFIX_NEW / seconds,
+        "hit_rate": runner.prefix_hit_tokens / max(1, runner.prefix_queried_tokens),
+        "answers": answers,
     }
 
 
@@ -323,11 +376,36 @@ def main(argv: list[str] | None = None) -> None:
             f" ratio {c['tokens_per_second'] / c['roomy_tps']:.2f}"
         )
 
-    print("\n(d) attention read of one decode step, per layer: 16 rows of 32..700 tokens, 14 heads / 2 KV heads x 64")
-    times = _attention(quick)
-    ours = times["gathered blocks (ours)"]
-    for name, seconds in times.items():
-        print(f"{name:28s} {seconds * 1e6:9.0f} us   /ours {seconds / ours:5.2f}")
+        print(
+            "\n(d) attention read of one decode step, per layer: 16 rows of 32..700 tokens, 14 heads / 2 KV heads x 64"
+        )
+        times = _attention(quick)
+        ours = times["gathered blocks (ours)"]
+        for name, seconds in times.items():
+            print(f"{name:28s} {seconds * 1e6:9.0f} us   /ours {seconds / ours:5.2f}")
+
+        per_client = 1 if quick else 4
+        print(
+            f"\n(e) prefix cache: {len(COMBINATIONS)} combinations, one client each, {per_client} requests of"
+            f" {SYSTEM_TOKENS} shared + {SUFFIX_TOKENS} own prompt tokens + {PREFIX_NEW} new (after one each first)"
+        )
+        runs: dict[str, list[dict]] = {"on": [], "off": []}
+        for _ in range(rounds):
+            for setting, results in runs.items():
+                task = {**base, "name": "prefix", "requests": per_client, "prefix_cache": setting == "on"}
+                results.append(_run(_REPO, task))
+        ttft = {k: statistics.median(r["ttft_p50"] for r in v) for k, v in runs.items()}
+        tps = {k: statistics.median(r["tokens_per_second"] for r in v) for k, v in runs.items()}
+        for setting in runs:
+            print(
+                f"{setting:4s} TTFT p50 {ttft[setting] * 1e3:8.1f} ms   {tps[setting]:8.1f} tok/s"
+                f"   hit rate {runs[setting][0]['hit_rate']:.2f}"
+            )
+        same = all(r["answers"] == runs["off"][0]["answers"] for r in runs["on"] + runs["off"])
+        print(
+            f"TTFT p50 off/on {ttft['off'] / ttft['on']:5.2f} (target 3)   throughput on/off {tps['on'] / tps['off']:5.2f}"
+            f"   answers the same: {same}"
+        )
 
 
 def _mib(n: int) -> float:
