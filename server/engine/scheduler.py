@@ -33,8 +33,9 @@ class Scheduler:
     ) -> tuple[list[Sequence], list[tuple[Sequence, Exception]]]:
         """The oldest waiting requests whose adapters are ready, that fit beside `running` sequences: the batch
         size, a prefill of at most max_batch_tokens (padded) tokens, and the KV cache's free blocks (keeping one
-        per running or admitted row for its next decode); and those that failed, with the error (any exception: it stays with
-        the request that raised it). A request the whole cache cannot hold fails (CacheTooSmall).
+        per running or admitted row for its next decode; a prompt counted as if none of its blocks were cached, which
+        bounds what it takes whatever the runner finds cached); and those that failed, with the error (any exception:
+        it stays with the request that raised it). A request the whole cache cannot hold fails (CacheTooSmall).
 
         ready(seq, protected) makes seq's adapters resident and takes them (True), starts their loads (False), or
         raises: NoRoom when memory is short, the load's error when it failed. A request whose adapters are loading
