@@ -566,7 +566,9 @@ class FolderSource(AdapterSource):
         return self.versions[key]
 
     def fetch(self, key: str, version: str, into: Path) -> None:
-        if version != self.version(key):
+        if self.down:
+            raise SourceError("unreachable")
+        if version != self.versions[key]:
             raise SourceError("changed", f"{key} is no longer at {version}")
         for filename in FILES:
             shutil.copyfile(self.folders[key] / filename, into / filename)
@@ -627,3 +629,51 @@ def test_a_version_gone_at_the_source_is_looked_at_again_at_once(llama, s3, tmp_
     second = store.read("acme/replaced")
     assert first.config["peft_type"] == "LORA" and second.config["peft_type"] == "LOKR"
     assert second.signature != first.signature
+
+
+class GatedSource(FolderSource):
+    """Looking at `gated`'s version waits until released."""
+
+    def __init__(self, folders: dict[str, Path], gated: str):
+        super().__init__(folders)
+        self.gated, self.calls = gated, 0
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def version(self, key: str) -> str:
+        if key == self.gated:
+            self.calls += 1
+            self.entered.set()
+            self.release.wait(120)
+        return super().version(key)
+
+
+def test_one_slow_adapter_holds_one_fetch_of_its_mount_not_the_others(serve, llama, s3, tmp_path):
+    """Three times as many requests as a mount has fetch threads wait for one slow adapter: they share one fetch, and
+    another adapter of the same mount, one of another mount and a local one are served meanwhile."""
+    from server.api.serving import MOUNT_THREADS
+
+    server = serve(settings(llama, s3, tmp_path))
+    remote = server.state.store.remote
+    source = GatedSource({"slow": llama.store / "lora", "fast": llama.store / "lokr"}, gated="slow")
+    remote.mounts[:] = [Mount(m.name, source) if m.name == "acme/" else m for m in remote.mounts]
+    s3.upload(llama.store / "loha", "tenants/globex/other")
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+
+            async def status(adapters: list[str]) -> int:
+                body = {"inputs": PROMPT, "adapters": adapters, "parameters": {"max_new_tokens": 2}}
+                return (await client.post("/generate", json=body)).status_code
+
+            slow = [asyncio.create_task(status(["acme/slow"])) for _ in range(3 * MOUNT_THREADS)]
+            try:
+                assert await asyncio.to_thread(source.entered.wait, 60)
+                others = [await status(names) for names in (["acme/fast"], ["globex/other"], ["lora"])]
+                waiting = sum(not task.done() for task in slow)
+            finally:
+                source.release.set()
+            return others, waiting, await asyncio.gather(*slow)
+
+    others, waiting, slow = asyncio.run(run())
+    assert others == [200, 200, 200] and waiting == len(slow)
+    assert set(slow) == {200} and source.calls == 1

@@ -10,10 +10,13 @@ local adapter is. Its signature is the version last seen at the source rather th
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +47,27 @@ class AdapterFiles:
     signature: tuple  # the files' stat when read: a change on disk changes it
 
 
+class TypeNotKnown(Exception):
+    """Raised by peft_type, under without_fetching, for a mounted adapter whose type is known only by fetching it."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+_fetching = contextvars.ContextVar("mixserve_store_fetching", default=True)
+
+
+@contextmanager
+def without_fetching() -> Iterator[None]:
+    """Meanwhile (in this context: the event loop's call), peft_type raises TypeNotKnown where it would fetch."""
+    token = _fetching.set(False)
+    try:
+        yield
+    finally:
+        _fetching.reset(token)
+
+
 def check_name(name: str) -> None:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise ValidationError(
@@ -58,7 +82,8 @@ class AdapterStore:
         self.root = root.resolve()
         self.allow_pickle = allow_pickle
         self.remote = remote
-        self._types: dict[str, tuple[tuple, str | None]] = {}  # name -> (its config's stat, its peft_type)
+        # name -> (its config's stat, or for a mounted adapter the folder read, its peft_type)
+        self._types: dict[str, tuple[tuple | Path, str | None]] = {}
         self._types_lock = threading.Lock()
 
     @classmethod
@@ -154,9 +179,8 @@ class AdapterStore:
 
     def peft_type(self, name: str) -> str | None:
         """The config's peft_type, read again only when the config file changes (listings ask for every adapter)."""
-        if self.mounted(name):  # a version on disk when there is one (a type rarely changes): no network call
-            with self.remote.materialized(name, any_version=True) as (folder, _):
-                return _read_config(name, folder / CONFIG_FILE).get("peft_type")
+        if self.mounted(name):
+            return self._mounted_type(name)
         signature = _stat(name, self._file(name, CONFIG_FILE))
         with self._types_lock:
             cached = self._types.get(name)
@@ -165,6 +189,30 @@ class AdapterStore:
         peft_type = self.read_config(name).get("peft_type")
         with self._types_lock:
             self._types[name] = (signature, peft_type)
+        return peft_type
+
+    def _mounted_type(self, name: str) -> str | None:
+        """The type of a version on disk, else of the version fetched; once known, remembered and never fetched again
+        (a type rarely changes; the loaded version's is the registry's), read again when another version is on disk."""
+        with self._types_lock:
+            known = self._types.get(name)
+        folder = self.remote.folder_on_disk(name, pin=True)
+        if folder is None:
+            if known is not None:
+                return known[1]
+            if not _fetching.get():
+                raise TypeNotKnown(name)
+            with self.remote.materialized(name) as (folder, _):
+                return self._read_type(name, folder)
+        try:
+            return known[1] if known is not None and known[0] == folder else self._read_type(name, folder)
+        finally:
+            self.remote.disk.unpin(folder)
+
+    def _read_type(self, name: str, folder: Path) -> str | None:
+        peft_type = _read_config(name, folder / CONFIG_FILE).get("peft_type")
+        with self._types_lock:
+            self._types[name] = (folder, peft_type)
         return peft_type
 
     def signature(self, name: str) -> tuple:

@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from server.adapters.combination import Combination
-from server.adapters.merges import Merge, is_merge
+from server.adapters.store import TypeNotKnown, without_fetching
 from server.api import validation
 from server.api.errors import error_body
 from server.auth import Tenant
@@ -24,8 +24,9 @@ from server.state import ServerState
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_SECONDS = 0.1
-MOUNT_THREADS = 4  # per mounted source: how many of its adapters' configs may be fetched at once
+MOUNT_THREADS = 4  # per mounted source: how many of its adapters may be fetched at once
 _mount_pools: dict[str, ThreadPoolExecutor] = {}
+_flights: dict[tuple[object, str], asyncio.Future] = {}  # (the store, a mounted adapter) -> its fetch under way
 
 
 def state_of(request: Request) -> ServerState:
@@ -40,29 +41,40 @@ def tenant_of(request: Request) -> Tenant:
 async def combination(
     state: ServerState, tenant: Tenant, sources: dict[str, list[tuple[str, float]] | None]
 ) -> Combination:
-    """validation.combination without blocking the event loop. Local adapters' configs are read here (small files,
-    cached by their stat). A mounted adapter's may have to be fetched first: that runs in a pool of its mount's own,
-    so that a slow or hung source holds up only the requests that name its adapters, never the others."""
-    mount = _first_mount(state, sources)
-    if mount is None:
-        return validation.combination(state, tenant, sources)
-    if mount not in _mount_pools:
-        _mount_pools[mount] = ThreadPoolExecutor(MOUNT_THREADS, thread_name_prefix=f"mount {mount}")
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_mount_pools[mount], validation.combination, state, tenant, sources)
+    """validation.combination on the event loop, where it never fetches: configs are read from local disk (small
+    files), and a mounted adapter whose type is known only by fetching it (checked first: names, the tenant, the
+    limit) is fetched in a pool of its mount's own, once however many requests wait for it, then parsed again. A
+    slow or hung source holds up only the requests that name its adapters, and one slow adapter one thread of its
+    mount's pool, never the others' fetches."""
+    fetched = set()
+    while True:
+        try:
+            with without_fetching():
+                return validation.combination(state, tenant, sources)
+        except TypeNotKnown as unknown:
+            name = unknown.name
+        if name in fetched:  # fetched, yet still unknown: a bug, not a reason to fetch forever
+            raise RuntimeError(f"adapter {name!r}: its type is still not known once fetched")
+        fetched.add(name)
+        await _fetch(state, name)
 
 
-def _first_mount(state: ServerState, sources: dict[str, list[tuple[str, float]] | None]) -> str | None:
-    remote = state.store.remote
-    if remote is None:
-        return None
-    for pairs in sources.values():
-        for name, _ in pairs or ():
-            for source in Merge.parse(name).names if is_merge(name) else [name]:
-                mount = remote.mount(source) if isinstance(source, str) else None
-                if mount is not None:
-                    return mount.name
-    return None
+async def _fetch(state: ServerState, name: str) -> None:
+    key = (state.store, name)
+    flight = _flights.get(key)
+    if flight is None:
+        mount = state.store.remote.mount(name).name
+        if mount not in _mount_pools:
+            _mount_pools[mount] = ThreadPoolExecutor(MOUNT_THREADS, thread_name_prefix=f"mount {mount}")
+        flight = asyncio.get_running_loop().run_in_executor(_mount_pools[mount], state.store.peft_type, name)
+        _flights[key] = flight
+        flight.add_done_callback(lambda _: _flights.pop(key, None))
+    await asyncio.wait({flight})  # a request that goes away leaves the fetch to the others
+    error = flight.exception()
+    if error is not None:  # each request its own exception: one object raised in several would share a traceback
+        again = type(error).__new__(type(error), *error.args)
+        again.__dict__.update(error.__dict__)
+        raise again
 
 
 async def until_done(handle: RequestHandle, request: Request) -> Sequence:

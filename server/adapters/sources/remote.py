@@ -123,15 +123,14 @@ class RemoteAdapters:
     # --- may fetch: loader threads, API worker threads
 
     @contextmanager
-    def materialized(self, name: str, any_version: bool = False) -> Iterator[tuple[Path, str]]:
+    def materialized(self, name: str) -> Iterator[tuple[Path, str]]:
         """materialize's answer, pinned in the disk tier meanwhile (a fetch of another adapter cannot evict it while
-        it is read). any_version: a version already on disk will do, without a network call."""
-        folder = self.folder_on_disk(name, pin=True) if any_version else None
-        found = (folder, "") if folder is not None else self._materialize(name)
+        it is read)."""
+        folder, version = self._materialize(name)
         try:
-            yield found
+            yield folder, version
         finally:
-            self.disk.unpin(found[0])
+            self.disk.unpin(folder)
 
     def materialize(self, name: str) -> tuple[Path, str]:
         """(folder in the disk tier, version) of name's current version, not pinned (it may be evicted by the time
