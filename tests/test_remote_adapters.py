@@ -17,6 +17,7 @@ import shutil
 import socket
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
@@ -677,3 +678,84 @@ def test_one_slow_adapter_holds_one_fetch_of_its_mount_not_the_others(serve, lla
     others, waiting, slow = asyncio.run(run())
     assert others == [200, 200, 200] and waiting == len(slow)
     assert set(slow) == {200} and source.calls == 1
+
+
+class FakeHub(ThreadingHTTPServer):
+    """The Hub's endpoints huggingface_hub uses for one repo at one commit: model info, and each file's resolve URL
+    (HEAD: commit, ETag, size; GET: the bytes). `flip` names files whose next GET answers one byte flipped."""
+
+    def __init__(self, repo: str, commit: str, folder: Path):
+        self.repo, self.commit, self.flip, self.gets = repo, commit, set(), []
+        self.files = {name: (folder / name).read_bytes() for name in FILES}
+        super().__init__(("127.0.0.1", 0), self.Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def answer(self, body: bytes) -> None:
+            hub: FakeHub = self.server
+            if self.path.split("?")[0] in (f"/api/models/{hub.repo}", f"/api/models/{hub.repo}/revision/main"):
+                data = json.dumps({"id": hub.repo, "sha": hub.commit}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data if body else b"")
+                return
+            name = self.path.removeprefix(f"/{hub.repo}/resolve/{hub.commit}/")
+            if name not in hub.files:
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            data = hub.files[name]
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", hub.commit)
+            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                hub.gets.append(name)
+                if name in hub.flip:
+                    hub.flip.discard(name)
+                    data = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
+                self.wfile.write(data)
+
+        def do_HEAD(self):
+            self.answer(body=False)
+
+        def do_GET(self):
+            self.answer(body=True)
+
+
+def test_hub_downloads_within_the_disk_tier_and_a_damaged_one_is_downloaded_again(serve, llama, tmp_path, monkeypatch):
+    """Online, nothing is written to huggingface_hub's own cache (outside MIXSERVE_DISK_CACHE's budget): each fetch
+    downloads into the disk tier's folder being written. A download damaged in transit fails its hash check (424) and
+    the next attempt downloads it again, rather than reading the damaged blob from a cache forever."""
+    from huggingface_hub import constants
+
+    hub = FakeHub("org/pirate", "c" * 40, llama.store / "lora")
+    hf_cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # both read from HF_ENDPOINT when huggingface_hub is imported
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_cache))
+    server = serve(
+        llama.settings(adapter_sources="shared/=hf://org", disk_cache_dir=tmp_path / "disk", load_retry_seconds=0.2)
+    )
+    hub.flip.add("adapter_model.safetensors")
+    damaged = generate(server, ["shared/pirate"])
+    assert damaged.status_code == 424 and "integrity" in damaged.json()["error"], damaged.text
+    deadline = time.monotonic() + 30
+    while (response := generate(server, ["shared/pirate"])).status_code != 200:  # after the failure's backoff
+        assert response.status_code == 424 and time.monotonic() < deadline, response.text
+        time.sleep(0.1)
+    assert response.json()["generated_text"] == expected(server, llama, ["lora"])
+    assert hub.gets.count("adapter_model.safetensors") == 2
+    assert not hf_cache.exists() or not any(hf_cache.rglob("*"))
+    assert not any((tmp_path / "disk" / ".partial").iterdir())

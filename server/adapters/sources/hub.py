@@ -1,10 +1,12 @@
 """The Hugging Face Hub through huggingface_hub: `hf://org` (each name under the mount a repo of org), `hf://org/repo`
 (names under the mount: folders of that repo), with an optional revision pin: `hf://org/repo@v1.2`.
 
-huggingface_hub does the work and keeps its own cache: the token is its own (HF_TOKEN, or a logged-in token), the
-endpoint too (HF_ENDPOINT), and with HF_HUB_OFFLINE=1 everything is resolved from its cache (HF_HUB_CACHE) without a
-network call. An adapter's version is the commit its revision points at; files are fetched at that commit, and an
-LFS file's bytes are checked against its SHA-256 (the name of its blob in the cache).
+huggingface_hub does the work: the token is its own (HF_TOKEN, or a logged-in token), the endpoint too (HF_ENDPOINT).
+An adapter's version is the commit its revision points at; files are fetched at that commit into a cache of that
+fetch's own, inside the disk tier's folder being written (so within MIXSERVE_DISK_CACHE, and a damaged download is
+never read again: the next attempt downloads afresh), and removed once copied. With HF_HUB_OFFLINE=1 everything is
+read from huggingface_hub's cache (HF_HUB_CACHE: the operator's, only read) without a network call. Each file's bytes
+are checked against the name of its blob: the SHA-256 of an LFS file, the git SHA-1 of another.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils.sha import git_hash
 
 from server.adapters.sources import ADAPTER_FILES as FILES
 from server.adapters.sources import AdapterSource, SourceError, SourceOptions
@@ -37,6 +40,7 @@ except ImportError:
 
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA1 = re.compile(r"^[0-9a-f]{40}$")
 
 
 class HubSource(AdapterSource):
@@ -61,12 +65,17 @@ class HubSource(AdapterSource):
 
     def fetch(self, key: str, version: str, into: Path) -> None:
         repo_id, subfolder = self._repo(key)
-        for filename in FILES:
-            cached = Path(_call(lambda f=filename: self._download(repo_id, f, subfolder, version)))
-            blob = cached.resolve()
-            if _SHA256.fullmatch(blob.name) and sha256_of(blob) != blob.name:
-                raise SourceError("corrupt", f"{repo_id}/{filename}: its bytes do not match its SHA-256")
-            shutil.copyfile(blob, into / filename)
+        cache = None if constants.is_offline_mode() else into / ".hub"
+        try:
+            for filename in FILES:
+                cached = Path(_call(lambda f=filename: self._download(repo_id, f, subfolder, version, cache)))
+                blob = cached.resolve()
+                if not _intact(blob):
+                    raise SourceError("corrupt", f"{repo_id}/{filename}: its bytes do not match their hash")
+                shutil.copyfile(blob, into / filename)
+        finally:
+            if cache is not None:
+                shutil.rmtree(cache, ignore_errors=True)
 
     def _repo(self, key: str) -> tuple[str, str | None]:
         parts = [p for p in f"{self.path}/{key}".split("/") if p]
@@ -74,15 +83,26 @@ class HubSource(AdapterSource):
             raise SourceError("not_found", "a Hub adapter needs a repository: org/repo")
         return "/".join(parts[:2]), "/".join(parts[2:]) or None
 
-    def _download(self, repo_id: str, filename: str, subfolder: str | None, revision: str | None) -> str:
+    def _download(
+        self, repo_id: str, filename: str, subfolder: str | None, revision: str | None, cache: Path | None = None
+    ) -> str:
         return hf_hub_download(
             repo_id,
             filename,
             subfolder=subfolder,
             revision=revision,
+            cache_dir=cache,
             etag_timeout=self.options.timeout,
             local_files_only=constants.is_offline_mode(),
         )
+
+
+def _intact(blob: Path) -> bool:
+    """Whether the blob's bytes match its name: the SHA-256 of an LFS file, the git SHA-1 of another (a small
+    file); a blob named otherwise cannot be checked, and is not served."""
+    if _SHA256.fullmatch(blob.name):
+        return sha256_of(blob) == blob.name
+    return bool(_SHA1.fullmatch(blob.name)) and git_hash(blob.read_bytes()) == blob.name
 
 
 def _call(call):
