@@ -585,3 +585,47 @@ def test_an_unexpected_error_midway_through_a_stream_ends_it_with_an_error_event
     monkeypatch.undo()
     with plain.client() as client:
         assert client.post("/generate", json=body).status_code == 200
+
+
+# --- models whose vocabulary outgrows their tokenizer
+
+
+def test_ids_past_the_tokenizer_are_never_sampled(serve, tmp_path):
+    """Checkpoints pad their embeddings past the tokenizer (Qwen2.5: 151,936 rows for 151,665 tokens). Those ids
+    have no text: they are never chosen, greedy or sampled, even when the model favours them."""
+    from transformers import AutoModelForCausalLM, ByT5Tokenizer
+
+    from server.config import Settings
+    from server.demo import tiny
+
+    tokenizer = ByT5Tokenizer()
+    config = tiny.config(hidden=32, intermediate=64, layers=2, heads=2, kv_heads=2)
+    config.vocab_size = len(tokenizer) + 64
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # every padding id outscores every real one
+        head = model.get_output_embeddings().weight
+        head[: len(tokenizer)].mul_(0.01)
+        head[len(tokenizer) :].mul_(50)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "store").mkdir()
+    server = serve(Settings(model=str(tmp_path / "model"), adapters_dir=tmp_path / "store", device="cpu"))
+    constrained = {"grammar": {"type": "regex", "value": "[a-z]{3,8}"}}
+    for parameters in ({}, {"do_sample": True, "seed": 3, "top_k": 5}, constrained):
+        body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "details": True, **parameters}}
+        response = call(server, "POST", "/generate", json=body)
+        assert response.status_code == 200, response.text
+        tokens = [t["id"] for t in response.json()["details"]["tokens"]]
+        assert tokens and all(t < len(tokenizer) for t in tokens)
+        with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=120) as stream:
+            events = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
+        assert "error" not in events[-1] and events[-1]["generated_text"] is not None
+    completion = {
+        "model": server.state.settings.model_id,
+        "prompt": PROMPT,
+        "max_tokens": 2,
+        "logit_bias": {str(len(tokenizer) + 1): 5},
+    }
+    response = call(server, "POST", "/v1/completions", json=completion)
+    assert response.status_code == 422 and f"0..{len(tokenizer) - 1}" in response.json()["error"]["message"]

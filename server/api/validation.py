@@ -63,8 +63,9 @@ def generation_request(
     vocab = state.vocab_size
     if any(not 0 <= token < vocab for token in prompt_ids):
         problems.append(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")
-    if any(not 0 <= token < vocab for token in sampling.logit_bias):
-        problems.append(f"logit_bias names token ids outside the vocabulary (0..{vocab - 1})")
+    sampled = min(vocab, state.engine.tokens_with_text)
+    if any(not 0 <= token < sampled for token in sampling.logit_bias):
+        problems.append(f"logit_bias names token ids outside the vocabulary (0..{sampled - 1})")
     if grammar is not None and sampling.stop:
         problems.append("stop sequences cannot be combined with an output constraint: the grammar decides the end")
     if grammar is not None and sampling.ignore_eos:

@@ -104,8 +104,9 @@ def mask_constrained(rows: list, logits: torch.Tensor) -> dict[int, torch.Tensor
     constrained = [(row, seq.constraint) for row, seq in enumerate(rows) if seq.constraint is not None]
     if not constrained:
         return {}
-    vocab = logits.shape[-1]
-    bitmask = torch.full((len(constrained), (vocab + 31) // 32), -1, dtype=torch.int32)  # [n, words]
+    vocab = logits.shape[-1]  # the grammars' vocabulary may be the model's, larger (sampling stops at the tokenizer's)
+    words = (max(vocab, *(c.vocab_size for _, c in constrained)) + 31) // 32
+    bitmask = torch.full((len(constrained), words), -1, dtype=torch.int32)
     failed: dict[int, Exception] = {}
     for i, (row, constraint) in enumerate(constrained):
         try:

@@ -83,6 +83,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch_size, max_batch_tokens)
         self.max_queue = max_queue
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
+        self.tokens_with_text = len(tokenizer)  # checkpoints may pad their vocabulary past the tokenizer's ids
         self.on_finished = on_finished
         self._inbox = inbox
         self._queued = 0  # submitted, not yet admitted: what MIXSERVE_MAX_QUEUE bounds
@@ -275,7 +276,7 @@ class Engine:
         """Each row's next token appended (its events sent); finished rows retired."""
         if logits is None:
             return
-        for seq, choice in zip(seqs, sample(seqs, logits), strict=True):
+        for seq, choice in zip(seqs, sample(seqs, logits[:, : self.tokens_with_text]), strict=True):
             if isinstance(choice, Exception):
                 self._fail_row(seq, choice)
                 continue
