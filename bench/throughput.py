@@ -108,6 +108,10 @@ def serve_obvious(model_dir: str, store: str, port: int) -> None:
             model = PeftMixedModel(base, config, name)
         model.load_adapter(str(Path(store) / name), name)
     model.eval()
+    # as mixserve, never ids past the tokenizer (the 0.5b shape's vocabulary is Qwen's, its tokenizer bytes)
+    options: dict = {"do_sample": False}
+    if base.config.vocab_size > len(tokenizer):
+        options["suppress_tokens"] = list(range(len(tokenizer), base.config.vocab_size))
 
     lock = threading.Lock()
     app = FastAPI()
@@ -119,14 +123,14 @@ def serve_obvious(model_dir: str, store: str, port: int) -> None:
     @app.post("/generate")
     def generate(body: dict) -> dict:
         ids = torch.tensor([tokenizer.encode(body["inputs"], add_special_tokens=False)])
-        new_tokens = body["parameters"]["max_new_tokens"]
+        generation = {**options, "max_new_tokens": body["parameters"]["max_new_tokens"]}
         with lock, torch.inference_mode():
             if body.get("adapters"):
                 model.set_adapter(canonical(body["adapters"]))
-                out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+                out = model.generate(ids, **generation)
             else:
                 with model.disable_adapter():
-                    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+                    out = model.generate(ids, **generation)
         generated = out[0, ids.shape[1] :].tolist()
         return {
             "generated_text": tokenizer.decode(generated),
