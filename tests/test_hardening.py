@@ -613,11 +613,15 @@ def test_ids_past_the_tokenizer_are_never_sampled(serve, tmp_path):
     server = serve(Settings(model=str(tmp_path / "model"), adapters_dir=tmp_path / "store", device="cpu"))
     constrained = {"grammar": {"type": "regex", "value": "[a-z]{3,8}"}}
     for parameters in ({}, {"do_sample": True, "seed": 3, "top_k": 5}, constrained):
-        body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "details": True, **parameters}}
+        body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "details": True, "top_n_tokens": 3, **parameters}}
         response = call(server, "POST", "/generate", json=body)
         assert response.status_code == 200, response.text
-        tokens = [t["id"] for t in response.json()["details"]["tokens"]]
+        details = response.json()["details"]
+        tokens = [t["id"] for t in details["tokens"]] + [t["id"] for top in details["top_tokens"] for t in top]
         assert tokens and all(t < len(tokenizer) for t in tokens)
+        # the model's own logprobs, over its whole vocabulary: the padding ids it favours hold nearly all the mass
+        # (renormalised over the tokenizer's 384 near-equal logits, each would be about -6)
+        assert all(t["logprob"] < -8 for t in details["tokens"])
         with httpx.stream("POST", server.url + "/generate_stream", json=body, timeout=120) as stream:
             events = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
         assert "error" not in events[-1] and events[-1]["generated_text"] is not None
@@ -625,7 +629,22 @@ def test_ids_past_the_tokenizer_are_never_sampled(serve, tmp_path):
         "model": server.state.settings.model_id,
         "prompt": PROMPT,
         "max_tokens": 2,
-        "logit_bias": {str(len(tokenizer) + 1): 5},
     }
-    response = call(server, "POST", "/v1/completions", json=completion)
-    assert response.status_code == 422 and f"0..{len(tokenizer) - 1}" in response.json()["error"]["message"]
+    for refused in ({"logit_bias": {str(len(tokenizer) + 1): 5}}, {"prompt": [65, len(tokenizer) + 1], "echo": True}):
+        response = call(server, "POST", "/v1/completions", json={**completion, **refused})
+        assert response.status_code == 422 and f"0..{len(tokenizer) - 1}" in response.json()["error"]["message"]
+
+
+def test_the_ids_a_tokenizer_has_may_leave_gaps():
+    """An EOS at id 300 after 258 tokens: sampleable, though past len(tokenizer)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from server.engine.engine import _tokenizer_ids
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{chr(97 + i): i + 2 for i in range(20)}, "</s>": 300}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), eos_token="</s>", pad_token="<pad>"
+    )
+    assert len(tokenizer) == 23 and _tokenizer_ids(tokenizer, {300}) == 301
+    assert _tokenizer_ids(tokenizer, {400}) == 401  # the model's EOS, whatever the tokenizer says

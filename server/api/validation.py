@@ -60,12 +60,11 @@ def generation_request(
         )
     if any(len(stop) > MAX_STOP_CHARS for stop in sampling.stop):
         problems.append(f"a stop sequence is longer than {MAX_STOP_CHARS} characters")
-    vocab = state.vocab_size
+    vocab = min(state.vocab_size, state.engine.tokenizer_ids)  # ids past the tokenizer have no text
     if any(not 0 <= token < vocab for token in prompt_ids):
         problems.append(f"the prompt holds token ids outside the vocabulary (0..{vocab - 1})")
-    sampled = min(vocab, state.engine.tokens_with_text)
-    if any(not 0 <= token < sampled for token in sampling.logit_bias):
-        problems.append(f"logit_bias names token ids outside the vocabulary (0..{sampled - 1})")
+    if any(not 0 <= token < vocab for token in sampling.logit_bias):
+        problems.append(f"logit_bias names token ids outside the vocabulary (0..{vocab - 1})")
     if grammar is not None and sampling.stop:
         problems.append("stop sequences cannot be combined with an output constraint: the grammar decides the end")
     if grammar is not None and sampling.ignore_eos:

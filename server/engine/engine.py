@@ -83,7 +83,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch_size, max_batch_tokens)
         self.max_queue = max_queue
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
-        self.tokens_with_text = len(tokenizer)  # checkpoints may pad their vocabulary past the tokenizer's ids
+        self.tokenizer_ids = _tokenizer_ids(tokenizer, self.eos_ids)
         self.on_finished = on_finished
         self._inbox = inbox
         self._queued = 0  # submitted, not yet admitted: what MIXSERVE_MAX_QUEUE bounds
@@ -276,7 +276,7 @@ class Engine:
         """Each row's next token appended (its events sent); finished rows retired."""
         if logits is None:
             return
-        for seq, choice in zip(seqs, sample(seqs, logits[:, : self.tokens_with_text]), strict=True):
+        for seq, choice in zip(seqs, sample(seqs, logits, self.tokenizer_ids), strict=True):
             if isinstance(choice, Exception):
                 self._fail_row(seq, choice)
                 continue
@@ -376,6 +376,13 @@ def _abandoned(seq: Sequence) -> BaseException:
     if seq.cancelled:
         return asyncio.CancelledError()
     return RequestTimeout(f"the request took over {seq.request.timeout:g} s (MIXSERVE_REQUEST_TIMEOUT); cancelled")
+
+
+def _tokenizer_ids(tokenizer, eos_ids) -> int:
+    """One past the highest id the tokenizer has: checkpoints pad their vocabulary past it (Qwen2.5: 151,936 rows
+    for 151,665 tokens), and such ids have no text, so they are never sampled. Ids may leave gaps (an EOS at 300
+    after 258 tokens): a count of tokens is not the bound."""
+    return 1 + max(len(tokenizer) - 1, *tokenizer.get_vocab().values(), *tokenizer.all_special_ids, *eos_ids)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

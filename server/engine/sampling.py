@@ -98,11 +98,12 @@ class Choice:
     alternatives: list[tuple[int, float]]  # the top logprobs, if the request asked
 
 
-def sample(rows: list, logits: torch.Tensor) -> list[Choice | Exception]:
+def sample(rows: list, logits: torch.Tensor, choosable: int | None = None) -> list[Choice | Exception]:
     """The next token of each row (a Sequence: its chooser, parameters and tokens so far) from its logits,
-    [len(rows), vocab]; a row whose choice fails gets the exception instead, the others are unaffected."""
-    logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)  # the model's own, also for constrained rows
+    [len(rows), vocab], among the ids below `choosable` (all by default); a row whose choice fails gets the exception
+    instead, the others are unaffected. Logprobs are the model's own, over its whole vocabulary."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # also for constrained rows
+    logits = logits[:, :choosable].float()
     greedy = logits.argmax(dim=-1).tolist()
     masked = mask_constrained(rows, logits)  # constrained rows only
     choices: list[Choice | Exception] = []
@@ -118,7 +119,7 @@ def sample(rows: list, logits: torch.Tensor) -> list[Choice | Exception]:
                 token = seq.chooser.choose(row_logits, seq.request.prompt_ids + seq.tokens)
             alternatives = []
             if k := seq.request.params.top_logprobs:
-                values, ids = logprobs[row].topk(k)
+                values, ids = logprobs[row, :choosable].topk(k)
                 alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
             choices.append(Choice(token, float(logprobs[row, token]), alternatives))
         except Exception as exc:  # noqa: BLE001 - handed to the caller, which fails this row alone
