@@ -412,9 +412,25 @@ def test_the_store_without_mounts_is_the_local_folder(llama):
     assert not store.mounted("acme/x") and store.tier("lora") == "disk" and store.source_kind("lora") == "local"
 
 
-def hub_repo(cache: Path, repo: str, commits: dict[str, Path], refs: dict[str, str]) -> None:
-    """A repo in huggingface_hub's documented cache layout: models--org--name/{blobs,refs,snapshots}; blobs of
-    LFS files are named by their SHA-256, snapshot files are links to them."""
+LFS = {"adapter_model.safetensors"}  # the Hub's LFS (or Xet) files; the config is a regular git file
+
+
+def git_sha1(data: bytes) -> str:
+    """A regular file's git blob id (`git hash-object`): the Hub's ETag of a file that is not in LFS."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def hub_etag(filename: str, data: bytes) -> str:
+    """The Hub's ETag of a file: the SHA-256 of an LFS file's bytes, the git blob SHA-1 of another."""
+    return hashlib.sha256(data).hexdigest() if filename in LFS else git_sha1(data)
+
+
+def hub_repo(cache: Path, repo: str, commits: dict[str, Path], refs: dict[str, str], links: str = "blobs") -> None:
+    """A repo in huggingface_hub's documented cache layout: models--org--name/{blobs,refs,snapshots}; blobs are
+    named by their ETag, snapshot files are links to them. `links`: "blobs" (those links); "shared" (LFS blobs are in
+    turn links into the cache-wide store of Xet files, blobs/<2 hex>/<Xet hash>, as huggingface_hub writes with
+    hf_xet); "none" (no links: each snapshot file the blob itself, as huggingface_hub writes where symlinks are not
+    supported)."""
     root = cache / ("models--" + repo.replace("/", "--"))
     (root / "blobs").mkdir(parents=True, exist_ok=True)
     (root / "refs").mkdir(exist_ok=True)
@@ -422,9 +438,17 @@ def hub_repo(cache: Path, repo: str, commits: dict[str, Path], refs: dict[str, s
         (root / "snapshots" / commit).mkdir(parents=True)
         for filename in FILES:
             data = (folder / filename).read_bytes()
-            blob = hashlib.sha256(data).hexdigest()
+            blob, pointer = hub_etag(filename, data), root / "snapshots" / commit / filename
+            if links == "none":
+                pointer.write_bytes(data)
+                continue
             (root / "blobs" / blob).write_bytes(data)
-            (root / "snapshots" / commit / filename).symlink_to(f"../../blobs/{blob}")
+            if links == "shared" and filename in LFS:
+                xet = hashlib.sha256(b"xet" + data).hexdigest()  # a Xet hash: 64 hex digits, not the SHA-256
+                (cache / "blobs" / xet[:2]).mkdir(parents=True, exist_ok=True)
+                (root / "blobs" / blob).replace(cache / "blobs" / xet[:2] / xet)
+                (root / "blobs" / blob).symlink_to(f"../../blobs/{xet[:2]}/{xet}")
+            pointer.symlink_to(f"../../blobs/{blob}")
     for ref, commit in refs.items():
         (root / "refs" / ref).write_text(commit)
 
@@ -457,6 +481,31 @@ def test_hub_offline_from_its_cache_with_revision_pins(serve, llama, tmp_path, m
     assert invalid.status_code == 404 and "org/" not in invalid.text, invalid.text
     tiers = {a["name"]: a["tier"] for a in httpx.get(f"{server.url}/adapters?all=true").json()["adapters"]}
     assert tiers["shared/pirate"] == "device" and "shared/damaged" not in tiers
+
+
+def test_hub_offline_from_a_cache_with_a_shared_xet_store_or_without_links(serve, llama, tmp_path, monkeypatch):
+    """Caches as huggingface_hub also writes them: LFS blobs linking into the store of Xet files shared between repos
+    (named by their Xet hash, not by their SHA-256), checked against the name of the blob the snapshot links to; or,
+    on a filesystem without symlinks, snapshot files that are the blobs themselves: nothing records their hash, they
+    are served unchecked (not refused forever)."""
+    from huggingface_hub import constants
+
+    cache, commit = tmp_path / "hf-cache", "a" * 40
+    hub_repo(cache, "org/shared", {commit: llama.store / "lora"}, {"main": commit}, links="shared")
+    hub_repo(cache, "org/damaged", {commit: llama.store / "lora.patterns"}, {"main": commit}, links="shared")
+    hub_repo(cache, "org/unlinked", {commit: llama.store / "lokr"}, {"main": commit}, links="none")
+    damaged = next(p for p in (cache / "models--org--damaged" / "blobs").iterdir() if p.is_symlink()).resolve()
+    damaged.write_bytes(damaged.read_bytes()[:-8] + b"\0" * 8)  # org/damaged's weights, in the Xet store
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    server = serve(llama.settings(adapter_sources="shared/=hf://org", disk_cache_dir=tmp_path / "disk"))
+    for name, local in (("shared/shared", "lora"), ("shared/unlinked", "lokr")):
+        response = generate(server, [name])
+        assert response.status_code == 200, response.text
+        assert response.json()["generated_text"] == expected(server, llama, [local]), name
+    response = generate(server, ["shared/damaged"])
+    assert response.status_code == 424 and "integrity" in response.json()["error"], response.text
 
 
 def test_compose_serves_demo_adapters_from_its_minio():
@@ -682,10 +731,11 @@ def test_one_slow_adapter_holds_one_fetch_of_its_mount_not_the_others(serve, lla
 
 class FakeHub(ThreadingHTTPServer):
     """The Hub's endpoints huggingface_hub uses for one repo at one commit: model info, and each file's resolve URL
-    (HEAD: commit, ETag, size; GET: the bytes). `flip` names files whose next GET answers one byte flipped."""
+    (HEAD: commit, ETag as the Hub's: the SHA-256 of an LFS file, the git blob SHA-1 of another; size; GET: the bytes).
+    `flip` names files whose next GET answers one byte flipped; `heads` and `gets` list the files asked for."""
 
     def __init__(self, repo: str, commit: str, folder: Path):
-        self.repo, self.commit, self.flip, self.gets = repo, commit, set(), []
+        self.repo, self.commit, self.flip, self.gets, self.heads = repo, commit, set(), [], []
         self.files = {name: (folder / name).read_bytes() for name in FILES}
         super().__init__(("127.0.0.1", 0), self.Handler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
@@ -715,10 +765,12 @@ class FakeHub(ThreadingHTTPServer):
             data = hub.files[name]
             self.send_response(200)
             self.send_header("X-Repo-Commit", hub.commit)
-            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("ETag", f'"{hub_etag(name, data)}"')
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            if body:
+            if not body:
+                hub.heads.append(name)
+            else:
                 hub.gets.append(name)
                 if name in hub.flip:
                     hub.flip.discard(name)
@@ -732,10 +784,18 @@ class FakeHub(ThreadingHTTPServer):
             self.answer(body=True)
 
 
-def test_hub_downloads_within_the_disk_tier_and_a_damaged_one_is_downloaded_again(serve, llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("symlinks", [True, False], ids=["symlinks", "no-symlinks"])
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "adapter_config.json"], ids=["lfs", "git"])
+def test_hub_downloads_within_the_disk_tier_and_a_damaged_one_is_downloaded_again(
+    serve, llama, tmp_path, monkeypatch, symlinks, damaged
+):
     """Online, nothing is written to huggingface_hub's own cache (outside MIXSERVE_DISK_CACHE's budget): each fetch
-    downloads into the disk tier's folder being written. A download damaged in transit fails its hash check (424) and
-    the next attempt downloads it again, rather than reading the damaged blob from a cache forever."""
+    downloads into the disk tier's folder being written. A download damaged in transit fails its hash check (424: an
+    LFS file's SHA-256, a regular file's git SHA-1) and the next attempt downloads it again, rather than reading the
+    damaged blob from a cache forever. Where symlinks are not supported (SMB, some FUSE or NFS mounts, Windows without
+    developer mode) huggingface_hub's cache has no blob named by its hash: the hash is the file's ETag, asked again;
+    with them, the name of the blob downloaded is the ETag, and nothing is asked twice."""
+    import huggingface_hub.file_download
     from huggingface_hub import constants
 
     hub = FakeHub("org/pirate", "c" * 40, llama.store / "lora")
@@ -745,17 +805,22 @@ def test_hub_downloads_within_the_disk_tier_and_a_damaged_one_is_downloaded_agai
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # both read from HF_ENDPOINT when huggingface_hub is imported
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_cache))
+    if not symlinks:
+        monkeypatch.setattr(huggingface_hub.file_download, "are_symlinks_supported", lambda *a, **k: False)
     server = serve(
         llama.settings(adapter_sources="shared/=hf://org", disk_cache_dir=tmp_path / "disk", load_retry_seconds=0.2)
     )
-    hub.flip.add("adapter_model.safetensors")
-    damaged = generate(server, ["shared/pirate"])
-    assert damaged.status_code == 424 and "integrity" in damaged.json()["error"], damaged.text
+    hub.flip.add(damaged)
+    response = generate(server, ["shared/pirate"])
+    assert response.status_code == 424 and "integrity" in response.json()["error"], response.text
     deadline = time.monotonic() + 30
     while (response := generate(server, ["shared/pirate"])).status_code != 200:  # after the failure's backoff
         assert response.status_code == 424 and time.monotonic() < deadline, response.text
         time.sleep(0.1)
     assert response.json()["generated_text"] == expected(server, llama, ["lora"])
-    assert hub.gets.count("adapter_model.safetensors") == 2
+    first = FILES[: FILES.index(damaged) + 1]  # the first attempt stops at the damaged file
+    assert sorted(hub.gets) == sorted(first + FILES)
+    per_download = 1 if symlinks else 2  # huggingface_hub's HEAD; without symlinks, ours for the ETag
+    assert sorted(hub.heads) == sorted((first + FILES) * per_download)
     assert not hf_cache.exists() or not any(hf_cache.rglob("*"))
     assert not any((tmp_path / "disk" / ".partial").iterdir())

@@ -5,8 +5,14 @@ huggingface_hub does the work: the token is its own (HF_TOKEN, or a logged-in to
 An adapter's version is the commit its revision points at; files are fetched at that commit into a cache of that
 fetch's own, inside the disk tier's folder being written (so within MIXSERVE_DISK_CACHE, and a damaged download is
 never read again: the next attempt downloads afresh), and removed once copied. With HF_HUB_OFFLINE=1 everything is
-read from huggingface_hub's cache (HF_HUB_CACHE: the operator's, only read) without a network call. Each file's bytes
-are checked against the name of its blob: the SHA-256 of an LFS file, the git SHA-1 of another.
+read from huggingface_hub's cache (HF_HUB_CACHE: the operator's, only read) without a network call.
+
+Each file's bytes are checked against its ETag at that commit: the SHA-256 of an LFS (or Xet) file, the git blob SHA-1
+of another. huggingface_hub names each blob by that ETag, and a snapshot's file is a link to its blob: the link's
+target names it (only the link is read: with hf_xet the blob may link on into the store shared between repos, named by
+its Xet hash). Where the cache has no links (a filesystem without symlinks: SMB/CIFS, some FUSE or NFS mounts, Windows
+without developer mode; huggingface_hub then moves the blob to the snapshot's file), the ETag is asked again (one HEAD
+per file); offline, nothing records it, and such a file is read unchecked.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -65,14 +71,17 @@ class HubSource(AdapterSource):
 
     def fetch(self, key: str, version: str, into: Path) -> None:
         repo_id, subfolder = self._repo(key)
-        cache = None if constants.is_offline_mode() else into / ".hub"
+        offline = constants.is_offline_mode()
+        cache = None if offline else into / ".hub"
         try:
             for filename in FILES:
                 cached = Path(_call(lambda f=filename: self._download(repo_id, f, subfolder, version, cache)))
-                blob = cached.resolve()
-                if not _intact(blob):
-                    raise SourceError("corrupt", f"{repo_id}/{filename}: its bytes do not match their hash")
-                shutil.copyfile(blob, into / filename)
+                etag = _linked_etag(cached)
+                if etag is None and not offline:  # no links in the cache: the ETag is asked again, at that commit
+                    etag = _call(lambda f=filename: self._etag(repo_id, f, subfolder, version)) or ""
+                if etag is not None:
+                    _check(cached, etag, f"{repo_id}/{filename}")
+                shutil.copyfile(cached, into / filename)
         finally:
             if cache is not None:
                 shutil.rmtree(cache, ignore_errors=True)
@@ -96,13 +105,32 @@ class HubSource(AdapterSource):
             local_files_only=constants.is_offline_mode(),
         )
 
+    def _etag(self, repo_id: str, filename: str, subfolder: str | None, revision: str) -> str | None:
+        """The file's ETag at that revision, from the Hub (the HEAD request huggingface_hub's download makes)."""
+        url = hf_hub_url(repo_id, filename, subfolder=subfolder, revision=revision)
+        return get_hf_file_metadata(url, timeout=self.options.timeout).etag
 
-def _intact(blob: Path) -> bool:
-    """Whether the blob's bytes match its name: the SHA-256 of an LFS file, the git SHA-1 of another (a small
-    file); a blob named otherwise cannot be checked, and is not served."""
-    if _SHA256.fullmatch(blob.name):
-        return sha256_of(blob) == blob.name
-    return bool(_SHA1.fullmatch(blob.name)) and git_hash(blob.read_bytes()) == blob.name
+
+def _linked_etag(pointer: Path) -> str | None:
+    """The name of the blob a snapshot's file links to (huggingface_hub names a blob by the ETag it was downloaded
+    under), or None where the file is no link to a blob (a cache on a filesystem without symlinks)."""
+    if not pointer.is_symlink():
+        return None
+    target = Path(os.readlink(pointer))
+    return target.name if target.parent.name == "blobs" else None
+
+
+def _check(path: Path, etag: str, what: str) -> None:
+    """That the file's bytes match its ETag: the SHA-256 of an LFS file, the git SHA-1 of another (a small file). An
+    ETag of another form cannot be checked against: the file is not served either."""
+    if _SHA256.fullmatch(etag):
+        intact = sha256_of(path) == etag
+    elif _SHA1.fullmatch(etag):
+        intact = git_hash(path.read_bytes()) == etag
+    else:
+        raise SourceError("corrupt", f"{what}: its ETag is neither a SHA-256 nor a git SHA-1 to check it against")
+    if not intact:
+        raise SourceError("corrupt", f"{what}: its bytes do not match their hash")
 
 
 def _call(call):
