@@ -37,16 +37,11 @@ SERIAL_BASE_MACS = 8_000_000
 def _thread_setter():
     """A setter of the calling thread's OpenMP thread count, which torch's CPU kernels and MKL follow. Through the
     OpenMP runtime torch loaded, because torch.set_num_threads is process-wide: a thread whose first torch operation
-    ran while the count was lowered would keep that count for good. torch's setter where torch does not follow that."""
+    ran while the count was lowered would keep that count for good. torch's setter where no runtime is visible."""
     try:
-        setter = ctypes.CDLL(None).omp_set_num_threads
+        return ctypes.CDLL(None).omp_set_num_threads
     except (OSError, AttributeError):
         return torch.set_num_threads
-    outside = torch.get_num_threads()
-    setter(outside + 1)
-    followed = torch.get_num_threads() == outside + 1  # another OpenMP runtime may have come first
-    setter(outside)
-    return setter if followed else torch.set_num_threads
 
 
 _set_this_threads_count = _thread_setter()
