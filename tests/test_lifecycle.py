@@ -438,21 +438,3 @@ def test_shutdown_answers_waits_for_loads(llama):
     registry.close()
     with pytest.raises(ShuttingDown):
         waiting.result(timeout=5)
-
-
-def test_a_thread_starting_torch_work_while_a_layer_runs_serially_keeps_the_process_thread_count():
-    """Adapter layers lower the model thread's CPU thread count around small operations; that must not be the count
-    a thread starting its torch work meanwhile (a loader) keeps."""
-    import torch
-
-    from server.adapters.mixing import _threads
-
-    outside = torch.get_num_threads()
-    seen = []
-    with _threads(1 if outside > 1 else 2) as restored:
-        inside = torch.get_num_threads()
-        worker = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
-        worker.start()
-        worker.join(timeout=30)
-    assert restored == outside and inside != outside
-    assert seen == [outside] and torch.get_num_threads() == outside

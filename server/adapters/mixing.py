@@ -9,7 +9,6 @@ pass, and no adapter is "active" outside the pass that asked for it.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -34,31 +33,19 @@ _plan_ids = itertools.count()
 SERIAL_BASE_MACS = 8_000_000
 
 
-def _thread_setter():
-    """A setter of the calling thread's OpenMP thread count, which torch's CPU kernels and MKL follow. Through the
-    OpenMP runtime torch loaded, because torch.set_num_threads is process-wide: a thread whose first torch operation
-    ran while the count was lowered would keep that count for good. torch's setter where no runtime is visible."""
-    try:
-        return ctypes.CDLL(None).omp_set_num_threads
-    except (OSError, AttributeError):
-        return torch.set_num_threads
-
-
-_set_this_threads_count = _thread_setter()
-
-
 @contextmanager
 def _threads(n: int) -> Iterator[int]:
-    """torch's CPU operations of the calling thread on n threads inside; yields the count outside."""
+    """torch's CPU operations on n threads inside; yields the count outside. Called on the model's thread only:
+    torch.set_num_threads also sets the count that a thread starting torch work meanwhile keeps."""
     outside = torch.get_num_threads()
     if n == outside:
         yield outside
         return
-    _set_this_threads_count(n)
+    torch.set_num_threads(n)
     try:
         yield outside
     finally:
-        _set_this_threads_count(outside)
+        torch.set_num_threads(outside)
 
 
 class BatchPlan:
