@@ -17,11 +17,11 @@ from server.engine.kv_cache import BLOCK_SIZE, BlockPool, chain_keys
 from server.engine.runner import PromptSequence
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
-from server.errors import MixserveError
 from server.metrics import Metrics
 from server.model import encode_prompt
 from server.state import ServerState
 from tests.reference import reference_greedy, reference_logits
+from tests.test_kv_cache import streamed_in_waves
 
 ATOL = 1e-5
 SYSTEM = [3 + (11 * j) % 200 for j in range(40)]  # two full blocks and 8 tokens
@@ -244,27 +244,9 @@ def test_a_thousand_requests_through_a_small_cache_evict_cached_blocks_and_leak_
         prompt = systems[i % 2][: 17 + i % 24] + _prompt(i, 1 + i % 7)
         return _request(f"e{i}", prompt, combos[(i // 2) % 2], 60 if i % 10 == 0 else 1 + i % 6)
 
-    async def one(i: int):
-        handle = engine.submit(request(i))
-        try:
-            async for _ in handle.stream():
-                if i % 9 == 4:
-                    handle.cancel()
-        except asyncio.CancelledError:
-            return "cancelled"
-        except MixserveError as exc:
-            return repr(exc)
-        return "done"
-
-    async def run():
-        outcomes = []
-        for wave in range(0, 1000, 50):
-            outcomes += await asyncio.gather(*(one(i) for i in range(wave, wave + 50)))
-        return outcomes
-
     pool._take = take_counting_evictions
     try:
-        outcomes = asyncio.run(run())
+        outcomes = streamed_in_waves(engine, request, 1000, 50, cancel=lambda i: i % 9 == 4)
     finally:
         del pool._take
     assert set(outcomes) == {"done", "cancelled"}, {o for o in outcomes if o not in ("done", "cancelled")}
