@@ -55,6 +55,26 @@ def describe_run() -> str:
     )
 
 
+def add_device_arguments(parser) -> None:
+    """--device and --dtype, as every benchmark takes them (defaults: the CPU in float32)."""
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Waits for the device's queued work, so that a timer stopped after it measures that work."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: str | torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
 def build_bench_model(root: Path, quick: bool = False) -> tuple[Path, Path]:
     """The batching issue's model: Llama-style, hidden 512, 8 layers (~25M parameters), random, float32; with
     4 LoRA r16, 2 LoHa r8, 1 LoKr and 1 OFT on all linear modules. Reused when already built under root.
