@@ -23,7 +23,10 @@ def main() -> None:
         sys.exit(f"mixserve: invalid settings\n{problems}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # keep-alive longer than a load balancer keeps idle connections (HAProxy: closed within a few seconds)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=75
+    )
     DrainingServer(config, app, settings.drain_seconds).run()
 
 

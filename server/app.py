@@ -17,7 +17,7 @@ from server.api.schemas import ErrorResponse
 from server.api.serving import tenant_of
 from server.auth import Keyring
 from server.config import Settings
-from server.errors import ShuttingDown
+from server.errors import NotReady, ShuttingDown
 from server.metrics import Metrics
 from server.state import ServerState
 
@@ -58,13 +58,26 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get(
+        "/health",
+        summary="200 while the process serves (answered by its event loop, never waiting on the engine)",
+        responses={503: {"model": ErrorResponse}},
+    )
+    async def health(request: Request) -> dict:
+        if request.app.state.mixserve.broken:
+            raise NotReady(request.app.state.mixserve.broken)
+        return {"status": "ok"}
+
+    @app.get(
         "/ready",
-        summary="200 when ready for traffic: model loaded, preloads done, not draining",
+        summary="200 when ready for traffic: model loaded, preloads done, not draining, the engine not stuck",
         responses={503: {"model": ErrorResponse}},
     )
     async def ready(request: Request) -> dict:
         if request.app.state.traffic.draining:
             raise ShuttingDown("draining: finishing in-flight requests before exiting")
+        problem = request.app.state.mixserve.unready()
+        if problem:
+            raise NotReady(problem)
         return {"status": "ready"}
 
     install_error_handlers(app)

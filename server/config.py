@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     preload: str = Field("", description="adapters to load before /health answers, comma-separated")
     load_retry_seconds: float = Field(1.0, ge=0, description="a failed load is retried after this")
     drain_seconds: float = Field(30.0, ge=0, description="on SIGTERM: how long in-flight requests may finish")
+    stall_seconds: float = Field(
+        60.0, gt=0, description="/ready fails while the engine has requests but has not finished a step for this long"
+    )
     replica_id: str = Field("", description="sent as x-replica (default: hostname:port)")
     allow_pickle: bool = Field(False, description="also load adapter_model.bin (pickle) adapters")
     adapter_sources: str = Field(

@@ -81,6 +81,12 @@ class ShuttingDown(MixserveError):
     expected = True
 
 
+class NotReady(MixserveError):
+    status_code = 503
+    error_type = "unavailable"
+    headers = {"Retry-After": "5"}
+
+
 class RequestTimeout(MixserveError):
     status_code = 408
     error_type = "timeout"

@@ -32,6 +32,16 @@ class ServerState:
     device: str
     dtype: str
     started_at: float
+    broken: str | None = None  # why the replica can serve nothing more (set where that is found): /health fails
+
+    def unready(self) -> str | None:
+        """Why /ready fails beyond a drain (None: it does not): broken, or an engine stuck in a step."""
+        if self.broken:
+            return self.broken
+        stalled = self.engine.stalled_for(time.monotonic())
+        if stalled > self.settings.stall_seconds:
+            return f"the engine has not finished a step for {stalled:.0f} s with requests (MIXSERVE_STALL_SECONDS)"
+        return None
 
     @classmethod
     def start(cls, settings: Settings, metrics: Metrics | None = None) -> ServerState:

@@ -20,6 +20,7 @@ from server.errors import ShuttingDown
 
 log = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
+ABANDON_SECONDS = 5  # after the drain: for the requests stopped then to send their errors
 UNCOUNTED = OPEN_PATHS | {"/metrics"}  # probes and scrapes: not in flight for the drain, answered while draining
 
 
@@ -39,8 +40,12 @@ async def drain(app: FastAPI, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while traffic.in_flight and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    if traffic.in_flight:
+    if traffic.in_flight:  # they fail with ShuttingDown: a stream ends with an error event, not cut
         log.warning("drain time over with %d requests in flight; stopping them", traffic.in_flight)
+        app.state.mixserve.engine.abandon()
+        deadline = time.monotonic() + ABANDON_SECONDS
+        while traffic.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
 
 class RequestContext:

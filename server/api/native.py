@@ -1,4 +1,4 @@
-"""The native routes: TGI/LoRAX-compatible /, /generate, /generate_stream, /info, /tokenize; /adapters, /health."""
+"""The native routes: TGI/LoRAX-compatible /, /generate, /generate_stream, /info, /tokenize; /adapters."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ async def generate_stream(body: GenerateRequest, request: Request) -> StreamingR
     state = state_of(request)
     gen = await _generation_request(body, request)
     handle = state.engine.submit(gen)
-    return event_stream(_events(handle, body, state.tokenizer), [handle], request_headers(gen), openai=False)
+    events = _events(handle, body, state.tokenizer)
+    return await event_stream(request, events, [handle], request_headers(gen), openai=False)
 
 
 @router.post("/", responses={200: {"model": list[GenerateResponse], **STREAM[200]}}, summary="TGI's root route")
@@ -148,11 +149,6 @@ async def unload_adapter(name: str, request: Request) -> dict:
     if not removed:
         raise AdapterNotFound(f"adapter {name!r} is not loaded")
     return {"name": name, "unloaded": True}
-
-
-@router.get("/health", summary="200 once the model is loaded")
-async def health() -> dict:
-    return {"status": "ok"}
 
 
 async def _generation_request(body: GenerateRequest, request: Request) -> GenerationRequest:

@@ -97,7 +97,7 @@ async def completions(body: CompletionRequest, request: Request):
             handles.append(state.engine.submit(gen))
         reply = _Completions(body, state.tokenizer, f"cmpl-{uuid.uuid4().hex}")
         if body.stream:
-            return event_stream(reply.stream(handles), handles, request_headers(gens[0]), openai=True)
+            return await event_stream(request, reply.stream(handles), handles, request_headers(gens[0]), openai=True)
         seqs = await asyncio.gather(*(until_done(h, request) for h in handles))
     except BaseException:
         for handle in handles:
@@ -119,7 +119,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     handle = state.engine.submit(gen)
     reply = _Chat(body, state.tokenizer, f"chatcmpl-{uuid.uuid4().hex}", fmt)
     if body.stream:
-        return event_stream(reply.stream(handle), [handle], request_headers(gen), openai=True)
+        return await event_stream(request, reply.stream(handle), [handle], request_headers(gen), openai=True)
     seq = await until_done(handle, request)
     return JSONResponse(reply.complete(seq).model_dump(), headers=result_headers(seq))
 

@@ -79,17 +79,24 @@ async def _fetch(state: ServerState, name: str) -> None:
 
 async def until_done(handle: RequestHandle, request: Request) -> Sequence:
     """The request's result; if the client disconnects first, its row is freed at the engine's next step."""
-    result = asyncio.ensure_future(handle.result())
+    try:
+        return await while_connected(handle.result(), request)
+    finally:
+        handle.cancel()
+
+
+async def while_connected(awaitable, request: Request):
+    """awaitable's result, or ClientDisconnected (and awaitable cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(awaitable)
     try:
         while True:
-            done, _ = await asyncio.wait({result}, timeout=DISCONNECT_POLL_SECONDS)
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
             if done:
-                return result.result()
+                return task.result()
             if await request.is_disconnected():
                 raise ClientDisconnected("the client closed the connection")
     finally:
-        handle.cancel()
-        result.cancel()
+        task.cancel()
 
 
 def request_headers(gen: GenerationRequest) -> dict[str, str]:
@@ -111,15 +118,36 @@ def result_headers(seq: Sequence) -> dict[str, str]:
     }
 
 
-def event_stream(events: AsyncIterator[str], handles, headers: dict[str, str], openai: bool) -> StreamingResponse:
-    """Each of `events` (JSON text) as a server-sent `data:` event, then OpenAI's `[DONE]` if `openai`; an error
-    midway ends the stream with an event in the routes' error shape. The handles are cancelled when the stream
-    ends, which frees their rows if the client went away."""
+async def event_stream(
+    request: Request, events: AsyncIterator[str], handles, headers: dict[str, str], openai: bool
+) -> StreamingResponse:
+    """Each of `events` (JSON text) as a server-sent `data:` event, then OpenAI's `[DONE]` if `openai`. The status
+    line and headers go out with the first token: until then the request fails as a non-streamed one does (an error
+    status, which a load balancer may retry on another replica); after it, an error ends the stream with an event in
+    the routes' error shape. The handles are cancelled when the stream ends, which frees their rows if the client
+    went away."""
+    events = aiter(events)
+    early: list[str] = []  # events before the first token (OpenAI's role chunk, an echo): sent with it
+    ended = False
+    try:
+        while not ended and not any(handle.seq.first_token_at for handle in handles):
+            event = await while_connected(anext(events, None), request)
+            if event is None:
+                ended = True
+            else:
+                early.append(event)
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        raise
 
     async def body() -> AsyncIterator[str]:
         try:
-            async for event in events:
+            for event in early:
                 yield f"data: {event}\n\n"
+            if not ended:
+                async for event in events:
+                    yield f"data: {event}\n\n"
             if openai:
                 yield "data: [DONE]\n\n"
         except MixserveError as exc:

@@ -93,6 +93,7 @@ class Engine:
         self._admitted: list[Sequence] = []  # admitted in the current step, not yet running
         self._preempted: set[Sequence] = set()  # waiting again, holding their adapters
         self.preemptions = 0
+        self.progress_at = time.monotonic()  # each turn of the loop: a step that never ends leaves it behind
         self._outboxes: dict[asyncio.AbstractEventLoop, EventOutbox] = {}
         self._thread = threading.Thread(target=self._loop, name="mixserve-engine", daemon=True)
 
@@ -107,6 +108,14 @@ class Engine:
     @property
     def running(self) -> int:
         return len(self.runner.rows)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds since the loop last turned while it has requests (0 without): a stuck step (from any thread)."""
+        return now - self.progress_at if self.running or self._queued else 0.0
+
+    def abandon(self) -> None:
+        """Every request waiting or running fails with ShuttingDown, at the next step boundary (a drain's end)."""
+        self.call(self._abandon_all)
 
     def waiting_adapters(self) -> set[str]:
         with self._lock:
@@ -174,6 +183,7 @@ class Engine:
     def _loop(self) -> None:
         stalled = False  # the last step found nothing it could run
         while True:
+            self.progress_at = time.monotonic()
             self._take_inbox(block=not self.runner.rows and (stalled or not self.scheduler.waiting))
             if self._stopping:
                 self._abandon_all()
@@ -366,7 +376,10 @@ class Engine:
     def _abandon_all(self) -> None:
         self._take_inbox(block=False)
         error = ShuttingDown("the server is shutting down")
-        for seq in list(self.scheduler.waiting):
+        while self.scheduler.waiting:
+            seq = self.scheduler.waiting.popleft()
+            self._dequeued(seq)
+            self._preempted.discard(seq)
             self._retire(seq, error)
         for seq in list(self.runner.rows):
             self._retire(seq, error)
