@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build by default; on a GPU host: make serve TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
 TORCH ?= torch==2.13.0
 
-.PHONY: serve test install install-test nginx chromium demo bench bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache clean
+.PHONY: serve test install install-test haproxy chromium demo bench bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache clean
 
 serve: install
 	$(PY) -m server
@@ -26,16 +26,16 @@ $(VENV)/.installed: pyproject.toml
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps lorax-client==0.6.3
-	@command -v nginx >/dev/null 2>&1 || $(MAKE) --no-print-directory nginx
+	@command -v haproxy >/dev/null 2>&1 || $(MAKE) --no-print-directory haproxy
 	@command -v chromedriver >/dev/null 2>&1 || $(MAKE) --no-print-directory chromium
 	touch $@
 
-# The load-balancer tests run the real nginx (Debian/Ubuntu package).
-nginx:
+# The load-balancer tests run the real HAProxy (Debian/Ubuntu package, 2.6 or later).
+haproxy:
 	@if [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null; \
 	else \
-		echo "the tests need nginx: sudo apt-get install nginx" >&2; exit 1; \
+		echo "the tests need HAProxy: sudo apt-get install haproxy" >&2; exit 1; \
 	fi
 
 # The playground's tests drive the real Chromium (Debian packages; no browser download) through Selenium.

@@ -1,9 +1,8 @@
-"""The deployment topology without a Docker engine: real replicas and a real nginx running the repo's config;
-graceful drain on SIGTERM; and the Dockerfile, compose file and Kubernetes manifests agreeing with each other."""
+"""A replica's graceful drain on SIGTERM, and the Dockerfile, compose file, load balancer config and Kubernetes
+manifests agreeing with each other (the replicas behind the load balancer: tests/test_balancer.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -23,7 +22,7 @@ import yaml
 from server.config import Settings
 from tests.conftest import REPO
 
-NGINX_CONF = REPO / "deploy" / "nginx" / "nginx.conf"
+HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 SETTINGS_ENV = {f"MIXSERVE_{name.upper()}" for name in Settings.model_fields}
 
 
@@ -46,19 +45,16 @@ def wait_until(check, timeout: float = 120, what: str = "condition") -> None:
 
 
 class Replica:
-    def __init__(self, world, tmp: Path, name: str, **env):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    """`python -m server` on host:port (a free port of 127.0.0.1 by default) with the given MIXSERVE_* settings."""
+
+    def __init__(self, tmp: Path, name: str, host: str = "127.0.0.1", port: int | None = None, **env):
+        self.host, self.port = host, port or free_port()
+        self.url = f"http://{host}:{self.port}"
         self.log = open(tmp / f"{name}.log", "w")  # noqa: SIM115
         clean = {k: v for k, v in os.environ.items() if not k.startswith("MIXSERVE_")}
-        env = {
-            "MIXSERVE_MODEL": str(world.model_dir),
-            "MIXSERVE_ADAPTERS_DIR": str(world.store),
-            "MIXSERVE_REPLICA_ID": name,
-            **{k: str(v) for k, v in env.items()},
-        }
+        env = {"MIXSERVE_REPLICA_ID": name, **{k: str(v) for k, v in env.items()}}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", str(self.port)],
+            [sys.executable, "-m", "server", "--host", host, "--port", str(self.port)],
             cwd=REPO,
             env={**clean, **env},
             stdout=self.log,
@@ -76,115 +72,12 @@ class Replica:
         self.log.close()
 
 
-def render_nginx(tmp: Path, port: int, backends: list[int]) -> Path:
-    text = NGINX_CONF.read_text()
-    servers = "\n".join(f"        server 127.0.0.1:{b} max_fails=1 fail_timeout=5s;" for b in backends)
-    text, replaced = re.subn(r"^\s*server mixserve:8000[^\n]*;", servers, text, flags=re.MULTILINE)
-    assert replaced == 2
-    text = text.replace("listen 80;", f"listen 127.0.0.1:{port};").replace(
-        "pid /tmp/nginx.pid;", f"pid {tmp}/nginx.pid;"
-    )
-    path = tmp / "nginx.conf"
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture(scope="module")
-def topology(llama, tmp_path_factory):
-    if shutil.which("nginx") is None:
-        pytest.fail("nginx is not installed: `apt-get install nginx` (.ci/run and make test install it)")
-    tmp = tmp_path_factory.mktemp("topology")
-    replicas = [Replica(llama, tmp, f"r{i}") for i in range(2)]
-    for replica in replicas:
-        replica.ready()
-    port = free_port()
-    log = open(tmp / "nginx.out", "w")  # noqa: SIM115
-    nginx = subprocess.Popen(
-        ["nginx", "-p", str(tmp), "-c", str(render_nginx(tmp, port, [r.port for r in replicas])), "-g", "daemon off;"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(f"{url}/health", timeout=1).status_code == 200, what="nginx")
-    yield url, replicas
-    nginx.terminate()
-    nginx.wait(30)
-    log.close()
-    for replica in replicas:
-        replica.stop()
-
-
-def _body(i: int, adapters: list[str]) -> dict:
-    return {"inputs": f"request {i}", "adapters": adapters, "parameters": {"max_new_tokens": 12}}
-
-
-COMBOS = [[], ["lora"], ["oft", "loha"], ["lokr", "shira", "adalora"], ["lora.rs-bias"]]
-
-
-def test_mixed_traffic_through_nginx(topology):
-    url, _ = topology
-
-    async def traffic():
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            plain = [client.post("/generate", json=_body(i, COMBOS[i % 5])) for i in range(15)]
-            openai = [
-                client.post(
-                    "/v1/completions", json={"model": "oft+lora", "prompt": "x", "max_tokens": 4, "temperature": 0}
-                )
-                for _ in range(3)
-            ]
-            return await asyncio.gather(*plain, *openai)
-
-    responses = asyncio.run(traffic())
-    assert [r.status_code for r in responses] == [200] * 18
-    assert {r.headers["x-replica"] for r in responses} == {"r0", "r1"}  # least connections spreads them
-    with httpx.stream("POST", f"{url}/generate_stream", json=_body(0, ["oft"]), timeout=60) as response:
-        events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
-    assert events[-1]["generated_text"] is not None and len(events) >= 1
-    assert httpx.get(f"{url}/metrics", timeout=5).status_code == 404  # scraped per replica, not through the balancer
-    assert httpx.get(f"{url}/operator", timeout=5).status_code == 404
-
-
-def test_same_combination_lands_on_the_same_replica(topology):
-    url, _ = topology
-    placement = {}
-    with httpx.Client(base_url=url, timeout=60) as client:
-        for combination in ["lora", "oft+lora", "loha", "shira+lokr", "adalora", "lora.patterns", "oft", "lokr"]:
-            seen = set()
-            for i in range(4):
-                body = _body(i, combination.split("+"))
-                response = client.post("/generate", json=body, headers={"X-Adapters": combination})
-                assert response.status_code == 200
-                seen.add(response.headers["x-replica"])
-            assert len(seen) == 1, (combination, seen)
-            placement[combination] = seen.pop()
-    assert set(placement.values()) == {"r0", "r1"}  # the hash spreads combinations over the replicas
-
-
-def test_killing_a_replica_mid_traffic_loses_no_request(topology):
-    url, replicas = topology
-
-    async def traffic():
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            body = {"inputs": "survive", "parameters": {"max_new_tokens": 60, "ignore_eos_token": True}}
-            tasks = [asyncio.create_task(client.post("/generate", json=body)) for _ in range(16)]
-            await asyncio.sleep(0.4)  # both replicas are busy
-            replicas[0].process.send_signal(signal.SIGKILL)
-            return await asyncio.gather(*tasks)
-
-    responses = asyncio.run(traffic())
-    assert [r.status_code for r in responses] == [200] * 16
-    assert all(r.json()["generated_text"] is not None for r in responses)
-    with httpx.Client(base_url=url, timeout=60) as client:
-        after = [
-            client.post("/generate", json=_body(i, COMBOS[i % 5]), headers={"X-Adapters": "lora"}) for i in range(5)
-        ]
-    assert [r.status_code for r in after] == [200] * 5
-    assert {r.headers["x-replica"] for r in after} == {"r1"}
+def world_env(world) -> dict:
+    return {"MIXSERVE_MODEL": world.model_dir, "MIXSERVE_ADAPTERS_DIR": world.store}
 
 
 def test_sigterm_drains_streams_refuses_new_work_and_exits_zero(llama, tmp_path):
-    replica = Replica(llama, tmp_path, "drain", MIXSERVE_DRAIN_SECONDS=20).ready()
+    replica = Replica(tmp_path, "drain", MIXSERVE_DRAIN_SECONDS=20, **world_env(llama)).ready()
     events, started = [], threading.Event()
 
     def stream():
@@ -213,6 +106,22 @@ def test_sigterm_drains_streams_refuses_new_work_and_exits_zero(llama, tmp_path)
     replica.stop()
 
 
+def test_a_stream_still_open_when_the_drain_ends_gets_an_error_event_not_a_cut(llama, tmp_path):
+    replica = Replica(tmp_path, "drain", MIXSERVE_DRAIN_SECONDS=0, **world_env(llama)).ready()
+    body = {"inputs": "long", "parameters": {"max_new_tokens": 240, "ignore_eos_token": True}}  # the context: 256
+    events = []
+    with httpx.stream("POST", f"{replica.url}/generate_stream", json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+                if len(events) == 1:
+                    replica.process.send_signal(signal.SIGTERM)
+    assert events[-1] == {"error": "the server is shutting down", "error_type": "unavailable"}
+    assert 1 <= len(events) - 1 < 240 and all(e["generated_text"] is None for e in events[:-1])
+    assert replica.process.wait(30) == 0
+    replica.stop()
+
+
 # --- the files agree
 
 
@@ -234,23 +143,32 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck_and_volumes():
     assert {".venv", ".git", "tests"} <= set(ignored)
 
 
-def test_compose_agrees_with_the_dockerfile_and_nginx():
+def test_compose_agrees_with_the_dockerfile_and_the_balancer():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    server, nginx = services["mixserve"], services["nginx"]
+    server, balancer = services["mixserve"], services["balancer"]
+    config = HAPROXY_CFG.read_text()
     assert server["deploy"]["replicas"] == 2 and server["build"]["args"]["VARIANT"] == "cpu"
     assert set(server["environment"]) <= SETTINGS_ENV
     assert {v.split(":")[1] for v in server["volumes"]} == {"/adapters", "/models"}
     assert all(v.endswith(":ro") for v in server["volumes"])
-    assert server["expose"] == ["8000"] and "server mixserve:8000" in NGINX_CONF.read_text()
-    assert "/ready" in " ".join(server["healthcheck"]["test"])
+    assert server["expose"] == ["8000"] and config.count("server-template mixserve 1-16 mixserve:8000") == 2
+    assert "nameserver dns 127.0.0.11:53" in config  # Docker's DNS: every container of the service
+    assert "/ready" in " ".join(server["healthcheck"]["test"]) and "option httpchk GET /ready" in config
     drain = float(server["environment"]["MIXSERVE_DRAIN_SECONDS"])
     assert float(server["stop_grace_period"].rstrip("s")) > drain
-    assert "./deploy/nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
-    assert nginx["ports"] == ["8080:80"] and "listen 80;" in NGINX_CONF.read_text()
+    assert "./deploy/haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in balancer["volumes"]
+    assert balancer["ports"] == ["8080:8080"] and "bind :8080" in config
     gpu = services["mixserve-gpu"]
     assert gpu["profiles"] == ["gpu"] and gpu["networks"]["default"]["aliases"] == ["mixserve"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_the_balancer_config_is_valid_for_the_installed_haproxy():
+    if shutil.which("haproxy") is None:
+        pytest.fail("haproxy is not installed: `apt-get install haproxy` (.ci/run and make test install it)")
+    checked = subprocess.run(["haproxy", "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_kubernetes_manifests_agree_with_the_image_and_each_other():
@@ -266,6 +184,10 @@ def test_kubernetes_manifests_agree_with_the_image_and_each_other():
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # a hung process fails them by timing out
+        assert container[probe]["timeoutSeconds"] < container[probe]["periodSeconds"]
+    readiness = container["readinessProbe"]
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] <= 5  # out of the endpoints within ~5 s
     assert {m["mountPath"] for m in container["volumeMounts"]} == {"/models", "/adapters"}
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert pod["securityContext"]["runAsUser"] == 10001 and "--uid 10001" in _dockerfile()
