@@ -218,7 +218,7 @@ def calls(n: int, tokens: int = 24, combos: list[str] = COMBOS) -> list[Call]:
     ]
 
 
-async def _send(client: httpx.AsyncClient, call: Call, started: asyncio.Event | None = None) -> Outcome:
+async def _send(client: httpx.AsyncClient, call: Call, load: Load | None = None) -> Outcome:
     path, body, headers = call.request()
     outcome = Outcome(call)
     try:
@@ -236,8 +236,9 @@ async def _send(client: httpx.AsyncClient, call: Call, started: asyncio.Event | 
                     if line.startswith("data:"):
                         events.append(line[5:].strip())
                         outcome.events += 1
-                        if started is not None:
-                            started.set()
+                        if load is not None:
+                            load.streaming.add(outcome.replica)
+                            load.started.set()
                 outcome.text, outcome.failure = _streamed_answer(call, events)
     except httpx.HTTPError as exc:
         outcome.failure = f"{type(exc).__name__} after {outcome.events} events"
@@ -278,11 +279,12 @@ def _streamed_answer(call: Call, events: list[str]) -> tuple[str | None, str | N
 
 
 class Load:
-    """What a fault sees of the load under way: `started` is set once a stream has its first event, `done` lists
-    the outcomes so far, and setting `stop` sends no more requests."""
+    """What a fault sees of the load under way: `started` is set once a stream has its first event, `streaming`
+    names the replicas that sent one, `done` lists the outcomes so far, and setting `stop` sends no more requests."""
 
     def __init__(self) -> None:
         self.started, self.stop = asyncio.Event(), asyncio.Event()
+        self.streaming: set[str | None] = set()
         self.done: list[Outcome] = []
 
     async def answered(self, count: int, timeout: float = 60) -> None:
@@ -307,7 +309,7 @@ def run_load(fleet: Fleet, work: list[Call], fault=None, concurrency: int = 6, p
                 async with gate:
                     if load.stop.is_set():
                         return None
-                    outcome = await _send(client, call, load.started)
+                    outcome = await _send(client, call, load)
                     load.done.append(outcome)
                     return outcome
 
@@ -441,6 +443,13 @@ def test_a_replica_restarted_on_a_new_address_rejoins(fleet):
     assert "r3-restarted" in summary["replicas"]
 
 
+def _only_started_streams_lost(outcomes: list[Outcome]) -> None:
+    """Every request without an answer is a stream that had started, and its client saw it fail."""
+    for outcome in outcomes:
+        if outcome.text is None:
+            assert outcome.call.streamed and outcome.events >= 1 and outcome.failure, outcome
+
+
 def _key_on(fleet: Fleet, replica: str) -> str:
     """A combination (of adapters every replica has) whose X-Adapters the balancer hashes to `replica`."""
     names = ["digits", "uppercase", "british", "excited", "signoff"]
@@ -453,7 +462,8 @@ def _key_on(fleet: Fleet, replica: str) -> str:
 
 def test_a_stopped_replica_is_taken_out_and_its_keys_move_and_come_back(fleet):
     """SIGSTOP (a hung process: the kernel still accepts its connections) for STOP_SECONDS: its /ready checks time
-    out and the balancer takes it out; its affinity keys go to another replica meanwhile and back after SIGCONT."""
+    out and the balancer takes it out, retrying elsewhere what it had not answered (a stream it had started is cut);
+    its affinity keys go to another replica meanwhile and back after SIGCONT."""
     victim, times = fleet.replicas["127.0.0.4"], {}
     key = _key_on(fleet, "r4")
     work = [c if i % 2 else Call("generate", key, f"q{i % 7}", affinity=True) for i, c in enumerate(calls(400))]
@@ -478,7 +488,7 @@ def test_a_stopped_replica_is_taken_out_and_its_keys_move_and_come_back(fleet):
     keyed = [o.replica for o in outcomes if o.call.combo == key and o.call.affinity]
     print("the key's replicas, in order:", keyed)
     fleet.check(outcomes)
-    assert summary["failed"] == []
+    _only_started_streams_lost(outcomes)
     assert summary["max_seconds"] < STOP_SECONDS - 4  # nobody waited for the stopped replica to resume
     assert {"r4"} < set(keyed)  # it moved
     answers = [asyncio.run(_send_once(fleet.url, work[0])) for _ in range(3)]
@@ -486,19 +496,20 @@ def test_a_stopped_replica_is_taken_out_and_its_keys_move_and_come_back(fleet):
 
 
 def test_sigkill_loses_only_streams_that_had_started_and_their_clients_see_it(fleet):
-    """A killed replica: what it had not started answering (plain requests, streams before their first token) is
-    retried on another; a stream cut after its first token fails visibly (no final event, no [DONE])."""
+    """Killed while it streams: what it had not started answering (plain requests, streams before their first
+    token) is retried on another replica; a stream cut after its first token fails visibly (no final event, no
+    [DONE]: here the chunked body ends early)."""
     victim = fleet.replicas["127.0.0.5"]
 
     async def kill(load):
-        await load.started.wait()
+        deadline = time.monotonic() + 60
+        while "r3-restarted" not in load.streaming and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         victim.process.send_signal(signal.SIGKILL)
 
-    outcomes = run_load(fleet, calls(36, tokens=80), kill, concurrency=6)
+    outcomes = run_load(fleet, calls(36, tokens=120), kill, concurrency=6)
     fleet.forget(victim)
     summary = report("SIGKILL", outcomes)
     fleet.check(outcomes)
-    for outcome in outcomes:
-        if outcome.text is None:  # the only losses: streams that had started, and their clients know
-            assert outcome.call.streamed and outcome.events >= 1 and outcome.failure, outcome
-    assert len(summary["failed"]) < len(outcomes)
+    _only_started_streams_lost(outcomes)
+    assert 1 <= len(summary["failed"]) < len(outcomes)  # it was killed mid-stream
