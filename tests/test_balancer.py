@@ -106,19 +106,18 @@ class Fleet:
         """Out of the DNS answer (its container is gone)."""
         self.dns.addresses.remove(replica.host)
 
-    def states(self) -> dict[str, str]:
-        """address -> UP or DOWN, as the least-connections backend sees its replicas."""
+    def up(self, either: bool = False) -> set[str]:
+        """The addresses of the replicas both backends (with and without X-Adapters), or `either`, see UP."""
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(str(self.admin))
             s.sendall(b"show stat\n")
             text = b"".join(iter(lambda: s.recv(65536), b"")).decode()
-        rows = [line.split(",") for line in text.splitlines() if line.startswith("mixserve_any,mixserve")]
         header = text.splitlines()[0].lstrip("# ").split(",")
-        status, addr = header.index("status"), header.index("addr")
-        return {row[addr].rsplit(":", 1)[0]: row[status] for row in rows if row[addr]}
-
-    def up(self) -> set[str]:
-        return {address for address, state in self.states().items() if state.startswith("UP")}
+        backend, status, addr = header.index("pxname"), header.index("status"), header.index("addr")
+        rows = [line.split(",") for line in text.splitlines() if line.startswith("mixserve_")]
+        up = {(row[backend], row[addr].rsplit(":", 1)[0]) for row in rows if row[addr] and row[status].startswith("UP")}
+        any_, affinity = {a for b, a in up if b == "mixserve_any"}, {a for b, a in up if b == "mixserve_affinity"}
+        return any_ | affinity if either else any_ & affinity
 
     def wait_serving(self, addresses: set[str], timeout: float = 60) -> None:
         wait_until(lambda: self.up() == addresses, timeout=timeout, what=f"the balancer to use {sorted(addresses)}")
@@ -406,7 +405,7 @@ def test_sigterm_drains_without_losing_a_request(fleet):
         await load.answered(3)
         signalled = time.monotonic()
         victim.process.send_signal(signal.SIGTERM)
-        await asyncio.to_thread(wait_until, lambda: "127.0.0.3" not in fleet.up(), 30, "r3 out")
+        await asyncio.to_thread(wait_until, lambda: "127.0.0.3" not in fleet.up(either=True), 30, "r3 out")
         times["out"] = time.monotonic() - signalled
         times["exit"] = await asyncio.to_thread(victim.process.wait, 60)
         times["exited"] = time.monotonic() - signalled
@@ -472,7 +471,7 @@ def test_a_stopped_replica_is_taken_out_and_its_keys_move_and_come_back(fleet):
         await load.answered(4)
         stopped = time.monotonic()
         victim.process.send_signal(signal.SIGSTOP)
-        await asyncio.to_thread(wait_until, lambda: "127.0.0.4" not in fleet.up(), 30, "r4 out")
+        await asyncio.to_thread(wait_until, lambda: "127.0.0.4" not in fleet.up(either=True), 30, "r4 out")
         times["out"] = time.monotonic() - stopped
         await asyncio.sleep(STOP_SECONDS - (time.monotonic() - stopped))
         victim.process.send_signal(signal.SIGCONT)
