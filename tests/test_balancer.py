@@ -388,7 +388,8 @@ def test_a_replica_missing_an_adapter_gets_its_requests_retried_elsewhere(fleet)
     outcomes = run_load(fleet, calls(24, combos=["pirate", "pirate+british", "digits"]))
     summary = report("missing adapter", outcomes)
     for private in ("/metrics", "/operator"):  # read from each replica, not through the balancer
-        assert httpx.get(f"{fleet.url}{private}", timeout=10).status_code == 404
+        response = httpx.get(f"{fleet.url}{private}", timeout=10)
+        assert response.status_code == 404 and response.json() == {"error": "Not Found", "error_type": "http"}
     assert summary["failed"] == []
     fleet.check(outcomes)
     assert _not_found(lacking) > before  # it was asked, and said so
