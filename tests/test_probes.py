@@ -12,10 +12,14 @@ import pytest
 from tests.test_deploy import wait_until
 
 
+@pytest.fixture(scope="module")
+def server(serve, llama):
+    return serve(llama.settings(stall_seconds=0.5))
+
+
 @pytest.fixture()
-def held(serve, llama):
-    """A server whose engine thread waits on the returned event (set it to let the engine go)."""
-    server = serve(llama.settings(stall_seconds=0.5))
+def held(server):
+    """The server, its engine thread waiting on the returned event (set it to let the engine go)."""
     gate = threading.Event()
     server.state.engine.call(gate.wait)
     yield server, gate
@@ -73,8 +77,7 @@ def test_a_stream_sends_its_status_line_with_its_first_token(held):
     assert answer["body"].count(b"data:") == 4
 
 
-def test_broken_fails_health_and_ready(serve, llama):
-    server = serve(llama.settings())
+def test_broken_fails_health_and_ready(server):
     server.state.broken = "the GPU reported an unrecoverable error"
     try:
         for probe in ("/health", "/ready"):
