@@ -20,6 +20,7 @@ from server.adapters import loader as loader_module
 from server.adapters.build import BuiltAdapter
 from server.auth import OPEN_PATHS, Keyring, Unauthorized
 from server.errors import AdapterOutOfMemory, Overloaded
+from tests.conftest import DEVICE
 
 ADMIN, ACME, GLOBEX = "admin-key-0001", "acme-key-0001", "globex-key-001"
 KEYS = f"{ADMIN},{ACME}:acme/,{GLOBEX}:globex/"
@@ -610,7 +611,7 @@ def test_ids_past_the_tokenizer_are_never_sampled(serve, tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "store").mkdir()
-    server = serve(Settings(model=str(tmp_path / "model"), adapters_dir=tmp_path / "store", device="cpu"))
+    server = serve(Settings(model=str(tmp_path / "model"), adapters_dir=tmp_path / "store", device=DEVICE))
     constrained = {"grammar": {"type": "regex", "value": "[a-z]{3,8}"}}
     for parameters in ({}, {"do_sample": True, "seed": 3, "top_k": 5}, constrained):
         body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "details": True, "top_n_tokens": 3, **parameters}}
