@@ -333,11 +333,11 @@ def test_out_of_memory_on_attach_evicts_idle_adapters_and_retries_once(plain, mo
         assert generate(plain, [name]).status_code == 200
     original, failures = BuiltAdapter.to, {"left": 1}
 
-    def to(self, device, pin=False):
+    def to(self, device):
         if failures["left"]:
             failures["left"] -= 1
             raise torch.OutOfMemoryError("injected: CUDA out of memory")
-        return original(self, device, pin)
+        return original(self, device)
 
     monkeypatch.setattr(BuiltAdapter, "to", to)
     assert generate(plain, ["loha"]).status_code == 200
