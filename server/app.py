@@ -65,6 +65,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def ready(request: Request) -> dict:
         if request.app.state.traffic.draining:
             raise ShuttingDown("draining: finishing in-flight requests before exiting")
+        if request.app.state.mixserve.broken:
+            raise ShuttingDown(request.app.state.mixserve.broken)
         return {"status": "ready"}
 
     install_error_handlers(app)

@@ -39,7 +39,7 @@ from server.api.structured import compile_grammar
 from server.auth import Tenant
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest, RequestHandle, Sequence
-from server.errors import AdapterNotFound, MixserveError
+from server.errors import AdapterNotFound, MixserveError, ShuttingDown
 from server.model import encode_prompt
 from server.state import ServerState
 
@@ -150,8 +150,10 @@ async def unload_adapter(name: str, request: Request) -> dict:
     return {"name": name, "unloaded": True}
 
 
-@router.get("/health", summary="200 once the model is loaded")
-async def health() -> dict:
+@router.get("/health", summary="200 once the model is loaded; 503 once its device failed (the process then exits)")
+async def health(request: Request) -> dict:
+    if state_of(request).broken:
+        raise ShuttingDown(state_of(request).broken)
     return {"status": "ok"}
 
 
