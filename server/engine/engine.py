@@ -150,7 +150,12 @@ class Engine:
             events=asyncio.Queue(),
             outbox=self._outbox(asyncio.get_running_loop()),
         )
-        self._inbox.put(seq)
+        with self._lock:  # a device error meanwhile: its handler drains the inbox after marking the engine broken
+            taken = not self.broken
+            if taken:
+                self._inbox.put(seq)
+        if not taken:
+            raise ShuttingDown(self._broken_message())
         return RequestHandle(seq, wake=self._inbox.wake)
 
     def _outbox(self, loop: asyncio.AbstractEventLoop) -> EventOutbox:
