@@ -8,12 +8,16 @@ Parts, each in a subprocess of its own with its own timeout (a hang or a crash l
                 logprobs within 1e-5 of PEFT on the same device, rows independent of their batch
   tests bf16    the same but precision (which holds both dtypes itself) with MIXSERVE_TEST_DTYPE=bfloat16: PEFT's
                 mixed model in bfloat16 as the reference, at tests/conftest.py's tolerances
+  tolerance     the largest |logit - PEFT's| per adapter type (each alone, then all six) on the tests' Llama: ours
+                in float32 against PEFT in float32; ours in bfloat16 against PEFT in bfloat16 and in float32; and
+                PEFT in bfloat16 against PEFT in float32 (what bfloat16 costs any model)
   mixed_decode  python -m bench.mixed_decode --shape 0.5b --device DEVICE --dtype bfloat16: decode and prefill tok/s
                 with and without adapters, a/b, and the step profile (launches and syncs per decode step)
 Written: REPORT.json (every part: command, exit status, seconds, pytest's counts, its output's tail, mixed_decode's
 whole output) and REPORT.txt (the same, to read). Exit status 0 when every part passed.
 
---quick (what the suite runs on the CPU, so that this cannot rot): one test of each file and mixed_decode --quick.
+--quick (what the suite runs on the CPU, so that this cannot rot): one test of each file, the tolerance of LoRA
+alone, and mixed_decode --quick.
 Nothing here installs anything: on a machine without network, its dependencies come from `make gpu-wheels`
 (--requirements prints them: what the server and these parts import, less torch and what torch brings).
 """
@@ -42,7 +46,7 @@ QUICK_TESTS = [  # one of each file: cheap enough for the suite
     "test_families.py::test_gpt_neo_local_attention_is_refused",
 ]
 # seconds per part; together under the 8 minutes a check may take on one GPU
-TIMEOUTS = {"device": 60, "tests float32": 170, "tests bf16": 100, "mixed_decode": 150}
+TIMEOUTS = {"device": 30, "tests float32": 160, "tests bf16": 100, "tolerance": 50, "mixed_decode": 140}
 # what the server, the tests and the benchmarks import beyond the standard library (make gpu-wheels)
 IMPORTED = [
     "peft",
@@ -128,6 +132,7 @@ def parts(device: str, quick: bool) -> list[Part]:
         Part("device", [python, "-c", DEVICE_INFO.format(device=device)]),
         Part("tests float32", [*pytest, *(f"tests/{t}" for t in tests)]),
         Part("tests bf16", [*pytest, *(f"tests/{t}" for t in tests if not t.startswith("test_precision"))]),
+        Part("tolerance", [python, "-m", "bench.gpu_check", "--tolerance", *(["--quick"] if quick else [])]),
         Part("mixed_decode", [python, "-m", "bench.mixed_decode", *decode, "--device", device, "--dtype", "bfloat16"]),
     ]
 
@@ -148,6 +153,48 @@ def text_report(found: list[Part], device: str) -> str:
         lines.append("$ " + " ".join(part.command if part.name != "device" else part.command[:2] + ["..."]))
         lines.append(part.output)
     return "\n".join(lines) + "\n"
+
+
+def tolerance(quick: bool) -> dict[str, dict[str, float]]:
+    """See the module's docstring ("tolerance"); on MIXSERVE_TEST_DEVICE, as the tests place models."""
+    import tempfile
+
+    import torch
+
+    from server.adapters.store import AdapterStore
+    from server.engine.runner import ModelRunner
+    from server.model import encode_prompt, load_tokenizer
+    from tests.builders import ADAPTERS, build_base, build_store
+    from tests.conftest import private_model, set_exact_numerics
+    from tests.reference import reference_logits
+
+    set_exact_numerics()
+    singles = ["lora"] if quick else list(ADAPTERS)
+    mixes = {name: [name] for name in singles} | ({} if quick else {"all six": list(ADAPTERS)})
+    dtypes = (torch.float32, torch.bfloat16)
+    found: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_base(Path(tmp) / "tiny-llama", "llama")
+        store = build_store(model_dir, Path(tmp) / "store")
+        ids = encode_prompt(load_tokenizer(model_dir), "The quick brown fox jumps over the lazy dog.")
+        ours = {}
+        for dtype in dtypes:
+            model, registry = private_model(model_dir, AdapterStore(store), dtype)
+            runner = ModelRunner(model, registry.context)
+            for key, names in mixes.items():
+                slots = tuple(a.slot for a in registry.load_blocking(names))
+                ours[dtype, key] = runner.score(torch.tensor([ids]), [slots])[0].float().cpu()
+            registry.close()
+        for key, names in mixes.items():
+            peft = {d: reference_logits(model_dir, store, names, ids, d).float() for d in dtypes}
+            pairs = {
+                "fp32 - PEFT fp32": (ours[torch.float32, key], peft[torch.float32]),
+                "bf16 - PEFT bf16": (ours[torch.bfloat16, key], peft[torch.bfloat16]),
+                "bf16 - PEFT fp32": (ours[torch.bfloat16, key], peft[torch.float32]),
+                "PEFT bf16 - PEFT fp32": (peft[torch.bfloat16], peft[torch.float32]),
+            }
+            found[key] = {label: float((a - b).abs().max()) for label, (a, b) in pairs.items()}
+    return found
 
 
 def requirements() -> list[str]:
@@ -180,9 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, default=REPO / "gpu-check", help="writes REPORT.json and REPORT.txt")
     parser.add_argument("--timeout-scale", type=float, default=1.0, help="every part's timeout times this")
     parser.add_argument("--requirements", action="store_true", help="print what make gpu-wheels downloads; exit")
+    parser.add_argument("--tolerance", action="store_true", help="the tolerance part alone (on MIXSERVE_TEST_DEVICE)")
     args = parser.parse_args(argv)
     if args.requirements:
         print("\n".join(requirements()))
+        return 0
+    if args.tolerance:
+        found = tolerance(args.quick)
+        labels = list(next(iter(found.values())))
+        print("max |logit difference|  " + "  ".join(f"{label:>21s}" for label in labels))
+        for key, row in found.items():
+            print(f"{key[:22]:22s}  " + "  ".join(f"{row[label]:21.2e}" for label in labels))
+        print(json.dumps(found))
         return 0
     found = []
     for part in parts(args.device, args.quick):
@@ -190,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{part.name}: {'ok' if part.ok else 'FAILED'} in {part.seconds:.0f} s: {part.summary}", flush=True)
         found.append(part)
     info = json.loads(found[0].summary) if found[0].ok else {}
-    report = {"device": args.device, **info, "quick": args.quick, "parts": [asdict(p) for p in found]}
+    measured = {p.name: json.loads(p.summary) for p in found if p.ok and p.name == "tolerance"}
+    report = {"device": args.device, **info, **measured, "quick": args.quick, "parts": [asdict(p) for p in found]}
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.report.with_suffix(".txt").write_text(text_report(found, info.get("name", args.device)))

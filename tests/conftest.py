@@ -48,16 +48,17 @@ def needs_float32(reason: str):
 
 @pytest.fixture(scope="session", autouse=True)
 def exact_numerics():
+    set_exact_numerics()
+
+
+def set_exact_numerics() -> None:
     """On a GPU, float32 matmuls in float32 (no TF32) and deterministic kernels, so that 1e-5 against PEFT means
     there what it means on the CPU. Nothing changes on the CPU."""
-    if DEVICE == "cpu":
-        yield
-        return
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
+    if DEVICE != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 @dataclass

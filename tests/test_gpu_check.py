@@ -24,10 +24,12 @@ def test_the_check_runs_each_part_and_writes_its_report(tmp_path):
     text = report.with_suffix(".txt").read_text()
     assert done.returncode == 0, done.stdout + done.stderr + text
     parts = {part["name"]: part for part in found["parts"]}
-    assert list(parts) == ["device", "tests float32", "tests bf16", "mixed_decode"]
+    assert list(parts) == ["device", "tests float32", "tests bf16", "tolerance", "mixed_decode"]
     assert found["torch"] and found["name"] and found["device"] == "cpu"
     for name in ("tests float32", "tests bf16"):
         assert "passed" in parts[name]["summary"] and "failed" not in parts[name]["summary"], parts[name]
+    assert found["tolerance"]["lora"]["fp32 - PEFT fp32"] <= 1e-5  # float32's contract, measured
+    assert 0 < found["tolerance"]["lora"]["PEFT bf16 - PEFT fp32"] < 1  # what bfloat16 costs, measured
     assert "--dtype bfloat16" in " ".join(parts["mixed_decode"]["command"])
     assert "(a) mixed types" in parts["mixed_decode"]["output"] and "(a) mixed types" in text
 
