@@ -145,6 +145,17 @@ def environment(part: Part, device: str) -> dict[str, str]:
     return env
 
 
+def _last_json(part: Part) -> dict:
+    """The last line of part's output that is a JSON object (what the device and tolerance parts print last)."""
+    for line in reversed(part.output.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    return {}
+
+
 def text_report(found: list[Part], device: str) -> str:
     lines = [f"mixserve GPU check on {device}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
     for part in found:
@@ -245,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         run_part(part, TIMEOUTS[part.name] * args.timeout_scale, environment(part, args.device))
         print(f"{part.name}: {'ok' if part.ok else 'FAILED'} in {part.seconds:.0f} s: {part.summary}", flush=True)
         found.append(part)
-    info = json.loads(found[0].summary) if found[0].ok else {}
-    measured = {p.name: json.loads(p.summary) for p in found if p.ok and p.name == "tolerance"}
+    named = {part.name: part for part in found}
+    info, measured = _last_json(named["device"]), {"tolerance": _last_json(named["tolerance"])}
     report = {"device": args.device, **info, **measured, "quick": args.quick, "parts": [asdict(p) for p in found]}
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
