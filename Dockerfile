@@ -11,8 +11,11 @@ FROM ${CUDA_BASE} AS base-cuda
 FROM ${CPU_BASE} AS base-cpu
 
 FROM base-${VARIANT} AS base
+# a C/C++ compiler and Python's headers: torch.compile (Inductor, and Triton on the GPU) compiles what it generates
+# at run time, in the serving image
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        python3.11 python3.11-venv python3.11-dev gcc g++ libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 FROM base AS build

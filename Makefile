@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build by default; on a GPU host: make serve TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
 TORCH ?= torch==2.13.0
 
-.PHONY: serve test install install-test haproxy chromium demo bench bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache clean
+.PHONY: serve test install install-test haproxy chromium demo bench bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache gpu-wheels gpu-venv gpu-check clean
 
 serve: install
 	$(PY) -m server
@@ -76,5 +76,28 @@ bench-structured: install-test
 bench-kv-cache: install-test
 	$(PY) -m bench.kv_cache $(BENCH_FLAGS)
 
+# The GPU check (README, "GPU"). Here, with network: make gpu-wheels. There, on a GPU machine with torch installed and
+# no network, with .wheels copied beside the tree: make gpu-check. It never installs torch: its venv sees the machine's.
+# GPU_PYTHON=3.12 make gpu-wheels: wheels for that Python when the GPU machine's is not this one's.
+WHEELS ?= .wheels
+GPU_VENV ?= .venv-gpu
+GPU_PYTHON ?=
+GPU_CHECK_FLAGS ?=
+
+gpu-wheels: install-test
+	mkdir -p $(WHEELS)
+	$(PY) -m bench.gpu_check --requirements > $(WHEELS)/requirements.txt
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --dest $(WHEELS) -r $(WHEELS)/requirements.txt \
+		$(if $(GPU_PYTHON),--python-version $(GPU_PYTHON) --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64)
+
+gpu-venv:
+	$(PYTHON) -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --no-deps --find-links $(WHEELS) -r $(WHEELS)/requirements.txt
+
+gpu-check:
+	@[ -x $(GPU_VENV)/bin/python ] || $(MAKE) --no-print-directory gpu-venv
+	$(GPU_VENV)/bin/python -m bench.gpu_check $(GPU_CHECK_FLAGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) build *.egg-info

@@ -1,6 +1,6 @@
 """Adapter loading: cold loads, host-tier reloads, and what loading does to other streams.
 
-    python -m bench.adapter_load [--kinds others] [--quick]          (make bench-adapters)
+    python -m bench.adapter_load [--kinds others] [--device cuda --dtype bfloat16] [--quick]   (make bench-adapters)
 
 On the throughput bench's model (Llama hidden 512 x 8 layers, float32) with LoRA r16 adapters on all linear
 modules (--kinds others: LoHa, LoKr and OFT in turn), behind real HTTP on loopback:
@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 
-from bench.common import build_bench_model, describe_run, mixserve, prompt
+from bench.common import add_device_arguments, build_bench_model, describe_run, mixserve, prompt
 from server.demo.tiny import save_adapter
 
 COLD = 20
@@ -92,7 +92,7 @@ async def stream_gaps(url: str, during=None, streams: int = STREAMS, tokens: int
     return gaps
 
 
-def s3_loads(model_dir: Path, store: Path, names: list[str]) -> tuple[list[float], list[float]]:
+def s3_loads(model_dir: Path, store: Path, names: list[str], on: dict) -> tuple[list[float], list[float]]:
     """Wall ms of POST .../load: cold from a local S3 server (fetch + load), then from the disk tier."""
     import boto3
     from moto.server import ThreadedMotoServer
@@ -115,7 +115,12 @@ def s3_loads(model_dir: Path, store: Path, names: list[str]) -> tuple[list[float
         with (
             tempfile.TemporaryDirectory() as disk,
             mixserve(
-                model_dir, store, adapter_sources="s3/=s3://bench/adapters/", s3_endpoint_url=url, disk_cache_dir=disk
+                model_dir,
+                store,
+                **on,
+                adapter_sources="s3/=s3://bench/adapters/",
+                s3_endpoint_url=url,
+                disk_cache_dir=disk,
             ) as server,
             httpx.Client(base_url=server.url, timeout=120) as client,
         ):
@@ -139,16 +144,18 @@ def main() -> None:
         default="lora",
         help="the adapters that load: LoRA r16, or LoHa r8, LoKr r8 and OFT (block 32) in turn",
     )
+    add_device_arguments(parser)
     args = parser.parse_args()
+    on = {"device": args.device, "dtype": args.dtype}  # where the servers run
     cold, streams, tokens, reloads = (4, 2, 24, 2) if args.quick else (COLD, STREAMS, STREAM_TOKENS, HOST_RELOADS)
     rounds = 1 if args.quick else args.rounds
-    print(describe_run())
+    print(describe_run(args.device, args.dtype))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, store = build_bench_model(args.workdir or Path(tmp), quick=args.quick)
         names = build_adapters(model_dir, store, cold, args.kinds)
         adapter_mb = (store / names[0] / "adapter_model.safetensors").stat().st_size / 1e6
 
-        with mixserve(model_dir, store) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        with mixserve(model_dir, store, **on) as server, httpx.Client(base_url=server.url, timeout=120) as client:
             cold = [timed_load(client, name) for name in names]
             for name in names:
                 client.delete(f"/adapters/{name}").raise_for_status()
@@ -165,7 +172,7 @@ def main() -> None:
                     client.delete(f"/adapters/{name}").raise_for_status()
 
         with (
-            mixserve(model_dir, store, max_loaded_adapters=1, host_cache="1GB") as server,
+            mixserve(model_dir, store, **on, max_loaded_adapters=1, host_cache="1GB") as server,
             httpx.Client(base_url=server.url, timeout=120) as client,
         ):
             a, b = names[0], names[1]
@@ -184,7 +191,7 @@ def main() -> None:
                     client.post(f"/adapters/{name}/load").raise_for_status()
                     host.append((time.perf_counter() - started) * 1e3)
 
-        s3_cold, s3_disk = s3_loads(model_dir, store, names)
+        s3_cold, s3_disk = s3_loads(model_dir, store, names, on)
 
     wall, server_ms = [w for w, _ in cold], [s for _, s in cold]
     model = "quick bench model (hidden 128 x 2)" if args.quick else "bench model"

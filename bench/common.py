@@ -35,8 +35,9 @@ ADAPTERS = {
 }
 
 
-def describe_run() -> str:
-    """What produced a result, for the first line of every benchmark's output."""
+def describe_run(device: str | torch.device | None = None, dtype: str | None = None) -> str:
+    """What produced a result, for the first line of every benchmark's output: with the device (its name, and
+    CUDA's version) and dtype the benchmark runs on, when given."""
     try:
         found = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
@@ -49,10 +50,14 @@ def describe_run() -> str:
         commit = found.stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    return (
+    line = (
         f"mixserve {commit}, torch {torch.__version__}, {torch.get_num_threads()} threads,"
         f" python {platform.python_version()}, {platform.machine()}"
     )
+    if device is not None:
+        cuda = f", CUDA {torch.version.cuda}" if torch.device(device).type == "cuda" else ""
+        line += f"; on {device_name(device)}{cuda}" + (f" in {dtype}" if dtype else "")
+    return line
 
 
 def add_device_arguments(parser) -> None:
@@ -137,12 +142,13 @@ class Process:
         Path(self.log.name).unlink(missing_ok=True)
 
 
-def mixserve(model_dir: Path, store: Path, **settings) -> Process:
+def mixserve(model_dir: Path, store: Path, device: str = "cpu", dtype: str = "float32", **settings) -> Process:
+    """The server in a subprocess, on device in dtype (a benchmark's --device and --dtype)."""
     env = {
         "MIXSERVE_MODEL": str(model_dir),
         "MIXSERVE_ADAPTERS_DIR": str(store),
-        "MIXSERVE_DEVICE": "cpu",
-        "MIXSERVE_DTYPE": "float32",
+        "MIXSERVE_DEVICE": device,
+        "MIXSERVE_DTYPE": dtype,
         "MIXSERVE_LOG_LEVEL": "warning",
     }
     env.update({f"MIXSERVE_{k.upper()}": str(v) for k, v in settings.items()})

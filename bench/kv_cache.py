@@ -1,6 +1,6 @@
 """The paged KV cache against the slot cache it replaced, side by side in one run.
 
-    python -m bench.kv_cache [--quick]            (make bench-kv-cache)
+    python -m bench.kv_cache [--device cuda --dtype bfloat16] [--quick]            (make bench-kv-cache)
 
 Contenders: (old) the server at BASELINE, the commit before the paged cache (its `server/` extracted with git
 archive), and (new) this tree; each runs the same workload in a subprocess of its own, in the engine (no HTTP).
@@ -56,7 +56,8 @@ def _worker(task: dict) -> dict:
     from server.state import ServerState
 
     def start(**overrides) -> ServerState:
-        values = {"model": task["model"], "adapters_dir": task["store"], "device": "cpu", "dtype": "float32"}
+        values = {"model": task["model"], "adapters_dir": task["store"], "device": task["device"]}
+        values["dtype"] = task["dtype"]
         return ServerState.start(Settings(**values, max_batch_size=CLIENTS, **overrides))
 
     if task["name"] == "memory":
@@ -254,12 +255,16 @@ def _run(tree: Path, task: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _attention(quick: bool) -> dict[str, float]:
+def _attention(quick: bool, device: str, dtype: str) -> dict[str, float]:
     """Seconds per decode step's attention read, per layer (see (d))."""
     import torch
     import torch.nn.functional as F
 
+    from bench.common import synchronize
+
     torch.manual_seed(0)
+    torch.set_default_device(device)
+    torch.set_default_dtype(getattr(torch, dtype))
     heads, kv_heads, dim, block = 14, 2, 64, 16
     lengths = [32 + (668 * i) // 15 for i in range(16)]
     rows, longest = len(lengths), max(lengths)
@@ -299,9 +304,13 @@ def _attention(quick: bool) -> dict[str, float]:
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(3 if quick else 30):
         for name, fn in contenders.items():
+            synchronize(device)
             started = time.perf_counter()
             fn()
+            synchronize(device)
             times[name].append(time.perf_counter() - started)
+    torch.set_default_device("cpu")
+    torch.set_default_dtype(torch.float32)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -314,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--rounds", type=int, default=3, help="throughput runs per contender, alternated")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda")  # bench.common's, which a worker cannot import
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
@@ -323,13 +334,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from bench.common import build_bench_model, describe_run
 
-    print(describe_run())
+    print(describe_run(args.device, args.dtype))
     print(f"old: the slot cache at {BASELINE}; new: this tree's paged cache (blocks of 16 tokens)")
     quick, rounds = args.quick, 1 if args.quick else args.rounds
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, store = build_bench_model(args.workdir or Path(tmp), quick=quick)
         trees = {"old": _baseline_tree(Path(tmp)), "new": _REPO}
         base = {"model": str(model_dir), "store": str(store), "threads": torch.get_num_threads()}
+        base.update(device=args.device, dtype=args.dtype)
 
         print(f"\n(a) memory: {CLIENTS - 1} short clients ({SHORT_PROMPT}+{SHORT_NEW} tokens), one long request joins")
         long_tokens = 256 if quick else 2048
@@ -379,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             "\n(d) attention read of one decode step, per layer: 16 rows of 32..700 tokens, 14 heads / 2 KV heads x 64"
         )
-        times = _attention(quick)
+        times = _attention(quick, args.device, args.dtype)
         ours = times["gathered blocks (ours)"]
         for name, seconds in times.items():
             print(f"{name:28s} {seconds * 1e6:9.0f} us   /ours {seconds / ours:5.2f}")

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 from safetensors.torch import load_file, save_file
 
-from bench.common import REPO, describe_run, mixserve
+from bench.common import REPO, add_device_arguments, describe_run, mixserve
 from server.config import DEMO_MODEL_DIR
 from server.demo.corpus import prompts
 
@@ -172,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distinct", type=int, default=200, help="distinct requests (each checked alone twice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="300 requests, 16 clients, 40 distinct")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.clients, args.distinct = 300, 16, 40
-    print(describe_run())
+    print(describe_run(args.device, args.dtype))
     rng = random.Random(args.seed)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             stream = rng.random() < 0.5
             plan.append((rng.choice(specs), stream, stream and rng.random() < 0.1, rng.random() < 0.01))
 
-        with mixserve(args.model, store, max_queue=args.requests) as server:
+        with mixserve(args.model, store, args.device, args.dtype, max_queue=args.requests) as server:
             pid = server.process.pid
             before = asyncio.run(alone(server.url, specs))
             rss_start = rss_mib(pid)

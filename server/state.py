@@ -12,6 +12,7 @@ from server.adapters.store import AdapterStore
 from server.config import Settings
 from server.engine.constraints import Grammars
 from server.engine.engine import Engine, Inbox
+from server.engine.fatal import exit_soon
 from server.errors import MixserveError
 from server.metrics import Metrics
 from server.model import load_model, load_tokenizer
@@ -90,7 +91,7 @@ class ServerState:
             except MixserveError as exc:
                 engine.stop()
                 raise RuntimeError(f"MIXSERVE_PRELOAD: {exc.message}") from exc
-        return cls(
+        state = cls(
             settings=settings,
             store=store,
             registry=registry,
@@ -103,6 +104,13 @@ class ServerState:
             dtype=str(dtype).removeprefix("torch."),
             started_at=time.time(),
         )
+        engine.on_fatal = state.device_failed
+        return state
+
+    def device_failed(self, reason: str) -> None:
+        """The engine's device failed (server/engine/fatal.py): /health and /ready fail, and the process exits."""
+        self.broken = f"the device failed: {reason}"
+        exit_soon()
 
     def stop(self) -> None:
         self.engine.stop()

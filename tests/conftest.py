@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 from server.adapters.registry import AdapterRegistry
@@ -21,6 +23,43 @@ from tests.builders import build_base, build_store
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Where every test that builds a model or a server puts it (README, "GPU"): MIXSERVE_TEST_DEVICE=cuda runs the suite
+# on the GPU, MIXSERVE_TEST_DTYPE=bfloat16 in that dtype. Tests that pass their own dtype (precision) keep it.
+DEVICE = os.environ.get("MIXSERVE_TEST_DEVICE", "cpu")
+DTYPE: torch.dtype = getattr(torch, os.environ.get("MIXSERVE_TEST_DTYPE", "float32"))
+if DEVICE not in ("cpu", "cuda") or DTYPE not in (torch.float32, torch.bfloat16, torch.float16):
+    raise pytest.UsageError("MIXSERVE_TEST_DEVICE: cpu or cuda; MIXSERVE_TEST_DTYPE: float32, bfloat16 or float16")
+# |ours - PEFT's| on logits and logprobs in DTYPE: float32's is the contract (docs/contract.md); the reduced ones are
+# test_precision's (stated there) for logprobs, the same bound for logits of the tests' models (|logits| < 60).
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 0.3, torch.float16: 0.04}[DTYPE]
+EXACT = DTYPE == torch.float32  # greedy tokens equal the reference's: a float32 contract (test_precision: near-ties)
+if DEVICE == "cuda":  # read when cuBLAS starts: its deterministic workspace (see exact_numerics)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def on_cpu_only(reason: str):
+    """A test that only means something on the CPU: skipped on other devices, with the reason."""
+    return pytest.mark.skipif(DEVICE != "cpu", reason=f"CPU only: {reason}")
+
+
+def needs_float32(reason: str):
+    return pytest.mark.skipif(not EXACT, reason=f"float32 only: {reason}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def exact_numerics():
+    set_exact_numerics()
+
+
+def set_exact_numerics() -> None:
+    """On a GPU, float32 matmuls in float32 (no TF32) and deterministic kernels, so that 1e-5 against PEFT means
+    there what it means on the CPU. Nothing changes on the CPU."""
+    if DEVICE != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
 
 @dataclass
 class World:
@@ -31,17 +70,24 @@ class World:
     store: Path
 
     def settings(self, **overrides) -> Settings:
-        values = {"model": str(self.model_dir), "adapters_dir": self.store, "device": "cpu", "dtype": "float32"}
+        values = {"model": str(self.model_dir), "adapters_dir": self.store, "device": DEVICE}
+        values["dtype"] = dtype_name(DTYPE)
         return Settings(**{**values, **overrides})
 
     def runner(self, dtype=None) -> tuple[ModelRunner, AdapterRegistry, object]:
         """A private model with its registry, driven from the calling thread (no engine thread)."""
-        import torch
-
-        dtype = dtype or torch.float32
-        model = load_model(self.model_dir, torch.device("cpu"), dtype)
-        registry = AdapterRegistry(model, AdapterStore(self.store), torch.device("cpu"), dtype)
+        model, registry = private_model(self.model_dir, AdapterStore(self.store), dtype)
         return ModelRunner(model, registry.context), registry, load_tokenizer(self.model_dir)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def private_model(model_dir: Path, store, dtype: torch.dtype | None = None, **registry) -> tuple:
+    """(model, registry) on the tests' device, for tests that drive them without an engine."""
+    model = load_model(model_dir, torch.device(DEVICE), dtype or DTYPE)
+    return model, AdapterRegistry(model, store, torch.device(DEVICE), dtype or DTYPE, **registry)
 
 
 _worlds: dict[str, World] = {}

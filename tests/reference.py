@@ -14,6 +14,8 @@ from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from tests.conftest import DEVICE, DTYPE
+
 # docs/contract.md: nesting, innermost first; within a type, the order of the request
 CANONICAL = ["SHIRA", "OFT", "LORA", "ADALORA", "LOHA", "LOKR"]
 
@@ -27,14 +29,14 @@ def canonical(store: Path, names: list[str]) -> list[str]:
 
 
 def reference_model(
-    model_dir: Path, store: Path, names: list[str], dtype: torch.dtype = torch.float32, weights: dict | None = None
+    model_dir: Path, store: Path, names: list[str], dtype: torch.dtype = DTYPE, weights: dict | None = None
 ):
     """PeftMixedModel (or the plain base for no adapters) with `names` active, loaded in canonical order, on the base
-    in dtype (with PEFT's defaults: adapter weights stay in float32); weights: {name: w} for those not at 1 (see
-    _weigh)."""
+    in dtype (with PEFT's defaults: adapter weights stay in float32), on the tests' device; weights: {name: w} for
+    those not at 1 (see _weigh)."""
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     if not names:
-        return base
+        return base.to(DEVICE)
     mixed = None
     ordered = canonical(store, names)
     for i, name in enumerate(ordered):
@@ -57,7 +59,7 @@ def reference_model(
     for i, name in enumerate(ordered):
         if (weights or {}).get(name, 1.0) != 1.0:
             _weigh(mixed, f"a{i}", weights[name])
-    return mixed.eval()
+    return mixed.eval().to(DEVICE)
 
 
 @torch.no_grad()
@@ -97,20 +99,27 @@ def reference_logits(
     store: Path,
     names: list[str],
     ids: list[int],
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = DTYPE,
     weights: dict | None = None,
 ) -> torch.Tensor:
-    return reference_model(model_dir, store, names, dtype, weights)(torch.tensor([ids])).logits[0]
+    """The logits of ids (on the CPU, wherever they were computed)."""
+    return reference_model(model_dir, store, names, dtype, weights)(torch.tensor([ids], device=DEVICE)).logits[0].cpu()
 
 
 @torch.no_grad()
 def reference_greedy(
-    model_dir: Path, store: Path, names: list[str], ids: list[int], new_tokens: int, weights: dict | None = None
+    model_dir: Path,
+    store: Path,
+    names: list[str],
+    ids: list[int],
+    new_tokens: int,
+    weights: dict | None = None,
+    dtype: torch.dtype = DTYPE,
 ) -> list[int]:
-    model = reference_model(model_dir, store, names, weights=weights)
+    model = reference_model(model_dir, store, names, dtype, weights)
     out = model.generate(
-        torch.tensor([ids]),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        torch.tensor([ids], device=DEVICE),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=DEVICE),
         max_new_tokens=new_tokens,
         do_sample=False,
         eos_token_id=None,

@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, LlamaConfig
 
 from server.adapters.mixing import MixedLinear
-from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.demo.tiny import save_adapter
 from server.engine.runner import ModelRunner
-from server.model import encode_prompt, load_model
+from server.model import encode_prompt
+from tests.conftest import private_model
 from tests.reference import reference_greedy
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -183,8 +183,7 @@ def test_symlink_inside_the_store_and_listing_with_errors(server):
 
 
 def test_pickle_loads_when_allowed_and_matches_safetensors(llama, broken):
-    model = load_model(llama.model_dir, torch.device("cpu"), torch.float32)
-    registry = AdapterRegistry(model, AdapterStore(broken, allow_pickle=True), torch.device("cpu"), torch.float32)
+    model, registry = private_model(llama.model_dir, AdapterStore(broken, allow_pickle=True))
     runner = ModelRunner(model, registry.context)
     ids = torch.tensor([[5, 6, 7, 8]])
     from_pickle = runner.score(ids, [tuple(a.slot for a in registry.load_blocking(["pickle-only"]))])

@@ -21,10 +21,10 @@ from server.errors import AdapterLoadFailed, CacheTooSmall
 from server.model import encode_prompt
 from server.state import ServerState
 from tests.builders import ADAPTERS
+from tests.conftest import ATOL, EXACT
 from tests.reference import reference_greedy, reference_logits
 
 SIX = list(ADAPTERS)
-ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,10 @@ def _request(state, prompt: str, names: list[str], new_tokens: int, rid: str = "
 
 def _assert_matches_reference(world, seq) -> None:
     names, prompt = list(seq.request.adapters.names), seq.request.prompt_ids
-    assert seq.tokens == reference_greedy(world.model_dir, world.store, names, prompt, len(seq.tokens))
+    if EXACT:  # in reduced precision a near-tie may go either way: the logprobs below still hold
+        assert seq.tokens == reference_greedy(world.model_dir, world.store, names, prompt, len(seq.tokens))
     # every generated token's logprob equals the reference's log-softmax at that position
-    logits = reference_logits(world.model_dir, world.store, names, prompt + seq.tokens[:-1])
+    logits = reference_logits(world.model_dir, world.store, names, prompt + seq.tokens[:-1]).float()
     expected = logits[len(prompt) - 1 :].log_softmax(-1).gather(1, torch.tensor(seq.tokens)[:, None])[:, 0]
     torch.testing.assert_close(torch.tensor(seq.logprobs), expected, atol=ATOL, rtol=0)
 

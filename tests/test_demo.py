@@ -18,7 +18,7 @@ import pytest
 
 from server.config import DEMO_MODEL_DIR, Settings
 from server.demo.corpus import STYLE_BY_NAME, STYLES, prompts
-from tests.conftest import REPO
+from tests.conftest import DEVICE, DTYPE, REPO, dtype_name
 
 PROMPTS = prompts(24)
 TOKENS = 100
@@ -36,7 +36,7 @@ MARGIN = 3  # of 24
 
 @pytest.fixture(scope="module")
 def demo(serve):
-    settings = Settings(model="demo", adapters_dir=REPO / "adapters_store", device="cpu", dtype="float32")
+    settings = Settings(model="demo", adapters_dir=REPO / "adapters_store", device=DEVICE, dtype=dtype_name(DTYPE))
     return serve(settings)
 
 

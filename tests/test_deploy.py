@@ -137,6 +137,7 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck_and_volumes():
     assert re.search(r"^EXPOSE 8000$", text, flags=re.MULTILINE)
     assert "HEALTHCHECK" in text and "/health" in text
     assert 'VOLUME ["/models", "/adapters"]' in text
+    assert all(p in text for p in ("python3.11-dev", " gcc ", " g++ ")), "torch.compile compiles at run time"
     assert set(re.findall(r"\b(MIXSERVE_[A-Z_]+)=", text)) <= SETTINGS_ENV
     assert "MIXSERVE_PORT=8000" in text and "MIXSERVE_ADAPTERS_DIR=/adapters" in text
     ignored = (REPO / ".dockerignore").read_text().split()
@@ -178,7 +179,9 @@ def test_kubernetes_manifests_agree_with_the_image_and_each_other():
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert set(env) <= SETTINGS_ENV
+    assert set(env) - {"OMP_NUM_THREADS"} <= SETTINGS_ENV
+    threads = next(e for e in container["env"] if e["name"] == "OMP_NUM_THREADS")["valueFrom"]["resourceFieldRef"]
+    assert threads["resource"] == "requests.cpu"  # torch's threads: the CPUs the pod asks for
     assert pod["terminationGracePeriodSeconds"] > float(env["MIXSERVE_DRAIN_SECONDS"])
     assert container["ports"] == [{"name": "http", "containerPort": 8000}]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"

@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM, GPTNeoConfig, MistralConfig
 
 from server.adapters.combination import Combination
 from server.adapters.mixing import MixingContext
-from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.config import Settings
 from server.engine.attention import MaskLayout, UnsupportedModel
@@ -24,12 +23,12 @@ from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
 from server.errors import AdapterInvalid
-from server.model import encode_prompt, load_model
+from server.model import encode_prompt
 from server.state import ServerState
 from tests.families import ADAPTERS, DECODER, FAMILIES, PEFT_CANNOT_BUILD, WINDOW, build_family
+from tests.conftest import ATOL, DEVICE, DTYPE, EXACT, dtype_name, private_model
 from tests.reference import reference_logits
 
-ATOL = 1e-5
 NEW_TOKENS = 8
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Short one.", "A prompt of a middle length", "Hi there!"]
 
@@ -37,7 +36,9 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Short one.", "A prom
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     model_dir, store, built = build_family(tmp_path_factory.mktemp(request.param), request.param)
-    settings = Settings(model=str(model_dir), adapters_dir=store, device="cpu", dtype="float32", max_batch_size=8)
+    settings = Settings(
+        model=str(model_dir), adapters_dir=store, device=DEVICE, dtype=dtype_name(DTYPE), max_batch_size=8
+    )
     state = ServerState.start(settings)
     yield model_dir, store, built, state
     state.stop()
@@ -72,11 +73,11 @@ def test_every_combination_in_one_mixed_batch_equals_the_reference(family):
         weights = dict(zip(names, seq.request.adapters.weights, strict=True))
         assert len(prompt) + len(seq.tokens) > WINDOW
         logits = reference_logits(model_dir, store, names, prompt + seq.tokens[:-1], weights=weights)
-        logits = logits[len(prompt) - 1 :]
+        logits = logits[len(prompt) - 1 :].float()
         if names:
             base = reference_logits(model_dir, store, [], prompt + seq.tokens[:-1])[len(prompt) - 1 :]
             assert (logits - base).abs().max() > 1e-2, f"{names} should move the logits"
-        assert seq.tokens == logits.argmax(-1).tolist(), names
+        assert seq.tokens == logits.argmax(-1).tolist() or not EXACT, names  # reduced precision: near-ties
         expected = logits.log_softmax(-1).gather(1, torch.tensor(seq.tokens)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(seq.logprobs), expected, atol=ATOL, rtol=0)
 
@@ -133,8 +134,7 @@ def test_types_peft_cannot_build_on_conv1d_are_refused_with_the_reason(tmp_path)
         for part, shape in (("w1_a", (192, 2)), ("w1_b", (2, 64)), ("w2_a", (192, 2)), ("w2_b", (2, 64))):
             tensors[prefix + "hada_" + part] = torch.randn(shape)
     save_file(tensors, loha / "adapter_model.safetensors")
-    model = load_model(model_dir, torch.device("cpu"), torch.float32)
-    registry = AdapterRegistry(model, AdapterStore(store), torch.device("cpu"), torch.float32)
+    _, registry = private_model(model_dir, AdapterStore(store))
     with pytest.raises(AdapterInvalid, match="LOHA cannot target Conv1D layers such as transformer.h.0.attn.c_attn"):
         registry.load_blocking(["loha"])
     assert registry.load_blocking(["lora"])[0].name == "lora"

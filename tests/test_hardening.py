@@ -20,6 +20,7 @@ from server.adapters import loader as loader_module
 from server.adapters.build import BuiltAdapter
 from server.auth import OPEN_PATHS, Keyring, Unauthorized
 from server.errors import AdapterOutOfMemory, Overloaded
+from tests.conftest import DEVICE
 
 ADMIN, ACME, GLOBEX = "admin-key-0001", "acme-key-0001", "globex-key-001"
 KEYS = f"{ADMIN},{ACME}:acme/,{GLOBEX}:globex/"
@@ -332,11 +333,11 @@ def test_out_of_memory_on_attach_evicts_idle_adapters_and_retries_once(plain, mo
         assert generate(plain, [name]).status_code == 200
     original, failures = BuiltAdapter.to, {"left": 1}
 
-    def to(self, device, pin=False):
+    def to(self, device):
         if failures["left"]:
             failures["left"] -= 1
             raise torch.OutOfMemoryError("injected: CUDA out of memory")
-        return original(self, device, pin)
+        return original(self, device)
 
     monkeypatch.setattr(BuiltAdapter, "to", to)
     assert generate(plain, ["loha"]).status_code == 200
@@ -610,7 +611,7 @@ def test_ids_past_the_tokenizer_are_never_sampled(serve, tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "store").mkdir()
-    server = serve(Settings(model=str(tmp_path / "model"), adapters_dir=tmp_path / "store", device="cpu"))
+    server = serve(Settings(model=str(tmp_path / "model"), adapters_dir=tmp_path / "store", device=DEVICE))
     constrained = {"grammar": {"type": "regex", "value": "[a-z]{3,8}"}}
     for parameters in ({}, {"do_sample": True, "seed": 3, "top_k": 5}, constrained):
         body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8, "details": True, "top_n_tokens": 3, **parameters}}

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from server.model import encode_prompt
+from tests.conftest import ATOL, DEVICE, DTYPE, dtype_name
 from tests.reference import canonical, reference_greedy, reference_logits
 
 PROMPT = "Once upon a time"
@@ -53,7 +54,7 @@ def test_generate_equals_reference(client, server, llama, names):
     assert body["generated_text"] == tokenizer.decode(tokens, skip_special_tokens=True)
     # the first token's logprob is the reference's log-softmax at the prompt's last position
     first = reference_logits(llama.model_dir, llama.store, names, ids)[-1].log_softmax(-1)[tokens[0]]
-    assert math.isclose(details["tokens"][0]["logprob"], float(first), abs_tol=1e-5)
+    assert math.isclose(details["tokens"][0]["logprob"], float(first), abs_tol=ATOL)
 
 
 def test_combination_fields_are_equivalent(client):
@@ -221,7 +222,7 @@ def test_request_id_and_timing_headers(client):
 def test_info_and_tokenize(client, server):
     info = client.get("/info").json()
     assert info["model_id"] == server.state.settings.model_id
-    assert info["model_dtype"] == "float32" and info["model_device_type"] == "cpu"
+    assert info["model_dtype"] == dtype_name(DTYPE) and info["model_device_type"] == DEVICE
     assert info["max_input_tokens"] == 100 and info["max_adapters_per_request"] == 4
     assert info["adapters_available"] >= 12
     tokens = client.post("/tokenize", json={"inputs": "héllo"}).json()
@@ -240,7 +241,7 @@ def test_details_with_prompt_logprobs_and_alternatives(client, llama, server):
     assert [t["id"] for t in details["prefill"]] == ids and details["prefill"][0]["logprob"] is None
     expected = reference_logits(llama.model_dir, llama.store, ["loha"], ids).log_softmax(-1)
     for position, token in enumerate(details["prefill"][1:]):
-        assert math.isclose(token["logprob"], float(expected[position, token["id"]]), abs_tol=1e-5)
+        assert math.isclose(token["logprob"], float(expected[position, token["id"]]), abs_tol=ATOL)
     assert details["prompt_tokens"] == len(ids)
     for chosen, alternatives in zip(details["tokens"], details["top_tokens"], strict=True):
         assert len(alternatives) == 3 and alternatives[0]["id"] == chosen["id"]  # greedy: the best is chosen

@@ -18,6 +18,7 @@ import pytest
 from server.adapters.store import AdapterStore
 from server.errors import AdapterLoadFailed
 from server.model import encode_prompt
+from tests.conftest import on_cpu_only
 from tests.reference import reference_greedy
 
 PROMPT = "Adapters come and go"
@@ -396,6 +397,7 @@ def test_the_store_listing_reads_configs_off_the_event_loop_and_only_when_they_c
     assert [name for name, _ in reads] == ["oft"] and changed["oft"]["type"] == "IA3"
 
 
+@on_cpu_only("the model's intra-op threads are the CPU's")
 def test_loader_threads_yield_to_the_model_and_leave_its_threads_alone(llama):
     """Loads must not stall running streams: loader threads run at a lower priority (Linux), and nothing they do
     changes the model's intra-op threads (torch's thread count is process-wide for threads not yet started)."""

@@ -18,7 +18,7 @@ DECODE_STEPS = 4
 
 def _logits(runner, registry, ids, names):
     adapters = registry.load_blocking(names)
-    return runner.score(torch.tensor([ids]), [tuple(a.slot for a in adapters)])[0]
+    return runner.score(torch.tensor([ids]), [tuple(a.slot for a in adapters)])[0].cpu()
 
 
 def _decoded(runner, registry, ids, names) -> torch.Tensor:
@@ -32,7 +32,7 @@ def _decoded(runner, registry, ids, names) -> torch.Tensor:
         steps.append(runner.decode())
     for row in rows:
         runner.release(row)
-    return torch.stack([step[0] for step in steps]), rows[0].tokens
+    return torch.stack([step[0] for step in steps]).cpu(), rows[0].tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

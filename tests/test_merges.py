@@ -13,14 +13,13 @@ from peft.tuners.lora.model import LoraModel
 from transformers import AutoModelForCausalLM
 
 from server.adapters.merges import Merge, MergingStore, merge_seed
-from server.adapters.registry import AdapterRegistry
 from server.demo import tiny
 from server.engine.runner import ModelRunner
-from server.model import encode_prompt, load_model, load_tokenizer
+from server.model import encode_prompt, load_tokenizer
+from tests.conftest import ATOL, DEVICE, DTYPE, private_model
 from tests.reference import reference_logits
 
 PROMPT = "Merge these adapters, please."
-ATOL = 1e-5
 SOURCES = {  # name: (config, seed, scale); m1 and m2 share r (and some targets), m3 has another rank and rsLoRA
     "m1": (
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
@@ -64,8 +63,7 @@ def world(llama, tmp_path_factory):
 @pytest.fixture(scope="module")
 def scorer(world):
     model_dir, store = world
-    model = load_model(model_dir, torch.device("cpu"), torch.float32)
-    registry = AdapterRegistry(model, MergingStore(store), torch.device("cpu"), torch.float32)
+    model, registry = private_model(model_dir, MergingStore(store))
     yield ModelRunner(model, registry.context), registry, encode_prompt(load_tokenizer(model_dir), PROMPT)
     registry.close()
 
@@ -73,13 +71,13 @@ def scorer(world):
 def _score(scorer, names: list[str]) -> torch.Tensor:
     runner, registry, ids = scorer
     adapters = registry.load_blocking(names)
-    return runner.score(torch.tensor([ids]), [tuple(a.slot for a in adapters)], [(1.0,) * len(adapters)])[0]
+    return runner.score(torch.tensor([ids]), [tuple(a.slot for a in adapters)], [(1.0,) * len(adapters)])[0].cpu()
 
 
 def peft_merged(model_dir, store, merge: Merge, monkeypatch) -> PeftModel:
     """PEFT's add_weighted_adapter on the merge's sources, with torch's RNG seeded by merge_seed(name, module) right
     before each module's merge: the seeding convention of server/adapters/merges.py."""
-    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE).eval()
     names = merge.names
     model = PeftModel.from_pretrained(base, store / names[0], adapter_name=names[0])
     for name in names[1:]:
@@ -102,7 +100,7 @@ def peft_merged(model_dir, store, merge: Merge, monkeypatch) -> PeftModel:
     options = {"density": merge.density, "majority_sign_method": merge.majority_sign_method}
     model.add_weighted_adapter(names, [w for _, w in merge.sources], "merged", merge.strategy, **options)
     model.set_adapter("merged")
-    return model.eval()
+    return model.eval().to(DEVICE)
 
 
 @pytest.mark.parametrize("merge", MERGES, ids=[m.name for m in MERGES])
@@ -110,7 +108,7 @@ def test_a_merge_equals_peft_add_weighted_adapter(scorer, world, merge, monkeypa
     ours = _score(scorer, [merge.name])
     reference = peft_merged(*world, merge, monkeypatch)
     with torch.no_grad():
-        expected = reference(torch.tensor([scorer[2]])).logits[0]
+        expected = reference(torch.tensor([scorer[2]], device=DEVICE)).logits[0].cpu()
     plain = _score(scorer, [merge.names[0]])
     assert (expected - plain).abs().max() > 1e-3, "the merge should differ from its first adapter"
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
@@ -146,8 +144,7 @@ def test_a_merge_is_computed_once_cached_under_the_budget_and_new_when_a_source_
     reads = []
     original = merging.read
     merging.read = lambda name: reads.append(name) or original(name)
-    model = load_model(model_dir, torch.device("cpu"), torch.float32)
-    registry = AdapterRegistry(model, merging, torch.device("cpu"), torch.float32, max_loaded=1)
+    model, registry = private_model(model_dir, merging, max_loaded=1)
     name = Merge.of("ties", [("m1", 1.0), ("m2", 0.5)], density=0.5).name
     try:
         (merged,) = registry.load_blocking([name])

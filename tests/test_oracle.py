@@ -12,16 +12,15 @@ from safetensors.torch import load_file
 
 from server.adapters.combination import Combination
 from server.adapters.kinds import CANONICAL_ORDER
-from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.config import DEMO_MODEL_DIR
 from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
-from server.model import encode_prompt, load_model, load_tokenizer
+from server.model import encode_prompt, load_tokenizer
 from server.state import ServerState
 from tests.builders import ADALORA_PRUNED, ADAPTERS, VARIANTS
-from tests.conftest import REPO
+from tests.conftest import ATOL, REPO, needs_float32, private_model
 from tests.reference import CANONICAL, canonical, reference_greedy, reference_logits
 
 TYPES = list(ADAPTERS)  # one adapter per type, named after it
@@ -34,7 +33,6 @@ COMBINATIONS = (
     + [["lora", "lora.rs-bias", "lora.patterns", "oft", "oft.by-rank"]]  # several of one type
 )
 PROMPT = "The quick brown fox jumps over the lazy dog."
-ATOL = 1e-5
 
 
 def test_every_mixable_type_is_served_in_the_designed_order():
@@ -54,7 +52,7 @@ def test_logits_equal_reference(oracle_world, names):
     world, runner, registry, ids = oracle_world
     adapters = registry.load_blocking(names)
     assert [a.name for a in adapters] == canonical(world.store, names)
-    ours = runner.score(torch.tensor([ids]), [tuple(a.slot for a in adapters)])[0]
+    ours = runner.score(torch.tensor([ids]), [tuple(a.slot for a in adapters)])[0].cpu()
     expected = reference_logits(world.model_dir, world.store, names, ids)
     base = reference_logits(world.model_dir, world.store, [], ids)
     assert (expected - base).abs().max() > 1e-2, "the combination should change the output"
@@ -69,6 +67,7 @@ def engine_world(world_factory):
     state.stop()
 
 
+@needs_float32("greedy tokens equal the reference's; test_precision holds reduced precision, with near-ties")
 @pytest.mark.parametrize("names", [[]] + COMBINATIONS[:22], ids=["base"] + ["+".join(c) for c in COMBINATIONS[:22]])
 def test_greedy_tokens_equal_reference(engine_world, names):
     world, state = engine_world
@@ -90,8 +89,7 @@ DEMO = sorted(p.name for p in (REPO / "adapters_store").iterdir() if (p / "adapt
 
 @pytest.fixture(scope="module")
 def demo_world():
-    model = load_model(DEMO_MODEL_DIR, torch.device("cpu"), torch.float32)
-    registry = AdapterRegistry(model, AdapterStore(REPO / "adapters_store"), torch.device("cpu"), torch.float32)
+    model, registry = private_model(DEMO_MODEL_DIR, AdapterStore(REPO / "adapters_store"))
     return ModelRunner(model, registry.context), registry, load_tokenizer(DEMO_MODEL_DIR)
 
 
@@ -100,6 +98,6 @@ def test_trained_demo_adapters_equal_the_reference(demo_world, names):
     runner, registry, tokenizer = demo_world
     ids = encode_prompt(tokenizer, "Tell me about the weather in the harbour today.")
     adapters = registry.load_blocking(names)
-    ours = runner.score(torch.tensor([ids]), [tuple(a.slot for a in adapters)])[0]
+    ours = runner.score(torch.tensor([ids]), [tuple(a.slot for a in adapters)])[0].cpu()
     expected = reference_logits(DEMO_MODEL_DIR, REPO / "adapters_store", names, ids)
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)

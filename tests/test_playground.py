@@ -24,7 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from server.config import Settings
-from tests.conftest import REPO
+from tests.conftest import DEVICE, DTYPE, REPO, dtype_name
 
 CHROMEDRIVER = "/usr/bin/chromedriver"  # Debian's chromium-driver (make install-test)
 WAIT = 120  # seconds, for anything the page waits on
@@ -34,7 +34,7 @@ PROMPT = "Grace counted five blue cups at the harbor. "
 
 
 def demo_settings(**overrides) -> Settings:
-    values = {"model": "demo", "adapters_dir": REPO / "adapters_store", "device": "cpu", "dtype": "float32"}
+    values = {"model": "demo", "adapters_dir": REPO / "adapters_store", "device": DEVICE, "dtype": dtype_name(DTYPE)}
     return Settings(**{**values, **overrides})
 
 

@@ -17,14 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from server.adapters.combination import Combination
-from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
 from server.errors import AdapterInvalid
-from server.model import encode_prompt, load_model
+from server.model import encode_prompt
 from server.state import ServerState
 from tests.builders import ADAPTERS
+from tests.conftest import private_model
 from tests.reference import reference_logits
 
 TOLERANCE = {torch.bfloat16: 0.3, torch.float16: 0.04}  # |logprob - reference logprob|
@@ -88,8 +88,7 @@ def _scaled_copy(source, target, scale_a: float, scale_b: float) -> None:
 def test_weights_that_overflow_float16_are_refused_with_the_reason(llama, tmp_path):
     store = tmp_path / "store"
     _scaled_copy(llama.store / "lora", store / "huge", 3e5, 1.0)
-    model = load_model(llama.model_dir, torch.device("cpu"), torch.float16)
-    registry = AdapterRegistry(model, AdapterStore(store), torch.device("cpu"), torch.float16)
+    _, registry = private_model(llama.model_dir, AdapterStore(store), torch.float16)
     with pytest.raises(AdapterInvalid, match="weights overflow float16"):
         registry.load_blocking(["huge"])
 

@@ -20,10 +20,10 @@ from server.engine.sequence import GenerationRequest
 from server.metrics import Metrics
 from server.model import encode_prompt
 from server.state import ServerState
+from tests.conftest import ATOL
 from tests.reference import reference_greedy, reference_logits
 from tests.test_kv_cache import streamed_in_waves
 
-ATOL = 1e-5
 SYSTEM = [3 + (11 * j) % 200 for j in range(40)]  # two full blocks and 8 tokens
 MIX = {"oft": 1.0, "lora": 0.5, "loha": -0.7}  # in canonical order
 SYSTEM_TEXT = "You are a helpful assistant. Answer briefly and exactly, in one line. "  # 70 tokens
@@ -91,7 +91,7 @@ def _generate(runner, seqs: list[PromptSequence], steps: int) -> list[torch.Tens
             logits = runner.decode()
     for seq in seqs:
         runner.release(seq)
-    return [torch.stack(rows) for rows in out]
+    return [torch.stack(rows).cpu() for rows in out]
 
 
 def test_rows_at_different_offsets_in_one_batch_equal_the_reference_and_the_cache_off(runner, llama):

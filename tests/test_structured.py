@@ -24,7 +24,7 @@ from lorax import Client as LoraxClient
 from server.config import Settings
 from server.engine.constraints import Grammars, GrammarSpec, mask_constrained
 from server.model import load_tokenizer
-from tests.conftest import REPO
+from tests.conftest import DEVICE, DTYPE, REPO, dtype_name
 
 # Bounded: every path through it ends within ~120 bytes.
 PERSON = {
@@ -358,7 +358,7 @@ def test_constraint_errors_are_422_with_the_reason(server, oai):
 
 def test_the_demo_model_answers_valid_json_with_its_adapters(serve):
     """The trained demo (byte tokenizer, no chat template) with one adapter of each type and mixes of them."""
-    demo = serve(Settings(model="demo", adapters_dir=REPO / "adapters_store", device="cpu", dtype="float32"))
+    demo = serve(Settings(model="demo", adapters_dir=REPO / "adapters_store", device=DEVICE, dtype=dtype_name(DTYPE)))
     client = openai.OpenAI(base_url=f"{demo.url}/v1", api_key="unused", max_retries=0)
     combinations = [[], ["uppercase"], ["digits", "excited"], ["pirate", "british"], ["signoff"]]
     for adapters in combinations:

@@ -18,10 +18,10 @@ from server.errors import ValidationError
 from server.model import encode_prompt
 from server.state import ServerState
 from tests.builders import ADAPTERS
+from tests.conftest import ATOL, EXACT, needs_float32
 from tests.reference import reference_greedy, reference_logits
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
-ATOL = 1e-5
 SIX = list(ADAPTERS)
 WEIGHTED = [
     ({"lora": 0.5}),
@@ -54,7 +54,7 @@ def _score(scorer, weights: dict) -> torch.Tensor:
     runner, registry, ids = scorer
     adapters = registry.load_blocking(list(weights))
     slots = tuple(a.slot for a in adapters)
-    return runner.score(torch.tensor([ids]), [slots], [tuple(weights[a.name] for a in adapters)])[0]
+    return runner.score(torch.tensor([ids]), [slots], [tuple(weights[a.name] for a in adapters)])[0].cpu()
 
 
 @pytest.mark.parametrize("weights", WEIGHTED, ids=[_label(w) for w in WEIGHTED])
@@ -67,6 +67,7 @@ def test_weighted_logits_equal_the_reference(scorer, llama, weights):
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
 
+@needs_float32("the rotation's identities hold to float32's rounding")
 @pytest.mark.parametrize("name", ["oft", "oft.by-rank", "oft.shared-coft"])
 def test_oft_weight_is_the_rotation_of_the_scaled_generator(scorer, name):
     """w = 1 is PEFT's rotation, w = 0 the identity, and R(-w) is R(w) transposed: its inverse, exactly so for the
@@ -79,9 +80,9 @@ def test_oft_weight_is_the_rotation_of_the_scaled_generator(scorer, name):
         assert layer.rotation(1.0) is layer.blocks
         n, size, _ = layer.blocks.shape
         eye = torch.eye(size).expand(n, size, size)
-        assert torch.equal(layer.rotation(0.0), eye)
+        assert torch.equal(layer.rotation(0.0).cpu(), eye)
         for w in (0.3, 1.0, 1.7):
-            rotation, inverse = layer.rotation(w), layer.rotation(-w)
+            rotation, inverse = layer.rotation(w).cpu(), layer.rotation(-w).cpu()
             torch.testing.assert_close(inverse, rotation.transpose(1, 2), atol=1e-6, rtol=0)
             if exact:
                 torch.testing.assert_close(torch.bmm(rotation, inverse), eye, atol=1e-6, rtol=0)
@@ -137,9 +138,10 @@ def test_rows_with_the_same_adapters_at_different_weights_share_a_batch_and_equa
     assert len(batched) >= 8, "the rows should have run together"
     for (prompt, weights), seq in zip(rows, seqs, strict=True):
         names, ids = list(weights), seq.request.prompt_ids
-        expected = reference_greedy(llama.model_dir, llama.store, names, ids, len(seq.tokens), weights=weights)
-        assert seq.tokens == expected, prompt
-        logits = reference_logits(llama.model_dir, llama.store, names, ids + seq.tokens[:-1], weights=weights)
+        if EXACT:  # in reduced precision a near-tie may go either way: the logprobs below still hold
+            expected = reference_greedy(llama.model_dir, llama.store, names, ids, len(seq.tokens), weights=weights)
+            assert seq.tokens == expected, prompt
+        logits = reference_logits(llama.model_dir, llama.store, names, ids + seq.tokens[:-1], weights=weights).float()
         lp = logits[len(ids) - 1 :].log_softmax(-1).gather(1, torch.tensor(seq.tokens)[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(seq.logprobs), lp, atol=ATOL, rtol=0)
 

@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers.pytorch_utils import Conv1D
 
+from server.adapters.host import HostCopy, copy_to_host, footprint
 from server.adapters.kinds import CANONICAL_ORDER, KINDS, Kind, LayerAdapter
 from server.adapters.mixing import BaseLayout
 from server.adapters.store import AdapterFiles
@@ -35,16 +36,32 @@ class BuiltAdapter:
     layers: dict[str, LayerAdapter]  # module name -> weights on that layer
 
     signature: tuple = ()
+    host: HostCopy | None = None  # where the weights are, in the host tier after a device (server/adapters/host.py)
 
     @functools.cached_property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers.values())
 
-    def to(self, device: torch.device, pin: bool = False) -> BuiltAdapter:
-        if device.type == "cpu" and not pin:  # adapters are built on the CPU: nothing to copy
+    def host_nbytes(self, pin: bool) -> int:
+        """Host memory that this adapter takes in the host tier (pin: evicted from a GPU, as allocated)."""
+        return self.host.nbytes if self.host else footprint(self._tensors(), pin) if pin else self.nbytes
+
+    def to(self, device: torch.device) -> BuiltAdapter:
+        if device.type == "cpu":  # adapters are built on the CPU, and host copies are there: nothing to copy
             return self
-        layers = {name: layer.to(device, pin) for name, layer in self.layers.items()}
-        return dataclasses.replace(self, layers=layers)
+        if self.host:
+            self.host.wait()
+        layers = {name: layer.to(device) for name, layer in self.layers.items()}
+        return dataclasses.replace(self, layers=layers, host=None)
+
+    def to_host(self, pin: bool) -> BuiltAdapter:
+        """A copy in one host buffer, pinned when pin (from a GPU: the copy is asynchronous, see HostCopy)."""
+        copy, views = copy_to_host(self._tensors(), pin)
+        layers = {name: layer.map_tensors(lambda t: views[id(t)]) for name, layer in self.layers.items()}
+        return dataclasses.replace(self, layers=layers, host=copy)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return list({id(t): t for layer in self.layers.values() for t in layer.tensors()}.values())
 
 
 def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device, dtype: torch.dtype) -> BuiltAdapter:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from server.adapters.build import BuiltAdapter, check_mixable
+from server.adapters.host import release_cached
 from server.adapters.kinds import CANONICAL_ORDER
 from server.adapters.loader import CPU, AdapterLoader, FinishedLoad
 from server.adapters.mixing import BaseLayout, MixedModel, MixingContext
@@ -384,7 +385,8 @@ class AdapterRegistry:
     def _evict(self, adapter: LoadedAdapter) -> None:
         self._detach(adapter)
         self._on_evict(adapter.name)
-        if adapter.nbytes > self.host_cache:
+        pin = self.device.type == "cuda"
+        if adapter.built.host_nbytes(pin) > self.host_cache:
             with self._lock:
                 entry = self._entries[adapter.name]
                 if entry.current is adapter:
@@ -392,14 +394,18 @@ class AdapterRegistry:
             log.info("adapter %s: evicted", adapter.name)
             return
         if self.device != CPU:
-            adapter.built = adapter.built.to(CPU, pin=self.device.type == "cuda")
+            adapter.built = adapter.built.to_host(pin)
+        dropped = 0
         with self._lock:
             self._host[adapter.name] = adapter
-            while sum(a.nbytes for a in self._host.values()) > self.host_cache:
-                _, dropped = self._host.popitem(last=False)
-                entry = self._entries[dropped.name]
-                if entry.current is dropped:
+            while sum(a.built.host_nbytes(pin) for a in self._host.values()) > self.host_cache:
+                _, oldest = self._host.popitem(last=False)
+                entry = self._entries[oldest.name]
+                if entry.current is oldest:
                     entry.current = None
+                dropped += 1
+        if dropped and pin:
+            release_cached()
         log.info("adapter %s: evicted to host memory", adapter.name)
 
     def _touch_host(self, adapter: LoadedAdapter) -> None:

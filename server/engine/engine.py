@@ -21,6 +21,7 @@ import time
 import torch
 
 from server.adapters.registry import AdapterRegistry
+from server.engine.fatal import device_fatal, exit_soon, raise_if_device_fatal
 from server.engine.passes import IsolatedPasses
 from server.engine.runner import DEFAULT_SEQUENCE_TOKENS, ModelRunner
 from server.engine.sampling import TokenChooser, sample
@@ -64,11 +65,13 @@ class Engine:
         max_sequence_tokens: int | None = None,
         prefix_cache: bool = True,
         on_finished=lambda seq: None,
+        on_fatal=lambda reason: exit_soon(),
     ):
         """inbox: the one the registry wakes (`AdapterRegistry(wake=inbox.wake)`); kv_cache_memory: the KV cache's
         budget (bytes, or a fraction of free GPU memory); max_sequence_tokens: the longest a request may be, which
         the cache must hold; prefix_cache: whether a request reuses the cached blocks of an earlier one's prefix (same
-        tenant, adapters, versions and weights); on_finished(seq): for metrics, called on the engine's thread."""
+        tenant, adapters, versions and weights); on_finished(seq): for metrics, called on the engine's thread;
+        on_fatal(reason): once, after a device error that no request caused (server/engine/fatal.py)."""
         self.tokenizer = tokenizer
         self.registry = registry
         default_tokens = max_batch_size * (max_sequence_tokens or DEFAULT_SEQUENCE_TOKENS)
@@ -85,6 +88,8 @@ class Engine:
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
         self.tokenizer_ids = _tokenizer_ids(tokenizer, self.eos_ids)
         self.on_finished = on_finished
+        self.on_fatal = on_fatal
+        self.broken: str | None = None  # the device error that stopped the engine
         self._inbox = inbox
         self._queued = 0  # submitted, not yet admitted: what MIXSERVE_MAX_QUEUE bounds
         self._waiting_adapters: collections.Counter[str] = collections.Counter()
@@ -140,8 +145,8 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queues a request (from the event loop's thread); raises Overloaded when the queue is full."""
         with self._lock:
-            if self._stopping:
-                raise ShuttingDown("the server is shutting down")
+            if self._stopping or self.broken:
+                raise ShuttingDown("the server is shutting down" if self._stopping else self._broken_message())
             if self._queued >= self.max_queue:
                 raise Overloaded(f"{self._queued} requests are waiting (MIXSERVE_MAX_QUEUE); retry shortly")
             self._queued += 1
@@ -154,7 +159,12 @@ class Engine:
             events=asyncio.Queue(),
             outbox=self._outbox(asyncio.get_running_loop()),
         )
-        self._inbox.put(seq)
+        with self._lock:  # a device error meanwhile: its handler drains the inbox after marking the engine broken
+            taken = not self.broken
+            if taken:
+                self._inbox.put(seq)
+        if not taken:
+            raise ShuttingDown(self._broken_message())
         return RequestHandle(seq, wake=self._inbox.wake)
 
     def _outbox(self, loop: asyncio.AbstractEventLoop) -> EventOutbox:
@@ -192,7 +202,10 @@ class Engine:
             try:
                 with torch.inference_mode():
                     stalled = not self.step()
-            except Exception:  # a bug in a step: fail the requests it touched, keep serving
+            except Exception as exc:  # a bug in a step: fail the requests it touched, keep serving
+                if device_fatal(exc):
+                    self._stop_on_device_error(exc)
+                    return
                 touched = list(dict.fromkeys([*self._admitted, *self.runner.rows]))
                 log.exception("engine step failed; failing %d requests", len(touched))
                 for seq in touched:  # the details are in the log: the error may be about any of them
@@ -309,6 +322,7 @@ class Engine:
     def _refuse(self, seq: Sequence, error: Exception) -> None:
         """A request whose adapters could not be made ready: the adapters' own error, or for an unexpected one a
         generic message (its text may hold server paths), the details logged with the request's id."""
+        raise_if_device_fatal(error)  # not this request's fault: the step's handler stops the engine
         if isinstance(error, MixserveError):
             log.info("request %s: %s", seq.request.request_id, error.message)
             seq.fail(error)
@@ -324,6 +338,7 @@ class Engine:
         seq.fail(MixserveError(f"internal error preparing this request's adapters: {type(error).__name__}"))
 
     def _fail_row(self, seq: Sequence, exc: Exception) -> None:
+        raise_if_device_fatal(exc)  # not this row's fault: the step's handler stops the engine
         log.error(
             "request %s with [%s]: failed at token %d: %s: %s",
             seq.request.request_id,
@@ -372,6 +387,33 @@ class Engine:
             self._queued -= 1
             self._waiting_adapters.subtract(seq.request.adapters.names)
             self._waiting_adapters = +self._waiting_adapters  # drop names no longer waiting
+
+    def _stop_on_device_error(self, exc: Exception) -> None:
+        """The engine stops for good: every request it holds, queued or not yet taken, fails with 503, and
+        on_fatal is told. Nothing here touches the device (its context is unusable)."""
+        text = str(exc).strip()
+        reason = f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+        log.critical("device error, no request's fault; failing every request, then exiting: %s", reason, exc_info=exc)
+        with self._lock:
+            self.broken = reason
+        self.on_fatal(reason)  # first: health checks fail before clients hear
+        error = ShuttingDown(self._broken_message())
+        held = [*self.scheduler.waiting, *self._admitted, *self.runner.rows]
+        try:
+            while True:
+                item = self._inbox.get()
+                if isinstance(item, Sequence):
+                    held.append(item)
+                elif item is not None:
+                    item[1].set_exception(error)
+        except queue.Empty:
+            pass
+        for seq in dict.fromkeys(held):
+            seq.fail(error)
+        self._flush()
+
+    def _broken_message(self) -> str:
+        return f"this replica's device failed ({self.broken}); it is being replaced: retry"
 
     def _abandon_all(self) -> None:
         self._take_inbox(block=False)

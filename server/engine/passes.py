@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from server.engine.fatal import raise_if_device_fatal
 from server.engine.runner import ModelRunner
 from server.engine.sequence import Sequence
 
@@ -36,6 +37,7 @@ class IsolatedPasses:
         try:
             return list(self.runner.rows), self.runner.decode()
         except Exception as exc:
+            raise_if_device_fatal(exc)
             log.warning("decode of %d rows failed (%s); checking each row alone", len(self.runner.rows), exc)
         for seq in list(self.runner.rows):
             try:
@@ -50,6 +52,7 @@ class IsolatedPasses:
         try:
             return seqs, self.runner.prefill(seqs)
         except Exception as exc:
+            raise_if_device_fatal(exc)
             if len(seqs) == 1:
                 self.fail(seqs[0], exc)
                 return [], None

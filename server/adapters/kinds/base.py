@@ -59,19 +59,25 @@ class LayerAdapter:
         a, b, scale = self.low_rank
         return F.linear(F.linear(x, a), b) * scale
 
-    def to(self, device: torch.device, pin: bool = False) -> LayerAdapter:
-        """A copy with every tensor on device (pinned host memory when pin)."""
+    def to(self, device: torch.device) -> LayerAdapter:
+        """A copy with every tensor on device."""
+        return self.map_tensors(lambda t: t.to(device, non_blocking=True))
 
-        def moved(value):
+    def map_tensors(self, fn) -> LayerAdapter:
+        """A copy with fn(t) in place of every tensor t; a tensor held twice (low_rank's are) stays one tensor."""
+        done: dict[int, torch.Tensor] = {}
+
+        def mapped(value):
             if isinstance(value, torch.Tensor):
-                value = value.to(device, non_blocking=True)
-                return value.pin_memory() if pin else value
+                if id(value) not in done:
+                    done[id(value)] = fn(value)
+                return done[id(value)]
             if isinstance(value, tuple):
-                return tuple(moved(v) for v in value)
+                return tuple(mapped(v) for v in value)
             return value
 
         copy = object.__new__(type(self))
-        copy.__dict__.update({key: moved(value) for key, value in vars(self).items()})
+        copy.__dict__.update({key: mapped(value) for key, value in vars(self).items()})
         return copy
 
     def tensors(self) -> list[torch.Tensor]:

@@ -66,8 +66,8 @@ class OFTLayerAdapter(LayerAdapter):
         xs = x.reshape(-1, n, size).transpose(0, 1)  # [n_blocks, N, block_size]
         return torch.bmm(xs, blocks).transpose(0, 1).reshape(x.shape)
 
-    def to(self, device: torch.device, pin: bool = False) -> OFTLayerAdapter:
-        copy = super().to(device, pin)
+    def map_tensors(self, fn) -> OFTLayerAdapter:
+        copy = super().map_tensors(fn)
         copy._weighted = OrderedDict()  # rotations stay with the copy they were built for
         return copy
 

@@ -1,0 +1,48 @@
+"""make gpu-check (bench/gpu_check.py) on the CPU in quick mode, so that the script a GPU session runs cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from bench import gpu_check
+from tests.conftest import REPO
+
+
+def test_the_check_runs_each_part_and_writes_its_report(tmp_path):
+    report = tmp_path / "check"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--quick", "--report", str(report)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    found = json.loads(report.with_suffix(".json").read_text())
+    text = report.with_suffix(".txt").read_text()
+    assert done.returncode == 0, done.stdout + done.stderr + text
+    parts = {part["name"]: part for part in found["parts"]}
+    assert list(parts) == ["device", "tests float32", "tests bf16", "tolerance", "mixed_decode"]
+    assert found["torch"] and found["name"] and found["device"] == "cpu"
+    for name in ("tests float32", "tests bf16"):
+        assert "passed" in parts[name]["summary"] and "failed" not in parts[name]["summary"], parts[name]
+    assert found["tolerance"]["lora"]["fp32 - PEFT fp32"] <= 1e-5  # float32's contract, measured
+    assert 0 < found["tolerance"]["lora"]["PEFT bf16 - PEFT fp32"] < 1  # what bfloat16 costs, measured
+    assert "--dtype bfloat16" in " ".join(parts["mixed_decode"]["command"])
+    assert "(a) mixed types" in parts["mixed_decode"]["output"] and "(a) mixed types" in text
+
+
+def test_a_part_that_hangs_is_killed_at_its_timeout_and_the_check_goes_on():
+    part = gpu_check.Part("hang", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(600)"])
+    gpu_check.run_part(part, timeout=1, env={})
+    assert part.returncode is None and not part.ok and "timed out after 1 s" in part.output
+
+
+def test_the_wheels_are_what_the_server_and_the_tests_import_but_never_torch():
+    wanted = gpu_check.requirements()
+    names = {line.split("==")[0] for line in wanted}
+    assert {"peft", "transformers", "fastapi", "uvicorn", "pytest", "httpx", "safetensors"} <= names
+    assert "torch" not in names and not any(n.startswith(("nvidia-", "triton")) for n in names)
+    assert "peft==0.21.2" in wanted  # the pins the exactness tests are held to
