@@ -113,10 +113,10 @@ def ideal_ratio(base: int, flops: dict[str, int], combos: list[list[str]]) -> fl
 class BenchRow(PromptSequence):
     """A greedy request as the engine's sampler reads it."""
 
-    def __init__(self, prompt_ids: list[int], slots: tuple[int, ...], device: torch.device):
+    def __init__(self, prompt_ids: list[int], slots: tuple[int, ...]):
         super().__init__(prompt_ids, slots)
         self.request.params = SamplingParams()
-        self.chooser = TokenChooser(self.request.params, device)
+        self.chooser = TokenChooser(self.request.params)
         self.constraint = None
 
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         for round_ in range(rounds + 1):  # the last round profiles one step of each
             for name, combos in contenders.items():
                 rows = [
-                    BenchRow(p, tuple(loaded[n].slot for n in registry_order(registry, c)), device)
+                    BenchRow(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
                     for p, c in zip(prompts, combos, strict=True)
                 ]
                 synchronize(device)
