@@ -113,7 +113,7 @@ class BatchPlan:
 
 
 class RankLayout:
-    """Where a rank pool holds each adapter: spans (slot, start, width, scale) of a pool of `capacity` ranks.
+    """Where a rank pool holds each adapter: spans (slot, start, width, scale) among the `capacity` ranks computed.
     Interned by the MixingContext: the layers whose pools are laid out alike share one, and with it the per-row
     tensors of each pass."""
 
@@ -197,15 +197,15 @@ class RankPool:
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, own: torch.Tensor, coefficients: torch.Tensor) -> None:
         """y [rows, tokens, out] += each row's own low-rank deltas of x [rows, tokens, in] (BatchPlan.low_rank's
-        own and coefficients, [rows, capacity])."""
+        own and coefficients, [rows, ranks used])."""
         if x.shape[1] != 1:  # one row of own and coefficients per token
             own, coefficients = own.repeat_interleave(x.shape[1], 0), coefficients.repeat_interleave(x.shape[1], 0)
-        ranks = torch.where(own, torch.mm(x.reshape(-1, self.in_features), self.a_t), self.zero)
+        ranks = torch.where(own, torch.mm(x.reshape(-1, self.in_features), self._a_used), self.zero)
         if ranks.dtype == coefficients.dtype:
             ranks.mul_(coefficients)
         else:  # the product in float32, rounded once
             ranks = (ranks * coefficients).to(ranks.dtype)
-        y.view(-1, self.out_features).addmm_(ranks, self.b_t)
+        y.view(-1, self.out_features).addmm_(ranks, self._b_used)
 
     def _repack(self, order: tuple, width: int) -> int:
         """The spans moved side by side in order, with `width` free ranks where `order` goes (the pool grown, doubling,
@@ -227,7 +227,10 @@ class RankPool:
 
     def _relayout(self) -> None:
         spans = tuple(sorted((slot, *span) for slot, span in self.spans.items()))
-        self.layout = self.context.layout(spans, self.capacity) if spans else None
+        # the ranks up to the last span's end are the ones computed (not the free ones after it)
+        used = min(self.capacity, max([MIN_CAPACITY] + [start + width for _, start, width, _ in spans]))
+        self.layout = self.context.layout(spans, used) if spans else None
+        self._a_used, self._b_used = self.a_t[:, :used], self.b_t[:used]
 
 
 class MixingContext:
