@@ -90,7 +90,7 @@ def layer_flops(layer) -> int:
     if layer.rotates_input:  # blocks [n, s, s]: one s x s matmul per block
         return tensors[0].numel()
     if hasattr(layer, "w1"):  # LoKr: W1 (X W2^T), X [c, d]
-        (a, c), (b, d) = layer.w1.shape, layer.w2.shape
+        (a, c), (d, b) = layer.w1.shape, layer.w2_t.shape
         return c * d * b + a * c * b
     return sum(t.numel() for t in tensors)
 
