@@ -1,15 +1,21 @@
 """The adapter path's cost in the engine itself: decode and prefill of one mixed batch against the same batch
 without adapters, in-process (no HTTP), contenders interleaved in one run.
 
-    python -m bench.mixed_decode [--shape small|0.5b] [--quick]          (make bench-mixed)
+    python -m bench.mixed_decode [--shape small|0.5b] [--device cuda] [--dtype bfloat16] [--quick]   (make bench-mixed)
 
 16 rows, each with its own combination of 1-3 adapters drawn from seven (LoRA r8, r16, r32 on all linear layers,
 LoRA r16 on attention only, LoHa r4, LoKr r4, OFT block size 32), or, for the LoRA-only line, from the four LoRAs.
-32-token prompts, 24 decode steps, float32, random weights. Shapes: Qwen2-style hidden 384 x 6 layers (6 heads,
+32-token prompts, 24 decode steps (each: the runner's decode pass and the engine's sampling, greedy), random weights. Shapes: Qwen2-style hidden 384 x 6 layers (6 heads,
 2 KV heads, MLP 1024), or Qwen2.5-0.5B's (896 x 24, 14 heads, 2 KV heads, MLP 4864, its 151,936-token vocabulary).
 
 Printed per contender: decode and prefill tokens/s, and a/b = with adapters / without. Beside a/b, the ideal from
-arithmetic: base FLOPs / (base + each row's own adapters' FLOPs), averaged over the rows.
+arithmetic: base FLOPs / (base + each row's own adapters' FLOPs), averaged over the rows. Then the profile of one
+decode step (torch profiler, after the timed rounds): operator calls (every `aten::` call, nested ones included),
+kernels launched (on a GPU), and scalar syncs, the points where the host waits for the device's values: item /
+float / int / bool of a tensor (`aten::_local_scalar_dense`), data-dependent shapes (`aten::nonzero`: boolean
+indexing; `aten::_unique2`), and `.tolist()` of a tensor on the model's device (counted by a TorchFunctionMode, as
+the profiler does not see it). On CPU, `torch.multinomial` checks its input with two `_local_scalar_dense` (no
+wait on a CPU); these rows are greedy.
 """
 
 from __future__ import annotations
@@ -24,14 +30,17 @@ from pathlib import Path
 import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, GenerationConfig, Qwen2Config
 
-from bench.common import combinations, describe_run
+from bench.common import add_device_arguments, combinations, describe_run, device_name, synchronize
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.demo.tiny import config as tiny_config
 from server.demo.tiny import save_adapter
 from server.engine.runner import ModelRunner, PromptSequence
+from server.engine.sampling import SamplingParams, TokenChooser, sample
 from server.model import load_model
 
 ROWS, PROMPT_TOKENS, STEPS = 16, 32, 24
@@ -81,7 +90,7 @@ def layer_flops(layer) -> int:
     if layer.rotates_input:  # blocks [n, s, s]: one s x s matmul per block
         return tensors[0].numel()
     if hasattr(layer, "w1"):  # LoKr: W1 (X W2^T), X [c, d]
-        (a, c), (b, d) = layer.w1.shape, layer.w2.shape
+        (a, c), (d, b) = layer.w1.shape, layer.w2_t.shape
         return c * d * b + a * c * b
     return sum(t.numel() for t in tensors)
 
@@ -101,19 +110,67 @@ def ideal_ratio(base: int, flops: dict[str, int], combos: list[list[str]]) -> fl
     return statistics.mean(base / (base + sum(flops[n] for n in combo)) for combo in combos)
 
 
+class BenchRow(PromptSequence):
+    """A greedy request as the engine's sampler reads it."""
+
+    def __init__(self, prompt_ids: list[int], slots: tuple[int, ...]):
+        super().__init__(prompt_ids, slots)
+        self.request.params = SamplingParams()
+        self.chooser = TokenChooser(self.request.params)
+        self.constraint = None
+
+
+def step(runner: ModelRunner, rows: list[BenchRow]) -> None:
+    """One decode step as the engine runs it: the pass, then the sampling of every row."""
+    for row, choice in zip(rows, sample(rows, runner.decode()), strict=True):
+        row.tokens.append(choice.token)
+
+
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2")
+
+
+class CountToList(TorchFunctionMode):
+    """Counts .tolist() of tensors on device (a copy to the host and a wait, which the profiler does not show)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device, self.calls = device, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.tolist and args[0].device.type == self.device.type:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> tuple[int, int, int]:
+    """(operator calls, kernels launched, scalar syncs) of one decode step."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof, CountToList(device) as tolist:
+        step(runner, rows)
+        synchronize(device)
+    events = prof.events()
+    ops = sum(1 for e in events if e.name.startswith("aten::"))
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    syncs = sum(1 for e in events if e.name in SYNC_OPS) + tolist.calls
+    return ops, kernels, syncs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=["small", "0.5b"], default="small")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--quick", action="store_true", help="a tiny model, one round: checks that it runs")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
     shape, rounds = ("quick", 1) if args.quick else (args.shape, args.rounds)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, store = build(args.workdir or Path(tmp), shape)
-        model = load_model(model_dir, torch.device("cpu"), torch.float32)
-        registry = AdapterRegistry(model, AdapterStore(store), torch.device("cpu"), torch.float32)
+        model = load_model(model_dir, device, dtype)
+        registry = AdapterRegistry(model, AdapterStore(store), device, dtype)
         runner = ModelRunner(model, registry.context)
         base = base_flops(model)
         flops = adapter_flops(registry, list(ADAPTERS))
@@ -123,33 +180,51 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
         decode: dict[str, list[float]] = {name: [] for name in contenders}
         prefill: dict[str, list[float]] = {name: [] for name in contenders}
-        for _ in range(rounds):
+        profiles: dict[str, tuple[int, int, int]] = {}
+        for round_ in range(rounds + 1):  # the last round profiles one step of each
             for name, combos in contenders.items():
                 rows = [
-                    PromptSequence(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
+                    BenchRow(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
                     for p, c in zip(prompts, combos, strict=True)
                 ]
+                synchronize(device)
                 started = time.perf_counter()
-                logits = runner.prefill(rows)
+                for row, choice in zip(rows, sample(rows, runner.prefill(rows)), strict=True):
+                    row.tokens.append(choice.token)
+                synchronize(device)
                 prefill[name].append(ROWS * PROMPT_TOKENS / (time.perf_counter() - started))
-                started = time.perf_counter()
-                for _ in range(STEPS):
-                    for row, token in zip(rows, logits.argmax(-1).tolist(), strict=True):
-                        row.tokens.append(token)
-                    logits = runner.decode()
-                decode[name].append(ROWS * STEPS / (time.perf_counter() - started))
+                if round_ == rounds:
+                    step(runner, rows)  # warm
+                    profiles[name] = profile_step(runner, rows, device)
+                else:
+                    started = time.perf_counter()
+                    for _ in range(STEPS):
+                        step(runner, rows)
+                    synchronize(device)
+                    decode[name].append(ROWS * STEPS / (time.perf_counter() - started))
                 for row in rows:
                     runner.release(row)
         registry.close()
 
     sizes = SHAPES[shape]
-    print(f"model: Qwen2-style hidden {sizes['hidden']} x {sizes['layers']} layers, float32, CPU; {ROWS} rows")
-    print(f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'prefill tok/s':>14s} {'a/b':>6s}")
+    print(
+        f"model: Qwen2-style hidden {sizes['hidden']} x {sizes['layers']} layers, {args.dtype}, {device_name(device)};"
+        f" {ROWS} rows"
+    )
+    print(
+        f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'prefill tok/s':>14s} {'a/b':>6s}"
+        f" {'ops/step':>9s} {'x base':>7s} {'kernels':>8s} {'syncs':>6s}"
+    )
     b_decode, b_prefill = statistics.median(decode["(b) no adapters"]), statistics.median(prefill["(b) no adapters"])
+    b_ops = profiles["(b) no adapters"][0]
     for name, combos in contenders.items():
         ideal = ideal_ratio(base, flops, combos)
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
-        print(f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {p:14.0f} {p / b_prefill:6.2f}")
+        ops, kernels, syncs = profiles[name]
+        print(
+            f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {p:14.0f} {p / b_prefill:6.2f}"
+            f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d}"
+        )
 
 
 def registry_order(registry: AdapterRegistry, names: list[str]) -> list[str]:

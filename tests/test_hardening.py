@@ -307,14 +307,14 @@ def test_a_fault_in_one_row_fails_only_that_request(plain):
 def test_a_sampling_fault_fails_only_its_request(plain, monkeypatch):
     from server.engine.sampling import TokenChooser
 
-    original = TokenChooser.choose
+    original = TokenChooser.noise
 
-    def choose(self, logits, history):
+    def noise(self, vocab):
         if self.seed == 13:
             raise ValueError("injected sampling fault")
-        return original(self, logits, history)
+        return original(self, vocab)
 
-    monkeypatch.setattr(TokenChooser, "choose", choose)
+    monkeypatch.setattr(TokenChooser, "noise", noise)
     sampled = {"do_sample": True, "max_new_tokens": 8, "ignore_eos_token": True}
     bodies = [{"inputs": PROMPT, "parameters": {**sampled, "seed": seed}} for seed in (11, 12, 13, 14)]
     responses = _crowd(plain, bodies)

@@ -2,14 +2,18 @@
 
 For each forward pass the model runner publishes a `BatchPlan` (which adapters each batch row uses) in the
 `MixingContext`. Every wrapped layer computes the base output once for the whole batch and applies each row's own
-adapters, grouped by adapter rather than by row: all low-rank deltas (LoRA, AdaLoRA, factorised LoHa) of the batch
-in two matmuls with a per-row scale mask, the others on the rows that use them. Nothing walks the module tree per
-pass, and no adapter is "active" outside the pass that asked for it.
+adapters, grouped by adapter rather than by row. In a decode pass, the low-rank deltas (LoRA, AdaLoRA, factorised
+LoHa) of every row come from the layer's `RankPool`, a fixed-shape stack of every attached low-rank adapter's ranks
+(attaching one is a copy into free ranks), in two matmuls and a selection by per-row tensors that the plan builds once
+per batch composition for all the layers that share a `RankLayout`: nothing is planned per layer. The other types, and
+every type in a prefill pass, run on the rows that use them, planned per layer and batch composition. Nothing walks
+the module tree per pass, and no adapter is "active" outside the pass that asked for it.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,6 +93,15 @@ class BatchPlan:
                 found[key] = tuple((s, w) for s, w in zip(*key, strict=True) if s in slots)
         return [found[key] for key in zip(self.combos, self.weights, strict=True)]
 
+    def low_rank(self, layout: RankLayout) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For the layers whose pools have this layout: (own [rows, capacity] bool, True on the ranks of each
+        row's own adapters; coefficients [rows, capacity] float32, each row's scale times its weight there, 0
+        elsewhere); None when no row uses any of those adapters. Built once per layout for the whole pass."""
+        key = ("rank layout", layout)
+        if key not in self._cache:
+            self._cache[key] = layout.row_tensors(self.combos, self.weights, self.device)
+        return self._cache[key]
+
     def column(self, values: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
         """[len(values), 1, 1]: one number per row."""
         return self.cached(("column", values, dtype), lambda: torch.tensor(values, dtype=dtype)[:, None, None])
@@ -99,11 +112,141 @@ class BatchPlan:
         return self._cache[key]
 
 
+class RankLayout:
+    """Where a rank pool holds each adapter: spans (slot, start, width, scale) among the `capacity` ranks computed.
+    Interned by the MixingContext: the layers whose pools are laid out alike share one, and with it the per-row
+    tensors of each pass."""
+
+    def __init__(self, spans: tuple[tuple[int, int, int, float], ...], capacity: int):
+        self.spans = {slot: (start, width, scale) for slot, start, width, scale in spans}
+        self.capacity = capacity
+
+    def row_tensors(self, combos, weights, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        own = torch.zeros(len(combos), self.capacity, dtype=torch.bool)
+        coefficients = torch.zeros(len(combos), self.capacity, dtype=torch.float32)
+        used = False
+        for row, (slots, row_weights) in enumerate(zip(combos, weights, strict=True)):
+            for slot, weight in zip(slots, row_weights, strict=True):
+                if slot in self.spans:
+                    start, width, scale = self.spans[slot]
+                    own[row, start : start + width] = True
+                    coefficients[row, start : start + width] = scale * weight
+                    used = True
+        return (own.to(device), coefficients.to(device)) if used else None
+
+
+# The smallest pool: MKL's products with fewer than 16 columns take another kernel, whose sums round otherwise, and
+# a row's output must not depend on how many ranks the adapters loaded before it took.
+MIN_CAPACITY = 16
+
+
+class RankPool:
+    """The low-rank adapters (delta(x) = B(A(x)) * scale) of one layer side by side, in fixed-shape tensors:
+    A^T [in, capacity] and B^T [capacity, out], each adapter on a span of free ranks. Attaching copies an adapter
+    into its span; detaching frees the span (what it held is never read again: rows select their own ranks). The
+    capacity doubles when an adapter does not fit, the only time the shapes change.
+
+    The spans lie in the order of the adapters' order keys, whatever order they were attached in: a row's deltas are
+    summed in the order of its ranks in the pool (the rest adds exact zeros), so that a combination's output does not
+    depend on what was loaded before (tests/test_load_history.py). An adapter that does not fit between its
+    neighbours moves the others (a copy of the pool, at attach only).
+
+    Semantics, for rows x: y += Σ over the row's adapters a of B_a(A_a(x)) * (scale_a * weight_a), computed as
+    (where(own, x A^T, 0) * coefficients) B^T over the whole pool: ranks of other rows' adapters are selected out,
+    never multiplied by zero (inf x 0 is NaN); the coefficients stay float32 until the product is rounded once."""
+
+    def __init__(self, layer: nn.Module, context: MixingContext):
+        weight = layer.weight
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.context = context
+        self.a_t = weight.new_zeros(self.in_features, 0)
+        self.b_t = weight.new_zeros(0, self.out_features)
+        self.zero = weight.new_zeros(())
+        self.spans: dict[int, tuple[int, int, float]] = {}  # slot -> (start, width, scale)
+        self.orders: dict[int, tuple] = {}  # slot -> its order key
+        self.layout: RankLayout | None = None
+
+    @torch.inference_mode()  # the pool's tensors are the model's: inference tensors, whichever thread attaches
+    def add(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float, order: tuple) -> None:
+        """a [r, in], b [out, r]: copied into r free ranks, placed after the adapters whose order keys are smaller
+        and before the others (see MixedModel.attach)."""
+        width = a.shape[0]
+        self.orders[slot] = order
+        before = [span for s, span in self.spans.items() if self.orders[s] < order]
+        after = [span for s, span in self.spans.items() if self.orders[s] > order]
+        start = max((begin + w for begin, w, _ in before), default=0)
+        if min((begin for begin, _, _ in after), default=self.capacity) - start < width:
+            start = self._repack(order, width)
+        self.a_t[:, start : start + width].copy_(a.T)
+        self.b_t[start : start + width].copy_(b.T)
+        self.spans[slot] = (start, width, scale)
+        self._relayout()
+
+    @torch.inference_mode()
+    def remove(self, slot: int) -> None:
+        span = self.spans.pop(slot, None)
+        self.orders.pop(slot, None)
+        if span is not None:
+            start, width, _ = span
+            self.b_t[start : start + width].zero_()  # rows select these ranks out (0): 0 x B stays 0 whatever B held
+            self._relayout()
+
+    @property
+    def capacity(self) -> int:
+        return self.a_t.shape[1]
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, own: torch.Tensor, coefficients: torch.Tensor) -> None:
+        """y [rows, tokens, out] += each row's own low-rank deltas of x [rows, tokens, in] (BatchPlan.low_rank's
+        own and coefficients, [rows, ranks used])."""
+        if x.shape[1] != 1:  # one row of own and coefficients per token
+            own, coefficients = own.repeat_interleave(x.shape[1], 0), coefficients.repeat_interleave(x.shape[1], 0)
+        ranks = torch.where(own, torch.mm(x.reshape(-1, self.in_features), self._a_used), self.zero)
+        if ranks.dtype == coefficients.dtype:
+            ranks.mul_(coefficients)
+        else:  # the product in float32, rounded once
+            ranks = (ranks * coefficients).to(ranks.dtype)
+        y.view(-1, self.out_features).addmm_(ranks, self._b_used)
+
+    def _repack(self, order: tuple, width: int) -> int:
+        """The spans moved side by side in order, with `width` free ranks where `order` goes (the pool grown, doubling,
+        when they do not fit); returns where those start."""
+        needed = sum(w for _, w, _ in self.spans.values()) + width
+        capacity = self.capacity if needed <= self.capacity else max(2 * self.capacity, needed, MIN_CAPACITY)
+        a_t, b_t = self.a_t.new_zeros(self.in_features, capacity), self.b_t.new_zeros(capacity, self.out_features)
+        start, free = 0, None
+        for slot in sorted(self.spans, key=self.orders.__getitem__):
+            if free is None and self.orders[slot] > order:
+                free, start = start, start + width
+            begin, w, scale = self.spans[slot]
+            a_t[:, start : start + w].copy_(self.a_t[:, begin : begin + w])
+            b_t[start : start + w].copy_(self.b_t[begin : begin + w])
+            self.spans[slot] = (start, w, scale)
+            start += w
+        self.a_t, self.b_t = a_t, b_t
+        return start if free is None else free
+
+    def _relayout(self) -> None:
+        spans = tuple(sorted((slot, *span) for slot, span in self.spans.items()))
+        # the ranks up to the last span's end are the ones computed (not the free ones after it)
+        used = min(self.capacity, max([MIN_CAPACITY] + [start + width for _, start, width, _ in spans]))
+        self.layout = self.context.layout(spans, used) if spans else None
+        self._a_used, self._b_used = self.a_t[:, :used], self.b_t[:used]
+
+
 class MixingContext:
-    """The plan of the forward pass in progress; set only by the thread that runs the model."""
+    """The plan of the forward pass in progress; set only by the thread that runs the model. Also where rank pools
+    find the layout they share with other pools laid out alike."""
 
     def __init__(self) -> None:
         self.plan: BatchPlan | None = None
+        self._layouts: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def layout(self, spans: tuple, capacity: int) -> RankLayout:
+        key = (spans, capacity)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = RankLayout(spans, capacity)
+        return layout
 
     @contextmanager
     def use(self, plan: BatchPlan | None) -> Iterator[None]:
@@ -121,23 +264,20 @@ class _LayerPlan:
     Rows are a bool mask [B, 1, 1] or row indices (int64). In a decode pass a small op costs more in overhead than
     in arithmetic: deltas and rotations run on the whole batch and are kept on their rows by selecting with the
     mask (never by multiplying with 0/1: inf × 0 is NaN, and a row's output must not depend on its neighbours), and
-    all low-rank adapters share two matmuls. In a prefill pass
-    (BatchPlan.gather) arithmetic dominates: each adapter runs on its own rows only. SHiRA, whose dense weight costs
-    as much as the base layer, always runs on its rows only.
+    the low-rank adapters are the RankPool's, not the plan's. In a prefill pass (BatchPlan.gather) arithmetic
+    dominates: each adapter runs on its own rows only. SHiRA, whose dense weight costs as much as the base layer,
+    always runs on its rows only.
     """
 
     rotations: list[tuple[torch.Tensor | None, list[tuple[LayerAdapter, object]]]]  # (rows, (adapter, rotation))
     sparse: list[tuple[torch.Tensor | None, list[tuple[LayerAdapter, float]]]]  # (row indices, (adapter, weight))
-    # A_cat [R, in], B_cat [out, R], scales [B, 1, R] (weights included), and where they apply (bool [B, 1, R])
-    low_rank: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
     # (rows, adapter, weight): one number for all its rows, or one per row of the selection ([n, 1, 1])
     other: list[tuple[torch.Tensor | None, LayerAdapter, float | torch.Tensor]]
-    serial_adapters: bool  # the adapters' operations on one thread (on CPU)
     zero: torch.Tensor  # what torch.where puts outside the rows (a Python 0 would build a tensor per call)
 
     @property
     def empty(self) -> bool:
-        return not (self.rotations or self.sparse or self.low_rank or self.other)
+        return not (self.rotations or self.sparse or self.other)
 
 
 class MixedLinear(nn.Module):
@@ -153,8 +293,8 @@ class MixedLinear(nn.Module):
         self.base = base
         self.context = context
         self.adapters: dict[int, LayerAdapter] = {}
+        self.pool = RankPool(self, context)  # the low-rank adapters among them, for decode passes
         self._plans: OrderedDict[int, _LayerPlan] = OrderedDict()  # by BatchPlan.id
-        self._stacks: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -172,46 +312,51 @@ class MixedLinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features if isinstance(self.base, nn.Linear) else self.base.nf
 
-    def attach(self, slot: int, adapter: LayerAdapter) -> None:
+    def attach(self, slot: int, adapter: LayerAdapter, order: tuple = ()) -> None:
         # A new slot is in no plan built so far: the running batch keeps its plans (no stall at the next step).
         self.adapters[slot] = adapter
+        if adapter.low_rank is not None:
+            self.pool.add(slot, *adapter.low_rank, (order, slot))
 
     def detach(self, slot: int) -> None:
         del self.adapters[slot]
+        self.pool.remove(slot)
         self._plans.clear()
-        self._stacks.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.context.plan
         if plan is None:
             return self.base(x)
-        layer = self._layer_plan(plan)
-        if layer.empty:
+        pooled = not plan.gather and self.pool.layout is not None
+        low_rank = plan.low_rank(self.pool.layout) if pooled else None
+        layer = self._layer_plan(plan) if not pooled or len(self.adapters) > len(self.pool.spans) else None
+        if low_rank is None and (layer is None or layer.empty):
             return self.base(x)
         if x.dim() == 3:  # [rows, tokens, in]
-            return self._mixed(x, layer)
+            return self._mixed(x, layer, low_rank)
         # Layers that see the batch flattened, [rows * tokens, in] (shared experts, OPT's MLP): row by row again
         rows = len(plan.combos)
         if x.dim() != 2 or x.shape[0] % rows:
             raise RuntimeError(f"an adapter layer got input {tuple(x.shape)}, which is not {rows} rows of tokens")
-        return self._mixed(x.view(rows, -1, x.shape[-1]), layer).flatten(0, 1)
+        return self._mixed(x.view(rows, -1, x.shape[-1]), layer, low_rank).flatten(0, 1)
 
-    def _mixed(self, x: torch.Tensor, layer: _LayerPlan) -> torch.Tensor:
-        if not layer.serial_adapters:
-            return self._with_adapters(x, layer, self._base_output)
+    def _mixed(self, x: torch.Tensor, layer: _LayerPlan | None, low_rank) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return self._with_adapters(x, layer, low_rank, self._base_output)
         with _threads(1) as threads:
             if x.shape[0] * x.shape[1] * self.in_features * self.out_features < SERIAL_BASE_MACS:
-                return self._with_adapters(x, layer, self._base_output)
+                return self._with_adapters(x, layer, low_rank, self._base_output)
 
-            def base_output(x_in: torch.Tensor, sparse: list) -> torch.Tensor:
+            def base_output(x_in: torch.Tensor, sparse) -> torch.Tensor:
                 with _threads(threads):
                     return self._base_output(x_in, sparse)
 
-            return self._with_adapters(x, layer, base_output)
+            return self._with_adapters(x, layer, low_rank, base_output)
 
-    def _with_adapters(self, x: torch.Tensor, layer: _LayerPlan, base_output) -> torch.Tensor:
+    def _with_adapters(self, x: torch.Tensor, layer: _LayerPlan | None, low_rank, base_output) -> torch.Tensor:
+        """layer: what the plan does here (None: nothing); low_rank: the pool's per-row tensors (None: not used)."""
         x_in = x  # what the base weight sees: rotated on rows with OFT adapters
-        for rows, rotations in layer.rotations:
+        for rows, rotations in layer.rotations if layer is not None else ():
             rotated = x if rows is None or rows.dtype == torch.bool else x.index_select(0, rows)
             for adapter, rotation in rotations:
                 rotated = adapter.rotate(rotated, rotation)
@@ -223,12 +368,10 @@ class MixedLinear(nn.Module):
                 x_in = x.clone() if x_in is x else x_in
                 x_in.index_copy_(0, rows, rotated)
 
-        y = base_output(x_in, layer.sparse)
-        if layer.low_rank is not None:
-            a_cat, b_cat, scales, own = layer.low_rank
-            own_ranks = torch.where(own, F.linear(x, a_cat), layer.zero).mul_(scales)
-            y.view(-1, y.shape[-1]).addmm_(own_ranks.view(-1, own_ranks.shape[-1]), b_cat.T)
-        for rows, adapter, weight in layer.other:
+        y = base_output(x_in, layer.sparse if layer is not None else ())
+        if low_rank is not None:
+            self.pool.add_to(y, x, *low_rank)
+        for rows, adapter, weight in layer.other if layer is not None else ():
             per_row = isinstance(weight, torch.Tensor)
             if rows is None or rows.dtype == torch.long:
                 own_x = x if rows is None else x.index_select(0, rows)
@@ -296,8 +439,7 @@ class MixedLinear(nn.Module):
 
         used = list(dict.fromkeys(s for pairs in rows for s, _ in pairs))  # first-use order
         additive = [s for s in used if not (a := self.adapters[s]).rotates_input and not a.adds_to_weight]
-        # sorted: one stack for a set of adapters, whatever the order of the rows that use them
-        fused = () if plan.gather else tuple(sorted(s for s in additive if self.adapters[s].low_rank is not None))
+        pooled = () if plan.gather else self.pool.spans  # a decode pass takes those from the pool
 
         def select(pattern: tuple[bool, ...]) -> torch.Tensor | None:
             return plan.indices(pattern) if plan.gather else plan.mask(pattern)
@@ -317,40 +459,9 @@ class MixedLinear(nn.Module):
         return _LayerPlan(
             rotations=groups(lambda a: a.rotates_input, plan.indices if plan.gather else plan.mask, _rotation),
             sparse=groups(lambda a: a.adds_to_weight, plan.indices, lambda a, w: (a, w)),
-            low_rank=self._low_rank(plan, rows, fused) if fused else None,
-            other=[other(s) for s in additive if s not in fused],
-            serial_adapters=plan.device.type == "cpu",
+            other=[other(s) for s in additive if s not in pooled],
             zero=plan.cached(("zero", dtype), lambda: torch.zeros((), dtype=dtype)),
         )
-
-    def _low_rank(self, plan: BatchPlan, rows: list[tuple[tuple[int, float], ...]], slots: tuple[int, ...]):
-        """Every low-rank adapter of the batch side by side, A_cat [R, in] and B_cat [out, R], a mask [rows, 1, R]
-        holding each row's scale times its weight on the ranks of its own adapters, and where that is (True on its
-        own ranks)."""
-        if slots not in self._stacks:
-            parts = [self.adapters[s].low_rank for s in slots]
-            self._stacks[slots] = (torch.cat([a for a, _, _ in parts]), torch.cat([b for _, b, _ in parts], dim=1))
-            while len(self._stacks) > self.PLANS_KEPT:
-                self._stacks.popitem(last=False)
-        a_cat, b_cat = self._stacks[slots]
-        spans = tuple((s, self.adapters[s].low_rank[0].shape[0], self.adapters[s].low_rank[2]) for s in slots)
-
-        def build(dtype: torch.dtype, fill) -> torch.Tensor:
-            """[rows, 1, R]: fill(scale, weight) on the ranks of each row's own adapters, zero elsewhere."""
-            mask = torch.zeros(len(rows), 1, a_cat.shape[0], dtype=dtype)
-            start = 0
-            for slot, width, scale in spans:
-                for row, pairs in enumerate(rows):
-                    weight = dict(pairs).get(slot)
-                    if weight is not None:
-                        mask[row, 0, start : start + width] = fill(scale, weight)
-                start += width
-            return mask
-
-        where = (spans, tuple(tuple(s for s, _ in pairs) for pairs in rows))
-        scales = plan.cached(("low_rank", where, tuple(rows)), lambda: build(a_cat.dtype, lambda c, w: c * w))
-        own = plan.cached(("low_rank_own", where), lambda: build(torch.bool, lambda c, w: True))
-        return a_cat, b_cat, scales, own
 
 
 def _rotation(adapter: LayerAdapter, weight: float | tuple[float, ...]) -> tuple[LayerAdapter, object]:
@@ -383,7 +494,7 @@ class MixedParameters(nn.Module):
                 raise
             return getattr(base, name)
 
-    def attach(self, slot: int, adapter: ParameterLora) -> None:
+    def attach(self, slot: int, adapter: ParameterLora, order: tuple = ()) -> None:
         self.adapters[slot] = adapter  # in no plan built so far, as in MixedLinear.attach
 
     def detach(self, slot: int) -> None:
@@ -474,9 +585,11 @@ class MixedModel:
         self.context = context
         self._wrappers: dict[str, MixedLinear | MixedParameters] = {}
 
-    def attach(self, slot: int, layers: dict[str, LayerAdapter | ParameterLora]) -> None:
+    def attach(self, slot: int, layers: dict[str, LayerAdapter | ParameterLora], order: tuple = ()) -> None:
+        """order: what places the adapter among the others in rank pools, the same for the same adapter whatever was
+        loaded before (its name and version; after those, the slot)."""
         for module_name, layer in layers.items():
-            self._wrapper(module_name).attach(slot, layer)
+            self._wrapper(module_name).attach(slot, layer, order)
 
     def detach(self, slot: int, module_names) -> None:
         for module_name in module_names:

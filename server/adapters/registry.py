@@ -337,7 +337,7 @@ class AdapterRegistry:
         self._make_room(adapter, protected)
         started = time.perf_counter()
         adapter.built = self._to_device(adapter, protected)
-        self.model.attach(adapter.slot, adapter.built.layers)
+        self.model.attach(adapter.slot, adapter.built.layers, (adapter.name, adapter.built.version))
         with self._lock:
             adapter.resident = True
             self._host.pop(adapter.name, None)

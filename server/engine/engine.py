@@ -153,7 +153,7 @@ class Engine:
             self._waiting_adapters.update(request.adapters.names)
         seq = Sequence(
             request=request,
-            chooser=TokenChooser(request.params, self.runner.device, len(request.prompt_ids)),
+            chooser=TokenChooser(request.params, len(request.prompt_ids)),
             tokenizer=self.tokenizer,
             eos_ids=self.eos_ids,
             events=asyncio.Queue(),

@@ -11,14 +11,14 @@ from .base import Kind, LayerAdapter, expect_params, expect_shape, pattern_value
 class LoKrLayer(LayerAdapter):
     def __init__(self, w1: torch.Tensor, w2: torch.Tensor):
         self.w1 = w1  # [a, c], times the scaling
-        self.w2 = w2  # [b, d]; out = a*b, in = c*d
+        self.w2_t = w2.T.contiguous()  # W2^T [d, b]; out = a*b, in = c*d
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # kron(W1, W2)[i*b+j, k*d+l] = W1[i,k] W2[j,l], so with X = x viewed as [..., c, d]: y = W1 X W2^T
-        (a, c), (b, d) = self.w1.shape, self.w2.shape
-        xs = x.reshape(-1, c, d)  # [N, c, d]
-        y = self.w1 @ (xs @ self.w2.T)  # [N, a, b]
-        return y.reshape(*x.shape[:-1], a * b)
+        (a, c), (d, b) = self.w1.shape, self.w2_t.shape
+        n = x.numel() // (c * d)
+        xw = torch.mm(x.reshape(n * c, d), self.w2_t).view(n, c, b)  # X W2^T
+        return torch.bmm(self.w1.expand(n, a, c), xw).view(*x.shape[:-1], a * b)  # [N, a, b]: W1 X W2^T
 
 
 class LoKrKind(Kind):
