@@ -259,12 +259,11 @@ class _Completions:
         alts = [_top(decode, *row) for row in zip(seq.alternatives, ids, lps, strict=True)]
         if self.body.echo:
             prompt = seq.request.prompt_ids
-            scored = zip(seq.prompt_alternatives or [], prompt, seq.prompt_logprobs or [], strict=False)
-            ids, lps, alts = (
-                prompt + ids,
-                list(seq.prompt_logprobs or [None] * len(prompt)) + lps,
-                [None] + [_top(decode, *row) for row in list(scored)[1:]] + alts,
-            )
+            tops = [None] * len(prompt)  # none at the first token: nothing comes before it
+            if seq.prompt_alternatives:
+                scored = zip(seq.prompt_alternatives[1:], prompt[1:], seq.prompt_logprobs[1:], strict=True)
+                tops[1:] = [_top(decode, *row) for row in scored]
+            ids, lps, alts = prompt + ids, list(seq.prompt_logprobs or [None] * len(prompt)) + lps, tops + alts
         tokens, offsets, at = [decode([t]) for t in ids], [], 0 if self.body.echo else echo_length
         for token in tokens:
             offsets.append(at)
