@@ -32,6 +32,9 @@ from server.engine.sampling import SamplingParams, TokenChooser
 from server.engine.sequence import EventOutbox, GenerationRequest, Sequence
 
 
+TOKENIZER = ByT5Tokenizer()
+
+
 def runner_for(vocab: int, quick: bool, device: torch.device, dtype: torch.dtype, store: Path) -> ModelRunner:
     torch.manual_seed(0)
     sizes = dict(hidden=128, intermediate=384, layers=2, heads=4, kv_heads=4) if quick else {}
@@ -45,21 +48,23 @@ def runner_for(vocab: int, quick: bool, device: torch.device, dtype: torch.dtype
 def sequence(prompt: list[int], k: int, new_tokens: int, device, loop) -> Sequence:
     params = SamplingParams(max_new_tokens=new_tokens, top_logprobs=k, prompt_logprobs=True)
     request = GenerationRequest("bench", prompt, Combination(()), params)
-    return Sequence(request, TokenChooser(params, device), ByT5Tokenizer(), frozenset(), asyncio.Queue(), EventOutbox(loop))
+    return Sequence(request, TokenChooser(params, device), TOKENIZER, frozenset(), asyncio.Queue(), EventOutbox(loop))
 
 
 def timed(contenders: dict[str, object], device, repeats: int) -> dict[str, float]:
     """Median seconds of each contender, run in turns (round after round) so that other load on the machine falls
-    on all of them alike."""
+    on all of them alike: on a GPU wall time, on the CPU the process's CPU time (what a shared machine's other
+    processes disturb least)."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for round_ in range(repeats + 1):  # the first round warms up
         for name, fn in contenders.items():
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             synchronize(device)
             if round_:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -76,7 +81,8 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     loop = asyncio.new_event_loop()
     print(describe_run())
-    print(f"{device_name(device)}, {args.dtype}; prompt of {tokens} tokens, top-{args.k}; median of {repeats}")
+    clock = "wall time" if device.type == "cuda" else "CPU time"
+    print(f"{device_name(device)}, {args.dtype}; prompt of {tokens} tokens, top-{args.k}; {clock}, median of {repeats}")
     with tempfile.TemporaryDirectory() as store:
         for vocab in (384, 32000):
             runner = runner_for(vocab, args.quick, device, dtype, Path(store))

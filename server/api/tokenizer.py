@@ -14,7 +14,6 @@ from server.errors import ValidationError
 from server.model import encode_prompt
 
 router = APIRouter(responses=NATIVE_ERRORS, tags=["Tokenizer"])
-PATH_FIELDS = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path")  # where the server keeps its files
 
 
 class PromptTokenizeRequest(BaseModel):
@@ -85,11 +84,19 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
 @router.get("/tokenizer_info", response_model=TokenizerInfo, summary="The tokenizer's configuration (vLLM's route)")
 async def tokenizer_info(request: Request) -> TokenizerInfo:
     tokenizer = state_of(request).tokenizer
-    config = {k: _plain(v) for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items() if k not in PATH_FIELDS}
+    kwargs = getattr(tokenizer, "init_kwargs", None) or {}
+    config = {k: _plain(v) for k, v in kwargs.items() if not _path(k)}
     for name in ("bos", "eos", "pad", "unk"):
         config[f"{name}_token"] = getattr(tokenizer, f"{name}_token", None)
     template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the default one
+        template = template.get("default")
     return TokenizerInfo(**{**config, "tokenizer_class": type(tokenizer).__name__, "chat_template": template})
+
+
+def _path(key: str) -> bool:
+    """Whether a configuration key names where the server keeps files (vocab_file, name_or_path, ...)."""
+    return key.endswith("_file") or key.endswith("name_or_path")
 
 
 def _plain(value):
