@@ -10,17 +10,14 @@ import logging
 
 import pytest
 import torch
+from lm_eval import simple_evaluate  # the test extra (pyproject.toml)
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-lm_eval = pytest.importorskip("lm_eval")  # the test extra: pyproject.toml
-
-from lm_eval import simple_evaluate  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
-
-from server.config import DEMO_MODEL_DIR, Settings  # noqa: E402
-from server.demo.corpus import prompts  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
-from tests.reference import reference_model  # noqa: E402
+from server.config import DEMO_MODEL_DIR, Settings
+from server.demo.corpus import prompts
+from tests.conftest import REPO
+from tests.reference import reference_model
 
 STORE = REPO / "adapters_store"
 MIX = ["pirate", "digits"]  # OFT and LoRA
