@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api import native, openai, playground
+from server.api import native, openai, playground, tokenizer
 from server.api.errors import install_error_handlers
 from server.api.middleware import Authenticate, LimitBody, RequestContext, Traffic
 from server.api.schemas import ErrorResponse
@@ -44,6 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.replica = settings.replica
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(tokenizer.router)
     app.include_router(playground.router)
 
     @app.get(

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     )
 
     model: str = Field(DEMO_MODEL, description="local path of a transformers causal LM, or 'demo'")
+    served_model_name: str = Field(
+        "", description="the base model's id on /v1 (vLLM's --served-model-name); its folder and path work too"
+    )
     adapters_dir: Path = Field(Path("adapters_store"), description="the adapter store: one subfolder per adapter")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -193,6 +196,11 @@ class Settings(BaseSettings):
     @property
     def model_id(self) -> str:
         return "mixserve-demo" if self.model == DEMO_MODEL else self.model_path.name
+
+    @property
+    def base_model_ids(self) -> list[str]:
+        """What names the base model on /v1, the listed id first: the served name, the folder's name, the path."""
+        return list(dict.fromkeys(name for name in (self.served_model_name, self.model_id, self.model) if name))
 
     @property
     def torch_device(self) -> torch.device:

@@ -33,10 +33,11 @@ def _greedy(server, llama, names, prompt_ids, n):
 
 def test_openai_models_lists_the_base_and_every_adapter(oai, server):
     models = {m.id: m for m in oai.models.list().data}
-    base = server.state.settings.model_id
-    assert models[base].parent is None
+    settings = server.state.settings
+    base, ids = settings.model_id, {settings.model_id, settings.model}  # its folder's name and its path
+    assert all(models[i].parent is None for i in ids)
     assert {"lora", "oft", "lokr.decomposed"} <= set(models)
-    assert all(models[n].parent == base for n in models if n != base)
+    assert all(models[n].parent == base for n in models if n not in ids)
 
 
 def test_openai_completions_with_a_combination_in_model(oai, server, llama):

@@ -94,8 +94,8 @@ def test_a_tenant_uses_and_sees_only_its_namespace(guarded):
 
     listed = [a["name"] for a in call(guarded, "GET", "/adapters?all=true", ACME).json()["adapters"]]
     assert listed == ["acme/lora", "acme/team/oft"]
-    models = [m["id"] for m in call(guarded, "GET", "/v1/models", ACME).json()["data"]]
-    assert models[1:] == ["acme/lora", "acme/team/oft"]
+    models = [m["id"] for m in call(guarded, "GET", "/v1/models", ACME).json()["data"] if m["parent"]]
+    assert models == ["acme/lora", "acme/team/oft"]
     assert call(guarded, "GET", "/info", ACME).json()["adapters_available"] == 2
     assert call(guarded, "POST", "/adapters/globex/loha/load", ACME).status_code == 404
     assert call(guarded, "POST", "/adapters/acme/team/oft/load", ACME).json()["state"] == "loaded"
@@ -468,16 +468,17 @@ def test_an_unexpected_error_preparing_adapters_stays_with_its_request(plain, ca
 
 
 def test_a_fault_scoring_one_prompt_fails_only_that_request(plain):
-    """decoder_input_details scores each prompt in a pass of its own: a fault there fails that request alone."""
+    """decoder_input_details scores the prompts in a pass of their own: a fault there fails that request alone (the
+    pass fails for every row that holds the poisoned prompt, alone or in a batch)."""
     from server.model import encode_prompt
 
     runner = plain.state.engine.runner
     poisoned = "Poisoned prompt to score"
-    poison_ids = torch.tensor([encode_prompt(plain.state.tokenizer, poisoned)])
+    poison = encode_prompt(plain.state.tokenizer, poisoned)
     original = runner.score
 
     def score(ids, *args):
-        if ids.shape == poison_ids.shape and bool((ids == poison_ids).all()):
+        if any(row[: len(poison)].tolist() == poison for row in ids):
             raise RuntimeError(f"injected scoring fault reading {SECRET}")
         return original(ids, *args)
 

@@ -36,7 +36,7 @@ def schema(serve, llama):
 
 def test_every_route_keeps_its_contract(schema):
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 15  # native 9, OpenAI 3, metrics, ready, operator
+    assert len(operations) == 17  # native 9, OpenAI 3, tokenizer 2, metrics, ready, operator
     for operation in operations:
 
         @given(case=operation.as_strategy())

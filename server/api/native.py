@@ -36,6 +36,7 @@ from server.api.serving import (
     until_done,
 )
 from server.api.structured import compile_grammar
+from server.api.tokenizer import PromptTokenizeRequest, PromptTokenizeResponse, tokenize_prompt
 from server.auth import Tenant
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest, RequestHandle, Sequence
@@ -97,8 +98,15 @@ async def info(request: Request) -> Info:
     )
 
 
-@router.post("/tokenize", response_model=list[TokenizedToken], summary="The tokens of a text")
-async def tokenize(body: TokenizeRequest, request: Request) -> list[TokenizedToken]:
+@router.post(
+    "/tokenize", response_model=list[TokenizedToken] | PromptTokenizeResponse, summary="The tokens of a text"
+)
+async def tokenize(
+    body: TokenizeRequest | PromptTokenizeRequest, request: Request
+) -> list[TokenizedToken] | PromptTokenizeResponse:
+    """TGI's `{"inputs"}` gets TGI's answer, vLLM's `{"prompt"}` vLLM's (api/tokenizer.py)."""
+    if isinstance(body, PromptTokenizeRequest):
+        return tokenize_prompt(body, request)
     tokenizer = state_of(request).tokenizer
     ids = (
         encode_prompt(tokenizer, body.inputs)

@@ -1,7 +1,9 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions, streamed or not.
 
-`model` is the base model's id or a combination ('a', 'a+b', 'a@0.5+b'); the body field `adapters` (names or
-{"name", "weight"} objects) may carry it instead.
+`model` is the base model's id or a combination ('a', 'a+b', 'a@0.5+b'), which may name the base first
+('<base>:a+b'); the base's ids are MIXSERVE_SERVED_MODEL_NAME, the model folder's name and MIXSERVE_MODEL as given
+(Settings.base_model_ids). The body field `adapters` (names or {"name", "weight"} objects) may carry the combination
+instead.
 Chat prompts use the tokenizer's chat template; without one, the plain default
 
     <role>: <content>\\n   (one line per message)
@@ -75,11 +77,11 @@ router = APIRouter(prefix="/v1", responses=OPENAI_ERRORS, tags=["OpenAI"])
 @router.get("/models", response_model=ModelList, summary="The base model and every adapter in the store")
 async def models(request: Request) -> ModelList:
     state = state_of(request)
-    base, created = state.settings.model_id, int(state.started_at)
+    ids, created = state.settings.base_model_ids, int(state.started_at)
     names = tenant_of(request).visible(await asyncio.to_thread(state.store.names))
     return ModelList(
-        data=[Model(id=base, created=created, root=base, parent=None, max_model_len=state.max_total_tokens)]
-        + [Model(id=name, created=created, root=name, parent=base) for name in names]
+        data=[Model(id=i, created=created, root=ids[0], parent=None, max_model_len=state.max_total_tokens) for i in ids]
+        + [Model(id=name, created=created, root=name, parent=ids[0]) for name in names]
     )
 
 
@@ -125,9 +127,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 
 async def _adapters(state: ServerState, request: Request, body) -> Combination:
-    named = [] if body.model == state.settings.model_id else validation.split_adapter_id(body.model)
-    sources = {"model": named, "adapters": adapter_pairs(body.adapters)}
+    sources = {"model": _named(state.settings.base_model_ids, body.model), "adapters": adapter_pairs(body.adapters)}
     return await combination(state, tenant_of(request), sources)
+
+
+def _named(base_ids: list[str], model: str) -> list[tuple[str, float]] | None:
+    """The adapters `model` names: none for a base id, those after '<base>:', else the whole of it."""
+    for base in sorted(base_ids, key=len, reverse=True):
+        if model == base:
+            return []
+        if model.startswith(f"{base}:"):
+            return validation.split_adapter_id(model[len(base) + 1 :]) or []
+    return validation.split_adapter_id(model)
 
 
 def _prompts(state: ServerState, prompt) -> list[list[int]]:
@@ -244,18 +255,15 @@ class _Completions:
         if self.body.logprobs is None:
             return None
         decode = self.tokenizer.decode
-        ids, lps, alts = (
-            list(seq.tokens),
-            list(seq.logprobs),
-            [dict((decode([t]), lp) for t, lp in a) for a in seq.alternatives],
-        )
+        ids, lps = list(seq.tokens), list(seq.logprobs)
+        alts = [_top(decode, *row) for row in zip(seq.alternatives, ids, lps, strict=True)]
         if self.body.echo:
             prompt = seq.request.prompt_ids
-            ids, lps, alts = (
-                prompt + ids,
-                list(seq.prompt_logprobs or [None] * len(prompt)) + lps,
-                [None] * len(prompt) + alts,
-            )
+            tops = [None] * len(prompt)  # none at the first token: nothing comes before it
+            if seq.prompt_alternatives:
+                scored = zip(seq.prompt_alternatives[1:], prompt[1:], seq.prompt_logprobs[1:], strict=True)
+                tops[1:] = [_top(decode, *row) for row in scored]
+            ids, lps, alts = prompt + ids, list(seq.prompt_logprobs or [None] * len(prompt)) + lps, tops + alts
         tokens, offsets, at = [decode([t]) for t in ids], [], 0 if self.body.echo else echo_length
         for token in tokens:
             offsets.append(at)
@@ -275,7 +283,7 @@ class _Completions:
             delta = texts[index].delta(event.token, event.final)
             logprobs = None
             if self.body.logprobs is not None:
-                alts = {self.tokenizer.decode([t]): lp for t, lp in seq.alternatives[event.index]}
+                alts = _top(self.tokenizer.decode, seq.alternatives[event.index], event.token, event.logprob)
                 logprobs = CompletionLogprobs(
                     tokens=[self.tokenizer.decode([event.token])],
                     token_logprobs=[event.logprob],
@@ -285,6 +293,9 @@ class _Completions:
             finish = FINISH[seq.finish_reason] if event.final else None
             if delta or finish or logprobs:
                 yield self._chunk(CompletionChoice(index=index, text=delta, logprobs=logprobs, finish_reason=finish))
+        for index, seq in enumerate(seqs):
+            if not seq.tokens:  # max_tokens 0: the prompt scored, nothing generated
+                yield self._chunk(CompletionChoice(index=index, text="", finish_reason=FINISH[seq.finish_reason]))
         usage = _usage(seqs)
         yield self._chunk(None, usage)
 
@@ -381,6 +392,14 @@ class _Chat:
             id=self.id, created=self.created, model=self.body.model, choices=[choice] if choice else [], usage=usage
         )
         return chunk.model_dump_json()
+
+
+def _top(decode, alternatives: list[tuple[int, float]], token: int, logprob: float) -> dict[str, float]:
+    """A position's top logprobs by text, with the token there when it is not among them (as OpenAI's completions
+    did; lm_eval reads a continuation as greedy when each token's logprob is the maximum here)."""
+    top = {decode([t]): lp for t, lp in alternatives}
+    top.setdefault(decode([token]), logprob)
+    return top
 
 
 def _finish(seq: Sequence, called: bool) -> str:

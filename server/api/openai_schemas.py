@@ -63,11 +63,17 @@ class CompletionRequest(_Sampling):
     )
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(description="text or token ids; lists: one each")
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0, description="0 with echo: the prompt scored, nothing generated")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
     best_of: int | None = Field(None, ge=1, le=1)
     suffix: None = None
+
+    @model_validator(mode="after")
+    def _something_to_return(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 generates nothing; it needs echo: true (to return the prompt, scored)")
+        return self
 
 
 class ContentPart(BaseModel):

@@ -82,11 +82,11 @@ class Engine:
                 f"MIXSERVE_KV_CACHE_MEMORY holds {capacity} tokens, less than one request may need"
                 f" ({max_sequence_tokens}: MIXSERVE_MAX_INPUT_TOKENS + MIXSERVE_MAX_NEW_TOKENS)"
             )
-        self.passes = IsolatedPasses(self.runner, self._fail_row)
         self.scheduler = Scheduler(max_batch_size, max_batch_tokens)
         self.max_queue = max_queue
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
         self.tokenizer_ids = _tokenizer_ids(tokenizer, self.eos_ids)
+        self.passes = IsolatedPasses(self.runner, self._fail_row, self._end_unextended, self.tokenizer_ids)
         self.on_finished = on_finished
         self.on_fatal = on_fatal
         self.broken: str | None = None  # the device error that stopped the engine
@@ -238,17 +238,16 @@ class Engine:
         self._leave(*self.scheduler.abandoned(self.runner.rows, time.monotonic()))
         self._admitted, refused = self.scheduler.admit(len(self.runner.rows), self._ready, self.runner.cache.pool)
         self._join(self._admitted, refused)
-        prefilled = []
-        if self._admitted:
-            prefilled, logits = self.passes.prefill(self._admitted)
-            self._postprocess(prefilled, logits)
+        admitted = bool(self._admitted)
+        if admitted:
+            self._postprocess(*self.passes.prefill(self._admitted))
             self._flush()  # first tokens out before the decode pass
         self._admitted = []
         self._make_room()
         decoding = bool(self.runner.rows)
         if decoding:
             self._postprocess(*self.passes.decode())
-        return bool(prefilled) or decoding
+        return admitted or decoding
 
     def _make_room(self) -> None:
         """The youngest running sequences are preempted while the cache lacks the blocks the decode needs: their
@@ -309,15 +308,22 @@ class Engine:
                 self._fail_row(seq, exc)
                 continue
             if seq.finished:
-                self._retire(seq)
-                self.on_finished(seq)
-                log.info(
-                    "request %s: %d tokens with [%s] (%s)",
-                    seq.request.request_id,
-                    len(seq.tokens),
-                    seq.request.adapters,
-                    seq.finish_reason,
-                )
+                self._finished(seq)
+
+    def _end_unextended(self, seq: Sequence) -> None:
+        seq.end_unextended()
+        self._finished(seq)
+
+    def _finished(self, seq: Sequence) -> None:
+        self._retire(seq)
+        self.on_finished(seq)
+        log.info(
+            "request %s: %d tokens with [%s] (%s)",
+            seq.request.request_id,
+            len(seq.tokens),
+            seq.request.adapters,
+            seq.finish_reason,
+        )
 
     def _refuse(self, seq: Sequence, error: Exception) -> None:
         """A request whose adapters could not be made ready: the adapters' own error, or for an unexpected one a

@@ -20,15 +20,38 @@ log = logging.getLogger(__name__)
 
 
 class IsolatedPasses:
-    def __init__(self, runner: ModelRunner, fail: Callable[[Sequence, Exception], None]):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        fail: Callable[[Sequence, Exception], None],
+        end: Callable[[Sequence], None],
+        choosable: int | None = None,
+    ):
+        """fail(seq, error): seq failed alone; end(seq): seq, asking for no new tokens, is done; choosable: the ids
+        the top alternatives are chosen among (below it; all by default), as for generated tokens."""
         self.runner = runner
         self.fail = fail
+        self.end = end
+        self.choosable = choosable
 
     def prefill(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor | None]:
         """Scores the prompts of those that ask (once: not again when a preempted one is recomputed), then takes
-        seqs into the batch. Returns those prefilled, with their logits."""
-        self._score_prompts([s for s in seqs if s.request.params.prompt_logprobs and s.prompt_logprobs is None])
-        return self._prefill([s for s in seqs if s.finished_at is None])
+        the others into the batch. The scoring pass's last logits are those of the first new token: a sequence that
+        asks for one token takes it from them, one that asks for none ends, and neither takes cache blocks. Returns
+        the sequences whose next token is to be chosen, with their logits."""
+        scored, last = self._score_prompts(
+            [s for s in seqs if s.request.params.prompt_logprobs and s.prompt_logprobs is None]
+        )
+        for seq in seqs:
+            if seq.request.params.max_new_tokens == 0 and seq.finished_at is None:
+                self.end(seq)
+        one = [row for row, s in enumerate(scored) if s.finished_at is None and s.request.params.max_new_tokens == 1]
+        taken = {scored[row] for row in one}
+        prefilled, logits = self._prefill([s for s in seqs if s.finished_at is None and s not in taken])
+        if not one:
+            return prefilled, logits
+        rows = last[one]
+        return [scored[row] for row in one] + prefilled, rows if logits is None else torch.cat([rows, logits])
 
     def decode(self) -> tuple[list[Sequence], torch.Tensor | None]:
         """A decode pass of the running rows. When it fails, each row's tokens are run alone (without the cache) to
@@ -61,13 +84,40 @@ class IsolatedPasses:
         logits = [rows for _, rows in outcomes if rows is not None]
         return [seq for kept, _ in outcomes for seq in kept], torch.cat(logits) if logits else None
 
-    def _score_prompts(self, seqs: list[Sequence]) -> None:
-        """The logprob of each prompt token given those before it (one extra pass each)."""
-        for seq in seqs:
-            ids = seq.request.prompt_ids
-            try:
-                scores = self.runner.score(torch.tensor([ids]), [seq.slots], [seq.weights])[0]
-                logprobs = torch.log_softmax(scores.float(), dim=-1)
-                seq.prompt_logprobs = [None] + logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
-            except Exception as exc:
-                self.fail(seq, exc)
+    def _score_prompts(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """The logprob of each prompt token given those before it, and the top ones where asked, in a pass of their
+        own (right-padded: the causal mask keeps padding out of every row's tokens). When it fails, each is scored
+        alone to find and fail those whose own pass fails. Returns those scored, with their logits after the prompt's
+        last token [len, vocab]."""
+        if not seqs:
+            return [], None
+        try:
+            return seqs, self._score(seqs)
+        except Exception as exc:
+            if len(seqs) == 1:
+                self.fail(seqs[0], exc)
+                return [], None
+            log.warning("scoring %d prompts failed (%s); scoring each alone", len(seqs), exc)
+        outcomes = [self._score_prompts([seq]) for seq in seqs]
+        logits = [rows for _, rows in outcomes if rows is not None]
+        return [seq for kept, _ in outcomes for seq in kept], torch.cat(logits) if logits else None
+
+    def _score(self, seqs: list[Sequence]) -> torch.Tensor:
+        prompts = [seq.request.prompt_ids for seq in seqs]
+        lengths = [len(prompt) for prompt in prompts]
+        ids = torch.full((len(seqs), max(lengths)), self.runner.pad_id, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt)
+        logits = self.runner.score(ids, [s.slots for s in seqs], [s.weights for s in seqs])  # [B, T, vocab]
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t: the token at t + 1
+        actual = logprobs.gather(2, ids[:, 1:, None].to(logprobs.device))[..., 0].tolist()
+        k = max(seq.request.params.top_logprobs for seq in seqs)
+        if k:  # one top-k over every row and position
+            values, top = logprobs[..., : self.choosable].topk(k)
+            values, top = values.tolist(), top.tolist()
+        for row, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
+            seq.prompt_logprobs = [None, *actual[row][: n - 1]]
+            if own := seq.request.params.top_logprobs:
+                pairs = zip(top[row][: n - 1], values[row][: n - 1], strict=True)
+                seq.prompt_alternatives = [[], *(list(zip(t[:own], v[:own], strict=True)) for t, v in pairs)]
+        return logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1]

@@ -54,6 +54,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     alternatives: list[list[tuple[int, float]]] = field(default_factory=list)  # top logprobs per token, if asked
     prompt_logprobs: list[float | None] | None = None  # if asked; None for the first prompt token
+    prompt_alternatives: list[list[tuple[int, float]]] | None = None  # with prompt_logprobs: the top ones, per token
     finish_reason: str | None = None  # length | eos_token | stop_sequence
     stop_sequence: str | None = None  # the one that ended the text
     text: str = ""  # set when finished (as TGI returns it: ending with the stop sequence that ended it)
@@ -104,6 +105,12 @@ class Sequence:
         if self.finished:
             self.finished_at = time.monotonic()
             self._send(_Done())
+
+    def end_unextended(self) -> None:
+        """A request for no new tokens (a prompt to score) ends once its prompt is scored."""
+        self.finish_reason = "length"
+        self.finished_at = time.monotonic()
+        self._send(_Done())
 
     def fail(self, error: BaseException) -> None:
         self.finished_at = time.monotonic()
