@@ -110,7 +110,8 @@ def sample(rows: list, logits: torch.Tensor, choosable: int | None = None) -> li
                     failed[row] = exc
         special = [row for row in special if row not in failed]
     if special:
-        chosen = _choose([rows[r] for r in special], [masked.get(r, scores[r : r + 1]) for r in special], noise, special)
+        special, chosen = _choose_isolated(rows, special, [masked.get(r, scores[r : r + 1]) for r in special], noise, failed)
+    if special:
         tokens = tokens.index_copy(0, torch.tensor(special, device=tokens.device), chosen)
     parts = [tokens.double(), logprobs.gather(1, tokens[:, None])[:, 0].double()]
     asked = [(row, seq.request.params.top_logprobs) for row, seq in enumerate(rows) if seq.request.params.top_logprobs]
@@ -131,6 +132,21 @@ def sample(rows: list, logits: torch.Tensor, choosable: int | None = None) -> li
         failed[row] if row in failed else Choice(int(values[row]), values[count + row], alternatives.get(row, []))
         for row in range(count)
     ]
+
+
+def _choose_isolated(rows: list, special: list[int], logits: list[torch.Tensor], noise: dict, failed: dict):
+    """_choose for the special rows together; if that raises, for each alone, so that only a row whose own choice
+    fails gets the exception (in failed). Returns the rows chosen and their tokens."""
+    try:
+        return special, _choose([rows[r] for r in special], logits, noise, special)
+    except Exception:  # noqa: BLE001 - whose fault is found by choosing each row alone
+        chosen = {}
+        for row, own in zip(special, logits, strict=True):
+            try:
+                chosen[row] = _choose([rows[row]], [own], noise, [row])
+            except Exception as exc:  # noqa: BLE001 - this row's choice failed: handed to the caller
+                failed[row] = exc
+        return list(chosen), torch.cat(list(chosen.values())) if chosen else None
 
 
 def _choose(seqs: list, logits: list[torch.Tensor], noise: dict[int, torch.Tensor], rows: list[int]) -> torch.Tensor:
@@ -183,8 +199,8 @@ def _choose(seqs: list, logits: list[torch.Tensor], noise: dict[int, torch.Tenso
         cleaned = torch.where(cleaned.isfinite().any(dim=-1, keepdim=True), cleaned, raw)
         scores = torch.where(processes, cleaned, scores)
     tokens = scores.argmax(dim=-1)
-    if noise:
-        drawn = [i for i, row in enumerate(rows) if row in noise]
+    drawn = [i for i, row in enumerate(rows) if row in noise]
+    if drawn:
         index = torch.tensor(drawn, device=device)
         probs = torch.softmax(scores.index_select(0, index), dim=-1)
         draws = torch.stack([noise[rows[i]] for i in drawn]).to(device)
