@@ -136,7 +136,11 @@ def test_a_row_whose_choice_fails_fails_alone():
     """A processor raising for one row (here a logit bias past the vocabulary, which the API refuses before) gives
     that row the exception; the others, processed in the same batch, get the tokens they get without it."""
     torch.manual_seed(0)
-    good = [SamplingParams(top_k=5, seed=3), SamplingParams(repetition_penalty=1.5), SamplingParams(temperature=0.7)]
+    good = [
+        SamplingParams(top_k=5, seed=3),
+        SamplingParams(repetition_penalty=1.5),
+        SamplingParams(temperature=0.7, seed=2),
+    ]
     logits = torch.randn(len(good) + 1, VOCAB) * 4
     alone = sample([_row(p) for p in good], logits[: len(good)].clone())
     choices = sample([_row(p) for p in good] + [_row(SamplingParams(logit_bias={VOCAB + 5: 1.0}))], logits)
