@@ -56,8 +56,11 @@ def copy_to_host(tensors: list[torch.Tensor], pin: bool) -> tuple[HostCopy, dict
 
 def release_cached() -> None:
     """Pinned blocks that no copy holds any more go back to the system (PyTorch keeps them cached otherwise: the
-    host tier would keep pinning what it dropped). A private torch call, where this torch has it."""
-    empty = getattr(torch._C, "_host_emptyCache", None)
+    host tier would keep pinning what it dropped): torch.accelerator's call, or on an older torch its private one."""
+    if not torch.cuda.is_available():
+        return
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    empty = empty or getattr(torch._C, "_host_emptyCache", None)
     if empty is not None:
         empty()
 

@@ -17,14 +17,29 @@ EXIT_CODE = 70  # EX_SOFTWARE: not a clean stop, so that the orchestrator restar
 GRACE_SECONDS = 2.0  # for the 503s already sent to reach their clients before the process ends
 
 
+# How a broken CUDA context shows in an error's text when the library that met it first is not CUDA's runtime: a
+# GEMM (cuBLAS), a convolution (cuDNN), a Triton kernel (torch.compile, flex_attention), the driver.
+DEVICE_FAILURES = (
+    "CUDA error",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "CUBLAS_STATUS_INTERNAL_ERROR",
+    "cuDNN error",
+    "Triton Error [CUDA]",
+    "CUDA driver error",
+    "illegal memory access",
+    "unspecified launch failure",
+    "device-side assert",
+)
+
+
 def device_fatal(exc: BaseException) -> bool:
     """Whether exc is a device error after which this process cannot compute anything more."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc):
         return False
     accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8 raises CUDA errors as this
     if accelerator_error is not None and isinstance(exc, accelerator_error):
-        return "out of memory" not in str(exc)
-    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc) and "out of memory" not in str(exc)
+        return True
+    return isinstance(exc, RuntimeError) and any(failure in str(exc) for failure in DEVICE_FAILURES)
 
 
 def raise_if_device_fatal(exc: BaseException) -> None:
