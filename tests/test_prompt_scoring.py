@@ -9,6 +9,7 @@ import httpx
 import pytest
 import torch
 
+from server.engine import passes
 from tests.reference import reference_logits
 
 ROWS = {  # request -> (model, prompts as token ids): two requests with different mixes, sent at once
@@ -39,7 +40,9 @@ def expected_rows(llama, tokenizer, names: list[str], ids: list[int], k: int) ->
     return taken, tops
 
 
-def test_echo_scores_every_prompt_position_of_every_row_with_its_top_logprobs(server, llama):
+@pytest.mark.parametrize("score_bytes", [passes.SCORE_BYTES, 1], ids=["together", "one by one"])
+def test_echo_scores_every_prompt_position_of_every_row_with_its_top_logprobs(server, llama, score_bytes, monkeypatch):
+    monkeypatch.setattr(passes, "SCORE_BYTES", score_bytes)
     tokenizer = server.state.tokenizer
 
     async def send():
@@ -140,3 +143,14 @@ def test_vllm_tokenizer_routes(server, llama):
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json() == {"prompt": "</s>Hi"}
     refused = httpx.post(f"{server.url}/detokenize", json={"tokens": [10**6]})
     assert refused.status_code == 422 and "vocabulary" in refused.json()["error"]
+
+
+def test_prompts_are_scored_in_groups_whose_logits_fit_the_bound(monkeypatch):
+    """The scheduler bounds a batch's tokens, not rows x longest prompt x vocabulary: scoring splits the batch in
+    order so that its logits stay under SCORE_BYTES (a prompt alone may be over it)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(passes, "SCORE_BYTES", 10 * 100 * 8 * 3)
+    seqs = [SimpleNamespace(request=SimpleNamespace(prompt_ids=[0] * n)) for n in (10, 10, 10, 40, 5, 2000, 1)]
+    groups = passes._under_score_bytes(seqs, vocab=100)
+    assert [[len(s.request.prompt_ids) for s in g] for g in groups] == [[10, 10, 10], [40], [5], [2000], [1]]

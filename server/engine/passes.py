@@ -17,6 +17,9 @@ from server.engine.runner import ModelRunner
 from server.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+# What a scoring pass may hold in logits and logprobs (float32: rows x longest prompt x vocabulary, twice): prompts are
+# scored in groups under it (the scheduler bounds a batch's tokens, not its rows times its longest prompt).
+SCORE_BYTES = 1 << 30
 
 
 class IsolatedPasses:
@@ -91,6 +94,11 @@ class IsolatedPasses:
         last token [len, vocab]."""
         if not seqs:
             return [], None
+        groups = _under_score_bytes(seqs, self.runner.model.config.vocab_size)
+        if len(groups) > 1:
+            outcomes = [self._score_prompts(group) for group in groups]
+            logits = [rows for _, rows in outcomes if rows is not None]
+            return [seq for kept, _ in outcomes for seq in kept], torch.cat(logits) if logits else None
         try:
             return seqs, self._score(seqs)
         except Exception as exc:
@@ -121,3 +129,18 @@ class IsolatedPasses:
                 pairs = zip(top[row][: n - 1], values[row][: n - 1], strict=True)
                 seq.prompt_alternatives = [[], *(list(zip(t[:own], v[:own], strict=True)) for t, v in pairs)]
         return logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1]
+
+
+def _under_score_bytes(seqs: list[Sequence], vocab: int) -> list[list[Sequence]]:
+    """seqs in order, in groups whose padded logits stay under SCORE_BYTES (a prompt alone may be over it)."""
+    groups: list[list[Sequence]] = []
+    longest = 0
+    for seq in seqs:
+        longest_with = max(longest, len(seq.request.prompt_ids))
+        if groups and (len(groups[-1]) + 1) * longest_with * vocab * 8 <= SCORE_BYTES:
+            groups[-1].append(seq)
+            longest = longest_with
+        else:
+            groups.append([seq])
+            longest = len(seq.request.prompt_ids)
+    return groups
