@@ -60,9 +60,9 @@ from server.api.serving import (
 )
 from server.api.structured import compile_grammar
 from server.engine.constraints import Grammar, GrammarSpec
-from server.engine.output import GeneratedText, without_stop
+from server.engine.output import pieces, shown, without_stop
 from server.engine.sampling import SamplingParams
-from server.engine.sequence import GenerationRequest, Sequence
+from server.engine.sequence import GenerationRequest, Sequence, TokenEvent
 from server.errors import ValidationError
 from server.model import encode_prompt
 from server.state import ServerState
@@ -204,16 +204,14 @@ class _Text:
 
     def __init__(self, seq: Sequence):
         self.seq = seq
-        self.generated = GeneratedText(seq.tokenizer, seq.request.params.stop)
+        self.text = ""  # the tokens' texts so far
         self.sent = 0
 
-    def delta(self, token: int, final: bool) -> str:
-        """The text that token adds (events come one per token, in order)."""
-        if final:
-            text = without_stop(self.seq.text, self.seq.stop_sequence)
-        else:
-            self.generated.add(token)
-            text = self.generated.shown()
+    def delta(self, event: TokenEvent) -> str:
+        """The text that event's token adds (events come one per token, in order)."""
+        self.text += event.text
+        stop = self.seq.stop_sequence if event.final else None
+        text = shown(self.text, () if event.final else self.seq.request.params.stop, stop)
         delta = text[self.sent :]
         self.sent = len(text)
         return delta
@@ -256,7 +254,8 @@ class _Completions:
                 list(seq.prompt_logprobs or [None] * len(prompt)) + lps,
                 [None] * len(prompt) + alts,
             )
-        tokens, offsets, at = [decode([t]) for t in ids], [], 0 if self.body.echo else echo_length
+        texts = (pieces(self.tokenizer, seq.request.prompt_ids) if self.body.echo else []) + seq.texts
+        tokens, offsets, at = texts, [], 0 if self.body.echo else echo_length
         for token in tokens:
             offsets.append(at)
             at += len(token)
@@ -272,12 +271,12 @@ class _Completions:
                 yield self._chunk(CompletionChoice(index=index, text=self._echo(seq)))
         async for index, event in _merge(handles):
             seq = seqs[index]
-            delta = texts[index].delta(event.token, event.final)
+            delta = texts[index].delta(event)
             logprobs = None
             if self.body.logprobs is not None:
                 alts = {self.tokenizer.decode([t]): lp for t, lp in seq.alternatives[event.index]}
                 logprobs = CompletionLogprobs(
-                    tokens=[self.tokenizer.decode([event.token])],
+                    tokens=[event.text],
                     token_logprobs=[event.logprob],
                     top_logprobs=[alts] if self.body.logprobs else None,
                     text_offset=[texts[index].sent - len(delta)],
@@ -310,8 +309,9 @@ class _Chat:
         names = [t.function.name for t in self.body.tools]
         return tools.CallReader(self.call_format, names, self.body.parallel_calls)
 
-    def _token(self, token: int, logprob: float) -> TopLogprob:
-        text = self.tokenizer.decode([token])
+    def _token(self, token: int, logprob: float, text: str | None = None) -> TopLogprob:
+        """text: what the token added to the answer (None for an alternative: decoded alone)."""
+        text = self.tokenizer.decode([token]) if text is None else text
         return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
 
     def _logprobs(self, seq: Sequence, indices) -> ChatLogprobs | None:
@@ -320,7 +320,7 @@ class _Chat:
         return ChatLogprobs(
             content=[
                 TokenLogprob(
-                    **self._token(seq.tokens[i], seq.logprobs[i]).model_dump(),
+                    **self._token(seq.tokens[i], seq.logprobs[i], seq.texts[i]).model_dump(),
                     top_logprobs=[self._token(t, lp) for t, lp in seq.alternatives[i]],
                 )
                 for i in indices
@@ -352,7 +352,7 @@ class _Chat:
         seq, text, reader, calls = handle.seq, _Text(handle.seq), self._reader(), 0
         yield self._chunk(ChatChunkChoice(index=0, delta=Delta(role="assistant", content="")))
         async for _, event in _merge([handle]):
-            delta = text.delta(event.token, event.final)
+            delta = text.delta(event)
             pieces = [delta] if reader is None and delta else []
             if reader is not None:
                 pieces = reader.feed(delta) + (reader.finish() if event.final else [])
