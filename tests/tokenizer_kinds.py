@@ -6,6 +6,7 @@ added tokens (Qwen2.5's `<tool_call>`)."""
 from __future__ import annotations
 
 import functools
+import string
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -18,6 +19,8 @@ CORPUS = [
     "Ωmega ≠ ∞",
     '{"name": "Bob", "age": 42, "tags": ["a", "b"]} it is n\'t here . yes , he \'s',
     "the quick brown fox jumps over the lazy dog 0123456789",
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call> mixserve tokenizer check',
+    string.printable,  # every ASCII character has a token: grammars can write JSON, tags, anything
 ]
 # the Hermes/Qwen2.5 template, cut down: tools in the system turn, calls in <tool_call> tags
 CHAT_TEMPLATE = (

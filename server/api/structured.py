@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.engine.constraints import Grammar, GrammarError, GrammarSpec
+from server.engine.constraints import Grammar, GrammarError, GrammarSpec, TokenizerUnsupported
 from server.errors import ValidationError
 
 
@@ -156,5 +156,7 @@ async def compile_grammar(state, spec: GrammarSpec | None) -> Grammar | None:
     grammars = state.grammars
     try:
         return grammars.cached(spec) or await asyncio.to_thread(grammars.compile, spec)
+    except TokenizerUnsupported as exc:
+        raise ValidationError(str(exc)) from exc
     except GrammarError as exc:
         raise ValidationError(f"the output constraint ({spec.kind}) does not compile: {exc}") from exc

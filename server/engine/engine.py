@@ -314,6 +314,10 @@ class Engine:
         seq.fail(MixserveError(f"internal error preparing this request's adapters: {type(error).__name__}"))
 
     def _fail_row(self, seq: Sequence, exc: Exception) -> None:
+        if isinstance(exc, MixserveError) and exc.status_code < 500:  # the request's own (a grammar it cannot meet)
+            log.info("request %s: failed at token %d: %s", seq.request.request_id, len(seq.tokens), exc.message)
+            self._retire(seq, exc)
+            return
         log.error(
             "request %s with [%s]: failed at token %d: %s: %s",
             seq.request.request_id,
