@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -99,9 +100,10 @@ class Constraint:
         self.executor = executor  # fills the masks of a batch's rows in parallel
 
     def advance(self, token: int) -> None:
-        """Follows the sampled token; raises if the grammar does not allow it (the row fails, never others)."""
+        """Follows the sampled token; raises if the grammar does not allow it (the row fails, never others: the
+        mask allowed it, so this is the server's fault)."""
         if not self.matcher.consume_token(token):
-            raise ConstraintFailed(f"token {token} not allowed: {_reason(self.matcher.get_error())}")
+            raise RuntimeError(f"grammar: token {token} not allowed: {_reason(self.matcher.get_error())}")
 
     @property
     def finished(self) -> bool:
@@ -110,22 +112,37 @@ class Constraint:
 
 
 def mask_constrained(rows: list, logits: torch.Tensor) -> dict[int, torch.Tensor | Exception]:
-    """Logits [1, vocab] of each constrained row (by row index) with the tokens its grammar forbids at -inf, or the
-    error that row's grammar met; other rows are not touched (nor copied). rows: Sequences, with `constraint`.
-    logits [rows, vocab]: vocab is what may be sampled, at most the tokenizer's ids and the embedding's rows."""
+    """Masks each constrained row of logits [rows, vocab] in place (the tokens its grammar forbids at -inf) and
+    returns it, [1, vocab], by row index, or the error that row's grammar met; other rows are not touched. rows:
+    Sequences, with `constraint`. vocab is what may be sampled: at most the tokenizer's ids and the embedding's."""
     constrained = [(row, seq.constraint) for row, seq in enumerate(rows) if seq.constraint is not None]
     if not constrained:
         return {}
-    bitmask = fill_masks([c for _, c in constrained], logits.shape[-1])
-    masked = logits[[row for row, _ in constrained]]  # [n, vocab], a copy
-    apply_masks(masked, bitmask.to(masked.device))
+    vocab = logits.shape[-1]
+    bitmask = fill_masks([c for _, c in constrained], vocab)
+    if len(constrained) == len(logits):
+        apply_masks(logits, bitmask.to(logits.device, non_blocking=True))
+    else:
+        index = torch.tensor([row for row, _ in constrained], device=logits.device)
+        masked = logits.index_select(0, index)  # [n, vocab]
+        apply_masks(masked, bitmask.to(logits.device, non_blocking=True))
+        logits.index_copy_(0, index, masked)
     failed: dict[int, Exception] = {}
-    for i, (row, constraint) in enumerate(constrained):
+    for (row, constraint), alive in zip(constrained, any_allowed(bitmask, vocab).tolist(), strict=True):
         if constraint.matcher.is_error():
             failed[row] = ConstraintFailed(_reason(constraint.matcher.get_error()))
-    for i in (masked.amax(dim=1) == -torch.inf).nonzero().flatten().tolist():
-        failed.setdefault(constrained[i][0], ConstraintFailed("no token this model can sample continues its grammar"))
-    return {row: failed.get(row, masked[i : i + 1]) for i, (row, _) in enumerate(constrained)}
+        elif not alive:
+            failed[row] = ConstraintFailed("no token this model can sample continues its grammar")
+    return {row: failed.get(row, logits[row : row + 1]) for row, _ in constrained}
+
+
+def any_allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[n] bool: whether bitmask [n, words] allows some token below vocab."""
+    whole, rest = divmod(vocab, 32)
+    alive = (bitmask[:, :whole] != 0).any(dim=1)
+    if rest:
+        alive |= (bitmask[:, whole] & ((1 << rest) - 1)) != 0
+    return alive
 
 
 def fill_masks(constraints: list[Constraint], vocab: int) -> torch.Tensor:
@@ -138,17 +155,25 @@ def fill_masks(constraints: list[Constraint], vocab: int) -> torch.Tensor:
     return bitmask
 
 
+# byte -> its 8 bits, 1 where the token is forbidden (bit i of byte b: token 8b+i)
+_FORBIDDEN = torch.tensor([[not (byte >> i) & 1 for i in range(8)] for byte in range(256)], dtype=torch.bool)
+
+
 def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """logits [n, vocab] in place: -inf where bitmask [n, words] (on logits' device) has a 0 bit."""
-    logits.masked_fill_(~allowed(bitmask, logits.shape[-1]), -torch.inf)
+    logits.masked_fill_(forbidden(bitmask, logits.shape[-1]), -torch.inf)
+
+
+def forbidden(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bitmask [n, words] int32 -> [n, vocab] bool, True where a token is forbidden, on bitmask's device: each byte
+    looked up in a table (little-endian words, as on x86 and ARM)."""
+    data = bitmask.contiguous().view(torch.uint8)  # [n, 4 * words]
+    return _FORBIDDEN.to(data.device)[data.long()].view(bitmask.shape[0], -1)[:, :vocab]
 
 
 def allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """bitmask [n, words] int32 -> [n, vocab] bool, on bitmask's device. Read as bytes (little-endian, as on x86
-    and ARM): token 8b+i is bit i of byte b."""
-    data = bitmask.contiguous().view(torch.uint8)  # [n, 4 * words]
-    bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=data.device)
-    return (data[:, :, None] & bits).ne(0).reshape(bitmask.shape[0], -1)[:, :vocab]
+    """bitmask [n, words] int32 -> [n, vocab] bool, True where a token is allowed."""
+    return ~forbidden(bitmask, vocab)
 
 
 class Grammars:
@@ -163,7 +188,9 @@ class Grammars:
         self._cache: collections.OrderedDict[GrammarSpec, Grammar] = collections.OrderedDict()
         self._lock = threading.Lock()  # the cache's: `cached` is called on the event loop
         self._tokenizer_lock = threading.Lock()  # held while the vocabulary is read (seconds)
-        self._executor = llguidance.LLExecutor()
+        # llguidance's threads for the masks of a step's rows; half the cores (on 2 cores, one thread: waking a
+        # second costs more than its share of a 16-row, 152k-token fill, measured in bench.structured)
+        self._executor = llguidance.LLExecutor(num_threads=max(1, (os.cpu_count() or 2) // 2))
 
     def cached(self, spec: GrammarSpec) -> Grammar | None:
         with self._lock:
