@@ -211,7 +211,7 @@ def mask_costs(rows: int, steps: int, device: str) -> dict[str, list[float]]:
 
 def report_mask_costs(rows: int, steps: int, device: str) -> None:
     times = mask_costs(rows, steps, device)
-    print(f"mask cost per step, {rows} rows constrained by the JSON schema, vocabulary {QWEN_VOCAB} (Qwen2.5), {device}:")
+    print(f"mask cost per step, {rows} rows constrained by the JSON schema, {QWEN_VOCAB} tokens (Qwen2.5), {device}")
     for name, values in times.items():
         print(f"  {name}: median {statistics.median(values) * 1e3:6.2f} ms, min {min(values) * 1e3:6.2f} ms")
     c, d, fill, copy = (statistics.median(v) for v in times.values())
@@ -239,7 +239,7 @@ def main() -> None:
         report_mask_costs(args.mask_rows, args.mask_steps, args.device)
         return
     if args.quick:
-        args.requests, args.rounds, args.new_tokens, args.ttft_tries = CLIENTS, 1, 8, 2
+        args.requests, args.rounds, args.new_tokens, args.ttft_tries, args.mask_steps = CLIENTS, 1, 8, 2, 2
 
     print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,7 +23,7 @@ BENCHMARKS = {
     "engine_choice": ["mixserve / transformers"],
     "adapter_load": ["cold load, POST .../load", "host-tier reload", "gap ratio p99 loading / quiet ="],
     "mixed_decode": ["(a) mixed types", "(a) LoRA only", "ideal"],
-    "structured": ["(a) half rows JSON schema", "a/b =", "new schema (compiled)", "(cached)"],
+    "structured": ["(a) half rows JSON schema", "a/b =", "new schema (compiled)", "(cached)", "d/c ="],
     "kv_cache": [
         "one block per running row",
         "new/old",

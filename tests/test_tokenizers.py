@@ -128,7 +128,8 @@ def completion(client, stream: bool, **body) -> str:
 
 
 def chat(client, stream: bool, **body) -> tuple[int, dict | list[dict]]:
-    body = {"model": client.model_id, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 16, "seed": 7, **body}
+    messages = [{"role": "user", "content": PROMPT}]
+    body = {"model": client.model_id, "messages": messages, "max_tokens": 16, "seed": 7, **body}
     if not stream:
         response = client.post("/v1/chat/completions", json=body)
         return response.status_code, response.json()

@@ -204,6 +204,11 @@ def _token(tokenizer, token: int, logprob: float, text: str | None = None) -> To
     return Token(id=token, text=text, logprob=logprob, special=special)
 
 
+def _prompt_texts(tokenizer, seq: Sequence) -> list[str]:
+    """What each prompt token adds to the prompt's text, when its logprobs were asked."""
+    return pieces(tokenizer, seq.request.prompt_ids) if seq.prompt_logprobs else []
+
+
 def _response(body: GenerateRequest, seq: Sequence, tokenizer) -> GenerateResponse:
     if not body.parameters.details:
         return GenerateResponse(generated_text=_text(body, seq))
@@ -215,7 +220,7 @@ def _response(body: GenerateRequest, seq: Sequence, tokenizer) -> GenerateRespon
         seed=seq.chooser.seed,
         prefill=[
             InputToken(id=t, text=text, logprob=lp)
-            for t, text, lp in zip(prompt, pieces(tokenizer, prompt) if seq.prompt_logprobs else [], seq.prompt_logprobs or [], strict=False)
+            for t, text, lp in zip(prompt, _prompt_texts(tokenizer, seq), seq.prompt_logprobs or [], strict=False)
         ],
         tokens=[_token(tokenizer, *token) for token in zip(seq.tokens, seq.logprobs, seq.texts, strict=True)],
         top_tokens=[[_token(tokenizer, t, lp) for t, lp in alts] for alts in seq.alternatives]
