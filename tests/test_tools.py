@@ -361,3 +361,16 @@ def test_constrained_calls_stream_their_arguments_as_written(fmt, text):
         assert content == "" and [(c["name"], c["arguments"]) for c in calls] == [("f", F_ARGUMENTS), ("g", "{}")]
         if size == 1:
             assert sum(1 for p in pieces if type(p).__name__ == "CallArguments") > len(F_ARGUMENTS) // 2
+
+
+def test_an_auto_call_whose_arguments_break_the_schema_stays_content():
+    """`auto` reads calls from free text: a call of a listed function whose arguments its parameters schema refuses
+    is text, as a call of an unknown function is; a valid one is a call."""
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris"]}}, "required": ["city"]}
+    reader = CallReader("hermes", ["f"], schemas={"f": schema})
+    bad = '<tool_call>{"name": "f", "arguments": {"city": "Rome"}}</tool_call>'
+    good = '<tool_call>{"name": "f", "arguments": {"city": "Paris"}}</tool_call>'
+    content, calls = assemble(reader.feed(bad + " " + good) + reader.finish())
+    assert content == bad + " " and [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        ("f", {"city": "Paris"})
+    ]

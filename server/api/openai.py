@@ -307,7 +307,8 @@ class _Chat:
         if self.body.tool_mode == "none":
             return None
         names = [t.function.name for t in self.body.tools]
-        return tools.CallReader(self.call_format, names, self.body.parallel_calls)
+        schemas = {t.function.name: t.function.parameters or {"type": "object"} for t in self.body.tools}
+        return tools.CallReader(self.call_format, names, self.body.parallel_calls, schemas)
 
     def _token(self, token: int, logprob: float, text: str | None = None) -> TopLogprob:
         """text: what the token added to the answer (None for an alternative: decoded alone)."""

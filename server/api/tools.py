@@ -5,7 +5,8 @@ The format of a call is the chat template's: Hermes/Qwen's `<tool_call>{"name": 
 (also this server's plain default, for a tokenizer without a template) or Llama 3's bare JSON
 `{"name": ..., "parameters": {...}}` (several separated by `;`), chosen by what the template holds. A required or
 named call is constrained to that format with the listed functions' parameter schemas; with `auto` the text is read
-as it comes and what is not a valid call of a listed function stays content.
+as it comes and what is not a valid call of a listed function (its arguments valid against the function's parameters
+schema) stays content.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
+
+import jsonschema
 
 from server.engine.constraints import JSON_OPTIONS, GrammarSpec
 
@@ -140,8 +143,10 @@ class CallReader:
     dropped when there were calls. Both the streamed and the plain answer read text through this, so they
     agree."""
 
-    def __init__(self, fmt: str, names: list[str], parallel: bool = True):
+    def __init__(self, fmt: str, names: list[str], parallel: bool = True, schemas: dict[str, dict] | None = None):
+        """schemas: each function's parameters schema; a call whose arguments it refuses is no call (content)."""
         self.fmt, self.names, self.parallel = fmt, set(names), parallel
+        self._validators = {name: _validator(schema) for name, schema in (schemas or {}).items()}
         self.calls = 0
         self._pending = ""
         self._held = ""  # whitespace-only content not yet sent
@@ -220,6 +225,9 @@ class CallReader:
             arguments = members.get("arguments", members.get("parameters"))
             if arguments is None or not isinstance(arguments[0], dict):
                 return None
+            validator = self._validators.get(name)
+            if validator is not None and not _valid(validator, arguments[0]):
+                return None
             index = self.calls + len(pieces) // 2
             pieces += [CallStart(index, members["name"][0]), CallArguments(index, arguments[1])]
         if not pieces or (not self.parallel and self.calls + len(pieces) // 2 > 1):
@@ -278,6 +286,23 @@ class ConstrainedCallReader:
 
     def finish(self) -> list[Piece]:
         return []  # what is left is the end of the last call, or of a call cut short
+
+
+def _validator(schema: dict):
+    """A JSON schema validator for a function's parameters (None: a schema jsonschema cannot read; not checked)."""
+    try:
+        validator = jsonschema.validators.validator_for(schema)
+        validator.check_schema(schema)
+        return validator(schema)
+    except jsonschema.SchemaError:
+        return None
+
+
+def _valid(validator, value) -> bool:
+    try:
+        return validator.is_valid(value)
+    except Exception:  # noqa: BLE001 - a schema jsonschema fails on (an unresolvable $ref, say): not a valid call
+        return False
 
 
 def _members(text: str) -> dict[str, tuple[object, str]] | None:
