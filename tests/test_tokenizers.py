@@ -27,6 +27,7 @@ SETUPS = {
     "unigram": ("unigram", 0),
     "wordpiece": ("wordpiece", 0),
     "chat": ("chat", 0),
+    "mistral": ("mistral", 0),  # tool calls as [TOOL_CALLS] [{...}], the marker a special token
     "embedding-padded": ("byte-level", 64),  # checkpoints pad their embedding past the tokenizer (Qwen2.5)
     "tokenizer-past-embedding": ("pad-added", -1),  # a pad token added without resizing the embedding
 }

@@ -1,7 +1,7 @@
 """Small tokenizers of each kind that real checkpoints ship, trained here with `tokenizers` (no hub): byte-level BPE
 (GPT-2, Llama 3, Qwen), byte-fallback BPE with "▁" word boundaries (Llama 2, Mistral), Unigram with Metaspace (T5,
-ALBERT), WordPiece with the clean-up of spaces (BERT), and a byte-level BPE with a chat template and non-special
-added tokens (Qwen2.5's `<tool_call>`)."""
+ALBERT), WordPiece with the clean-up of spaces (BERT), a byte-level BPE with a chat template and non-special added
+tokens (Qwen2.5's `<tool_call>`), and Mistral's template with its special `[TOOL_CALLS]`."""
 
 from __future__ import annotations
 
@@ -106,12 +106,35 @@ def chat() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+MISTRAL_TEMPLATE = (
+    "{% if tools %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }}[/INST]"
+    "{% elif m.role == 'assistant' and m.tool_calls %}[TOOL_CALLS] [{% for c in m.tool_calls %}"
+    '{{ {"name": c.function.name, "arguments": c.function.arguments, "id": c.id} | tojson }}'
+    "{% if not loop.last %}, {% endif %}{% endfor %}]</s>"
+    "{% elif m.role == 'assistant' %}{{ m.content }}</s>"
+    '{% elif m.role == \'tool\' %}[TOOL_RESULTS] {{ {"content": m.content, "call_id": m.tool_call_id} | tojson }}'
+    "[/TOOL_RESULTS]{% endif %}{% endfor %}"
+)
+
+
+def mistral() -> PreTrainedTokenizerFast:
+    """Mistral 7B v0.3's shape: byte-fallback BPE, control tokens ([TOOL_CALLS]...) special, calls written as
+    `[TOOL_CALLS] [{"name": ..., "arguments": ...}]`."""
+    tokenizer = byte_fallback()
+    controls = ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]"]
+    tokenizer.add_special_tokens({"additional_special_tokens": [*controls, "[/TOOL_RESULTS]"]})
+    tokenizer.chat_template = MISTRAL_TEMPLATE
+    return tokenizer
+
+
 KINDS = {
     "byte-level": byte_level,
     "byte-fallback": byte_fallback,
     "unigram": unigram,
     "wordpiece": wordpiece,
     "chat": chat,
+    "mistral": mistral,
 }
 
 

@@ -114,7 +114,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     alternatives = (body.top_logprobs or 0) if body.logprobs else 0
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, alternatives, False)
     fmt = tools.call_format(state.tokenizer)
-    grammar = await compile_grammar(state, _chat_grammar(body, fmt))
+    grammar = await compile_grammar(state, _chat_grammar(body, fmt, state.tokenizer))
     gen = _request(state, ids, adapters, sampling, request, 0, grammar)
     handle = state.engine.submit(gen)
     reply = _Chat(body, state.tokenizer, f"chatcmpl-{uuid.uuid4().hex}", fmt)
@@ -158,12 +158,14 @@ def _chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _chat_grammar(body: ChatCompletionRequest, fmt: str) -> GrammarSpec | None:
+def _chat_grammar(body: ChatCompletionRequest, fmt: str, tokenizer) -> GrammarSpec | None:
     """A required or named tool call's grammar, or the request's own constraint."""
+    marker = tools.calls_marker(tokenizer) if fmt == tools.MISTRAL else ""
     if body.tool_mode == "required":
-        return tools.required_grammar(body.tools, [t.function.name for t in body.tools], body.parallel_calls, fmt)
+        names = [t.function.name for t in body.tools]
+        return tools.required_grammar(body.tools, names, body.parallel_calls, fmt, marker)
     if body.tool_mode == "named":
-        return tools.required_grammar(body.tools, [body.tool_choice.function.name], False, fmt)
+        return tools.required_grammar(body.tools, [body.tool_choice.function.name], False, fmt, marker)
     return body.grammar_spec()
 
 
