@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import re
 
 import httpx
@@ -270,6 +271,23 @@ def test_an_invalid_schema_is_a_422_before_the_tokenizer_is_read(setup, client):
         "/generate", json={"inputs": "x", "parameters": {"grammar": {"type": "json", "value": {"type": "objekt"}}}}
     )
     assert response.status_code == 422 and "objekt" in response.json()["error"]
+
+
+@pytest.mark.parametrize("setup", ["byte-level"], indirect=True)
+def test_processed_logprobs_are_those_the_constraint_leaves(setup, client):
+    """Raw by default: the model's own distribution; processed: renormalised over the tokens the grammar allows,
+    so a token the grammar forces has logprob 0 and the alternatives' probabilities add up to 1."""
+    body = {"guided_regex": "(yes|no)!{3}", "max_tokens": 16, "logprobs": True, "top_logprobs": 5}
+    status, raw = chat(client, stream=False, **body)
+    status2, processed = chat(client, stream=False, logprobs_mode="processed_logprobs", **body)
+    assert status == status2 == 200
+    raw_tokens, tokens = raw["choices"][0]["logprobs"]["content"], processed["choices"][0]["logprobs"]["content"]
+    assert [t["token"] for t in tokens] == [t["token"] for t in raw_tokens]  # the same answer (seeded)
+    assert re.fullmatch("(yes|no)!{3}", processed["choices"][0]["message"]["content"])
+    assert all(t["logprob"] < 0 for t in raw_tokens)
+    assert tokens[-1]["logprob"] == pytest.approx(0.0, abs=1e-6)  # the last '!' is forced
+    for token in tokens:
+        assert sum(math.exp(t["logprob"]) for t in token["top_logprobs"]) == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize("setup", ["byte-level"], indirect=True)

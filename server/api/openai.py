@@ -185,6 +185,7 @@ def _sampling(body, max_tokens: int | None, alternatives: int, prompt_logprobs: 
         stop=tuple(body.stop_list),
         top_logprobs=alternatives,
         prompt_logprobs=prompt_logprobs,
+        processed_logprobs=body.logprobs_mode == "processed_logprobs",
     )
 
 

@@ -85,6 +85,11 @@ class GuidedFields(BaseModel):
     guided_choice: list[str] | None = Field(None, description="vLLM: the output is one of these strings")
     guided_grammar: str | None = Field(None, description="vLLM: a Lark grammar")
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM: json, regex, choice or grammar")
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = Field(
+        "raw_logprobs",
+        description="vLLM's: logprobs of the model's own distribution (raw), or, for a constrained request, of the"
+        " distribution its constraint leaves (processed: the allowed tokens' renormalised)",
+    )
 
     @model_validator(mode="after")
     def _one_constraint(self):

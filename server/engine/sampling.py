@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ class SamplingParams:
     ignore_eos: bool = False
     top_logprobs: int = 0  # alternatives reported per generated token
     prompt_logprobs: bool = False  # logprob of each prompt token (TGI's decoder_input_details)
+    processed_logprobs: bool = False  # a constrained row's logprobs after its grammar's mask (vLLM's processed)
 
     @property
     def sampling(self) -> bool:
@@ -101,7 +103,8 @@ class Choice:
 def sample(rows: list, logits: torch.Tensor, choosable: int | None = None) -> list[Choice | Exception]:
     """The next token of each row (a Sequence: its chooser, parameters and tokens so far) from its logits,
     [len(rows), vocab], among the ids below `choosable` (all by default); a row whose choice fails gets the exception
-    instead, the others are unaffected. Logprobs are the model's own, over its whole vocabulary."""
+    instead, the others are unaffected. Logprobs are the model's own (over the ids below `choosable`), or for a
+    constrained row that asks for processed logprobs, those after its grammar's mask."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # also for constrained rows
     logits = logits[:, :choosable].float()
     greedy = logits.argmax(dim=-1).tolist()
@@ -117,11 +120,14 @@ def sample(rows: list, logits: torch.Tensor, choosable: int | None = None) -> li
             else:
                 row_logits = logits[row : row + 1] if row_logits is None else row_logits
                 token = seq.chooser.choose(row_logits, seq.request.prompt_ids + seq.tokens)
+            row_logprobs = logprobs[row, :choosable]
+            if row in masked and seq.request.params.processed_logprobs:  # over what the grammar allows
+                row_logprobs = torch.log_softmax(masked[row][0], dim=-1)
             alternatives = []
             if k := seq.request.params.top_logprobs:
-                values, ids = logprobs[row, :choosable].topk(k)
-                alternatives = list(zip(ids.tolist(), values.tolist(), strict=True))
-            choices.append(Choice(token, float(logprobs[row, token]), alternatives))
+                values, ids = row_logprobs.topk(min(k, row_logprobs.shape[-1]))
+                alternatives = [(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True) if v > -math.inf]
+            choices.append(Choice(token, float(row_logprobs[token]), alternatives))
         except Exception as exc:  # noqa: BLE001 - handed to the caller, which fails this row alone
             choices.append(exc)
     return choices
