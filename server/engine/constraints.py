@@ -21,6 +21,7 @@ import torch
 
 from server.engine.output import BYTE_TOKEN
 from server.errors import ValidationError
+from server.model import tokenizer_ids
 
 CACHE_SIZE = 256  # compiled grammars kept (most recently used)
 # JSON as json.dumps writes it: one way to write each value, so a model's whitespace cannot run on forever
@@ -262,7 +263,7 @@ class TokenTable:
 
     @classmethod
     def of(cls, tokenizer, embedding_rows: int) -> TokenTable:
-        size = max(embedding_rows, _tokenizer_ids(tokenizer))
+        size = max(embedding_rows, tokenizer_ids(tokenizer))
         text = _texts(tokenizer, size)
         special = set(getattr(tokenizer, "all_special_ids", []))
         for i, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
@@ -315,7 +316,7 @@ def _texts(tokenizer, size: int) -> list[bytes | None]:
     anchor = tokenizer.encode("a", add_special_tokens=False)
     if not anchor:
         raise TokenizerUnsupported(f"{type(tokenizer).__name__} encodes 'a' as no tokens")
-    known = _tokenizer_ids(tokenizer)
+    known = tokenizer_ids(tokenizer)
     rows = [anchor + [i] for i in range(known)]
     if isinstance(tokenizer, PreTrainedTokenizerFast):
         decoded = tokenizer.backend_tokenizer.decode_batch(rows, skip_special_tokens=False)
@@ -332,11 +333,6 @@ def _texts(tokenizer, size: int) -> list[bytes | None]:
         else:
             texts.append(text[len(before) :].encode())
     return texts + [None] * (size - known)
-
-
-def _tokenizer_ids(tokenizer) -> int:
-    """One past the highest id the tokenizer has (ids may leave gaps)."""
-    return 1 + max(len(tokenizer) - 1, *tokenizer.get_vocab().values(), *getattr(tokenizer, "all_special_ids", []))
 
 
 def _reason(message: str, limit: int = 400) -> str:

@@ -27,6 +27,7 @@ from server.engine.sampling import TokenChooser, sample
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import EventOutbox, GenerationRequest, RequestHandle, Sequence
 from server.errors import MixserveError, Overloaded, RequestTimeout, ShuttingDown
+from server.model import tokenizer_ids
 
 log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 0.05  # with nothing running: how often waiting requests look at loads again
@@ -83,7 +84,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch_size, max_batch_tokens)
         self.max_queue = max_queue
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
-        self.tokenizer_ids = _tokenizer_ids(tokenizer, self.eos_ids)
+        self.tokenizer_ids = tokenizer_ids(tokenizer, self.eos_ids)
         self.on_finished = on_finished
         self._inbox = inbox
         self._queued = 0  # submitted, not yet admitted: what MIXSERVE_MAX_QUEUE bounds
@@ -380,13 +381,6 @@ def _abandoned(seq: Sequence) -> BaseException:
     if seq.cancelled:
         return asyncio.CancelledError()
     return RequestTimeout(f"the request took over {seq.request.timeout:g} s (MIXSERVE_REQUEST_TIMEOUT); cancelled")
-
-
-def _tokenizer_ids(tokenizer, eos_ids) -> int:
-    """One past the highest id the tokenizer has: checkpoints pad their vocabulary past it (Qwen2.5: 151,936 rows
-    for 151,665 tokens), and such ids have no text, so they are never sampled. Ids may leave gaps (an EOS at 300
-    after 258 tokens): a count of tokens is not the bound."""
-    return 1 + max(len(tokenizer) - 1, *tokenizer.get_vocab().values(), *tokenizer.all_special_ids, *eos_ids)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
