@@ -148,9 +148,9 @@ def any_allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def fill_masks(constraints: list[Constraint], vocab: int) -> torch.Tensor:
     """The allowed next tokens of each constraint, [n, words] int32 (bit i of word w: token 32w+i), filled by
-    llguidance's threads at once. A row whose grammar fails is all zero (its matcher says why)."""
+    llguidance's threads at once. A row whose grammar fails allows nothing (its matcher says why)."""
     words = (max(vocab, *(c.vocab_size for c in constraints)) + 31) // 32
-    bitmask = torch.empty((len(constraints), words), dtype=torch.int32)
+    bitmask = torch.zeros((len(constraints), words), dtype=torch.int32)
     matchers = [(c.matcher, i) for i, c in enumerate(constraints)]
     constraints[0].executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), words * 4, len(constraints))
     return bitmask
@@ -258,7 +258,8 @@ class TokenTable:
         self.special_token_ids = special_token_ids
         self.eos_token_id = eos_token_id
         self.bos_token_id = None
-        self._ids = {token: i for i, token in enumerate(tokens) if i not in set(special_token_ids) and token}
+        special = set(special_token_ids)
+        self._ids = {token: i for i, token in enumerate(tokens) if i not in special and token}
         self._longest = max(map(len, self._ids), default=1)
 
     @classmethod
