@@ -214,11 +214,12 @@ def report_mask_costs(rows: int, steps: int, device: str) -> None:
     print(f"mask cost per step, {rows} rows constrained by the JSON schema, {QWEN_VOCAB} tokens (Qwen2.5), {device}")
     for name, values in times.items():
         print(f"  {name}: median {statistics.median(values) * 1e3:6.2f} ms, min {min(values) * 1e3:6.2f} ms")
-    c, d, fill, copy = (statistics.median(v) for v in times.values())
-    print(
-        f"batched / row by row: d/c = {d / c:5.2f}; (d) {(d - copy) * 1e3:.2f} ms per step, of which the fill"
-        f" {fill * 1e3:.2f} ms (target <= 1 ms)"
-    )
+    for name, pick in (("median", statistics.median), ("fastest", min)):  # fastest: least disturbed by others
+        c, d, fill, copy = (pick(v) for v in times.values())
+        print(
+            f"{name}: batched / row by row: d/c = {d / c:5.2f}; (d) {(d - copy) * 1e3:.2f} ms per step, of which the"
+            f" fill {fill * 1e3:.2f} ms (target <= 1 ms)"
+        )
 
 
 def main() -> None:

@@ -319,3 +319,26 @@ def test_an_unexpected_500_keeps_the_keep_alive_connection(setup, monkeypatch):
         assert connection.sock is sock, "the same connection"
     finally:
         connection.close()
+
+
+def test_masks_filled_by_llguidance_threads_equal_masks_filled_one_by_one():
+    """With 4 cores or more, llguidance's executor fills a step's masks in parallel; here it is asked for, and the
+    masks must be the same as the engine thread's own, row by row, at rows in different places of a schema."""
+    import llguidance
+
+    from server.engine.constraints import Grammars, GrammarSpec, allowed, fill_masks
+
+    tokenizer = tokenizer_kinds.build("byte-level")
+    grammars = Grammars(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))
+    one_by_one = grammars.compile(GrammarSpec.json_schema(ANSWER))
+    constraints = []
+    for steps in range(6):
+        constraint = one_by_one.constraint()
+        for _ in range(steps):
+            constraint.advance(int(allowed(fill_masks([constraint], len(tokenizer)), len(tokenizer))[0].nonzero()[-1]))
+        constraints.append(constraint)
+    alone = fill_masks(constraints, len(tokenizer))
+    for constraint in constraints:
+        constraint.executor = llguidance.LLExecutor(num_threads=2)
+    assert torch.equal(fill_masks(constraints, len(tokenizer)), alone)
+    assert len({tuple(row.tolist()) for row in alone}) > 1

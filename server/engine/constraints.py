@@ -95,10 +95,10 @@ class Grammar:
 class Constraint:
     """One sequence's position in its grammar."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, executor: llguidance.LLExecutor):
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, executor: llguidance.LLExecutor | None):
         self.matcher = matcher
         self.vocab_size = vocab_size  # llguidance's: the larger of the tokenizer's and the embedding's
-        self.executor = executor  # fills the masks of a batch's rows in parallel
+        self.executor = executor  # fills the masks of a batch's rows in parallel (None: in the calling thread)
 
     def advance(self, token: int) -> None:
         """Follows the sampled token; raises if the grammar does not allow it (the row fails, never others: the
@@ -148,11 +148,17 @@ def any_allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
 
 def fill_masks(constraints: list[Constraint], vocab: int) -> torch.Tensor:
     """The allowed next tokens of each constraint, [n, words] int32 (bit i of word w: token 32w+i), filled by
-    llguidance's threads at once. A row whose grammar fails allows nothing (its matcher says why)."""
+    llguidance's threads at once (or one after the other, without an executor). A row whose grammar fails allows
+    nothing (its matcher says why)."""
     words = (max(vocab, *(c.vocab_size for c in constraints)) + 31) // 32
     bitmask = torch.zeros((len(constraints), words), dtype=torch.int32)
-    matchers = [(c.matcher, i) for i, c in enumerate(constraints)]
-    constraints[0].executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), words * 4, len(constraints))
+    executor = constraints[0].executor
+    if executor is None:
+        for row, constraint in zip(bitmask, constraints, strict=True):
+            constraint.matcher.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+    else:
+        matchers = [(c.matcher, i) for i, c in enumerate(constraints)]
+        executor.unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), words * 4, len(constraints))
     return bitmask
 
 
@@ -189,9 +195,11 @@ class Grammars:
         self._cache: collections.OrderedDict[GrammarSpec, Grammar] = collections.OrderedDict()
         self._lock = threading.Lock()  # the cache's: `cached` is called on the event loop
         self._tokenizer_lock = threading.Lock()  # held while the vocabulary is read (seconds)
-        # llguidance's threads for the masks of a step's rows; half the cores (on 2 cores, one thread: waking a
-        # second costs more than its share of a 16-row, 152k-token fill, measured in bench.structured)
-        self._executor = llguidance.LLExecutor(num_threads=max(1, (os.cpu_count() or 2) // 2))
+        # llguidance's threads for the masks of a step's rows, half the cores; with fewer than 4 cores none: the
+        # engine's thread fills them, as handing a 16-row, 152k-token fill (0.2-0.5 ms) to another thread costs
+        # more on a busy machine (measured with bench.structured's masks on 2 cores)
+        threads = (os.cpu_count() or 1) // 2
+        self._executor = llguidance.LLExecutor(num_threads=threads) if threads > 1 else None
 
     def cached(self, spec: GrammarSpec) -> Grammar | None:
         with self._lock:
