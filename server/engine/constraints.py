@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 
 from server.engine.output import BYTE_TOKEN
@@ -162,25 +163,20 @@ def fill_masks(constraints: list[Constraint], vocab: int) -> torch.Tensor:
     return bitmask
 
 
-# byte -> its 8 bits, 1 where the token is forbidden (bit i of byte b: token 8b+i)
-_FORBIDDEN = torch.tensor([[not (byte >> i) & 1 for i in range(8)] for byte in range(256)], dtype=torch.bool)
-
-
 def apply_masks(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """logits [n, vocab] in place: -inf where bitmask [n, words] (on logits' device) has a 0 bit."""
-    logits.masked_fill_(forbidden(bitmask, logits.shape[-1]), -torch.inf)
-
-
-def forbidden(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """bitmask [n, words] int32 -> [n, vocab] bool, True where a token is forbidden, on bitmask's device: each byte
-    looked up in a table (little-endian words, as on x86 and ARM)."""
-    data = bitmask.contiguous().view(torch.uint8)  # [n, 4 * words]
-    return _FORBIDDEN.to(data.device)[data.long()].view(bitmask.shape[0], -1)[:, :vocab]
+    torch.where(allowed(bitmask, logits.shape[-1]), logits, logits.new_tensor(-torch.inf), out=logits)
 
 
 def allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """bitmask [n, words] int32 -> [n, vocab] bool, True where a token is allowed."""
-    return ~forbidden(bitmask, vocab)
+    """bitmask [n, words] int32 -> [n, vocab] bool, True where a token is allowed, on bitmask's device. Read as
+    bytes (little-endian, as on x86 and ARM): token 8b+i is bit i of byte b."""
+    data = bitmask.contiguous().view(torch.uint8)  # [n, 4 * words]
+    if data.device.type == "cpu":  # numpy's unpacking: 20 times torch's shifts and masks, measured at 16 x 152k
+        bits = np.unpackbits(data.numpy(), axis=1, count=vocab, bitorder="little")
+        return torch.from_numpy(bits.view(np.bool_))
+    bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=data.device)
+    return (data[:, :, None] & bits).ne(0).reshape(bitmask.shape[0], -1)[:, :vocab]
 
 
 class Grammars:
