@@ -27,6 +27,7 @@ import httpx
 from bench.common import (
     ADAPTERS,
     HEADER,
+    add_device_arguments,
     Result,
     build_bench_model,
     combinations,
@@ -119,6 +120,108 @@ def compile_times(model_dir: Path, tries: int) -> tuple[list[float], list[float]
     return new, cached
 
 
+QWEN_VOCAB = 151_936  # Qwen2.5's embedding rows (151,665 tokens)
+
+
+def qwen_sized_tokenizer(size: int = QWEN_VOCAB - 271, seed: int = 0):
+    """A byte-level BPE tokenizer of Qwen2.5's size: the 256 byte symbols and random words (mostly with a leading
+    space, as real vocabularies), no merges: llguidance reads only its tokens, which is what the mask costs."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    rng, letters = random.Random(seed), "abcdefghijklmnopqrstuvwxyz" * 2 + 'ABCDEFGHIJ0123456789{}[]":,_-. '
+    while len(vocab) < size:
+        word = "".join(rng.choice(letters) for _ in range(rng.randint(2, 9))).replace(" ", "Ġ")
+        vocab.setdefault(("Ġ" if rng.random() < 0.6 else "") + word, len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+
+
+def mask_costs(rows: int, steps: int, device: str) -> dict[str, list[float]]:
+    """Seconds per step to mask `rows` constrained rows (at different places of the JSON schema) over a Qwen-sized
+    vocabulary, side by side: (c) as before this change, a mask per row then bits unpacked; (d) mask_constrained:
+    llguidance's threads fill every row's mask at once, applied in one pass."""
+    import random
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.common import synchronize
+    from server.engine.constraints import Grammars, GrammarSpec, fill_masks, mask_constrained
+
+    tokenizer = qwen_sized_tokenizer()
+    grammars = Grammars(tokenizer, QWEN_VOCAB, frozenset({tokenizer.eos_token_id}))
+    grammar = grammars.compile(GrammarSpec.json_schema(SCHEMA))
+    rng, seqs = random.Random(1), []
+    for i in range(rows):  # each row some tokens into the schema, walked by random allowed tokens
+        constraint = grammar.constraint()
+        for _ in range(i % 12):
+            (choices,) = mask_constrained([SimpleNamespace(constraint=constraint)], torch.zeros(1, QWEN_VOCAB)).values()
+            ids = torch.isfinite(choices[0]).nonzero().flatten().tolist()
+            constraint.advance(rng.choice(ids))
+        seqs.append(SimpleNamespace(constraint=constraint))
+    logits = torch.randn(rows, QWEN_VOCAB, device=device)
+
+    bits = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=device)
+
+    def before() -> None:  # the code this replaced, as it was
+        words = (QWEN_VOCAB + 31) // 32
+        bitmask = torch.full((rows, words), -1, dtype=torch.int32)
+        for i, seq in enumerate(seqs):
+            row = bitmask[i]
+            seq.constraint.matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+        masked = logits[list(range(rows))]
+        data = bitmask.to(device).view(torch.uint8)
+        allowed = (data[:, :, None] & bits).ne(0).reshape(rows, -1)[:, :QWEN_VOCAB]
+        masked.masked_fill_(~allowed, -torch.inf)
+        synchronize(device)
+
+    def after() -> None:
+        mask_constrained(seqs, logits.clone())  # in place: on a copy, as the step's logits are fresh each step
+        synchronize(device)
+
+    def fill() -> None:
+        fill_masks([seq.constraint for seq in seqs], QWEN_VOCAB)
+
+    def copy() -> None:
+        logits.clone()
+        synchronize(device)
+
+    times: dict[str, list[float]] = {
+        "(c) row by row, as before": [],
+        "(d) batched fill, applied in place": [],
+        "    of which llguidance's fill": [],
+        "    and the copy of the logits (not in a step)": [],
+    }
+    for step in range(steps + 2):  # interleaved; the first two are warm-up
+        for name, run in zip(times, (before, after, fill, copy), strict=True):
+            started = time.perf_counter()
+            run()
+            if step >= 2:
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
+def report_mask_costs(rows: int, steps: int, device: str) -> None:
+    times = mask_costs(rows, steps, device)
+    print(f"mask cost per step, {rows} rows constrained by the JSON schema, {QWEN_VOCAB} tokens (Qwen2.5), {device}")
+    for name, values in times.items():
+        print(f"  {name}: median {statistics.median(values) * 1e3:6.2f} ms, min {min(values) * 1e3:6.2f} ms")
+    for name, pick in (("median", statistics.median), ("fastest", min)):  # fastest: least disturbed by others
+        c, d, fill, copy = (pick(v) for v in times.values())
+        print(
+            f"{name}: batched / row by row: d/c = {d / c:5.2f}; (d) {(d - copy) * 1e3:.2f} ms per step, of which the"
+            f" fill {fill * 1e3:.2f} ms (target <= 1 ms)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=96)
@@ -127,9 +230,17 @@ def main() -> None:
     parser.add_argument("--ttft-tries", type=int, default=10)
     parser.add_argument("--workdir", type=Path, help="keep the bench model here (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="a small model and load: checks that it runs")
+    parser.add_argument("--masks-only", action="store_true", help="only the mask cost per step (no server)")
+    parser.add_argument("--mask-rows", type=int, default=16)
+    parser.add_argument("--mask-steps", type=int, default=30)
+    add_device_arguments(parser)  # where the masks are applied (the logits' device)
     args = parser.parse_args()
+    if args.masks_only:
+        print(describe_run())
+        report_mask_costs(args.mask_rows, args.mask_steps, args.device)
+        return
     if args.quick:
-        args.requests, args.rounds, args.new_tokens, args.ttft_tries = CLIENTS, 1, 8, 2
+        args.requests, args.rounds, args.new_tokens, args.ttft_tries, args.mask_steps = CLIENTS, 1, 8, 2, 2
 
     print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,6 +286,8 @@ def main() -> None:
         )
         compiled, found = compile_times(model_dir, args.ttft_tries)
         print(f"compiling the schema alone, in-process: new {ms(compiled)}, cached {ms(found)}")
+    print()
+    report_mask_costs(args.mask_rows, args.mask_steps, args.device)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,13 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
+def tokenizer_ids(tokenizer, eos_ids=()) -> int:
+    """One past the highest id the tokenizer has: checkpoints pad their vocabulary past it (Qwen2.5: 151,936 rows
+    for 151,665 tokens), and such ids have no text, so they are never sampled. Ids may leave gaps (an EOS at 300
+    after 258 tokens): a count of tokens is not the bound."""
+    return 1 + max(len(tokenizer) - 1, *tokenizer.get_vocab().values(), *tokenizer.all_special_ids, *eos_ids)
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Prompt ids as the tokenizer frames them (BOS where it adds one), without a trailing EOS (ByT5 adds one)."""
     ids = tokenizer.encode(text, add_special_tokens=True)

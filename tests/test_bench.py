@@ -24,7 +24,7 @@ BENCHMARKS = {
     "adapter_load": ["cold load, POST .../load", "host-tier reload", "gap ratio p99 loading / quiet ="],
     "mixed_decode": ["(a) mixed types", "(a) LoRA only", "ideal"],
     "prompt_scoring": ["(b) scoring pass with top-5", "b/a =", "d/c ="],
-    "structured": ["(a) half rows JSON schema", "a/b =", "new schema (compiled)", "(cached)"],
+    "structured": ["(a) half rows JSON schema", "a/b =", "new schema (compiled)", "(cached)", "d/c ="],
     "kv_cache": [
         "one block per running row",
         "new/old",

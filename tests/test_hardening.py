@@ -642,11 +642,11 @@ def test_the_ids_a_tokenizer_has_may_leave_gaps():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from server.engine.engine import _tokenizer_ids
+    from server.model import tokenizer_ids
 
     vocab = {"<pad>": 0, "<unk>": 1, **{chr(97 + i): i + 2 for i in range(20)}, "</s>": 300}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), eos_token="</s>", pad_token="<pad>"
     )
-    assert len(tokenizer) == 23 and _tokenizer_ids(tokenizer, {300}) == 301
-    assert _tokenizer_ids(tokenizer, {400}) == 401  # the model's EOS, whatever the tokenizer says
+    assert len(tokenizer) == 23 and tokenizer_ids(tokenizer, {300}) == 301
+    assert tokenizer_ids(tokenizer, {400}) == 401  # the model's EOS, whatever the tokenizer says

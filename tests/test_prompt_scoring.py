@@ -28,13 +28,16 @@ def completion(server, **body) -> httpx.Response:
 
 
 def expected_rows(llama, tokenizer, names: list[str], ids: list[int], k: int) -> tuple[list, list]:
-    """The reference's logprob of each prompt token and its top-k by text, with the token itself (as the server's)."""
+    """The reference's logprob of each prompt token and its top-k by text, with the token itself (as the server's:
+    where two texts coincide, the larger logprob)."""
     logprobs = torch.log_softmax(reference_logits(llama.model_dir, llama.store, names, ids)[:-1], dim=-1)
     taken, tops = [None], [None]
     for position, token in enumerate(ids[1:]):
         values, top = logprobs[position].topk(k)
-        row = {tokenizer.decode([t]): v for t, v in zip(top.tolist(), values.tolist(), strict=True)}
-        row.setdefault(tokenizer.decode([token]), float(logprobs[position, token]))
+        row = {}
+        for text, value in [*zip(map(tokenizer.decode, ([t] for t in top.tolist())), values.tolist()),
+                            (tokenizer.decode([token]), float(logprobs[position, token]))]:
+            row[text] = max(value, row.get(text, -float("inf")))
         taken.append(float(logprobs[position, token]))
         tops.append(row)
     return taken, tops

@@ -9,6 +9,7 @@ are bounded (enums, small integers), so that a constrained call always ends well
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -361,3 +362,35 @@ def test_constrained_calls_stream_their_arguments_as_written(fmt, text):
         assert content == "" and [(c["name"], c["arguments"]) for c in calls] == [("f", F_ARGUMENTS), ("g", "{}")]
         if size == 1:
             assert sum(1 for p in pieces if type(p).__name__ == "CallArguments") > len(F_ARGUMENTS) // 2
+
+
+def test_an_auto_call_whose_arguments_break_the_schema_stays_content():
+    """`auto` reads calls from free text: a call of a listed function whose arguments its parameters schema refuses
+    is text, as a call of an unknown function is; a valid one is a call."""
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris"]}}, "required": ["city"]}
+    reader = CallReader("hermes", ["f"], schemas={"f": schema})
+    bad = '<tool_call>{"name": "f", "arguments": {"city": "Rome"}}</tool_call>'
+    good = '<tool_call>{"name": "f", "arguments": {"city": "Paris"}}</tool_call>'
+    content, calls = assemble(reader.feed(bad + " " + good) + reader.finish())
+    assert content == bad + " " and [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        ("f", {"city": "Paris"})
+    ]
+
+
+def test_mistral_calls_are_read_from_their_array_with_or_without_the_marker():
+    """Mistral writes `[TOOL_CALLS] [{"name": ..., "arguments": ...}, ...]`; [TOOL_CALLS] is a special token, so
+    the text holds only the array. Both readers, in pieces of any size; ids as its templates take them."""
+    text = f' [{{"name": "f", "arguments": {F_ARGUMENTS}}}, {{"name": "g", "arguments": {{}}}}]'
+    for reader_of in (lambda: CallReader("mistral", ["f", "g"]), lambda: ConstrainedCallReader("mistral")):
+        for size in (len(text), 1, 4):
+            reader, pieces = reader_of(), []
+            for at in range(0, len(text), size):
+                pieces += reader.feed(text[at : at + size])
+            content, calls = assemble(pieces + reader.finish())
+            assert content == "" and [(c["name"], c["arguments"]) for c in calls] == [("f", F_ARGUMENTS), ("g", "{}")]
+            assert all(re.fullmatch("[0-9a-f]{9}", c["id"]) for c in calls)
+    marked = CallReader("mistral", ["f"])
+    assert assemble(marked.feed('[TOOL_CALLS] [{"name": "f", "arguments": {}}]') + marked.finish())[1]
+    for plain in ("[1, 2]", "hello [x]", '[{"name": "h", "arguments": {}}]'):
+        reader = CallReader("mistral", ["f"])
+        assert assemble(reader.feed(plain) + reader.finish()) == (plain, [])

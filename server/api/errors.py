@@ -1,6 +1,7 @@
 """Error responses, built in this one place: TGI's `{"error", "error_type"}` body on the native routes, OpenAI's
 `{"error": {"message", "type", "param", "code"}}` under /v1/. Also the handlers that turn exceptions into them and
-the error tables the routers document in the OpenAPI schema."""
+the error tables the routers document in the OpenAPI schema. Unexpected errors are answered by
+middleware.RequestContext."""
 
 from __future__ import annotations
 
@@ -63,10 +64,3 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(request.url.path, exc.status_code, str(exc.detail), "http")
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception(
-            "request %s: %s %s failed", getattr(request.state, "request_id", "-"), request.method, request.url.path
-        )
-        return error_response(request.url.path, 500, f"internal error: {type(exc).__name__}", "internal")

@@ -50,7 +50,9 @@ async def drain(app: FastAPI, seconds: float) -> None:
 
 class RequestContext:
     """Gives every request an id (the client's x-request-id, or a new one), echoes it with the replica and the total
-    time, counts the request by route and status, and while draining turns new requests away (503)."""
+    time, counts the request by route and status, and while draining turns new requests away (503). Answers an
+    unexpected error with a 500 itself: Starlette's handler of last resort re-raises, and uvicorn then closes the
+    keep-alive connection."""
 
     def __init__(self, app):
         self.app = app
@@ -65,10 +67,12 @@ class RequestContext:
         app_state = scope["app"].state
         counted = scope["path"] not in UNCOUNTED
 
+        started_response = False
+
         async def send_with_headers(message):
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = request_id
                 headers["x-replica"] = app_state.replica
@@ -83,6 +87,12 @@ class RequestContext:
             app_state.traffic.in_flight += 1
         try:
             await self.app(scope, receive, send_with_headers)
+        except Exception as exc:  # unexpected: a 500 in the routes' shape, the connection kept for the next request
+            if started_response:  # a body cut short: only closing the connection tells the client
+                raise
+            log.exception("request %s: %s %s failed", request_id, scope["method"], scope["path"])
+            response = error_response(scope["path"], 500, f"internal error: {type(exc).__name__}", "internal")
+            await response(scope, receive, send_with_headers)
         finally:
             if counted:
                 app_state.traffic.in_flight -= 1

@@ -38,6 +38,7 @@ from server.api.serving import (
 from server.api.structured import compile_grammar
 from server.api.tokenizer import PromptTokenizeRequest, PromptTokenizeResponse, tokenize_prompt
 from server.auth import Tenant
+from server.engine.output import pieces
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest, RequestHandle, Sequence
 from server.errors import AdapterNotFound, MixserveError
@@ -198,8 +199,18 @@ def _text(body: GenerateRequest, seq: Sequence) -> str:
     return body.inputs + seq.text if body.parameters.return_full_text else seq.text
 
 
-def _token(tokenizer, token: int, logprob: float) -> Token:
-    return Token(id=token, text=tokenizer.decode([token]), logprob=logprob, special=token in tokenizer.all_special_ids)
+def _token(tokenizer, token: int, logprob: float, text: str | None = None) -> Token:
+    """text: what the token added to the answer (None for an alternative: decoded alone). As in TGI, a special
+    token shows its own text, flagged `special`; the texts of the others add up to the answer."""
+    special = token in tokenizer.all_special_ids
+    if special or text is None:
+        text = tokenizer.decode([token])
+    return Token(id=token, text=text, logprob=logprob, special=special)
+
+
+def _prompt_texts(tokenizer, seq: Sequence) -> list[str]:
+    """What each prompt token adds to the prompt's text, when its logprobs were asked."""
+    return pieces(tokenizer, seq.request.prompt_ids) if seq.prompt_logprobs else []
 
 
 def _response(body: GenerateRequest, seq: Sequence, tokenizer) -> GenerateResponse:
@@ -212,10 +223,10 @@ def _response(body: GenerateRequest, seq: Sequence, tokenizer) -> GenerateRespon
         prompt_tokens=len(prompt),
         seed=seq.chooser.seed,
         prefill=[
-            InputToken(id=t, text=tokenizer.decode([t]), logprob=lp)
-            for t, lp in zip(prompt, seq.prompt_logprobs or [], strict=False)
+            InputToken(id=t, text=text, logprob=lp)
+            for t, text, lp in zip(prompt, _prompt_texts(tokenizer, seq), seq.prompt_logprobs or [], strict=False)
         ],
-        tokens=[_token(tokenizer, t, lp) for t, lp in zip(seq.tokens, seq.logprobs, strict=True)],
+        tokens=[_token(tokenizer, *token) for token in zip(seq.tokens, seq.logprobs, seq.texts, strict=True)],
         top_tokens=[[_token(tokenizer, t, lp) for t, lp in alts] for alts in seq.alternatives]
         if seq.request.params.top_logprobs
         else None,
@@ -241,7 +252,7 @@ async def _events(handle: RequestHandle, body: GenerateRequest, tokenizer) -> As
         top = seq.alternatives[event.index] if seq.request.params.top_logprobs else None
         chunk = StreamResponse(
             index=event.index,
-            token=_token(tokenizer, event.token, event.logprob),
+            token=_token(tokenizer, event.token, event.logprob, event.text),
             top_tokens=[_token(tokenizer, t, lp) for t, lp in top] if top is not None else None,
             generated_text=text,
             details=details,

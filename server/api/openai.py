@@ -16,6 +16,7 @@ defaults to 1 (sampling) and 0 means greedy, max_tokens defaults to 16 for compl
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -62,9 +63,9 @@ from server.api.serving import (
 )
 from server.api.structured import compile_grammar
 from server.engine.constraints import Grammar, GrammarSpec
-from server.engine.output import GeneratedText, without_stop
+from server.engine.output import pieces, shown, without_stop
 from server.engine.sampling import SamplingParams
-from server.engine.sequence import GenerationRequest, Sequence
+from server.engine.sequence import GenerationRequest, Sequence, TokenEvent
 from server.errors import ValidationError
 from server.model import encode_prompt
 from server.state import ServerState
@@ -116,7 +117,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     alternatives = (body.top_logprobs or 0) if body.logprobs else 0
     sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, alternatives, False)
     fmt = tools.call_format(state.tokenizer)
-    grammar = await compile_grammar(state, _chat_grammar(body, fmt))
+    grammar = await compile_grammar(state, _chat_grammar(body, fmt, state.tokenizer))
     gen = _request(state, ids, adapters, sampling, request, 0, grammar)
     handle = state.engine.submit(gen)
     reply = _Chat(body, state.tokenizer, f"chatcmpl-{uuid.uuid4().hex}", fmt)
@@ -169,12 +170,14 @@ def _chat_prompt(tokenizer, body: ChatCompletionRequest) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _chat_grammar(body: ChatCompletionRequest, fmt: str) -> GrammarSpec | None:
+def _chat_grammar(body: ChatCompletionRequest, fmt: str, tokenizer) -> GrammarSpec | None:
     """A required or named tool call's grammar, or the request's own constraint."""
+    marker = tools.calls_marker(tokenizer) if fmt == tools.MISTRAL else ""
     if body.tool_mode == "required":
-        return tools.required_grammar(body.tools, [t.function.name for t in body.tools], body.parallel_calls, fmt)
+        names = [t.function.name for t in body.tools]
+        return tools.required_grammar(body.tools, names, body.parallel_calls, fmt, marker)
     if body.tool_mode == "named":
-        return tools.required_grammar(body.tools, [body.tool_choice.function.name], False, fmt)
+        return tools.required_grammar(body.tools, [body.tool_choice.function.name], False, fmt, marker)
     return body.grammar_spec()
 
 
@@ -194,6 +197,7 @@ def _sampling(body, max_tokens: int | None, alternatives: int, prompt_logprobs: 
         stop=tuple(body.stop_list),
         top_logprobs=alternatives,
         prompt_logprobs=prompt_logprobs,
+        processed_logprobs=body.logprobs_mode == "processed_logprobs",
     )
 
 
@@ -215,16 +219,14 @@ class _Text:
 
     def __init__(self, seq: Sequence):
         self.seq = seq
-        self.generated = GeneratedText(seq.tokenizer, seq.request.params.stop)
+        self.text = ""  # the tokens' texts so far
         self.sent = 0
 
-    def delta(self, token: int, final: bool) -> str:
-        """The text that token adds (events come one per token, in order)."""
-        if final:
-            text = without_stop(self.seq.text, self.seq.stop_sequence)
-        else:
-            self.generated.add(token)
-            text = self.generated.shown()
+    def delta(self, event: TokenEvent) -> str:
+        """The text that event's token adds (events come one per token, in order)."""
+        self.text += event.text
+        stop = self.seq.stop_sequence if event.final else None
+        text = shown(self.text, () if event.final else self.seq.request.params.stop, stop)
         delta = text[self.sent :]
         self.sent = len(text)
         return delta
@@ -255,16 +257,17 @@ class _Completions:
         if self.body.logprobs is None:
             return None
         decode = self.tokenizer.decode
-        ids, lps = list(seq.tokens), list(seq.logprobs)
-        alts = [_top(decode, *row) for row in zip(seq.alternatives, ids, lps, strict=True)]
+        lps, tokens = list(seq.logprobs), list(seq.texts)
+        alts = [_top(decode, *row) for row in zip(seq.alternatives, tokens, lps, strict=True)]
         if self.body.echo:
-            prompt = seq.request.prompt_ids
+            prompt, prompt_texts = seq.request.prompt_ids, pieces(self.tokenizer, seq.request.prompt_ids)
             tops = [None] * len(prompt)  # none at the first token: nothing comes before it
             if seq.prompt_alternatives:
-                scored = zip(seq.prompt_alternatives[1:], prompt[1:], seq.prompt_logprobs[1:], strict=True)
+                scored = zip(seq.prompt_alternatives[1:], prompt_texts[1:], seq.prompt_logprobs[1:], strict=True)
                 tops[1:] = [_top(decode, *row) for row in scored]
-            ids, lps, alts = prompt + ids, list(seq.prompt_logprobs or [None] * len(prompt)) + lps, tops + alts
-        tokens, offsets, at = [decode([t]) for t in ids], [], 0 if self.body.echo else echo_length
+            lps = list(seq.prompt_logprobs or [None] * len(prompt)) + lps
+            alts, tokens = tops + alts, prompt_texts + tokens
+        offsets, at = [], 0 if self.body.echo else echo_length
         for token in tokens:
             offsets.append(at)
             at += len(token)
@@ -280,12 +283,12 @@ class _Completions:
                 yield self._chunk(CompletionChoice(index=index, text=self._echo(seq)))
         async for index, event in _merge(handles):
             seq = seqs[index]
-            delta = texts[index].delta(event.token, event.final)
+            delta = texts[index].delta(event)
             logprobs = None
             if self.body.logprobs is not None:
-                alts = _top(self.tokenizer.decode, seq.alternatives[event.index], event.token, event.logprob)
+                alts = _top(self.tokenizer.decode, seq.alternatives[event.index], event.text, event.logprob)
                 logprobs = CompletionLogprobs(
-                    tokens=[self.tokenizer.decode([event.token])],
+                    tokens=[event.text],
                     token_logprobs=[event.logprob],
                     top_logprobs=[alts] if self.body.logprobs else None,
                     text_offset=[texts[index].sent - len(delta)],
@@ -319,10 +322,12 @@ class _Chat:
         if self.body.tool_mode == "none":
             return None
         names = [t.function.name for t in self.body.tools]
-        return tools.CallReader(self.call_format, names, self.body.parallel_calls)
+        schemas = {t.function.name: t.function.parameters or {"type": "object"} for t in self.body.tools}
+        return tools.CallReader(self.call_format, names, self.body.parallel_calls, schemas)
 
-    def _token(self, token: int, logprob: float) -> TopLogprob:
-        text = self.tokenizer.decode([token])
+    def _token(self, token: int, logprob: float, text: str | None = None) -> TopLogprob:
+        """text: what the token added to the answer (None for an alternative: decoded alone)."""
+        text = self.tokenizer.decode([token]) if text is None else text
         return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
 
     def _logprobs(self, seq: Sequence, indices) -> ChatLogprobs | None:
@@ -331,7 +336,7 @@ class _Chat:
         return ChatLogprobs(
             content=[
                 TokenLogprob(
-                    **self._token(seq.tokens[i], seq.logprobs[i]).model_dump(),
+                    **self._token(seq.tokens[i], seq.logprobs[i], seq.texts[i]).model_dump(),
                     top_logprobs=[self._token(t, lp) for t, lp in seq.alternatives[i]],
                 )
                 for i in indices
@@ -363,7 +368,7 @@ class _Chat:
         seq, text, reader, calls = handle.seq, _Text(handle.seq), self._reader(), 0
         yield self._chunk(ChatChunkChoice(index=0, delta=Delta(role="assistant", content="")))
         async for _, event in _merge([handle]):
-            delta = text.delta(event.token, event.final)
+            delta = text.delta(event)
             pieces = [delta] if reader is None and delta else []
             if reader is not None:
                 pieces = reader.feed(delta) + (reader.finish() if event.final else [])
@@ -394,11 +399,14 @@ class _Chat:
         return chunk.model_dump_json()
 
 
-def _top(decode, alternatives: list[tuple[int, float]], token: int, logprob: float) -> dict[str, float]:
-    """A position's top logprobs by text, with the token there when it is not among them (as OpenAI's completions
-    did; lm_eval reads a continuation as greedy when each token's logprob is the maximum here)."""
-    top = {decode([t]): lp for t, lp in alternatives}
-    top.setdefault(decode([token]), logprob)
+def _top(decode, alternatives: list[tuple[int, float]], text: str, logprob: float) -> dict[str, float]:
+    """A position's top logprobs by text, with the token there under its text in `tokens` (what it adds to the
+    answer) when it is not among them, as OpenAI's completions did. Where texts coincide the largest logprob stays:
+    lm_eval reads a continuation as greedy when each token's logprob is the maximum here, which then still means
+    that no other token was likelier."""
+    top: dict[str, float] = {}
+    for key, lp in [*((decode([t]), lp) for t, lp in alternatives), (text, logprob)]:
+        top[key] = max(lp, top.get(key, -math.inf))
     return top
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.engine.constraints import Grammar, GrammarError, GrammarSpec
+from server.engine.constraints import Grammar, GrammarError, GrammarSpec, TokenizerUnsupported
 from server.errors import ValidationError
 
 
@@ -85,6 +85,11 @@ class GuidedFields(BaseModel):
     guided_choice: list[str] | None = Field(None, description="vLLM: the output is one of these strings")
     guided_grammar: str | None = Field(None, description="vLLM: a Lark grammar")
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM: json, regex, choice or grammar")
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = Field(
+        "raw_logprobs",
+        description="vLLM's: logprobs of the model's own distribution (raw), or, for a constrained request, of the"
+        " distribution its constraint leaves (processed: the allowed tokens' renormalised)",
+    )
 
     @model_validator(mode="after")
     def _one_constraint(self):
@@ -156,5 +161,7 @@ async def compile_grammar(state, spec: GrammarSpec | None) -> Grammar | None:
     grammars = state.grammars
     try:
         return grammars.cached(spec) or await asyncio.to_thread(grammars.compile, spec)
+    except TokenizerUnsupported as exc:
+        raise ValidationError(str(exc)) from exc
     except GrammarError as exc:
         raise ValidationError(f"the output constraint ({spec.kind}) does not compile: {exc}") from exc

@@ -2,10 +2,12 @@
 named call, and the calls read back from the generated text.
 
 The format of a call is the chat template's: Hermes/Qwen's `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
-(also this server's plain default, for a tokenizer without a template) or Llama 3's bare JSON
-`{"name": ..., "parameters": {...}}` (several separated by `;`), chosen by what the template holds. A required or
+(also this server's plain default, for a tokenizer without a template), Llama 3's bare JSON
+`{"name": ..., "parameters": {...}}` (several separated by `;`) or Mistral's `[TOOL_CALLS] [{"name": ...,
+"arguments": {...}}, ...]`, chosen by what the template holds. A required or
 named call is constrained to that format with the listed functions' parameter schemas; with `auto` the text is read
-as it comes and what is not a valid call of a listed function stays content.
+as it comes and what is not a valid call of a listed function (its arguments valid against the function's parameters
+schema) stays content.
 """
 
 from __future__ import annotations
@@ -15,23 +17,42 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+import jsonschema
+
 from server.engine.constraints import JSON_OPTIONS, GrammarSpec
 
-HERMES, LLAMA3 = "hermes", "llama3"
+HERMES, LLAMA3, MISTRAL = "hermes", "llama3", "mistral"
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+MISTRAL_CALLS = "[TOOL_CALLS]"
 
 
 def call_format(tokenizer) -> str:
-    """The template's way of writing a call: Llama 3's JSON where the template speaks of ipython/python_tag,
-    else Hermes/Qwen tags."""
+    """The template's way of writing a call: Mistral's `[TOOL_CALLS] [...]` where the template writes that token,
+    Llama 3's JSON where it speaks of ipython/python_tag, else Hermes/Qwen tags."""
     template = getattr(tokenizer, "chat_template", None) or ""
     if isinstance(template, dict):
         template = " ".join(template.values())
+    if MISTRAL_CALLS in template:
+        return MISTRAL
     return LLAMA3 if ("<|python_tag|>" in template or "ipython" in template) else HERMES
 
 
 def arguments_key(fmt: str) -> str:
     return "parameters" if fmt == LLAMA3 else "arguments"
+
+
+def calls_marker(tokenizer) -> str:
+    """How a grammar writes Mistral's `[TOOL_CALLS]`: its special token by id (a special token has no text), its
+    text where it is an ordinary token, nothing where the tokenizer lacks it."""
+    token = tokenizer.convert_tokens_to_ids(MISTRAL_CALLS)
+    if token is None or token == tokenizer.unk_token_id:
+        return ""
+    return f"<[{token}]>" if token in tokenizer.all_special_ids else json.dumps(MISTRAL_CALLS)
+
+
+def _call_id(fmt: str) -> str:
+    """Mistral's templates take ids of 9 letters and digits only."""
+    return uuid.uuid4().hex[:9] if fmt == MISTRAL else f"call_{uuid.uuid4().hex[:24]}"
 
 
 def template_messages(messages) -> list[dict]:
@@ -76,9 +97,9 @@ def _arguments_object(arguments: str):
         return arguments
 
 
-def required_grammar(tools, names: list[str], parallel: bool, fmt: str) -> GrammarSpec:
+def required_grammar(tools, names: list[str], parallel: bool, fmt: str, marker: str = "") -> GrammarSpec:
     """A Lark grammar (llguidance's, with %json) of one call (or several, if parallel) of the named functions, each
-    with arguments valid against its parameters schema."""
+    with arguments valid against its parameters schema. marker: Mistral's `[TOOL_CALLS]` (calls_marker)."""
     key = arguments_key(fmt)
     schemas = [
         {
@@ -94,6 +115,10 @@ def required_grammar(tools, names: list[str], parallel: bool, fmt: str) -> Gramm
     body = {**body, "x-guidance": JSON_OPTIONS}
     if fmt == LLAMA3:
         rules = ["call: %json " + json.dumps(body), 'start: call ("; " call)*' if parallel else "start: call"]
+    elif fmt == MISTRAL:
+        opening = f'{marker} " ["' if marker else '"["'
+        more = '(", " call)* ' if parallel else ""
+        rules = ["call: %json " + json.dumps(body), f'start: {opening} call {more}"]"']
     else:
         rules = [
             f"call: {json.dumps(OPEN + chr(10))} %json {json.dumps(body)} {json.dumps(chr(10) + CLOSE)}",
@@ -108,7 +133,7 @@ class CallStart:
 
     index: int
     name: str
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    id: str = field(default_factory=lambda: _call_id(HERMES))
 
 
 @dataclass
@@ -140,8 +165,10 @@ class CallReader:
     dropped when there were calls. Both the streamed and the plain answer read text through this, so they
     agree."""
 
-    def __init__(self, fmt: str, names: list[str], parallel: bool = True):
+    def __init__(self, fmt: str, names: list[str], parallel: bool = True, schemas: dict[str, dict] | None = None):
+        """schemas: each function's parameters schema; a call whose arguments it refuses is no call (content)."""
         self.fmt, self.names, self.parallel = fmt, set(names), parallel
+        self._validators = {name: _validator(schema) for name, schema in (schemas or {}).items()}
         self.calls = 0
         self._pending = ""
         self._held = ""  # whitespace-only content not yet sent
@@ -161,8 +188,8 @@ class CallReader:
 
     def _read(self, final: bool) -> list[Piece]:
         out: list[Piece] = []
-        if self.fmt == LLAMA3:
-            self._read_llama3(out, final)
+        if self.fmt in (LLAMA3, MISTRAL):
+            self._read_bare_json(out, final)
         else:
             self._read_hermes(out, final)
         return out
@@ -190,19 +217,21 @@ class CallReader:
             else:
                 out.extend(call)
 
-    def _read_llama3(self, out: list, final: bool) -> None:
+    def _read_bare_json(self, out: list, final: bool) -> None:
+        """Llama 3: the answer is calls when it is JSON objects (separated by ';'); Mistral: when it is a JSON
+        array of them (after `[TOOL_CALLS]`, which as a special token has no text)."""
         if self._bare_json is None:
             stripped = self._pending.lstrip()
             if not stripped and not final:
                 return
-            self._bare_json = stripped.startswith("{")
+            self._bare_json = stripped.startswith("[" if self.fmt == MISTRAL else "{")
         if not self._bare_json:
             self._content(out, self._pending)
             self._pending = ""
             return
         if not final:
             return
-        calls = self._calls(_objects(self._pending))
+        calls = self._calls(_array(self._pending) if self.fmt == MISTRAL else _objects(self._pending))
         if calls is None:
             self._content(out, self._pending)
         else:
@@ -220,8 +249,11 @@ class CallReader:
             arguments = members.get("arguments", members.get("parameters"))
             if arguments is None or not isinstance(arguments[0], dict):
                 return None
+            validator = self._validators.get(name)
+            if validator is not None and not _valid(validator, arguments[0]):
+                return None
             index = self.calls + len(pieces) // 2
-            pieces += [CallStart(index, members["name"][0]), CallArguments(index, arguments[1])]
+            pieces += [CallStart(index, members["name"][0], _call_id(self.fmt)), CallArguments(index, arguments[1])]
         if not pieces or (not self.parallel and self.calls + len(pieces) // 2 > 1):
             return None
         self.calls += len(pieces) // 2
@@ -245,9 +277,14 @@ class ConstrainedCallReader:
 
     def __init__(self, fmt: str):
         key = arguments_key(fmt)
-        opening = re.escape(OPEN + "\n") if fmt == HERMES else ""
-        separator = "\n" if fmt == HERMES else "; "
-        self._start = re.compile(f'(?:{separator})?{opening}\\{{"name": "([^"]*)", "{key}": ')
+        self.fmt = fmt
+        if fmt == MISTRAL:  # [TOOL_CALLS] [{...}, {...}]: the marker (a special token, no text) and '[' first
+            before = f"(?:, |\\s*(?:{re.escape(MISTRAL_CALLS)})?\\s*\\[)"
+        else:
+            opening = re.escape(OPEN + "\n") if fmt == HERMES else ""
+            separator = "\n" if fmt == HERMES else "; "
+            before = f"(?:{separator})?{opening}"
+        self._start = re.compile(before + f'\\{{"name": "([^"]*)", "{key}": ')
         self._end = re.compile(re.escape("}\n" + CLOSE) if fmt == HERMES else re.escape("}"))
         self.calls = 0
         self._pending = ""
@@ -272,12 +309,29 @@ class ConstrainedCallReader:
             start = self._start.match(self._pending)
             if start is None:
                 return out
-            out.append(CallStart(self.calls, start.group(1)))
+            out.append(CallStart(self.calls, start.group(1), _call_id(self.fmt)))
             self.calls += 1
             self._pending, self._arguments = self._pending[start.end() :], ""
 
     def finish(self) -> list[Piece]:
         return []  # what is left is the end of the last call, or of a call cut short
+
+
+def _validator(schema: dict):
+    """A JSON schema validator for a function's parameters (None: a schema jsonschema cannot read; not checked)."""
+    try:
+        validator = jsonschema.validators.validator_for(schema)
+        validator.check_schema(schema)
+        return validator(schema)
+    except jsonschema.SchemaError:
+        return None
+
+
+def _valid(validator, value) -> bool:
+    try:
+        return validator.is_valid(value)
+    except Exception:  # noqa: BLE001 - a schema jsonschema fails on (an unresolvable $ref, say): not a valid call
+        return False
 
 
 def _members(text: str) -> dict[str, tuple[object, str]] | None:
@@ -294,6 +348,24 @@ def _objects(text: str) -> list[dict[str, tuple[object, str]] | None]:
             at += 1
         if at == len(text):
             return objects
+        members, at = _object_members(text, at)
+        if members is None:
+            return [None]
+        objects.append(members)
+
+
+def _array(text: str) -> list[dict[str, tuple[object, str]] | None]:
+    """The JSON objects of a JSON array (Mistral's calls, after an optional `[TOOL_CALLS]`); [None] unless text is
+    exactly one array of objects."""
+    text = text.strip().removeprefix(MISTRAL_CALLS).strip()
+    if not text.startswith("[") or not text.endswith("]"):
+        return [None]
+    objects, at = [], 1
+    while True:
+        while at < len(text) and (text[at].isspace() or (objects and text[at] == ",")):
+            at += 1
+        if at == len(text) - 1:
+            return objects or [None]
         members, at = _object_members(text, at)
         if members is None:
             return [None]

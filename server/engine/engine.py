@@ -28,6 +28,7 @@ from server.engine.sampling import TokenChooser, sample
 from server.engine.scheduler import Scheduler
 from server.engine.sequence import EventOutbox, GenerationRequest, RequestHandle, Sequence
 from server.errors import MixserveError, Overloaded, RequestTimeout, ShuttingDown
+from server.model import tokenizer_ids
 
 log = logging.getLogger(__name__)
 IDLE_POLL_SECONDS = 0.05  # with nothing running: how often waiting requests look at loads again
@@ -85,7 +86,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch_size, max_batch_tokens)
         self.max_queue = max_queue
         self.eos_ids = frozenset(_eos_ids(model, tokenizer))
-        self.tokenizer_ids = _tokenizer_ids(tokenizer, self.eos_ids)
+        self.tokenizer_ids = tokenizer_ids(tokenizer, self.eos_ids)
         self.passes = IsolatedPasses(self.runner, self._fail_row, self._end_unextended, self.tokenizer_ids)
         self.on_finished = on_finished
         self.on_fatal = on_fatal
@@ -345,6 +346,10 @@ class Engine:
 
     def _fail_row(self, seq: Sequence, exc: Exception) -> None:
         raise_if_device_fatal(exc)  # not this row's fault: the step's handler stops the engine
+        if isinstance(exc, MixserveError) and exc.status_code < 500:  # the request's own (a grammar it cannot meet)
+            log.info("request %s: failed at token %d: %s", seq.request.request_id, len(seq.tokens), exc.message)
+            self._retire(seq, exc)
+            return
         log.error(
             "request %s with [%s]: failed at token %d: %s: %s",
             seq.request.request_id,
@@ -437,13 +442,6 @@ def _abandoned(seq: Sequence) -> BaseException:
     if seq.cancelled:
         return asyncio.CancelledError()
     return RequestTimeout(f"the request took over {seq.request.timeout:g} s (MIXSERVE_REQUEST_TIMEOUT); cancelled")
-
-
-def _tokenizer_ids(tokenizer, eos_ids) -> int:
-    """One past the highest id the tokenizer has: checkpoints pad their vocabulary past it (Qwen2.5: 151,936 rows
-    for 151,665 tokens), and such ids have no text, so they are never sampled. Ids may leave gaps (an EOS at 300
-    after 258 tokens): a count of tokens is not the bound."""
-    return 1 + max(len(tokenizer) - 1, *tokenizer.get_vocab().values(), *tokenizer.all_special_ids, *eos_ids)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -1,60 +1,124 @@
-"""Generated tokens as text: incremental detokenization, stop sequences, and what a stream may show so far.
+"""Generated tokens as text: the one detokenizer every route reads (token texts, streams, answers, stop sequences),
+and what a stream may show before a stop sequence is ruled out.
 
-Both APIs use it: the engine to end a sequence at a stop sequence, the OpenAI stream for its deltas.
+The text of a sequence is always the full decode of its tokens (`tokenizer.decode(tokens, skip_special_tokens=True)`,
+with the tokenizer's clean-up of spaces unless the output is constrained), cut after a stop sequence; each token's
+piece is what it adds to that text, so the pieces add up to it whatever the tokenizer.
 """
 
 from __future__ import annotations
+
+import codecs
+import re
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback (Llama 2, Mistral, Gemma)
+# clean_up_tokenization replaces ten patterns one after the other; adding text can change the cleaned text's last
+# sum(len(pattern) - 1) = 19 characters at most, never before them
+CLEAN_UP_REACH = 19
 
 
 class GeneratedText:
     """The text of a sequence's generated tokens, fed one token at a time.
 
-    Each token's text is what decoding a short window of recent tokens gains from it (TGI's and vLLM's prefix and
-    read offsets), so a token costs the same however long the answer; a token that ends inside a character adds
-    nothing until the character is complete. Windows are decoded without the tokenizer's clean-up of spaces
-    (which can shorten a window as it grows), so the pieces add up to the whole; the text a stop sequence ends is
-    cleaned up as decoding it at once would be. `text` ends with the first stop sequence found, if any (TGI returns
-    it, OpenAI does not).
+    As TGI's `decode_token`: each token's text is what decoding a short window of recent tokens (from the prefix
+    offset) gains over the window without it (up to the read offset), so a token costs the same however long the
+    answer. A token that ends inside a character, or inside a run of byte-fallback tokens (the ByteFallback decoder
+    turns a whole invalid run into one "\\ufffd" per byte, so a run is text only once it ends), adds nothing until
+    the text it ends is final. Windows are decoded without the clean-up of spaces; the clean-up (" ." -> ".", " 's"
+    -> "'s"...) is applied to the whole text, whose last CLEAN_UP_REACH characters are held back until the answer
+    ends, since more text may still change them. The byte tokenizer's text comes from an incremental UTF-8 decoder.
     """
 
-    def __init__(self, tokenizer, stops: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stops: tuple[str, ...] = (), clean_up: bool | None = None):
         self.tokenizer = tokenizer
         self.stops = stops
-        self.text = ""
+        self.clean_up = _cleans_up(tokenizer) if clean_up is None else clean_up
+        self.text = ""  # the pieces so far; once a stop sequence is found, the answer ending with it
         self.stop_sequence: str | None = None
         self._tokens: list[int] = []
         self._prefix = 0  # the window decoded for each token starts here
-        self._read = 0  # tokens up to here are in text
+        self._read = 0  # tokens up to here are in _raw
+        self._raw = ""  # the decode of tokens[:_read], without clean-up
+        self._special = frozenset(tokenizer.all_special_ids)
+        self._bytes = _byte_decoder(tokenizer, self._special)  # the byte tokenizer's decode, token by token
 
-    def add(self, token: int) -> bool:
-        """Appends token's text; True when it completes a stop sequence (text is then cut after it)."""
-        self._tokens.append(token)
-        before = self._decode(self._tokens[self._prefix : self._read])
-        after = self._decode(self._tokens[self._prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return False
-        checked = len(self.text)
-        self.text += after[len(before) :]
-        self._prefix, self._read = self._read, len(self._tokens)
-        for stop in self.stops:
-            at = self.text.find(stop, max(0, checked - len(stop) + 1))
-            if at >= 0:
-                self.text = self.text[: at + len(stop)]
-                if getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
-                    self.text = self.tokenizer.clean_up_tokenization(self.text)
-                self.stop_sequence = stop
-                return True
-        return False
-
-    def shown(self) -> str:
-        """What a stream may show so far: the text without the stop sequence, and without the end that could
-        still begin one."""
+    def add(self, token: int) -> str:
+        """token's piece of the text ("" while held). Once a stop sequence is complete, `stop_sequence` is set and
+        `text` ends with it; later tokens add nothing."""
         if self.stop_sequence is not None:
-            return without_stop(self.text, self.stop_sequence)
-        return self.text[: len(self.text) - _could_begin_stop(self.text, self.stops)]
+            return ""
+        self._tokens.append(token)
+        if token in self._special:  # skipped: a byte run goes on across it
+            return ""
+        if self._bytes is not None:
+            if 0 <= token - self.tokenizer.offset < 256:
+                self._raw += self._bytes.decode(bytes([token - self.tokenizer.offset]))
+        elif not BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(token) or ""):
+            before, after = self._window()
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                self._raw += after[len(before) :]
+                self._prefix, self._read = self._read, len(self._tokens)
+        return self._piece(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text, held until now: after it, `text` is the full decode of the tokens (cut after a
+        stop sequence)."""
+        if self.stop_sequence is not None:
+            return ""
+        if self._bytes is not None:
+            self._raw += self._bytes.decode(b"", final=True)
+        else:
+            before, after = self._window()
+            self._raw += after[len(before) :]
+            self._prefix = self._read = len(self._tokens)
+        return self._piece(final=True)
+
+    def _window(self) -> tuple[str, str]:
+        return self._decode(self._tokens[self._prefix : self._read]), self._decode(self._tokens[self._prefix :])
+
+    def _piece(self, final: bool) -> str:
+        full = self.tokenizer.clean_up_tokenization(self._raw) if self.clean_up else self._raw
+        held = 0 if final or not self.clean_up else CLEAN_UP_REACH
+        if self.stops:
+            start = max(0, len(self.text) - max(map(len, self.stops)))
+            found = [(at + len(stop), stop) for stop in self.stops if (at := full.find(stop, start)) >= 0]
+            if found:
+                end, self.stop_sequence = min(found)
+                full, held = full[:end], 0
+        piece = full[len(self.text) : max(len(self.text), len(full) - held)]
+        self.text += piece
+        return piece
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _byte_decoder(tokenizer, special: frozenset[int]):
+    """For the byte tokenizer (ByT5, the demo's) whose added tokens are all special (skipped): an incremental UTF-8
+    decoder that drops what is not UTF-8, as its decode does, at a fraction of the cost of decoding windows."""
+    from transformers import ByT5Tokenizer
+
+    if type(tokenizer) is not ByT5Tokenizer or not special.issuperset(tokenizer.added_tokens_decoder):
+        return None
+    return codecs.getincrementaldecoder("utf-8")("ignore")
+
+
+def _cleans_up(tokenizer) -> bool:
+    """Whether tokenizer.decode cleans up spaces by default: transformers skips it for BPE models, where it would
+    remove spaces the text has."""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    forced = getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    return backend is None or type(backend.model).__name__ != "BPE" or forced
+
+
+def shown(text: str, stops: tuple[str, ...], stop_sequence: str | None) -> str:
+    """What a stream may show of text so far: without the stop sequence that ended it, and without the end that
+    could still begin one."""
+    if stop_sequence is not None:
+        return without_stop(text, stop_sequence)
+    return text[: len(text) - _could_begin_stop(text, stops)]
 
 
 def without_stop(text: str, stop: str | None) -> str:
@@ -71,3 +135,12 @@ def _could_begin_stop(text: str, stops: tuple[str, ...]) -> int:
                 held = max(held, n)
                 break
     return held
+
+
+def pieces(tokenizer, tokens: list[int]) -> list[str]:
+    """What each token adds to the decode of them all (a prompt's tokens, say); they add up to it."""
+    text = GeneratedText(tokenizer)
+    out = [text.add(token) for token in tokens]
+    if out:
+        out[-1] += text.finish()
+    return out

@@ -3,6 +3,7 @@ batched on the device."""
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ class SamplingParams:
     ignore_eos: bool = False
     top_logprobs: int = 0  # alternatives reported per generated token
     prompt_logprobs: bool = False  # logprob of each prompt token (TGI's decoder_input_details)
+    processed_logprobs: bool = False  # a constrained row's logprobs after its grammar's mask (vLLM's processed)
 
     @property
     def sampling(self) -> bool:
@@ -83,7 +85,9 @@ class Choice:
 def sample(rows: list, logits: torch.Tensor, choosable: int | None = None) -> list[Choice | Exception]:
     """The next token of each row (a Sequence: its chooser, parameters and tokens so far) from its logits,
     [len(rows), vocab], among the ids below `choosable` (all by default); a row whose choice fails gets the exception
-    instead, the others are unaffected. Logprobs are the model's own, over its whole vocabulary.
+    instead, the others are unaffected. Logprobs are the model's own (over its whole vocabulary; alternatives among
+    the ids below `choosable`), or for a constrained row that asks for processed logprobs, those after its grammar's
+    mask.
 
     Batched on the logits' device: the rows that only take the argmax take it together, the others (constrained,
     penalised, sampled) go through each processor once for all of them, and the step brings back one tensor (one
@@ -113,10 +117,15 @@ def sample(rows: list, logits: torch.Tensor, choosable: int | None = None) -> li
         special, chosen = _choose_isolated(rows, special, [masked.get(r, scores[r : r + 1]) for r in special], noise, failed)
     if special:
         tokens = tokens.index_copy(0, torch.tensor(special, device=tokens.device), chosen)
+    processed = [r for r, m in masked.items() if r not in failed and rows[r].request.params.processed_logprobs]
+    if processed:  # over what the grammar allows
+        own = torch.full((len(processed), logprobs.shape[-1]), -torch.inf, device=logprobs.device)
+        own[:, :vocab] = torch.log_softmax(torch.cat([masked[r] for r in processed]), dim=-1)
+        logprobs = logprobs.index_copy(0, torch.tensor(processed, device=logprobs.device), own)
     parts = [tokens.double(), logprobs.gather(1, tokens[:, None])[:, 0].double()]
     asked = [(row, seq.request.params.top_logprobs) for row, seq in enumerate(rows) if seq.request.params.top_logprobs]
     if asked:
-        top = max(k for _, k in asked)
+        top = min(max(k for _, k in asked), vocab)
         index = torch.tensor([row for row, _ in asked], device=logprobs.device)
         values, ids = logprobs[:, :choosable].index_select(0, index).topk(top, dim=-1)
         parts += [ids.double().flatten(), values.double().flatten()]
@@ -126,8 +135,10 @@ def sample(rows: list, logits: torch.Tensor, choosable: int | None = None) -> li
     if asked:
         ids_at, values_at = 2 * count, 2 * count + len(asked) * top
         for i, (row, k) in enumerate(asked):
+            k = min(k, top)
             ids = values[ids_at + i * top : ids_at + i * top + k]
-            alternatives[row] = list(zip((int(t) for t in ids), values[values_at + i * top : values_at + i * top + k]))
+            pairs = zip((int(t) for t in ids), values[values_at + i * top : values_at + i * top + k])
+            alternatives[row] = [(t, v) for t, v in pairs if v > -math.inf]  # never what the grammar forbids
     return [
         failed[row] if row in failed else Choice(int(values[row]), values[count + row], alternatives.get(row, []))
         for row in range(count)
@@ -153,7 +164,7 @@ def _choose(seqs: list, logits: list[torch.Tensor], noise: dict[int, torch.Tenso
     """The tokens of seqs (rows of the batch at `rows`) from their logits ([1, vocab] each, masked where
     constrained), processed as each one's parameters say; [len(seqs)] on the logits' device."""
     raw = torch.cat(logits)  # [n, vocab]
-    device, (n, vocab) = raw.device, raw.shape
+    device, vocab = raw.device, raw.shape[-1]
     params = [seq.chooser.params for seq in seqs]
     scores = raw
 

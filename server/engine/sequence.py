@@ -31,6 +31,7 @@ class TokenEvent:
     token: int
     logprob: float
     final: bool  # the sequence finished with this token
+    text: str = ""  # what the token adds to the answer (held text comes with a later token)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Sequence:
     prompt_alternatives: list[list[tuple[int, float]]] | None = None  # with prompt_logprobs: the top ones, per token
     finish_reason: str | None = None  # length | eos_token | stop_sequence
     stop_sequence: str | None = None  # the one that ended the text
+    texts: list[str] = field(default_factory=list)  # what each token added to the answer: they add up to `text`
     text: str = ""  # set when finished (as TGI returns it: ending with the stop sequence that ended it)
     cancelled: bool = False  # set by the client's side, read by the engine at the next step
     submitted_at: float = field(default_factory=time.monotonic)
@@ -67,8 +69,9 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.constraint = self.request.grammar.constraint() if self.request.grammar else None
-        stops = self.request.params.stop
-        self._stops = GeneratedText(self.tokenizer, stops) if stops else None  # decoded per token only to match
+        # a constrained answer is the text its grammar checked: no clean-up of spaces (" ." -> ".") after it
+        clean_up = False if self.constraint is not None else None
+        self._output = GeneratedText(self.tokenizer, self.request.params.stop, clean_up)
 
     def expired(self, now: float) -> bool:
         return self.request.timeout is not None and now - self.submitted_at > self.request.timeout
@@ -90,18 +93,20 @@ class Sequence:
         params = self.request.params
         if self.constraint is not None:
             self.constraint.advance(token)  # raises for a token the grammar forbids: this row fails
+        text = self._output.add(token)
         if token in self.eos_ids and not params.ignore_eos:
             self.finish_reason = "eos_token"
+        elif self._output.stop_sequence is not None:
+            self.finish_reason, self.stop_sequence = "stop_sequence", self._output.stop_sequence
         elif self.constraint is not None and self.constraint.finished:
             self.finish_reason = "eos_token"  # the grammar is complete: nothing but the end may follow
-        elif self._stops is not None and self._stops.add(token):
-            self.finish_reason = "stop_sequence"
-            self.text, self.stop_sequence = self._stops.text, self._stops.stop_sequence
         elif len(self.tokens) >= params.max_new_tokens:
             self.finish_reason = "length"
-        if self.finished and self.finish_reason != "stop_sequence":
-            self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        self._send(TokenEvent(len(self.tokens) - 1, token, logprob, self.finished))
+        if self.finished:
+            text += self._output.finish()
+            self.text = self._output.text
+        self.texts.append(text)
+        self._send(TokenEvent(len(self.tokens) - 1, token, logprob, self.finished, text))
         if self.finished:
             self.finished_at = time.monotonic()
             self._send(_Done())
