@@ -236,7 +236,7 @@ class RankPool:
         own and coefficients, [rows, ranks used])."""
         if x.shape[1] != 1:  # one row of own and coefficients per token
             own, coefficients = own.repeat_interleave(x.shape[1], 0), coefficients.repeat_interleave(x.shape[1], 0)
-        ranks = torch.where(own, torch.mm(x.reshape(-1, self.in_features), self._a_used.T), self.zero)
+        ranks = torch.where(own, torch.mm(x.reshape(-1, self.in_features), self._a_used_t), self.zero)
         if ranks.dtype == coefficients.dtype:
             ranks.mul_(coefficients)
         else:  # the product in float32, rounded once
@@ -264,7 +264,7 @@ class RankPool:
         # the ranks up to the last span's end are the ones computed (not the free ones after it)
         used = min(self.capacity, max([MIN_CAPACITY] + [start + width for _, start, width, _ in spans]))
         self.layout = self.context.layout(spans, used) if spans else None
-        self._a_used, self._b_used = self.a[:used], self.b_t[:used]
+        self._a_used_t, self._b_used = self.a[:used].T, self.b_t[:used]  # views made once: no operation per pass
         self._views.clear()
 
 
