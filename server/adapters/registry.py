@@ -337,6 +337,7 @@ class AdapterRegistry:
         self._make_room(adapter, protected)
         started = time.perf_counter()
         adapter.built = self._to_device(adapter, protected)
+        size = adapter.nbytes  # counted (and cached) from its own tensors, before the pools take them
         self.model.attach(adapter.slot, adapter.built.layers, (adapter.name, adapter.built.version))
         with self._lock:
             adapter.resident = True
@@ -344,7 +345,7 @@ class AdapterRegistry:
         log.info(
             "adapter %s: attached (%d bytes) in %.1f ms",
             adapter.name,
-            adapter.nbytes,
+            size,
             (time.perf_counter() - started) * 1e3,
         )
         return adapter
