@@ -143,6 +143,15 @@ class _Live:
         yield _gauge(
             "mixserve:adapter_bytes_resident", "Bytes of the loaded adapters", sum(a.built.nbytes for a in loaded)
         )
+        allocated, held = registry.model.rank_pool_bytes()
+        pools = GaugeMetricFamily(
+            "mixserve:rank_pool_bytes",
+            "Bytes of the low-rank adapters' rank pools: allocated, and held by adapters (the rest is free ranks)",
+            labels=["what"],
+        )
+        pools.add_metric(["allocated"], allocated)
+        pools.add_metric(["held"], held)
+        yield pools
         yield _tiers(registry, self.state.store)
         info = GaugeMetricFamily(
             "mixserve:lora_requests_info",

@@ -165,6 +165,7 @@ def _samples(text: str) -> dict[tuple[str, tuple], float]:
 
 def test_metrics_parse_and_move(server):
     with server.client() as client:
+        client.post("/generate", json={"inputs": "m", "adapters": ["lora"], "parameters": {"max_new_tokens": 1}})
         before = _samples(client.get("/metrics").text)
         client.post("/generate", json={"inputs": "m", "adapters": ["lokr"], "parameters": {"max_new_tokens": 3}})
         client.post("/generate", json={"inputs": "m", "adapters": ["nope"]})
@@ -180,6 +181,8 @@ def test_metrics_parse_and_move(server):
     assert moved("mixserve:time_to_first_token_seconds_count") == 1
     assert moved("mixserve:request_duration_seconds_count", route="/generate") == 2
     assert after[("mixserve:adapters_resident", ())] >= 1
+    pools = {what: after[("mixserve:rank_pool_bytes", (("what", what),))] for what in ("allocated", "held")}
+    assert pools["allocated"] >= pools["held"] > 0  # lora's ranks, at least
     info = [k for k in after if k[0] == "mixserve:lora_requests_info"]
     assert info and {label for label, _ in info[0][1]} == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
     assert ("mixserve:num_requests_waiting", ()) in after and ("mixserve:kv_cache_usage_perc", ()) in after

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from server.adapters.kinds.base import PoolSpan
+from server.adapters.mixing import MIN_CAPACITY, MixingContext, RankPool
 from server.engine.runner import PromptSequence
 from server.model import encode_prompt
 from tests.reference import reference_logits
@@ -69,16 +71,18 @@ def test_rows_joining_and_leaving_every_step_each_equal_the_reference(llama):
 
 def test_a_freed_span_is_reused_and_what_it_held_never_reaches_a_row(llama):
     """A detached adapter's ranks go back to the pool; a row never reads them, even where they are not finite
-    (they are selected out, not multiplied by zero), and the next adapter copied there overwrites them."""
+    (they are selected out, not multiplied by zero), and the next adapter copied there overwrites them. lora.patterns
+    stays, so that the pools keep their tensors (an emptied pool frees them)."""
     runner, registry, tokenizer = llama.runner()
-    registry.load_blocking(["lora", "adalora"])
-    pools = [m.pool for m in runner.model.modules() if hasattr(m, "pool") and m.pool.spans]
+    freed = {a.slot for a in registry.load_blocking(["lora", "adalora", "lora.patterns"]) if a.name != "lora.patterns"}
     with torch.inference_mode():
-        for pool in pools:  # the worst an adapter could leave behind
-            for start, width, _ in pool.spans.values():
-                pool.a_t[:, start : start + width] = float("inf")
-                pool.b_t[start : start + width] = float("nan")
+        for pool in _pools(runner):  # the worst an adapter could leave behind
+            for slot, (start, width, _) in pool.spans.items():
+                if slot in freed:
+                    pool.a[start : start + width] = float("inf")
+                    pool.b_t[start : start + width] = float("nan")
     assert registry.unload("lora", set()) and registry.unload("adalora", set())
+    assert any(not torch.isfinite(p.a).all() for p in _pools(runner)), "some freed span should still hold its inf"
     rows = [("Base only", {}), ("Weighted", {"loha": -1.25}), ("Again", {"lora": 0.5, "loha": 1.0})]
     seqs = [_sequence(registry, prompt, weights, tokenizer) for prompt, weights in rows]
     seen = [[row] for row in runner.prefill(seqs)]
@@ -91,3 +95,98 @@ def test_a_freed_span_is_reused_and_what_it_held_never_reaches_a_row(llama):
         prompt = seq.request.prompt_ids
         expected = reference_logits(llama.model_dir, llama.store, list(weights), prompt + seq.tokens, weights=weights)
         torch.testing.assert_close(torch.stack(logits), expected[len(prompt) - 1 :], atol=ATOL, rtol=0)
+
+
+def _pools(runner) -> list:
+    return [m.pool for m in runner.model.modules() if hasattr(m, "pool")]
+
+
+def _storages(tensors) -> dict[int, int]:
+    """data_ptr -> bytes of each distinct storage under tensors."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+def _device_bytes_agree(runner, registry) -> None:
+    """Each pooled adapter's weights are views of its pools (no other copy), and what the registry counts for the
+    resident adapters is what they occupy: their pool spans plus their own tensors."""
+    pools = [p for p in _pools(runner) if p.capacity]
+    pool_storages = _storages(t for p in pools for t in (p.a, p.b_t))
+    own, spans = [], 0
+    for adapter in registry.loaded():
+        for layer in adapter.built.layers.values():
+            if isinstance(layer.low_rank, PoolSpan):
+                a, b, _ = layer.low_rank
+                assert _storages((a, b)).keys() <= pool_storages.keys(), "a pooled adapter's weights are the pool's"
+                spans += a.nbytes + b.nbytes
+            else:
+                assert layer.low_rank is None, "a low-rank adapter on a wrapped layer is in its pool"
+                own += layer.tensors()
+    assert (sum(p.nbytes for p in pools), spans) == registry.model.rank_pool_bytes()
+    own_bytes = _storages(own)
+    assert not own_bytes.keys() & pool_storages.keys()
+    assert sum(a.nbytes for a in registry.loaded()) == spans + sum(t.nbytes for t in own)
+    assert sum(pool_storages.values()) == sum(p.nbytes for p in pools)  # the slack: p.nbytes minus the spans
+
+
+def test_a_pooled_adapter_is_on_the_device_once_and_pools_give_memory_back(llama):
+    """Loading copies each low-rank adapter into its pools and drops its own copy; evicting gives it its weights
+    back (the host tier keeps them) and shrinks the pools; reloaded, it is PEFT's again, as are rows that decoded
+    while the pools shrank around them."""
+    runner, registry, tokenizer = llama.runner()
+    registry.host_cache = 1 << 30
+    names = ["lora", "loha", "adalora", "lora.patterns", "lokr"]
+    registry.load_blocking(names)
+    _device_bytes_agree(runner, registry)
+    before = {id(p): p.capacity for p in _pools(runner)}
+    assert max(before.values()) > MIN_CAPACITY, "the adapters should have grown some pool past its smallest size"
+
+    rows = [("Stays", {"loha": 1.0}), ("Base only", {})]
+    seqs = [_sequence(registry, prompt, weights, tokenizer) for prompt, weights in rows]
+    seen = [[row] for row in runner.prefill(seqs)]
+    for step in range(3):
+        for seq, logits in zip(seqs, seen, strict=True):
+            seq.tokens.append(int(logits[-1].argmax()))
+        if step == 1:  # evicted while the rows decode: the pools repack under them
+            for adapter in registry.loaded():
+                if adapter.name != "loha":
+                    registry._evict(adapter)
+            assert {a.name for a in registry.loaded()} == {"loha"}
+            _device_bytes_agree(runner, registry)
+        for logits, row in zip(seen, runner.decode(), strict=True):
+            logits.append(row)
+    for seq in seqs:
+        runner.release(seq)
+    for seq, (_, weights), logits in zip(seqs, rows, seen, strict=True):
+        prompt = seq.request.prompt_ids
+        expected = reference_logits(llama.model_dir, llama.store, list(weights), prompt + seq.tokens, weights=weights)
+        torch.testing.assert_close(torch.stack(logits), expected[len(prompt) - 1 :], atol=ATOL, rtol=0)
+
+    after = {id(p): p for p in _pools(runner)}
+    assert any(after[k].capacity < c for k, c in before.items()), "evictions should have shrunk some pool"
+    for pool in after.values():  # each holds more than a quarter of its ranks, or is the smallest, or freed
+        assert pool.capacity == 0 if not pool.spans else pool.capacity <= MIN_CAPACITY or pool.held > pool.capacity // 4
+    assert all(registry.describe(name)["state"] == "host" for name in names if name != "loha")
+
+    reloaded = {"lora": 0.5, "adalora": 1.0, "lora.patterns": 1.0}  # from the host tier, its weights intact
+    seq = _sequence(registry, "Back again", reloaded, tokenizer)
+    _device_bytes_agree(runner, registry)
+    seen = [runner.prefill([seq])[0]]
+    seq.tokens.append(int(seen[-1].argmax()))
+    seen.append(runner.decode()[0])
+    prompt = seq.request.prompt_ids
+    expected = reference_logits(llama.model_dir, llama.store, list(reloaded), prompt + seq.tokens, weights=reloaded)
+    torch.testing.assert_close(torch.stack(seen), expected[len(prompt) - 1 :], atol=ATOL, rtol=0)
+
+
+def test_a_pool_halves_when_a_quarter_full_and_frees_its_tensors_when_empty():
+    layer = torch.nn.Linear(8, 4)
+    pool = RankPool(layer, MixingContext())
+    for slot, width in enumerate([16, 16, 4, 8]):  # grows 16 -> 32 -> 64 (36, then 44 ranks held)
+        pool.add(slot, torch.randn(width, 8), torch.randn(4, width), 1.0, (slot,))
+    assert pool.capacity == 64
+    capacities = []
+    for slot in (0, 1, 3, 2):
+        pool.remove(slot)
+        capacities.append(pool.capacity)
+    assert capacities == [64, 32, 16, 0]  # 28 ranks left of 64 stay; 12 of 64 halve; 4 of 32 halve; none: freed
+    assert pool.nbytes == 0 and pool.layout is None

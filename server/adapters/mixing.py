@@ -25,7 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from server.adapters.kinds import LayerAdapter
-from server.adapters.kinds.base import LayerShape
+from server.adapters.kinds.base import LayerShape, PoolSpan
 from server.adapters.kinds.lora import ParameterLora
 
 _plan_ids = itertools.count()
@@ -142,14 +142,16 @@ MIN_CAPACITY = 16
 
 class RankPool:
     """The low-rank adapters (delta(x) = B(A(x)) * scale) of one layer side by side, in fixed-shape tensors:
-    A^T [in, capacity] and B^T [capacity, out], each adapter on a span of free ranks. Attaching copies an adapter
-    into its span; detaching frees the span (what it held is never read again: rows select their own ranks). The
-    capacity doubles when an adapter does not fit, the only time the shapes change.
+    A [capacity, in] and B^T [capacity, out], each adapter on a span of free ranks. Attaching copies an adapter
+    into its span, which is then its only device copy (MixedLinear.attach: the adapter reads it through `factors`);
+    detaching frees the span (what it held is never read again: rows select their own ranks). The capacity doubles
+    when an adapter does not fit and halves when what is held falls to a quarter of it (down to MIN_CAPACITY; an
+    empty pool frees its tensors): the only times the shapes change.
 
     The spans lie in the order of the adapters' order keys, whatever order they were attached in: a row's deltas are
     summed in the order of its ranks in the pool (the rest adds exact zeros), so that a combination's output does not
     depend on what was loaded before (tests/test_load_history.py). An adapter that does not fit between its
-    neighbours moves the others (a copy of the pool, at attach only).
+    neighbours moves the others (a copy of the pool, as when it grows or shrinks).
 
     Semantics, for rows x: y += Σ over the row's adapters a of B_a(A_a(x)) * (scale_a * weight_a), computed as
     (where(own, x A^T, 0) * coefficients) B^T over the whole pool: ranks of other rows' adapters are selected out,
@@ -159,12 +161,14 @@ class RankPool:
         weight = layer.weight
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.context = context
-        self.a_t = weight.new_zeros(self.in_features, 0)
+        # A row-major, so that an adapter's span is the [r, in] matrix it was: its prefill takes the same kernel
+        self.a = weight.new_zeros(0, self.in_features)
         self.b_t = weight.new_zeros(0, self.out_features)
         self.zero = weight.new_zeros(())
         self.spans: dict[int, tuple[int, int, float]] = {}  # slot -> (start, width, scale)
         self.orders: dict[int, tuple] = {}  # slot -> its order key
         self.layout: RankLayout | None = None
+        self._views: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # factors' answers until a change
 
     @torch.inference_mode()  # the pool's tensors are the model's: inference tensors, whichever thread attaches
     def add(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float, order: tuple) -> None:
@@ -176,8 +180,11 @@ class RankPool:
         after = [span for s, span in self.spans.items() if self.orders[s] > order]
         start = max((begin + w for begin, w, _ in before), default=0)
         if min((begin for begin, _, _ in after), default=self.capacity) - start < width:
-            start = self._repack(order, width)
-        self.a_t[:, start : start + width].copy_(a.T)
+            needed = self.held + width
+            start = self._repack(
+                self.capacity if needed <= self.capacity else max(2 * self.capacity, needed, MIN_CAPACITY), order, width
+            )
+        self.a[start : start + width].copy_(a)
         self.b_t[start : start + width].copy_(b.T)
         self.spans[slot] = (start, width, scale)
         self._relayout()
@@ -186,43 +193,70 @@ class RankPool:
     def remove(self, slot: int) -> None:
         span = self.spans.pop(slot, None)
         self.orders.pop(slot, None)
-        if span is not None:
-            start, width, _ = span
+        if span is None:
+            return
+        start, width, _ = span
+        if not self.spans:  # nothing left: the memory goes back
+            self.a, self.b_t = self.a.new_zeros(0, self.in_features), self.b_t.new_zeros(0, self.out_features)
+        elif self.capacity > MIN_CAPACITY and self.held <= self.capacity // 4:
+            self._repack(max(MIN_CAPACITY, self.capacity // 2))
+        else:
             self.b_t[start : start + width].zero_()  # rows select these ranks out (0): 0 x B stays 0 whatever B held
-            self._relayout()
+        self._relayout()
+
+    def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A [width, in], B [out, width], scale) of the adapter in slot: views of its span (valid until the pool
+        next changes; the same objects until then)."""
+        if slot not in self._views:
+            start, width, scale = self.spans[slot]
+            self._views[slot] = (self.a[start : start + width], self.b_t[start : start + width].T, scale)
+        return self._views[slot]
 
     @property
     def capacity(self) -> int:
-        return self.a_t.shape[1]
+        return self.a.shape[0]
+
+    @property
+    def held(self) -> int:
+        """Ranks that adapters occupy."""
+        return sum(width for _, width, _ in list(self.spans.values()))  # a copy: metrics read it from their thread
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory of the pool's tensors, free ranks included."""
+        return (self.a.numel() + self.b_t.numel()) * self.a.element_size()
+
+    @property
+    def held_nbytes(self) -> int:
+        """Device memory of the ranks that adapters occupy: what the registry counts for them."""
+        return self.held * (self.in_features + self.out_features) * self.a.element_size()
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor, own: torch.Tensor, coefficients: torch.Tensor) -> None:
         """y [rows, tokens, out] += each row's own low-rank deltas of x [rows, tokens, in] (BatchPlan.low_rank's
         own and coefficients, [rows, ranks used])."""
         if x.shape[1] != 1:  # one row of own and coefficients per token
             own, coefficients = own.repeat_interleave(x.shape[1], 0), coefficients.repeat_interleave(x.shape[1], 0)
-        ranks = torch.where(own, torch.mm(x.reshape(-1, self.in_features), self._a_used), self.zero)
+        ranks = torch.where(own, torch.mm(x.reshape(-1, self.in_features), self._a_used_t), self.zero)
         if ranks.dtype == coefficients.dtype:
             ranks.mul_(coefficients)
         else:  # the product in float32, rounded once
             ranks = (ranks * coefficients).to(ranks.dtype)
         y.view(-1, self.out_features).addmm_(ranks, self._b_used)
 
-    def _repack(self, order: tuple, width: int) -> int:
-        """The spans moved side by side in order, with `width` free ranks where `order` goes (the pool grown, doubling,
-        when they do not fit); returns where those start."""
-        needed = sum(w for _, w, _ in self.spans.values()) + width
-        capacity = self.capacity if needed <= self.capacity else max(2 * self.capacity, needed, MIN_CAPACITY)
-        a_t, b_t = self.a_t.new_zeros(self.in_features, capacity), self.b_t.new_zeros(capacity, self.out_features)
+    def _repack(self, capacity: int, order: tuple | None = None, width: int = 0) -> int:
+        """The spans moved side by side in order into new tensors of `capacity` ranks, with `width` free ranks where
+        `order` goes; returns where those start."""
+        a, b_t = self.a.new_zeros(capacity, self.in_features), self.b_t.new_zeros(capacity, self.out_features)
         start, free = 0, None
         for slot in sorted(self.spans, key=self.orders.__getitem__):
-            if free is None and self.orders[slot] > order:
+            if free is None and order is not None and self.orders[slot] > order:
                 free, start = start, start + width
             begin, w, scale = self.spans[slot]
-            a_t[:, start : start + w].copy_(self.a_t[:, begin : begin + w])
+            a[start : start + w].copy_(self.a[begin : begin + w])
             b_t[start : start + w].copy_(self.b_t[begin : begin + w])
             self.spans[slot] = (start, w, scale)
             start += w
-        self.a_t, self.b_t = a_t, b_t
+        self.a, self.b_t = a, b_t
         return start if free is None else free
 
     def _relayout(self) -> None:
@@ -230,7 +264,8 @@ class RankPool:
         # the ranks up to the last span's end are the ones computed (not the free ones after it)
         used = min(self.capacity, max([MIN_CAPACITY] + [start + width for _, start, width, _ in spans]))
         self.layout = self.context.layout(spans, used) if spans else None
-        self._a_used, self._b_used = self.a_t[:, :used], self.b_t[:used]
+        self._a_used_t, self._b_used = self.a[:used].T, self.b_t[:used]  # views made once: no operation per pass
+        self._views.clear()
 
 
 class MixingContext:
@@ -317,9 +352,15 @@ class MixedLinear(nn.Module):
         self.adapters[slot] = adapter
         if adapter.low_rank is not None:
             self.pool.add(slot, *adapter.low_rank, (order, slot))
+            adapter.low_rank = PoolSpan(self.pool, slot)  # its own copy is dropped: the pool's is the only one
 
-    def detach(self, slot: int) -> None:
-        del self.adapters[slot]
+    def detach(self, slot: int, keep: bool = True) -> None:
+        """keep: the adapter gets its own copy of what the pool held for it (else it is dropped: nothing reads it)."""
+        adapter = self.adapters.pop(slot)
+        if keep and isinstance(adapter.low_rank, PoolSpan):  # taken before the span is freed
+            a, b, scale = adapter.low_rank
+            fresh = torch.contiguous_format
+            adapter.low_rank = (a.clone(memory_format=fresh), b.clone(memory_format=fresh), scale)
         self.pool.remove(slot)
         self._plans.clear()
 
@@ -497,7 +538,7 @@ class MixedParameters(nn.Module):
     def attach(self, slot: int, adapter: ParameterLora, order: tuple = ()) -> None:
         self.adapters[slot] = adapter  # in no plan built so far, as in MixedLinear.attach
 
-    def detach(self, slot: int) -> None:
+    def detach(self, slot: int, keep: bool = True) -> None:
         del self.adapters[slot]
         self._groups.clear()
 
@@ -591,9 +632,17 @@ class MixedModel:
         for module_name, layer in layers.items():
             self._wrapper(module_name).attach(slot, layer, order)
 
-    def detach(self, slot: int, module_names) -> None:
+    def detach(self, slot: int, module_names, keep: bool = True) -> None:
+        """keep: the adapter's layers keep their weights (the rank pools give back their copies), for a later attach;
+        else they are dropped."""
         for module_name in module_names:
-            self._wrappers[module_name].detach(slot)
+            self._wrappers[module_name].detach(slot, keep)
+
+    def rank_pool_bytes(self) -> tuple[int, int]:
+        """(allocated, held by adapters): bytes of every layer's rank pool. The adapter budget counts what adapters
+        hold, not the free ranks between (README, "The decode step"). Read from any thread."""
+        pools = [w.pool for w in list(self._wrappers.values()) if isinstance(w, MixedLinear)]
+        return sum(p.nbytes for p in pools), sum(p.held_nbytes for p in pools)
 
     def _wrapper(self, module_name: str) -> MixedLinear | MixedParameters:
         if module_name not in self._wrappers:

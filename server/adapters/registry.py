@@ -337,6 +337,7 @@ class AdapterRegistry:
         self._make_room(adapter, protected)
         started = time.perf_counter()
         adapter.built = self._to_device(adapter, protected)
+        size = adapter.nbytes  # counted (and cached) from its own tensors, before the pools take them
         self.model.attach(adapter.slot, adapter.built.layers, (adapter.name, adapter.built.version))
         with self._lock:
             adapter.resident = True
@@ -344,7 +345,7 @@ class AdapterRegistry:
         log.info(
             "adapter %s: attached (%d bytes) in %.1f ms",
             adapter.name,
-            adapter.nbytes,
+            size,
             (time.perf_counter() - started) * 1e3,
         )
         return adapter
@@ -383,18 +384,19 @@ class AdapterRegistry:
         return too_many or too_big
 
     def _evict(self, adapter: LoadedAdapter) -> None:
-        self._detach(adapter)
-        self._on_evict(adapter.name)
         pin = self.device.type == "cuda"
-        if adapter.built.host_nbytes(pin) > self.host_cache:
+        kept = adapter.built.host_nbytes(pin) <= self.host_cache
+        if kept and self.device != CPU:  # copied off the device from the rank pools, before they free its ranks
+            adapter.built = adapter.built.to_host(pin)
+        self._detach(adapter, keep=kept and self.device == CPU)
+        self._on_evict(adapter.name)
+        if not kept:
             with self._lock:
                 entry = self._entries[adapter.name]
                 if entry.current is adapter:
                     entry.current = None
             log.info("adapter %s: evicted", adapter.name)
             return
-        if self.device != CPU:
-            adapter.built = adapter.built.to_host(pin)
         dropped = 0
         with self._lock:
             self._host[adapter.name] = adapter
@@ -415,10 +417,11 @@ class AdapterRegistry:
 
     def _drop(self, adapter: LoadedAdapter | None) -> None:
         if adapter is not None and adapter.resident:
-            self._detach(adapter)
+            self._detach(adapter, keep=False)
 
-    def _detach(self, adapter: LoadedAdapter) -> None:
-        self.model.detach(adapter.slot, adapter.built.layers)
+    def _detach(self, adapter: LoadedAdapter, keep: bool) -> None:
+        """keep: its weights stay with it (the host tier on the CPU); else they go with the device's copy."""
+        self.model.detach(adapter.slot, adapter.built.layers, keep)
         with self._lock:
             adapter.resident = False
 

@@ -9,9 +9,7 @@ from .base import Kind, LayerAdapter, expect_params, expect_shape
 
 class AdaLoraLayer(LayerAdapter):
     def __init__(self, ae: torch.Tensor, b: torch.Tensor, scale: float):
-        self.ae = ae  # [r, in]: lora_A * lora_E, fixed at inference
-        self.b = b  # [out, r]
-        self.low_rank = (ae, b, scale)
+        self.low_rank = (ae, b, scale)  # ae [r, in]: lora_A * lora_E, fixed at inference; b [out, r]
 
 
 class AdaLoraKind(Kind):

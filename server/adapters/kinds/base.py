@@ -38,7 +38,8 @@ class LayerAdapter:
     rotates_input = False
     rotates_per_row = False  # a rotating adapter that takes one weight per row in one operation (rotation_per_row)
     adds_to_weight = False
-    low_rank: tuple[torch.Tensor, torch.Tensor, float] | None = None  # A [r, in], B [out, r], scale
+    # A [r, in], B [out, r], scale; a PoolSpan while a rank pool holds them
+    low_rank: tuple[torch.Tensor, torch.Tensor, float] | PoolSpan | None = None
 
     def rotation(self, weight: float) -> object:
         """What `rotate` applies at that weight, built once (layer plans hold it while they run)."""
@@ -72,7 +73,7 @@ class LayerAdapter:
                 if id(value) not in done:
                     done[id(value)] = fn(value)
                 return done[id(value)]
-            if isinstance(value, tuple):
+            if isinstance(value, (tuple, PoolSpan)):  # a PoolSpan's copy holds its own tensors
                 return tuple(mapped(v) for v in value)
             return value
 
@@ -86,13 +87,26 @@ class LayerAdapter:
         def flat(value) -> list[torch.Tensor]:
             if isinstance(value, torch.Tensor):
                 return [value]
-            return [t for v in value for t in flat(v)] if isinstance(value, tuple) else []
+            return [t for v in value for t in flat(v)] if isinstance(value, (tuple, PoolSpan)) else []
 
         return list({id(t): t for t in flat(tuple(vars(self).values()))}.values())
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class PoolSpan:
+    """An adapter's low_rank while a rank pool (server/adapters/mixing.py) holds the only device copy of A and B:
+    (A, B, scale) as views of the pool's span, looked up at each use (a repack moves the span). The same view
+    objects come back until the pool changes, so that a copy keyed by tensor (BuiltAdapter.to_host) finds them."""
+
+    def __init__(self, pool, slot: int):
+        self.pool = pool
+        self.slot = slot
+
+    def __iter__(self):
+        return iter(self.pool.factors(self.slot))
 
 
 class Kind:

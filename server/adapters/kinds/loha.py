@@ -13,9 +13,7 @@ class LoHaFactorised(LayerAdapter):
     a rank r1*r2 product, cheaper than the dense matrix while r1*r2*(in+out) < in*out."""
 
     def __init__(self, u: torch.Tensor, v: torch.Tensor, scaling: float):
-        self.u = u  # [out, r1*r2]
-        self.v = v  # [r1*r2, in]
-        self.low_rank = (v, u, scaling)
+        self.low_rank = (v, u, scaling)  # v [r1*r2, in], u [out, r1*r2]
 
 
 class LoHaDense(LayerAdapter):

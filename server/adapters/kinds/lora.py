@@ -15,16 +15,18 @@ _INITS_THAT_REWRITE_THE_BASE = ("olora", "pissa", "corda", "loftq", "lora_ga")
 
 class LoraLayer(LayerAdapter):
     def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scaling: float):
-        self.a = a  # [r, in]
-        self.b = b  # [out, r]
-        self.bias = bias  # [out] or None
-        self.scaling = scaling
+        # a [r, in], b [out, r], bias [out]: held once, in low_rank when a rank pool can take them (no bias)
         if bias is None:
             self.low_rank = (a, b, scaling)
+        else:
+            self.with_bias = (a, b, bias, scaling)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]; the same operations as peft's lora.Linear
-        return F.linear(F.linear(x, self.a), self.b, self.bias) * self.scaling
+        if self.low_rank is not None:
+            return super().delta(x)
+        a, b, bias, scaling = self.with_bias
+        return F.linear(F.linear(x, a), b, bias) * scaling
 
 
 class ParameterLora(LayerAdapter):
