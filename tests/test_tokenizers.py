@@ -206,8 +206,11 @@ def test_constrained_output_is_valid_on_every_route(setup, client, grammar):
     _valid_or_refused(name, response.status_code, response.json().get("generated_text", response.text), check)
 
     with client.stream("POST", "/generate_stream", json={"inputs": PROMPT, "parameters": parameters}) as response:
-        lines = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
-    if "error" in lines[-1]:  # the stream had begun: the error is its last event
+        response.read()
+    lines = [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:")]
+    if response.status_code != 200:  # failed before its first token: a stream starts with its first token
+        _valid_or_refused(name, response.status_code, response.text, check)
+    elif "error" in lines[-1]:  # the stream had begun: the error is its last event
         assert name in CANNOT_CONSTRAIN and lines[-1]["error_type"] == "validation", lines[-1]
     else:
         check(lines[-1]["generated_text"])
