@@ -64,7 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
         responses={503: {"model": ErrorResponse}},
     )
     async def health(request: Request) -> dict:
-        if request.app.state.mixserve.broken:
+        if request.app.state.mixserve.is_broken():
             raise NotReady(request.app.state.mixserve.broken)
         return {"status": "ok"}
 
