@@ -417,14 +417,16 @@ def test_sigterm_drains_without_losing_a_request(fleet):
     async def long_stream(started: asyncio.Event):
         body = {"inputs": "long", "adapters": key.split("+"), "parameters": {"max_new_tokens": 400}}
         body["parameters"]["ignore_eos_token"] = True
-        async with httpx.AsyncClient(base_url=fleet.url, timeout=120) as client:
-            async with client.stream("POST", "/generate_stream", json=body, headers={"X-Adapters": key}) as response:
-                long["replica"] = response.headers.get("x-replica")
-                long["events"] = []
-                async for line in response.aiter_lines():
-                    if line.startswith("data:"):
-                        long["events"].append(json.loads(line[5:]))
-                        started.set()
+        async with (
+            httpx.AsyncClient(base_url=fleet.url, timeout=120) as client,
+            client.stream("POST", "/generate_stream", json=body, headers={"X-Adapters": key}) as response,
+        ):
+            long["replica"] = response.headers.get("x-replica")
+            long["events"] = []
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    long["events"].append(json.loads(line[5:]))
+                    started.set()
 
     async def drain(load):
         await load.started.wait()
