@@ -17,7 +17,7 @@ from server.api.schemas import ErrorResponse
 from server.api.serving import tenant_of
 from server.auth import Keyring
 from server.config import Settings
-from server.errors import NotReady, ShuttingDown
+from server.errors import Draining, NotReady
 from server.metrics import Metrics
 from server.state import ServerState
 
@@ -64,18 +64,20 @@ def create_app(settings: Settings) -> FastAPI:
         responses={503: {"model": ErrorResponse}},
     )
     async def health(request: Request) -> dict:
-        if request.app.state.mixserve.broken:
+        if request.app.state.mixserve.is_broken():
             raise NotReady(request.app.state.mixserve.broken)
         return {"status": "ok"}
 
     @app.get(
         "/ready",
         summary="200 when ready for traffic: model loaded, preloads done, not draining, the engine not stuck",
-        responses={503: {"model": ErrorResponse}},
+        responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
     )
     async def ready(request: Request) -> dict:
+        """404 while draining: HAProxy's `http-check disable-on-404` then sends no new requests and leaves the
+        started ones alone (a 503 marks the replica DOWN and its streams are cut); Kubernetes: any 4xx fails."""
         if request.app.state.traffic.draining:
-            raise ShuttingDown("draining: finishing in-flight requests before exiting")
+            raise Draining("draining: finishing in-flight requests before exiting")
         problem = request.app.state.mixserve.unready()
         if problem:
             raise NotReady(problem)

@@ -87,6 +87,13 @@ class NotReady(MixserveError):
     headers = {"Retry-After": "5"}
 
 
+class Draining(MixserveError):
+    """/ready while draining: 404 is what a balancer's `disable-on-404` reads as "no new requests, keep the rest"."""
+
+    status_code = 404
+    error_type = "unavailable"
+
+
 class RequestTimeout(MixserveError):
     status_code = 408
     error_type = "timeout"

@@ -19,6 +19,8 @@ from server.model import load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
+WEDGED_STALLS = 3  # a step stuck this many times MIXSERVE_STALL_SECONDS: broken (the liveness probe restarts it)
+
 
 @dataclass
 class ServerState:
@@ -37,12 +39,23 @@ class ServerState:
 
     def unready(self) -> str | None:
         """Why /ready fails beyond a drain (None: it does not): broken, or an engine stuck in a step."""
-        if self.broken:
+        if self.is_broken():
             return self.broken
         stalled = self.engine.stalled_for(time.monotonic())
         if stalled > self.settings.stall_seconds:
             return f"the engine has not finished a step for {stalled:.0f} s with requests (MIXSERVE_STALL_SECONDS)"
         return None
+
+    def is_broken(self) -> bool:
+        """Whether /health fails: set `broken` once the engine is wedged (a step stuck for 3 x MIXSERVE_STALL_SECONDS
+        with requests: a restart is the way out) or its thread has died."""
+        if not self.broken:
+            stalled = self.engine.stalled_for(time.monotonic())
+            if stalled > WEDGED_STALLS * self.settings.stall_seconds:
+                self.broken = f"the engine is wedged: no step finished for {stalled:.0f} s with requests"
+            elif not self.engine.alive:
+                self.broken = "the engine's thread has died"
+        return self.broken is not None
 
     @classmethod
     def start(cls, settings: Settings, metrics: Metrics | None = None) -> ServerState:

@@ -24,13 +24,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.api import serving
 from tests.conftest import REPO
 from tests.test_deploy import Replica, wait_until
 
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 DEMO_STORE = REPO / "adapters_store"
 COMBOS = ["", "digits", "digits+uppercase", "british", "excited+signoff", "signoff+british"]  # on every replica
-STOP_SECONDS = 12  # SIGSTOP: long enough that a client stuck with the stopped replica would be seen waiting
+STOP_SECONDS = 20  # SIGSTOP: long enough that a client stuck with the stopped replica would be seen waiting
 
 
 class Dns:
@@ -68,10 +69,10 @@ class Dns:
 class Fleet:
     """HAProxy with the repo's config, and replicas on 127.0.0.<n>, all on one port, found through the Dns."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, port: int | None = None, stream_timeout: str = "30s"):
         self.tmp = tmp
         self.dns = Dns()
-        self.port = _free_port_on(["127.0.0.1", *(f"127.0.0.{n}" for n in range(2, 10))])
+        self.port = port or _free_port_on(["127.0.0.1", *(f"127.0.0.{n}" for n in range(2, 10))])
         self.replicas: dict[str, Replica] = {}  # by address
         self.references: dict[Call, str] = {}
         self.lb_port = _free_port_on(["127.0.0.1"])
@@ -85,8 +86,10 @@ class Fleet:
             .replace("127.0.0.11:53", f"127.0.0.1:{self.dns.port}")
             .replace("mixserve:8000", f"mixserve:{self.port}")
             .replace("global\n", f"global\n    stats socket {self.admin} level admin\n", 1)
+            .replace("set-timeout server 30s", f"set-timeout server {stream_timeout}")
         )
         assert rendered.count(f"mixserve:{self.port}") == 2 and f"127.0.0.1:{self.dns.port}" in rendered
+        assert rendered.count(f"set-timeout server {stream_timeout} ") == 2
         (tmp / "haproxy.cfg").write_text(rendered)
         self.log = open(tmp / "haproxy.log", "w")  # noqa: SIM115
         self.haproxy = subprocess.Popen(
@@ -374,6 +377,14 @@ def test_scale_up_from_two_to_three_while_serving(fleet):
     assert "r4" in summary["replicas"]
 
 
+def test_metrics_and_the_operator_view_are_not_served_through_the_balancer(fleet):
+    """Percent-encoded paths included: uvicorn decodes /%6detrics to /metrics."""
+    for path in ("/metrics", "/%6detrics", "/operator", "/%6Fperator", "/%6f%70erator"):
+        response = httpx.get(f"{fleet.url}{path}", timeout=10)
+        assert response.status_code == 404 and response.json()["error_type"] == "http", (path, response.text[:80])
+    assert httpx.get(f"{fleet.replicas['127.0.0.2'].url}/%6detrics", timeout=10).status_code == 200  # as the replica
+
+
 def _not_found(replica: Replica) -> float:
     """How many 404s the replica has answered."""
     text = httpx.get(f"{replica.url}/metrics", timeout=10).text
@@ -397,19 +408,40 @@ def test_a_replica_missing_an_adapter_gets_its_requests_retried_elsewhere(fleet)
 
 
 def test_sigterm_drains_without_losing_a_request(fleet):
-    """The replica's /ready turns 503 and the balancer takes it out; what it had in flight finishes, new requests go
-    elsewhere (a 503 it sends meanwhile is retried), and it exits 0."""
-    victim, times = fleet.replicas["127.0.0.3"], {}
+    """The replica's /ready turns 404 and the balancer sends it nothing new (NOLB) without cutting what it has: a
+    long stream it had started when signalled finishes with its final event, new requests go elsewhere (a 503 it
+    sends meanwhile is retried), and it exits 0."""
+    victim, times, long = fleet.replicas["127.0.0.3"], {}, {}
+    key = _key_on(fleet, "r3")
+
+    async def long_stream(started: asyncio.Event):
+        body = {"inputs": "long", "adapters": key.split("+"), "parameters": {"max_new_tokens": 400}}
+        body["parameters"]["ignore_eos_token"] = True
+        async with (
+            httpx.AsyncClient(base_url=fleet.url, timeout=120) as client,
+            client.stream("POST", "/generate_stream", json=body, headers={"X-Adapters": key}) as response,
+        ):
+            long["replica"] = response.headers.get("x-replica")
+            long["events"] = []
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    long["events"].append(json.loads(line[5:]))
+                    started.set()
 
     async def drain(load):
         await load.started.wait()
         await load.answered(3)
+        started = asyncio.Event()
+        streaming = asyncio.create_task(long_stream(started))
+        await started.wait()
         signalled = time.monotonic()
         victim.process.send_signal(signal.SIGTERM)
+        times["long_at_signal"] = len(long["events"])
         await asyncio.to_thread(wait_until, lambda: "127.0.0.3" not in fleet.up(either=True), 30, "r3 out")
         times["out"] = time.monotonic() - signalled
         times["exit"] = await asyncio.to_thread(victim.process.wait, 60)
         times["exited"] = time.monotonic() - signalled
+        await streaming
         await load.answered(6)
         load.stop.set()
 
@@ -417,7 +449,10 @@ def test_sigterm_drains_without_losing_a_request(fleet):
     fleet.forget(victim)
     summary = report("SIGTERM", outcomes)
     print(f"out of the balancer {times['out']:.1f} s after SIGTERM; exit {times['exit']} after {times['exited']:.1f} s")
+    print(f"the long stream on r3: {times['long_at_signal']} of 400 tokens at SIGTERM, {len(long['events'])} in all")
     assert summary["failed"] == [] and times["exit"] == 0
+    assert long["replica"] == "r3" and times["long_at_signal"] < 400
+    assert len(long["events"]) == 400 and long["events"][-1]["generated_text"] is not None  # its final event
     fleet.check(outcomes)
 
 
@@ -489,7 +524,7 @@ def test_a_stopped_replica_is_taken_out_and_its_keys_move_and_come_back(fleet):
     print("the key's replicas, in order:", keyed)
     fleet.check(outcomes)
     _only_started_streams_lost(outcomes)
-    assert summary["max_seconds"] < STOP_SECONDS - 4  # nobody waited for the stopped replica to resume
+    assert summary["max_seconds"] < 6  # nobody waited for the stopped replica to resume (the issue: ~5 s)
     assert {"r4"} < set(keyed)  # it moved
     answers = [asyncio.run(_send_once(fleet.url, work[0])) for _ in range(3)]
     assert [a.replica for a in answers] == ["r4"] * 3  # and came back
@@ -513,3 +548,32 @@ def test_sigkill_loses_only_streams_that_had_started_and_their_clients_see_it(fl
     fleet.check(outcomes)
     _only_started_streams_lost(outcomes)
     assert 1 <= len(summary["failed"]) < len(outcomes)  # it was killed mid-stream
+
+
+def test_a_started_stream_quiet_for_longer_than_the_stream_timeout_is_not_cut(tmp_path, serve, llama, monkeypatch):
+    """The balancer's stream timeout (here 3 s) is an inactivity timeout: an engine that pauses 6 s once a stream has
+    started (a preemption, a long prefill) would get it cut but for the keep-alive comments the replica sends."""
+    monkeypatch.setattr(serving, "KEEP_ALIVE_SECONDS", 0.5)
+    server = serve(llama.settings())
+    engine, step, paused = server.state.engine, server.state.engine.step, []
+
+    def pausing_step():
+        if not paused and any(seq.first_token_at for seq in engine.runner.rows):  # its first token went out
+            paused.append(time.monotonic())
+            time.sleep(6)
+        return step()
+
+    monkeypatch.setattr(engine, "step", pausing_step)
+    fleet = Fleet(tmp_path, port=int(server.url.rsplit(":", 1)[1]), stream_timeout="3s")
+    try:
+        fleet.dns.addresses.append("127.0.0.1")
+        fleet.wait_serving({"127.0.0.1"})
+        body = {"inputs": "x", "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
+        with httpx.stream("POST", f"{fleet.url}/generate_stream", json=body, timeout=60) as response:
+            lines = list(response.iter_lines())
+        events = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
+        assert paused and len(events) == 200 and events[-1]["generated_text"] is not None, lines[-3:]
+        assert lines.count(": keep-alive") >= 3
+    finally:
+        monkeypatch.undo()
+        fleet.close()

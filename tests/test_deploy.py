@@ -93,7 +93,7 @@ def test_sigterm_drains_streams_refuses_new_work_and_exits_zero(llama, tmp_path)
     assert started.wait(60)
     signalled = time.monotonic()
     replica.process.send_signal(signal.SIGTERM)
-    wait_until(lambda: httpx.get(f"{replica.url}/ready", timeout=1).status_code == 503, what="/ready 503")
+    wait_until(lambda: httpx.get(f"{replica.url}/ready", timeout=1).status_code == 404, what="/ready 404")
     refused = httpx.post(f"{replica.url}/generate", json={"inputs": "new"}, timeout=10)
     assert (
         refused.status_code == 503 and refused.headers["retry-after"] and refused.json()["error_type"] == "unavailable"
@@ -156,6 +156,7 @@ def test_compose_agrees_with_the_dockerfile_and_the_balancer():
     assert server["expose"] == ["8000"] and config.count("server-template mixserve 1-16 mixserve:8000") == 2
     assert "nameserver dns 127.0.0.11:53" in config  # Docker's DNS: every container of the service
     assert "/ready" in " ".join(server["healthcheck"]["test"]) and "option httpchk GET /ready" in config
+    assert "http-check disable-on-404" in config  # /ready's 404 while draining: no new requests, streams kept
     drain = float(server["environment"]["MIXSERVE_DRAIN_SECONDS"])
     assert float(server["stop_grace_period"].rstrip("s")) > drain
     assert "./deploy/haproxy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in balancer["volumes"]

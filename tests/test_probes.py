@@ -14,7 +14,7 @@ from tests.test_deploy import wait_until
 
 @pytest.fixture(scope="module")
 def server(serve, llama):
-    return serve(llama.settings(stall_seconds=0.5))
+    return serve(llama.settings(stall_seconds=1))
 
 
 @pytest.fixture()
@@ -24,6 +24,8 @@ def held(server):
     server.state.engine.call(gate.wait)
     yield server, gate
     gate.set()
+    wait_until(lambda: server.state.engine.stalled_for(time.monotonic()) == 0, 30, "the engine turning")
+    server.state.broken = None  # held long enough, the engine counts as wedged
 
 
 def _stream(url: str, path: str, body: dict, answer: dict) -> threading.Thread:
@@ -85,4 +87,30 @@ def test_broken_fails_health_and_ready(server):
             assert response.status_code == 503
             assert response.json() == {"error": server.state.broken, "error_type": "unavailable"}
     finally:
+        server.state.broken = None
+
+
+def test_an_engine_stuck_for_three_stall_periods_is_broken_and_fails_health(held):
+    """/ready fails after MIXSERVE_STALL_SECONDS; 3 times that, /health fails too (the liveness probe restarts it)."""
+    server, gate = held
+    answer: dict = {}
+    thread = _stream(server.url, "/generate_stream", {"inputs": "x", "parameters": {"max_new_tokens": 4}}, answer)
+    wait_until(lambda: httpx.get(f"{server.url}/health", timeout=5).status_code == 503, 30, "/health 503")
+    assert "wedged" in httpx.get(f"{server.url}/health", timeout=5).json()["error"]
+    assert server.state.engine.stalled_for(time.monotonic()) > 3 * server.state.settings.stall_seconds
+    gate.set()
+    thread.join(30)
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 503  # broken stays: a restart is the way out
+
+
+def test_an_engine_thread_that_died_fails_health(server, monkeypatch):
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    monkeypatch.setattr(server.state.engine, "_thread", dead)
+    try:
+        response = httpx.get(f"{server.url}/health", timeout=5)
+        assert response.status_code == 503 and "thread has died" in response.json()["error"]
+    finally:
+        monkeypatch.undo()
         server.state.broken = None

@@ -24,6 +24,7 @@ from server.state import ServerState
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_SECONDS = 0.1
+KEEP_ALIVE_SECONDS = 2.0  # a started stream's longest silence: a balancer's inactivity timeout (30 s) never cuts it
 MOUNT_THREADS = 4  # per mounted source: how many of its adapters may be fetched at once
 _mount_pools: dict[str, ThreadPoolExecutor] = {}
 _flights: dict[tuple[object, str], asyncio.Future] = {}  # (the store, a mounted adapter) -> its fetch under way
@@ -118,14 +119,34 @@ def result_headers(seq: Sequence) -> dict[str, str]:
     }
 
 
+async def _kept_alive(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Each event as a `data:` line, and an SSE comment (which clients ignore) after each KEEP_ALIVE_SECONDS without
+    one: a stream paused (preempted, or behind a long prefill) is never idle long enough for a proxy to cut it."""
+    pending = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(events, None))
+            done, _ = await asyncio.wait({pending}, timeout=KEEP_ALIVE_SECONDS)
+            if not done:
+                yield ": keep-alive\n\n"
+                continue
+            event, pending = pending.result(), None
+            if event is None:
+                return
+            yield f"data: {event}\n\n"
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
 async def event_stream(
     request: Request, events: AsyncIterator[str], handles, headers: dict[str, str], openai: bool
 ) -> StreamingResponse:
     """Each of `events` (JSON text) as a server-sent `data:` event, then OpenAI's `[DONE]` if `openai`. The status
     line and headers go out with the first token: until then the request fails as a non-streamed one does (an error
     status, which a load balancer may retry on another replica); after it, an error ends the stream with an event in
-    the routes' error shape. The handles are cancelled when the stream ends, which frees their rows if the client
-    went away."""
+    the routes' error shape, and a silence of KEEP_ALIVE_SECONDS gets a comment line. The handles are cancelled when
+    the stream ends, which frees their rows if the client went away."""
     events = aiter(events)
     early: list[str] = []  # events before the first token (OpenAI's role chunk, an echo): sent with it
     ended = False
@@ -146,8 +167,8 @@ async def event_stream(
             for event in early:
                 yield f"data: {event}\n\n"
             if not ended:
-                async for event in events:
-                    yield f"data: {event}\n\n"
+                async for event in _kept_alive(events):
+                    yield event
             if openai:
                 yield "data: [DONE]\n\n"
         except MixserveError as exc:

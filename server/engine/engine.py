@@ -115,6 +115,11 @@ class Engine:
     def running(self) -> int:
         return len(self.runner.rows)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the loop's thread runs (or has not been started, or was stopped): False once it died of an error."""
+        return self._thread.is_alive() or self._stopping or self._thread.ident is None
+
     def stalled_for(self, now: float) -> float:
         """Seconds since the loop last turned while it has requests (0 without): a stuck step (from any thread)."""
         return now - self.progress_at if self.running or self._queued else 0.0
