@@ -31,7 +31,6 @@ from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams, TokenChooser
 from server.engine.sequence import EventOutbox, GenerationRequest, Sequence
 
-
 TOKENIZER = ByT5Tokenizer()
 
 

@@ -27,8 +27,8 @@ import httpx
 from bench.common import (
     ADAPTERS,
     HEADER,
-    add_device_arguments,
     Result,
+    add_device_arguments,
     build_bench_model,
     combinations,
     describe_run,

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import server.state
-from server.adapters import host, registry as registry_module
+from server.adapters import host
+from server.adapters import registry as registry_module
 from server.engine.fatal import device_fatal
 from tests.conftest import DEVICE, on_cpu_only
 

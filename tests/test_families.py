@@ -25,8 +25,8 @@ from server.engine.sequence import GenerationRequest
 from server.errors import AdapterInvalid
 from server.model import encode_prompt
 from server.state import ServerState
-from tests.families import ADAPTERS, DECODER, FAMILIES, PEFT_CANNOT_BUILD, WINDOW, build_family
 from tests.conftest import ATOL, DEVICE, DTYPE, EXACT, dtype_name, private_model
+from tests.families import ADAPTERS, DECODER, FAMILIES, PEFT_CANNOT_BUILD, WINDOW, build_family
 from tests.reference import reference_logits
 
 NEW_TOKENS = 8

@@ -138,8 +138,8 @@ def test_oft_at_a_weight_is_its_float32_rotation_cast_once(dtype, neumann):
     generator and cast to the serving dtype once. Tolerance: none, it is the same computation."""
     from peft import OFTConfig
 
-    from server.adapters.kinds.oft import OFTKind, _cayley
     from server.adapters.kinds.base import LayerShape
+    from server.adapters.kinds.oft import OFTKind, _cayley
 
     torch.manual_seed(0)
     size, in_features = 8, 64

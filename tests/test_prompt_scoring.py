@@ -35,8 +35,10 @@ def expected_rows(llama, tokenizer, names: list[str], ids: list[int], k: int) ->
     for position, token in enumerate(ids[1:]):
         values, top = logprobs[position].topk(k)
         row = {}
-        for text, value in [*zip(map(tokenizer.decode, ([t] for t in top.tolist())), values.tolist()),
-                            (tokenizer.decode([token]), float(logprobs[position, token]))]:
+        for text, value in [
+            *zip(map(tokenizer.decode, ([t] for t in top.tolist())), values.tolist()),
+            (tokenizer.decode([token]), float(logprobs[position, token])),
+        ]:
             row[text] = max(value, row.get(text, -float("inf")))
         taken.append(float(logprobs[position, token]))
         tops.append(row)

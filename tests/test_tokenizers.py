@@ -252,7 +252,7 @@ def test_a_grammar_that_spells_an_added_token_lets_the_model_write_it():
     """Qwen2.5's `<tool_call>` is an added token that is not special: where the grammar's text spells it, the mask
     offers it (as llguidance tokenizes forced text: the one token), and a model that writes it out instead is
     followed too; the answer has the text either way."""
-    from server.engine.constraints import Grammars, GrammarSpec, fill_masks, allowed
+    from server.engine.constraints import Grammars, GrammarSpec, allowed, fill_masks
 
     tokenizer = tokenizer_kinds.build("chat")
     grammars = Grammars(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))

@@ -99,9 +99,7 @@ async def info(request: Request) -> Info:
     )
 
 
-@router.post(
-    "/tokenize", response_model=list[TokenizedToken] | PromptTokenizeResponse, summary="The tokens of a text"
-)
+@router.post("/tokenize", response_model=list[TokenizedToken] | PromptTokenizeResponse, summary="The tokens of a text")
 async def tokenize(
     body: TokenizeRequest | PromptTokenizeRequest, request: Request
 ) -> list[TokenizedToken] | PromptTokenizeResponse:

@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+
 from server.engine.constraints import mask_constrained
 
 GREEDY_TEMPERATURE = 1e-5
@@ -114,7 +115,9 @@ def sample(rows: list, logits: torch.Tensor, choosable: int | None = None) -> li
                     failed[row] = exc
         special = [row for row in special if row not in failed]
     if special:
-        special, chosen = _choose_isolated(rows, special, [masked.get(r, scores[r : r + 1]) for r in special], noise, failed)
+        special, chosen = _choose_isolated(
+            rows, special, [masked.get(r, scores[r : r + 1]) for r in special], noise, failed
+        )
     if special:
         tokens = tokens.index_copy(0, torch.tensor(special, device=tokens.device), chosen)
     processed = [r for r, m in masked.items() if r not in failed and rows[r].request.params.processed_logprobs]
@@ -184,11 +187,16 @@ def _choose(seqs: list, logits: list[torch.Tensor], noise: dict[int, torch.Tenso
     if any(p.frequency_penalty or p.presence_penalty for p in params):
         generated = [(seq.request.prompt_ids + seq.tokens)[seq.chooser.prompt_length :] for seq in seqs]
         counts = _token_counts(generated, vocab, device)
-        frequency, presence = column([p.frequency_penalty for p in params]), column([p.presence_penalty for p in params])
+        frequency, presence = (
+            column([p.frequency_penalty for p in params]),
+            column([p.presence_penalty for p in params]),
+        )
         scores = scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
     sampling = [seq.chooser.generator is not None for seq in seqs]
     if any(sampling):
-        temperature = [p.temperature if s and p.temperature not in (None, 1.0) else None for p, s in zip(params, sampling)]
+        temperature = [
+            p.temperature if s and p.temperature not in (None, 1.0) else None for p, s in zip(params, sampling)
+        ]
         if any(t is not None for t in temperature):
             scores = scores / column([1.0 if t is None else t for t in temperature])
         top_k = [min(p.top_k, vocab) if s and p.top_k else 0 for p, s in zip(params, sampling)]
@@ -216,7 +224,9 @@ def _choose(seqs: list, logits: list[torch.Tensor], noise: dict[int, torch.Tenso
         probs = torch.softmax(scores.index_select(0, index), dim=-1)
         draws = torch.stack([noise[rows[i]] for i in drawn]).to(device)
         # a +max score beside others gives no finite probabilities: all mass on the largest
-        sampled = torch.where(probs.isfinite().all(dim=-1), (probs / draws).argmax(dim=-1), tokens.index_select(0, index))
+        sampled = torch.where(
+            probs.isfinite().all(dim=-1), (probs / draws).argmax(dim=-1), tokens.index_select(0, index)
+        )
         tokens = tokens.index_copy(0, index, sampled)
     return tokens
 
