@@ -83,9 +83,7 @@ class IsolatedPasses:
                 self.fail(seqs[0], exc)
                 return [], None
             log.warning("prefill of %d requests failed (%s); prefilling each alone", len(seqs), exc)
-        outcomes = [self._prefill([seq]) for seq in seqs]
-        logits = [rows for _, rows in outcomes if rows is not None]
-        return [seq for kept, _ in outcomes for seq in kept], torch.cat(logits) if logits else None
+        return _joined([self._prefill([seq]) for seq in seqs])
 
     def _score_prompts(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The logprob of each prompt token given those before it, and the top ones where asked, in a pass of their
@@ -96,9 +94,7 @@ class IsolatedPasses:
             return [], None
         groups = _under_score_bytes(seqs, self.runner.model.config.vocab_size)
         if len(groups) > 1:
-            outcomes = [self._score_prompts(group) for group in groups]
-            logits = [rows for _, rows in outcomes if rows is not None]
-            return [seq for kept, _ in outcomes for seq in kept], torch.cat(logits) if logits else None
+            return _joined([self._score_prompts(group) for group in groups])
         try:
             return seqs, self._score(seqs)
         except Exception as exc:
@@ -106,9 +102,7 @@ class IsolatedPasses:
                 self.fail(seqs[0], exc)
                 return [], None
             log.warning("scoring %d prompts failed (%s); scoring each alone", len(seqs), exc)
-        outcomes = [self._score_prompts([seq]) for seq in seqs]
-        logits = [rows for _, rows in outcomes if rows is not None]
-        return [seq for kept, _ in outcomes for seq in kept], torch.cat(logits) if logits else None
+        return _joined([self._score_prompts([seq]) for seq in seqs])
 
     def _score(self, seqs: list[Sequence]) -> torch.Tensor:
         prompts = [seq.request.prompt_ids for seq in seqs]
@@ -129,6 +123,12 @@ class IsolatedPasses:
                 pairs = zip(top[row][: n - 1], values[row][: n - 1], strict=True)
                 seq.prompt_alternatives = [[], *(list(zip(t[:own], v[:own], strict=True)) for t, v in pairs)]
         return logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1]
+
+
+def _joined(outcomes: list[tuple[list[Sequence], torch.Tensor | None]]) -> tuple[list[Sequence], torch.Tensor | None]:
+    """The passes' (sequences kept, their logits) as one, in order."""
+    logits = [rows for _, rows in outcomes if rows is not None]
+    return [seq for kept, _ in outcomes for seq in kept], torch.cat(logits) if logits else None
 
 
 def _under_score_bytes(seqs: list[Sequence], vocab: int) -> list[list[Sequence]]:
