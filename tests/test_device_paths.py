@@ -169,3 +169,22 @@ def test_out_of_memory_stays_the_failure_of_the_pass_that_met_it(serve, llama, m
     events = _stream(running, new_tokens=8)
     assert not failures and len(events) == 8 and "error" not in events[-1]
     assert exits == [] and httpx.get(f"{running.url}/health", timeout=30).status_code == 200
+
+
+def test_a_device_error_in_prompt_scoring_is_no_requests_fault():
+    """Scoring prompts (echo with logprobs) hands a device error up to the engine, as prefill and decode do, instead
+    of failing the prompts one by one on a broken device."""
+    from types import SimpleNamespace
+
+    from server.engine.passes import IsolatedPasses
+
+    def score(*args):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    runner = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(vocab_size=16)), pad_id=0, score=score)
+    failed = []
+    passes = IsolatedPasses(runner, lambda seq, exc: failed.append(seq), lambda seq: None)
+    seqs = [SimpleNamespace(request=SimpleNamespace(prompt_ids=[1, 2, 3]), slots=(), weights=()) for _ in range(2)]
+    with pytest.raises(torch.AcceleratorError):
+        passes._score_prompts(seqs)
+    assert failed == []

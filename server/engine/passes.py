@@ -98,6 +98,7 @@ class IsolatedPasses:
         try:
             return seqs, self._score(seqs)
         except Exception as exc:
+            raise_if_device_fatal(exc)  # not these prompts' fault: the step's handler stops the engine
             if len(seqs) == 1:
                 self.fail(seqs[0], exc)
                 return [], None
