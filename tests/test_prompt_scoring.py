@@ -126,6 +126,8 @@ def test_the_base_model_answers_to_its_served_name_folder_and_path(server, llama
         assert text(f"{prefix}:oft+lora@0.5") == mix
     unknown = completion(server, model=f"{path}:nothing", prompt="Hello", max_tokens=1)
     assert unknown.status_code == 404 and "nothing" in unknown.json()["error"]["message"]
+    empty = completion(server, model=f"{folder}:", prompt="Hello", max_tokens=1)
+    assert empty.status_code == 422 and "names no adapter" in empty.json()["error"]["message"]
 
 
 def test_vllm_tokenizer_routes(server, llama):

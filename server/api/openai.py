@@ -133,12 +133,15 @@ async def _adapters(state: ServerState, request: Request, body) -> Combination:
 
 
 def _named(base_ids: list[str], model: str) -> list[tuple[str, float]] | None:
-    """The adapters `model` names: none for a base id, those after '<base>:', else the whole of it."""
+    """The adapters `model` names: none for a base id (which wins over an adapter of the same name), those after
+    '<base>:', else the whole of it."""
     for base in sorted(base_ids, key=len, reverse=True):
         if model == base:
             return []
         if model.startswith(f"{base}:"):
-            return validation.split_adapter_id(model[len(base) + 1 :]) or []
+            if not model[len(base) + 1 :]:
+                raise ValidationError(f"model: {model!r} names no adapter after the base; the base alone is {base!r}")
+            return validation.split_adapter_id(model[len(base) + 1 :])
     return validation.split_adapter_id(model)
 
 
