@@ -8,16 +8,18 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import random
 import re
 
 import httpx
 import jsonschema
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
 
 from server.config import Settings
 from server.demo import tiny
+from server.engine.output import GeneratedText
 from tests import tokenizer_kinds
 from tests.conftest import ServerThread
 
@@ -162,7 +164,6 @@ def test_every_route_gives_the_full_decode_of_its_tokens(setup, client):
 
 
 def test_a_stop_sequence_cuts_the_full_decode_also_inside_a_character(setup, client):
-    _, tokenizer, _ = setup
     full = generate(client, **SAMPLED)["generated_text"]
     wide = [i for i, char in enumerate(full) if len(char.encode()) > 1 and char != "\ufffd" and i >= 1]
     end = wide[0] + 1 if wide else min(len(full), 6)  # a stop ending in a character of several bytes, if any
@@ -296,7 +297,7 @@ def test_processed_logprobs_are_those_the_constraint_leaves(setup, client):
 @pytest.mark.parametrize("setup", ["byte-level"], indirect=True)
 def test_an_unexpected_500_keeps_the_keep_alive_connection(setup, monkeypatch):
     """One connection (http.client never reconnects by itself): a request that fails unexpectedly, then another."""
-    import server.api.native as native
+    from server.api import native
 
     _, _, server = setup
 
@@ -345,3 +346,27 @@ def test_masks_filled_by_llguidance_threads_equal_masks_filled_one_by_one():
         constraint.executor = llguidance.LLExecutor(num_threads=2)
     assert torch.equal(fill_masks(constraints, len(tokenizer)), alone)
     assert len({tuple(row.tolist()) for row in alone}) > 1
+
+
+def test_the_clean_up_of_a_growing_text_equals_the_whole_clean_up_and_costs_its_new_end_only(monkeypatch):
+    whole, cleaned = PreTrainedTokenizerBase.clean_up_tokenization, []
+
+    def counting(self, text: str) -> str:
+        cleaned.append(len(text))
+        return whole(self, text)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "clean_up_tokenization", counting)
+    rng, text = random.Random(0), GeneratedText.__new__(GeneratedText)
+    text.tokenizer = PreTrainedTokenizerBase.__new__(PreTrainedTokenizerBase)
+    for _ in range(300):
+        text._raw, text._cleaned, text._cleaned_to = "", "", 0
+        for _ in range(rng.randint(1, 30)):
+            text._raw += "".join(rng.choice(" .?!,'ntmsvreax\n") for _ in range(rng.randint(0, 4)))
+            assert text._cleaned_up() == whole(None, text._raw), text._raw
+
+    cleaned.clear()
+    text._raw, text._cleaned, text._cleaned_to = "", "", 0
+    for _ in range(2000):
+        text._raw += " word,"
+        text._cleaned_up()
+    assert sum(cleaned) < 10 * len(text._raw)  # the whole text each time would be ~1000x

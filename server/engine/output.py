@@ -11,10 +11,15 @@ from __future__ import annotations
 import codecs
 import re
 
+from transformers import PreTrainedTokenizerBase
+
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback (Llama 2, Mistral, Gemma)
 # clean_up_tokenization replaces ten patterns one after the other; adding text can change the cleaned text's last
 # sum(len(pattern) - 1) = 19 characters at most, never before them
 CLEAN_UP_REACH = 19
+# No clean-up pattern holds these characters, nor deletes one: text that ends with one of them cleans up the same alone
+# as followed by anything, so the clean-up runs on the text after the last of them only
+_OUTSIDE_CLEAN_UP = re.compile(r"[^ .?!,'ntmsvre](?=[ .?!,'ntmsvre]*\Z)")
 
 
 class GeneratedText:
@@ -39,6 +44,7 @@ class GeneratedText:
         self._prefix = 0  # the window decoded for each token starts here
         self._read = 0  # tokens up to here are in _raw
         self._raw = ""  # the decode of tokens[:_read], without clean-up
+        self._cleaned, self._cleaned_to = "", 0  # the clean-up of _raw[:_cleaned_to]
         self._special = frozenset(tokenizer.all_special_ids)
         self._bytes = _byte_decoder(tokenizer, self._special)  # the byte tokenizer's decode, token by token
 
@@ -77,7 +83,7 @@ class GeneratedText:
         return self._decode(self._tokens[self._prefix : self._read]), self._decode(self._tokens[self._prefix :])
 
     def _piece(self, final: bool) -> str:
-        full = self.tokenizer.clean_up_tokenization(self._raw) if self.clean_up else self._raw
+        full = self._cleaned_up() if self.clean_up else self._raw
         held = 0 if final or not self.clean_up else CLEAN_UP_REACH
         if self.stops:
             start = max(0, len(self.text) - max(map(len, self.stops)))
@@ -88,6 +94,18 @@ class GeneratedText:
         piece = full[len(self.text) : max(len(self.text), len(full) - held)]
         self.text += piece
         return piece
+
+    def _cleaned_up(self) -> str:
+        """The clean-up of _raw, at the cost of its end since the last character that no pattern touches (transformers'
+        own clean-up; a tokenizer's override of it runs on the whole text)."""
+        clean = self.tokenizer.clean_up_tokenization
+        if getattr(clean, "__func__", None) is not PreTrainedTokenizerBase.clean_up_tokenization:
+            return clean(self._raw)
+        safe = _OUTSIDE_CLEAN_UP.search(self._raw, self._cleaned_to)
+        if safe is not None:
+            self._cleaned += clean(self._raw[self._cleaned_to : safe.end()])
+            self._cleaned_to = safe.end()
+        return self._cleaned + clean(self._raw[self._cleaned_to :])
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
