@@ -3,7 +3,7 @@ live demo servers: the demo opens on base vs pirate vs pirate+british; two combi
 side, give /generate's text; a token shows its logprob and alternatives; the copy-as snippets (curl, openai,
 huggingface_hub) run and give the column's text; a sweep of one adapter's weight gives one column per weight, each
 /generate's text at that weight; a merge built on the page, a JSON-schema column, a named tool call and an invalid
-schema, each as the API answers them; a shared link restores the columns and their texts; the API-key prompt and a
+schema, each as the API answers them; a regex set for every column; a shared link restores the columns and their texts; the API-key prompt and a
 tenant's view in every picker. Over HTTP: which of the page's paths are public, GET /operator, and the wheel shipping
 the page.
 
@@ -297,13 +297,12 @@ def test_a_sweep_gives_one_column_per_weight_as_generate_answers(demo, browser):
     browser.find_element(By.ID, "sweep-run").click()
     assert [combination_of(c) for c in columns(browser)] == ["pirate@0", "pirate@0.3", "pirate@0.6", "pirate"]
     assert weight_field(browser, "pirate", 2).get_attribute("value") == "0.3"
-    fill(browser, "max-tokens", "40")
-    browser.find_element(By.ID, "generate").click()
+    browser.find_element(By.ID, "generate").click()  # 80 tokens, as the README's curl examples of these weights
     wait_until_generated(browser, 4)
 
     shown = columns(browser)
     weights = [0, 0.3, 0.6, 1]
-    answers = [generate(demo, [{"name": "pirate", "weight": w}], DEMO_PROMPT, 40) for w in weights]
+    answers = [generate(demo, [{"name": "pirate", "weight": w}], DEMO_PROMPT, 80) for w in weights]
     assert [combination_of(c) for c in shown] == [a.headers["x-adapters"] or "base model" for a in answers]
     assert [combination_of(c) for c in shown] == ["base model", "pirate@0.3", "pirate@0.6", "pirate"]
     texts = [text_of(browser, c) for c in shown]
@@ -445,6 +444,28 @@ def test_a_merge_json_schema_and_tool_call_column_each_as_the_api_answers(demo, 
     ]
     assert kinds == ["text", "json", "tool", "json"]
     assert parsed_of(again[2])[0] == "valid"
+
+
+def test_one_output_mode_for_every_column_a_regex(demo, browser):
+    open_ready(browser, demo)
+    wait_until_generated(browser, 3)
+    select(browser, "Output of column 1", "regex")
+    regex = "(Arr|Hello), [a-z ]{1,20}\\."
+    fill_element(browser.find_element(By.CSS_SELECTOR, 'input[aria-label="Regex of column 1"]'), regex)
+    browser.find_element(By.CSS_SELECTOR, 'button[aria-label="Use column 1\'s output mode in every column"]').click()
+    fill(browser, "max-tokens", "40")
+    browser.find_element(By.ID, "generate").click()
+    wait_until_generated(browser, 3)
+    grammar = {"type": "regex", "value": regex}
+    for column, adapters in zip(columns(browser), [[], ["pirate"], ["pirate", "british"]], strict=True):
+        expected = generate(demo, adapters, DEMO_PROMPT, 40, grammar=grammar).json()["generated_text"]
+        assert text_of(browser, column) == expected
+        assert parsed_of(column) == ("valid", "Matches the regex.")
+
+
+def fill_element(field, value: str) -> None:
+    field.clear()
+    field.send_keys(value)
 
 
 # --- over HTTP

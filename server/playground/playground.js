@@ -197,7 +197,7 @@ function pick(column, name, on) {
 
 function renderSweep() {
   const select = $("#sweep-adapter");
-  const chosen = select.value;
+  const chosen = select.value || page.columns[0]?.entries[0]?.name; // a restored sweep shows its adapter
   select.replaceChildren(...pickable().map((a) => cell("option", a.name, { value: a.name, selected: a.name === chosen })));
   $("#sweep-run").disabled = !select.options.length;
 }
