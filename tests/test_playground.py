@@ -414,6 +414,7 @@ def test_a_merge_json_schema_and_tool_call_column_each_as_the_api_answers(demo, 
     jsonschema.validate(json.loads(texts[2]), TOOL["parameters"])
     assert parsed_of(shown[2]) == ("valid", "Valid against count_animals's parameters.")
     assert "Call count_animals" in shown[2].find_element(By.CLASS_NAME, "parsed").text
+    assert f"{reply['usage']['completion_tokens']} tokens" in shown[2].find_element(By.CLASS_NAME, "stats").text
 
     refused = call(
         demo,
@@ -429,7 +430,10 @@ def test_a_merge_json_schema_and_tool_call_column_each_as_the_api_answers(demo, 
 
     # the tool column's snippets, run, write the call's arguments; the JSON column's curl gives its text
     assert run_python(snippet(browser, shown[2], "openai")) == texts[2]
+    assert run_python(snippet(browser, shown[2], "hub")) == texts[2]
     assert run_curl(snippet(browser, shown[1], "curl")) == texts[1]
+    assert run_python(snippet(browser, shown[1], "openai")) == texts[1]  # vLLM's guided_json
+    assert run_python(snippet(browser, shown[1], "hub")) == texts[1]  # TGI's grammar
 
     # the shared link brings back the merge, the modes and the texts
     link = browser.current_url

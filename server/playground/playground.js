@@ -422,7 +422,6 @@ function showMode(column) {
   for (const kind of ["json", "regex", "tool"]) {
     view.querySelectorAll(`.mode-${kind}`).forEach((field) => (field.hidden = mode.kind !== kind));
   }
-  $(".copy button[data-format=hub]", view).hidden = mode.kind === "tool"; // huggingface_hub: text_generation only here
 }
 
 // --- generating: /generate_stream, or /v1/chat/completions for a tool call
@@ -507,8 +506,9 @@ async function run(column, s, signal) {
   let last = null;
   let finish = "";
   const calls = []; // a chat answer's tool calls: {name, arguments}
+  let usage = null; // a chat answer's last chunk counts its tokens: a call's opening is not streamed as text
   const show = () => {
-    const parts = [`${column.tokens.length} tokens`];
+    const parts = [`${usage?.completion_tokens ?? column.tokens.length} tokens`];
     if (first !== null) parts.unshift(`time to first token ${Math.round(first - started)} ms`);
     if (column.tokens.length > 1) parts.push(`${((column.tokens.length - 1) / ((last - first) / 1000)).toFixed(1)} tokens/s`);
     if (finish) parts.push(finish);
@@ -530,6 +530,7 @@ async function run(column, s, signal) {
       const problem = messageOf(event);
       if (problem) throw new Error(problem);
       if (chat) {
+        usage = event.usage ?? usage;
         const choice = event.choices?.[0];
         if (!choice) continue;
         const text = readDelta(choice.delta ?? {}, calls);
@@ -782,7 +783,7 @@ function showSnippet(column, format) {
   try {
     const sent = column.request ?? request(column, settings());
     const chat = sent.path !== "/generate_stream";
-    const write = { curl: curlSnippet, openai: chat ? openaiChatSnippet : openaiSnippet, hub: hubSnippet }[format];
+    const write = { curl: curlSnippet, openai: chat ? openaiChatSnippet : openaiSnippet, hub: chat ? hubChatSnippet : hubSnippet }[format];
     text = write(sent);
   } catch (error) {
     text = `Cannot write this request: ${error.message}`;
@@ -855,8 +856,8 @@ function openaiSnippet({ body, spec }) {
   ].join("\n");
 }
 
-function openaiChatSnippet({ body, spec }) {
-  const args = [
+function chatArguments({ body, spec }) {
+  return [
     `model=${py(spec || page.info.model_id)}`,
     `messages=${py(body.messages)}`,
     `tools=${py(body.tools)}`,
@@ -866,19 +867,41 @@ function openaiChatSnippet({ body, spec }) {
     ...(body.seed != null ? [`seed=${body.seed}`] : []),
     "stream=True",
   ];
+}
+
+// both clients stream a chat answer alike: its text, then each call's arguments as written
+const CHAT_LOOP = [
+  "    if not chunk.choices:",
+  "        continue",
+  "    delta = chunk.choices[0].delta",
+  '    print(delta.content or "", end="")',
+  "    for call in delta.tool_calls or []:",
+  '        print(call.function.arguments or "", end="", flush=True)',
+  "print()",
+];
+
+function openaiChatSnippet(sent) {
   return [
     ...openaiClient(),
     "stream = client.chat.completions.create(",
-    ...args.map((a) => `    ${a},`),
+    ...chatArguments(sent).map((a) => `    ${a},`),
     ")",
     "for chunk in stream:",
-    "    if not chunk.choices:",
-    "        continue",
-    "    delta = chunk.choices[0].delta",
-    '    print(delta.content or "", end="")',
-    "    for call in delta.tool_calls or []:",
-    '        print(call.function.arguments or "", end="", flush=True)',
-    "print()",
+    ...CHAT_LOOP,
+  ].join("\n");
+}
+
+function hubChatSnippet(sent) {
+  const [imports, key] = pythonKey();
+  return [
+    ...(imports ? [imports] : []),
+    "from huggingface_hub import InferenceClient",
+    "",
+    `client = InferenceClient(base_url=${py(location.origin)}, api_key=${key})`,
+    "for chunk in client.chat_completion(",
+    ...chatArguments(sent).map((a) => `    ${a},`),
+    "):",
+    ...CHAT_LOOP,
   ].join("\n");
 }
 
