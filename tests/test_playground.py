@@ -18,6 +18,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 import jsonschema
@@ -256,6 +257,19 @@ def test_the_page_asks_for_a_key_and_shows_what_it_may_see(keyed, browser):
     curl = snippet(browser, column, "curl")
     assert ACME not in curl and "$MIXSERVE_API_KEY" in curl
     assert run_curl(curl, ACME) == expected
+
+    # a shared link naming another tenant's adapters: they are left out of the columns and the pickers
+    theirs = "merge:ties(globex/digits@1;density=0.5,majority_sign_method=total)"
+    state = {
+        "prompt": DEMO_PROMPT,
+        "max_tokens": 10,
+        "merges": [theirs],
+        "columns": [{"adapters": [["acme/pirate", 0.5], ["globex/digits", 1], [theirs, 1]], "mode": {"kind": "text"}}],
+    }
+    open_page(browser, keyed, "/playground#" + urlencode({"state": json.dumps(state)}))
+    wait_until_generated(browser, 1)
+    assert [combination_of(c) for c in columns(browser)] == ["acme/pirate@0.5"]
+    assert pickers(browser)["matrix"] == ["acme/british", "acme/digits", "acme/pirate"]
 
     # the operator's view spans every tenant: not for this key
     browser.find_element(By.ID, "tab-operator").click()

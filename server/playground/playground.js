@@ -92,9 +92,10 @@ async function connect() {
   const quantized = quantization == null ? [] : [typeof quantization === "string" ? quantization : (quantization.method ?? JSON.stringify(quantization))];
   $("#model").textContent = [model_id, model_device_type, model_dtype, ...quantized].join(" · ");
   await loadAdapters();
+  if (page.key) $("#change-key").hidden = false; // also after a reload, with the tab's key
   const first = !page.columns.length;
   if (first && page.shared) restore(page.shared);
-  const visible = new Set(pickable().map((a) => a.name));
+  const visible = new Set(page.adapters.map((a) => a.name));
   page.merges = page.merges.filter((name) => mergeSources(name).every((source) => visible.has(source)));
   const usable = new Set([...visible, ...page.merges]);
   for (const column of page.columns) column.entries = column.entries.filter((e) => usable.has(e.name));
