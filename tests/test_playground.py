@@ -145,7 +145,10 @@ def tick(browser, name: str, column: int) -> None:
 
 
 def fill(browser, element_id: str, value: str) -> None:
-    field = browser.find_element(By.ID, element_id)
+    fill_element(browser.find_element(By.ID, element_id), value)
+
+
+def fill_element(field, value: str) -> None:
     field.clear()
     field.send_keys(value)
 
@@ -332,13 +335,11 @@ def test_a_sweep_gives_one_column_per_weight_as_generate_answers(demo, browser):
 
     # a weight typed in shows in the column's combination (and the slider follows)
     field = weight_field(browser, "pirate", 2)
-    field.clear()
-    field.send_keys("0.45")
+    fill_element(field, "0.45")
     assert combination_of(shown[1]) == "pirate@0.45"
     slider = 'input[aria-label="Weight of pirate in column 2 (slider)"]'
     assert browser.find_element(By.CSS_SELECTOR, slider).get_attribute("value") == "0.45"
-    field.clear()
-    field.send_keys("0.3")
+    fill_element(field, "0.3")
 
     # the address holds the comparison: opened again, it restores the columns and generates the same texts
     link = browser.current_url
@@ -385,18 +386,27 @@ def test_a_merge_json_schema_and_tool_call_column_each_as_the_api_answers(demo, 
     wait_until_generated(browser, 3)
     browser.find_element(By.CSS_SELECTOR, 'input[aria-label="digits in the merge"]').click()
     field = browser.find_element(By.CSS_SELECTOR, 'input[aria-label="Weight of digits in the merge"]')
-    field.clear()
-    field.send_keys("0.7")
+    fill_element(field, "0.7")
     browser.find_element(By.ID, "merge-add").click()
     assert MERGE in browser.find_element(By.ID, "merge-note").text
+    # other methods: only the options they take, named as the server writes them (it refuses any other spelling)
+    for method, name in (
+        ("cat", "merge:cat(digits@0.7)"),
+        ("dare_linear_svd", "merge:dare_linear_svd(digits@0.7;density=0.5)"),
+    ):
+        Select(browser.find_element(By.ID, "merge-method")).select_by_value(method)
+        fields = [browser.find_element(By.ID, f).is_displayed() for f in ("merge-density-field", "merge-sign-field")]
+        assert fields == [method != "cat", False]
+        browser.find_element(By.ID, "merge-add").click()
+        assert name in browser.find_element(By.ID, "merge-note").text
+        assert generate(demo, [name], PROMPT, 1).headers["x-adapters"] == name
     tick(browser, MERGE, 1)  # column 1: base -> the merge
     select(browser, "Output of column 2", "json")  # column 2: pirate, JSON
     select(browser, "Output of column 3", "tool")  # column 3: pirate+british, the named tool
     browser.find_element(By.ID, "add-column").click()
     select(browser, "Output of column 4", "json")  # column 4: an invalid schema
     schema = browser.find_element(By.CSS_SELECTOR, 'textarea[aria-label="JSON schema of column 4"]')
-    schema.clear()
-    schema.send_keys('{"type": "objectx"}')
+    fill_element(schema, '{"type": "objectx"}')
     fill(browser, "prompt", PROMPT)
     fill(browser, "max-tokens", "120")
     browser.find_element(By.ID, "generate").click()
@@ -479,11 +489,6 @@ def test_one_output_mode_for_every_column_a_regex(demo, browser):
         expected = generate(demo, adapters, DEMO_PROMPT, 40, grammar=grammar).json()["generated_text"]
         assert text_of(browser, column) == expected
         assert parsed_of(column) == ("valid", "Matches the regex.")
-
-
-def fill_element(field, value: str) -> None:
-    field.clear()
-    field.send_keys(value)
 
 
 # --- over HTTP
