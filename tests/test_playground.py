@@ -1,10 +1,13 @@
 """The playground page in a real browser — headless Chromium from Debian's packages, driven by Selenium — against
 live demo servers: the demo opens on base vs pirate vs pirate+british; two combinations picked, generated side by
 side, give /generate's text; a token shows its logprob and alternatives; the copy-as snippets (curl, openai,
-huggingface_hub) run and give the column's text; the API-key prompt and a tenant's view. Over HTTP: which of the
-page's paths are public, GET /operator, and the wheel shipping the page.
+huggingface_hub) run and give the column's text; a sweep of one adapter's weight gives one column per weight, each
+/generate's text at that weight; a merge built on the page, a JSON-schema column, a named tool call and an invalid
+schema, each as the API answers them; a regex set for every column; a shared link restores the columns and their texts; the API-key prompt and a
+tenant's view in every picker. Over HTTP: which of the page's paths are public, GET /operator, and the wheel shipping
+the page.
 
-MIXSERVE_SCREENSHOT=docs/playground.png saves the README's screenshot of the demo's first view."""
+MIXSERVE_SCREENSHOT=docs/playground.png saves the README's screenshot of a weighted sweep."""
 
 from __future__ import annotations
 
@@ -15,13 +18,15 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
+import jsonschema
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from server.config import Settings
 from tests.conftest import DEVICE, DTYPE, REPO, dtype_name
@@ -47,7 +52,8 @@ def demo(serve):
 def keyed(serve, tmp_path_factory):
     """The demo adapters in two tenants' namespaces, behind API keys."""
     store = tmp_path_factory.mktemp("playground-store")
-    for name, source in {"acme/pirate": "pirate", "acme/british": "british", "globex/digits": "digits"}.items():
+    tenants = {"acme/pirate": "pirate", "acme/british": "british", "acme/digits": "digits", "globex/digits": "digits"}
+    for name, source in tenants.items():
         shutil.copytree(REPO / "adapters_store" / source, store / name)
     return serve(demo_settings(adapters_dir=store, api_keys=f"{ADMIN},{ACME}:acme/"))
 
@@ -88,11 +94,11 @@ def call(server, method: str, path: str, key: str | None = None, **kwargs) -> ht
     return httpx.request(method, server.url + path, headers=headers, timeout=WAIT, **kwargs)
 
 
-def generate(server, adapters: list[str], prompt: str, tokens: int, key: str | None = None) -> httpx.Response:
+def generate(server, adapters: list, prompt: str, tokens: int, key: str | None = None, **parameters) -> httpx.Response:
     body = {
         "inputs": prompt,
         "adapters": adapters,
-        "parameters": {"max_new_tokens": tokens, "details": True, "top_n_tokens": 5},
+        "parameters": {"max_new_tokens": tokens, "details": True, "top_n_tokens": 5, **parameters},
     }
     response = call(server, "POST", "/generate", key, json=body)
     assert response.status_code == 200, response.text
@@ -118,10 +124,11 @@ def columns(browser):
     return browser.find_elements(By.CSS_SELECTOR, "#columns .column")
 
 
-def wait_until_generated(browser, count: int) -> None:
+def wait_until_generated(browser, count: int, expected: list[str] | None = None) -> None:
     states = lambda d: [c.get_attribute("data-state") for c in columns(d)]
     wait(browser, lambda d: len(states(d)) == count and all(s in ("done", "error") for s in states(d)), "generation")
-    assert states(browser) == ["done"] * count, [c.find_element(By.CLASS_NAME, "stats").text for c in columns(browser)]
+    stats = [c.find_element(By.CLASS_NAME, "stats").text for c in columns(browser)]
+    assert states(browser) == (expected or ["done"] * count), stats
 
 
 def text_of(browser, column) -> str:
@@ -138,12 +145,16 @@ def tick(browser, name: str, column: int) -> None:
 
 
 def fill(browser, element_id: str, value: str) -> None:
-    field = browser.find_element(By.ID, element_id)
+    fill_element(browser.find_element(By.ID, element_id), value)
+
+
+def fill_element(field, value: str) -> None:
     field.clear()
     field.send_keys(value)
 
 
 def open_page(browser, server, path: str = "/playground") -> None:
+    browser.get("about:blank")  # a link that differs only after '#' would not load the page again
     browser.get(server.url + path)
     wait(browser, lambda d: d.execute_script("return document.readyState") == "complete", "page load")
 
@@ -184,9 +195,6 @@ def test_the_demo_opens_on_base_pirate_and_pirate_british_side_by_side(demo, bro
     assert [combination_of(c) for c in shown] == ["base model", "pirate", "pirate+british"]
     for column, adapters in zip(shown, [[], ["pirate"], ["pirate", "british"]], strict=True):
         assert text_of(browser, column) == generate(demo, adapters, DEMO_PROMPT, 80).json()["generated_text"]
-    if os.environ.get("MIXSERVE_SCREENSHOT"):
-        shown[2].find_elements(By.CSS_SELECTOR, ".tok")[2].click()
-        browser.save_screenshot(os.environ["MIXSERVE_SCREENSHOT"])
 
 
 def test_two_combinations_picked_stream_what_generate_answers(demo, browser):
@@ -235,8 +243,11 @@ def test_the_page_asks_for_a_key_and_shows_what_it_may_see(keyed, browser):
     fill(browser, "key-input", ACME)
     browser.find_element(By.ID, "key-submit").click()
     wait(browser, lambda d: dialog.get_attribute("open") is None, "the key accepted")
-    names = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#matrix tbody th")]
-    assert names == ["acme/british", "acme/pirate"]  # not globex/digits
+    assert pickers(browser) == {
+        "matrix": ["acme/british", "acme/digits", "acme/pirate"],  # not globex/digits
+        "sweep": ["acme/british", "acme/digits", "acme/pirate"],
+        "merge": ["acme/digits"],  # the LoRA adapters
+    }
 
     assert [combination_of(c) for c in columns(browser)] == ["base model", "acme/british"]  # not generated yet
     tick(browser, "acme/pirate", 2)
@@ -249,6 +260,19 @@ def test_the_page_asks_for_a_key_and_shows_what_it_may_see(keyed, browser):
     curl = snippet(browser, column, "curl")
     assert ACME not in curl and "$MIXSERVE_API_KEY" in curl
     assert run_curl(curl, ACME) == expected
+
+    # a shared link naming another tenant's adapters: they are left out of the columns and the pickers
+    theirs = "merge:ties(globex/digits@1;density=0.5,majority_sign_method=total)"
+    state = {
+        "prompt": DEMO_PROMPT,
+        "max_tokens": 10,
+        "merges": [theirs],
+        "columns": [{"adapters": [["acme/pirate", 0.5], ["globex/digits", 1], [theirs, 1]], "mode": {"kind": "text"}}],
+    }
+    open_page(browser, keyed, "/playground#" + urlencode({"state": json.dumps(state)}))
+    wait_until_generated(browser, 1)
+    assert [combination_of(c) for c in columns(browser)] == ["acme/pirate@0.5"]
+    assert pickers(browser)["matrix"] == ["acme/british", "acme/digits", "acme/pirate"]
 
     # the operator's view spans every tenant: not for this key
     browser.find_element(By.ID, "tab-operator").click()
@@ -263,8 +287,208 @@ def test_the_page_asks_for_a_key_and_shows_what_it_may_see(keyed, browser):
     names = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#resident tbody tr td:first-child")]
     assert names == ["acme/british", "acme/pirate"]  # resident since the generation
     browser.find_element(By.ID, "tab-compare").click()
-    names = [th.text for th in browser.find_elements(By.CSS_SELECTOR, "#matrix tbody th")]
-    assert names == ["acme/british", "acme/pirate", "globex/digits"]
+    every = ["acme/british", "acme/digits", "acme/pirate", "globex/digits"]
+    assert pickers(browser) == {"matrix": every, "sweep": every, "merge": ["acme/digits", "globex/digits"]}
+
+
+def pickers(browser) -> dict[str, list[str]]:
+    """The adapters each of the page's pickers offers."""
+    script = "return [...document.querySelectorAll(arguments[0])].map((e) => e.dataset.name ?? e.textContent)"
+    selectors = {"matrix": "#matrix tbody th", "sweep": "#sweep-adapter option", "merge": "#merge-sources .source"}
+    return {picker: browser.execute_script(script, selector) for picker, selector in selectors.items()}
+
+
+def weight_field(browser, name: str, column: int):
+    return browser.find_element(By.CSS_SELECTOR, f'input[aria-label="Weight of {name} in column {column}"]')
+
+
+def select(browser, label: str, value: str) -> None:
+    Select(browser.find_element(By.CSS_SELECTOR, f'select[aria-label="{label}"]')).select_by_value(value)
+
+
+def test_a_sweep_gives_one_column_per_weight_as_generate_answers(demo, browser):
+    open_ready(browser, demo)
+    wait_until_generated(browser, 3)
+    Select(browser.find_element(By.ID, "sweep-adapter")).select_by_visible_text("pirate")
+    assert browser.find_element(By.ID, "sweep-weights").get_attribute("value") == "0, 0.3, 0.6, 1"
+    browser.find_element(By.ID, "sweep-run").click()
+    assert [combination_of(c) for c in columns(browser)] == ["pirate@0", "pirate@0.3", "pirate@0.6", "pirate"]
+    assert weight_field(browser, "pirate", 2).get_attribute("value") == "0.3"
+    browser.find_element(By.ID, "generate").click()  # 80 tokens, as the README's curl examples of these weights
+    wait_until_generated(browser, 4)
+
+    shown = columns(browser)
+    weights = [0, 0.3, 0.6, 1]
+    answers = [generate(demo, [{"name": "pirate", "weight": w}], DEMO_PROMPT, 80) for w in weights]
+    assert [combination_of(c) for c in shown] == [a.headers["x-adapters"] or "base model" for a in answers]
+    assert [combination_of(c) for c in shown] == ["base model", "pirate@0.3", "pirate@0.6", "pirate"]
+    texts = [text_of(browser, c) for c in shown]
+    assert texts == [a.json()["generated_text"] for a in answers]
+    assert len(set(texts)) > 1  # the weight shows
+
+    # the snippets carry the weight of the request sent
+    curl = snippet(browser, shown[1], "curl")
+    assert '"adapters":[{"name":"pirate","weight":0.3}]' in curl
+    assert run_curl(curl) == texts[1]
+    assert run_python(snippet(browser, shown[1], "openai")) == texts[1]
+    assert run_python(snippet(browser, shown[1], "hub")) == texts[1]
+
+    # a weight typed in shows in the column's combination (and the slider follows)
+    field = weight_field(browser, "pirate", 2)
+    fill_element(field, "0.45")
+    assert combination_of(shown[1]) == "pirate@0.45"
+    slider = 'input[aria-label="Weight of pirate in column 2 (slider)"]'
+    assert browser.find_element(By.CSS_SELECTOR, slider).get_attribute("value") == "0.45"
+    fill_element(field, "0.3")
+
+    # the address holds the comparison: opened again, it restores the columns and generates the same texts
+    link = browser.current_url
+    assert "#state=" in link
+    browser.get("about:blank")
+    browser.get(link)
+    wait_until_generated(browser, 4)
+    assert [combination_of(c) for c in columns(browser)] == ["base model", "pirate@0.3", "pirate@0.6", "pirate"]
+    assert [text_of(browser, c) for c in columns(browser)] == texts
+    if os.environ.get("MIXSERVE_SCREENSHOT"):
+        browser.save_screenshot(os.environ["MIXSERVE_SCREENSHOT"])
+
+
+MERGE = "merge:ties(digits@0.7;density=0.5,majority_sign_method=total)"
+SCHEMA = {  # the page's default schema
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "count"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "count": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+}
+TOOL = {  # the page's default tool
+    "name": "count_animals",
+    "description": "How many animals someone has",
+    "parameters": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["owner", "animal"],
+        "properties": {"owner": {"enum": ["Alice", "Bob", "Grace"]}, "animal": {"enum": ["cats", "dogs", "birds"]}},
+    },
+}
+
+
+def parsed_of(column) -> tuple[str, str]:
+    """The column's verdict (valid or invalid, and its text) on what it wrote."""
+    verdict = column.find_element(By.CSS_SELECTOR, ".parsed .verdict")
+    return verdict.get_attribute("class").split()[-1], verdict.text
+
+
+def test_a_merge_json_schema_and_tool_call_column_each_as_the_api_answers(demo, browser):
+    open_ready(browser, demo)
+    wait_until_generated(browser, 3)
+    browser.find_element(By.CSS_SELECTOR, 'input[aria-label="digits in the merge"]').click()
+    field = browser.find_element(By.CSS_SELECTOR, 'input[aria-label="Weight of digits in the merge"]')
+    fill_element(field, "0.7")
+    browser.find_element(By.ID, "merge-add").click()
+    assert MERGE in browser.find_element(By.ID, "merge-note").text
+    # other methods: only the options they take, named as the server writes them (it refuses any other spelling)
+    for method, name in (
+        ("cat", "merge:cat(digits@0.7)"),
+        ("dare_linear_svd", "merge:dare_linear_svd(digits@0.7;density=0.5)"),
+    ):
+        Select(browser.find_element(By.ID, "merge-method")).select_by_value(method)
+        fields = [browser.find_element(By.ID, f).is_displayed() for f in ("merge-density-field", "merge-sign-field")]
+        assert fields == [method != "cat", False]
+        browser.find_element(By.ID, "merge-add").click()
+        assert name in browser.find_element(By.ID, "merge-note").text
+        assert generate(demo, [name], PROMPT, 1).headers["x-adapters"] == name
+    tick(browser, MERGE, 1)  # column 1: base -> the merge
+    select(browser, "Output of column 2", "json")  # column 2: pirate, JSON
+    select(browser, "Output of column 3", "tool")  # column 3: pirate+british, the named tool
+    browser.find_element(By.ID, "add-column").click()
+    select(browser, "Output of column 4", "json")  # column 4: an invalid schema
+    schema = browser.find_element(By.CSS_SELECTOR, 'textarea[aria-label="JSON schema of column 4"]')
+    fill_element(schema, '{"type": "objectx"}')
+    fill(browser, "prompt", PROMPT)
+    fill(browser, "max-tokens", "120")
+    browser.find_element(By.ID, "generate").click()
+    wait_until_generated(browser, 4, ["done", "done", "done", "error"])
+    shown = columns(browser)
+    texts = [text_of(browser, c) for c in shown]
+
+    merged = generate(demo, [MERGE], PROMPT, 120)
+    assert combination_of(shown[0]) == merged.headers["x-adapters"] == MERGE
+    assert texts[0] == merged.json()["generated_text"]
+
+    grammar = {"type": "json", "value": SCHEMA}
+    assert texts[1] == generate(demo, ["pirate"], PROMPT, 120, grammar=grammar).json()["generated_text"]
+    jsonschema.validate(json.loads(texts[1]), SCHEMA)
+    assert parsed_of(shown[1]) == ("valid", "Valid against the schema.")
+    assert json.loads(shown[1].find_element(By.CSS_SELECTOR, ".parsed pre").text) == json.loads(texts[1])
+
+    body = {
+        "model": "pirate+british",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "tools": [{"type": "function", "function": TOOL}],
+        "tool_choice": {"type": "function", "function": {"name": "count_animals"}},
+        "max_tokens": 120,
+        "temperature": 0,
+    }
+    reply = call(demo, "POST", "/v1/chat/completions", json=body).json()
+    (tool_call,) = reply["choices"][0]["message"]["tool_calls"]
+    assert tool_call["function"]["name"] == "count_animals" and texts[2] == tool_call["function"]["arguments"]
+    jsonschema.validate(json.loads(texts[2]), TOOL["parameters"])
+    assert parsed_of(shown[2]) == ("valid", "Valid against count_animals's parameters.")
+    assert "Call count_animals" in shown[2].find_element(By.CLASS_NAME, "parsed").text
+    assert f"{reply['usage']['completion_tokens']} tokens" in shown[2].find_element(By.CLASS_NAME, "stats").text
+
+    refused = call(
+        demo,
+        "POST",
+        "/generate",
+        json={
+            "inputs": PROMPT,
+            "parameters": {"max_new_tokens": 120, "grammar": {"type": "json", "value": {"type": "objectx"}}},
+        },
+    )
+    assert refused.status_code == 422
+    assert shown[3].find_element(By.CLASS_NAME, "stats").text == f"error: {refused.json()['error']}"
+
+    # the tool column's snippets, run, write the call's arguments; the JSON column's curl gives its text
+    assert run_python(snippet(browser, shown[2], "openai")) == texts[2]
+    assert run_python(snippet(browser, shown[2], "hub")) == texts[2]
+    assert run_curl(snippet(browser, shown[1], "curl")) == texts[1]
+    assert run_python(snippet(browser, shown[1], "openai")) == texts[1]  # vLLM's guided_json
+    assert run_python(snippet(browser, shown[1], "hub")) == texts[1]  # TGI's grammar
+
+    # the shared link brings back the merge, the modes and the texts
+    link = browser.current_url
+    browser.get("about:blank")
+    browser.get(link)
+    wait_until_generated(browser, 4, ["done", "done", "done", "error"])
+    again = columns(browser)
+    assert [text_of(browser, c) for c in again] == texts
+    assert [combination_of(c) for c in again] == [MERGE, "pirate", "pirate+british", "base model"]
+    kinds = [
+        Select(c.find_element(By.CLASS_NAME, "mode-kind")).first_selected_option.get_attribute("value") for c in again
+    ]
+    assert kinds == ["text", "json", "tool", "json"]
+    assert parsed_of(again[2])[0] == "valid"
+
+
+def test_one_output_mode_for_every_column_a_regex(demo, browser):
+    open_ready(browser, demo)
+    wait_until_generated(browser, 3)
+    select(browser, "Output of column 1", "regex")
+    regex = "(Arr|Hello), [a-z ]{1,20}\\."
+    fill_element(browser.find_element(By.CSS_SELECTOR, 'input[aria-label="Regex of column 1"]'), regex)
+    browser.find_element(By.CSS_SELECTOR, 'button[aria-label="Use column 1\'s output mode in every column"]').click()
+    fill(browser, "max-tokens", "40")
+    browser.find_element(By.ID, "generate").click()
+    wait_until_generated(browser, 3)
+    grammar = {"type": "regex", "value": regex}
+    for column, adapters in zip(columns(browser), [[], ["pirate"], ["pirate", "british"]], strict=True):
+        expected = generate(demo, adapters, DEMO_PROMPT, 40, grammar=grammar).json()["generated_text"]
+        assert text_of(browser, column) == expected
+        assert parsed_of(column) == ("valid", "Matches the regex.")
 
 
 # --- over HTTP
