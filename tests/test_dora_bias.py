@@ -320,6 +320,20 @@ def test_a_saved_copy_of_lm_head_that_differs_from_the_base_is_refused(worlds, t
         registry.load_blocking(["other-base"])
 
 
+def test_a_copy_of_an_untargeted_lm_head_is_accepted_and_left_out(worlds, tmp_path):
+    """save_embedding_layers=True saves `lm_head.weight` whether or not the adapter targets it."""
+    model_dir, store, *_ = worlds("qwen2")
+    shutil.copytree(store / "dora.bias", tmp_path / "with-copy")
+    path = tmp_path / "with-copy" / "adapter_model.safetensors"
+    head = AutoModelForCausalLM.from_pretrained(model_dir).lm_head.weight.detach()
+    save_file({**load_file(path), "base_model.model.lm_head.weight": head.clone()}, path)
+    runner, registry = _runner(model_dir, tmp_path)
+    (adapter,) = registry.load_blocking(["with-copy"])
+    assert "lm_head" not in adapter.built.layers
+    ours = runner.score(torch.tensor([IDS]), [(adapter.slot,)])[0].cpu()
+    torch.testing.assert_close(ours, _reference(model_dir, store, IDS, {"dora.bias": 1.0}), atol=ATOL, rtol=0)
+
+
 # --- refusals say what, why and what to do
 
 

@@ -94,16 +94,24 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
             for param, t in by_module[module_name].items()
         }
         if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
-            raise AdapterInvalid(name, f"{module_name}: weights contain NaN or infinity")
+            raise AdapterInvalid(
+                name, f"{module_name}: weights contain NaN or infinity (a broken training run or file)"
+            )
         try:
             if module_name in params:
                 layer = kind.build_parameters(config, module_name, params[module_name], tensors, dtype)
             else:
                 layer = kind.build(config, module_name, layout.shape(module_name), tensors, dtype)
         except ValueError as exc:
-            raise AdapterInvalid(name, f"does not fit the base model at {module_name}: {exc}") from exc
+            raise AdapterInvalid(
+                name, f"does not fit the base model at {module_name}: {exc} (trained on another base model?)"
+            ) from exc
         if layer is not None and dtype != torch.float32 and not all(torch.isfinite(t).all() for t in layer.tensors()):
-            raise AdapterInvalid(name, f"{module_name}: weights overflow {str(dtype).removeprefix('torch.')}")
+            raise AdapterInvalid(
+                name,
+                f"{module_name}: weights overflow {str(dtype).removeprefix('torch.')}, the serving dtype; serve the"
+                " model in float32 or bfloat16, or retrain with smaller weights",
+            )
         if layer is not None:
             layers[module_name] = layer
     return BuiltAdapter(
@@ -161,7 +169,11 @@ def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout, has_para
     if config.target_modules is None:
         defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(layout.model_type)
         if defaults is None:
-            raise AdapterInvalid(name, f"target_modules is not set and peft has no default for {layout.model_type!r}")
+            raise AdapterInvalid(
+                name,
+                f"target_modules is not set and peft has no default for {layout.model_type!r}; set it in"
+                " adapter_config.json to the modules the adapter was trained on",
+            )
         config.target_modules = set(defaults)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         config.target_modules = set(layout.linears) - {layout.output_embedding}  # then the rules below, as in peft
@@ -180,7 +192,11 @@ def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout, has_para
             name, f"targets {m} ({type(layout.modules[m]).__name__}); only Linear and Conv1D layers are supported"
         )
     if not found and not has_parameters:
-        raise AdapterInvalid(name, f"target_modules {config.target_modules!r} match no layer of the base model")
+        raise AdapterInvalid(
+            name,
+            f"target_modules {config.target_modules!r} match no layer of the base model: the adapter was trained for"
+            " another architecture; serve it on its own base model",
+        )
     return found
 
 
