@@ -312,8 +312,12 @@ class _LayerPlan:
     # (rows, adapter, weight): one number for all its rows, or one per row of the selection ([n, 1, 1])
     other: list[tuple[torch.Tensor | None, LayerAdapter, float | torch.Tensor]]
     zero: torch.Tensor  # what torch.where puts outside the rows (a Python 0 would build a tensor per call)
-    # (row indices, (adapter, weight)): rows whose LoRA adapters here include one that rescales its output (DoRA),
-    # with all their LoRA adapters in order
+    # DoRA (LoRA adapters that rescale the output so far, LayerAdapter): (row indices, scale [out], shift [out] or
+    # None), float32, for rows whose first LoRA adapter here is their only DoRA one: the output so far becomes
+    # y * scale - shift; and (row indices, (adapter, weight)) for the others, with all their LoRA adapters in order
+    affine: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = dataclasses.field(
+        default_factory=list
+    )
     rescales: list[tuple[torch.Tensor | None, list[tuple[LayerAdapter, float]]]] = dataclasses.field(
         default_factory=list
     )
@@ -321,7 +325,7 @@ class _LayerPlan:
 
     @property
     def empty(self) -> bool:
-        return not (self.rotations or self.sparse or self.other or self.rescales or self.biases)
+        return not (self.rotations or self.sparse or self.other or self.affine or self.rescales or self.biases)
 
 
 class MixedLinear(nn.Module):
@@ -425,6 +429,13 @@ class MixedLinear(nn.Module):
         y = base_output(x_in, layer.sparse if layer is not None else ())
         # computed from the output so far, before any delta is added to it
         rescaled = [(rows, self._rescaled(y, x, rows, steps)) for rows, steps in layer.rescales] if layer else []
+        for rows, scale, shift in layer.affine if layer is not None else ():
+            own = y if rows is None else y.index_select(0, rows)
+            own.mul_(scale)
+            if shift is not None:
+                own.sub_(shift)
+            if rows is not None:
+                y.index_copy_(0, rows, own)
         if low_rank is not None:
             self.pool.add_to(y, x, *low_rank)
         for rows, adapter, weight in layer.other if layer is not None else ():
@@ -451,7 +462,7 @@ class MixedLinear(nn.Module):
             if rows is None:
                 y.add_(term)
             else:
-                y.index_add_(0, rows, term)
+                y.index_add_(0, rows, term.to(y.dtype))
         for rows, bias in layer.biases if layer is not None else ():
             if rows is None:
                 y.add_(bias)
@@ -469,7 +480,7 @@ class MixedLinear(nn.Module):
         for i, (adapter, weight) in enumerate(steps[: last + 1]):
             term = None
             if adapter.rescales_output:
-                term = adapter.rescale(u).mul_(weight)
+                term = u * (adapter.ratio_minus_one * weight)
                 total = term if total is None else total + term
             if i < last:  # u for the next one: this adapter's whole effect added
                 u = u + adapter.delta(own_x) * weight
@@ -544,10 +555,16 @@ class MixedLinear(nn.Module):
         def weighted(adapter: LayerAdapter, weight: float) -> tuple[LayerAdapter, float]:
             return adapter, weight
 
-        rescales = []
+        affine, rescales = [], []
         if any(a.rescales_output for a in self.adapters.values()):
-            lora = groups(lambda a: isinstance(a, LoraLayer), plan.indices, weighted)
-            rescales = [(r, steps) for r, steps in lora if any(a.rescales_output for a, _ in steps)]
+            for r, steps in groups(lambda a: isinstance(a, LoraLayer), plan.indices, weighted):
+                if not any(a.rescales_output for a, _ in steps[1:]) and steps[0][0].rescales_output:
+                    adapter, weight = steps[0]
+                    change = adapter.ratio_minus_one * weight  # float32: y * (1 + c) - c * b
+                    bias = self.base.bias
+                    affine.append((r, 1 + change, None if bias is None else change * bias.float()))
+                elif any(a.rescales_output for a, _ in steps):
+                    rescales.append((r, steps))
         biases = [
             (r, sum((a.bias_delta * w for a, w in steps[1:]), steps[0][0].bias_delta * steps[0][1]))
             for r, steps in groups(lambda a: a.bias_delta is not None, plan.indices, weighted)
@@ -557,6 +574,7 @@ class MixedLinear(nn.Module):
             sparse=groups(lambda a: a.adds_to_weight, plan.indices, weighted),
             other=[other(s) for s in additive if s not in pooled],
             zero=plan.cached(("zero", dtype), lambda: torch.zeros((), dtype=dtype)),
+            affine=affine,
             rescales=rescales,
             biases=biases,
         )

@@ -40,8 +40,9 @@ class LayerAdapter:
         x' = rotate_k(... rotate_1(x))                         # OFT: rotates_input
         W' = W + S_1 + ... + S_m                               # SHiRA: adds_to_weight
         y  = F.linear(x', W', b) + sum(delta(x) for LoRA, AdaLoRA, LoHa, LoKr) + sum(bias_delta)
-    A LoRA adapter that `rescales_output` (DoRA) also adds `rescale(u)`, where u is the output without the base bias
-    up to it (the base, and the LoRA adapters before it in the request, as nested in PEFT's LoRA wrapper).
+    A LoRA adapter that `rescales_output` (DoRA) also adds `ratio_minus_one * u` ([out], float32), where u is the
+    output without the base bias up to it (the base, and the LoRA adapters before it in the request, as nested in
+    PEFT's LoRA wrapper).
 
     Additive adapters whose delta is B(A(x)) * scale set `low_rank = (A, B, scale)`: the mixed layer computes all
     of those in a batch with two matmuls. The others implement `delta`.
@@ -68,9 +69,6 @@ class LayerAdapter:
         raise NotImplementedError
 
     def rotate(self, x: torch.Tensor, rotation: object) -> torch.Tensor:
-        raise NotImplementedError
-
-    def rescale(self, u: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def add_to(self, weight: torch.Tensor, scale: float = 1.0) -> None:

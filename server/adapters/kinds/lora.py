@@ -49,18 +49,14 @@ class DoraLayer(LoraLayer):
     with the norm detached (a constant here) and lora_dropout the identity. g is computed once, at build.
 
     Weight w (docs/contract.md): r' = r + w * ((g - 1) * (r - b) + g * B(A(x)) * scaling). The low-rank part is
-    a LoRA with B scaled by g (it rides the rank pool); rescale is the rest."""
+    a LoRA with B scaled by g (it rides the rank pool); the mixed layer adds the rest, ratio_minus_one = g - 1."""
 
     rescales_output = True
 
     def __init__(self, a, b, scaling: float, ratio: torch.Tensor, bias_delta: torch.Tensor | None, dtype):
         # ratio: g [out], float32
         super().__init__(a.to(dtype), (ratio[:, None] * b).to(dtype), None, scaling, bias_delta)
-        self.ratio_minus_one = (ratio - 1).to(dtype)
-
-    def rescale(self, u: torch.Tensor) -> torch.Tensor:
-        # u: [..., out] -> [..., out]
-        return u * self.ratio_minus_one
+        self.ratio_minus_one = ratio - 1  # [out], float32 (as PEFT's: its magnitude stays float32)
 
 
 class TrainedBias(LayerAdapter):
