@@ -7,8 +7,10 @@ in-process (no HTTP), contenders interleaved in one run.
 (r8, r16, r32 on all linear layers, r16 on attention); the other 4 carry one more adapter, r16 on all linear layers:
 (b) a plain LoRA, (a) the same as DoRA, (a') the plain LoRA with trained biases (bias='all'). a/b is what 4 DoRA rows
 cost the batch: every row's step time, so the 12 others' throughput. Then all 16 rows with (d) the plain LoRA and
-(c) the DoRA one: c/d is what DoRA costs a row against the same LoRA without it. Printed: tokens/s (median of the
-rounds) and the ratios.
+(c) the DoRA one: c/d is what DoRA costs a row against the same LoRA without it. Contenders run in turns, round
+after round (the first round warms up); timed on a GPU by the wall clock, on the CPU by the process's CPU time (what
+a shared machine's other processes disturb least). Printed: tokens/s (median of the rounds), the operator calls of
+one decode step (torch profiler, after the rounds), and the ratios.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, Qwen2Config
 
 from bench.common import add_device_arguments, combinations, describe_run, device_name, synchronize
-from bench.mixed_decode import PROMPT_TOKENS, ROWS, SHAPES, STEPS, BenchRow, registry_order, step
+from bench.mixed_decode import PROMPT_TOKENS, ROWS, SHAPES, STEPS, BenchRow, profile_step, registry_order, step
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.demo.tiny import config as tiny_config
@@ -90,29 +92,34 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
     decode: dict[str, list[float]] = {name: [] for name in contenders}
     prefill: dict[str, list[float]] = {name: [] for name in contenders}
+    ops: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, store = build(args.workdir or Path(tmp), shape)
         model = load_model(model_dir, device, dtype)
         registry = AdapterRegistry(model, AdapterStore(store), device, dtype)
         runner = ModelRunner(model, registry.context)
         loaded = {a.name: a for a in registry.load_blocking(list(ADAPTERS))}
-        for _ in range(rounds):
+        clock = time.perf_counter if device.type == "cuda" else time.process_time
+        for round_ in range(rounds + 1):
             for name, combos in contenders.items():
                 rows = [
                     BenchRow(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
                     for p, c in zip(prompts, combos, strict=True)
                 ]
                 synchronize(device)
-                started = time.perf_counter()
+                started = clock()
                 for row, choice in zip(rows, sample(rows, runner.prefill(rows)), strict=True):
                     row.tokens.append(choice.token)
                 synchronize(device)
-                prefill[name].append(ROWS * PROMPT_TOKENS / (time.perf_counter() - started))
-                started = time.perf_counter()
+                prefilled = clock()
                 for _ in range(STEPS):
                     step(runner, rows)
                 synchronize(device)
-                decode[name].append(ROWS * STEPS / (time.perf_counter() - started))
+                if round_:
+                    prefill[name].append(ROWS * PROMPT_TOKENS / (prefilled - started))
+                    decode[name].append(ROWS * STEPS / (clock() - prefilled))
+                if round_ == rounds:
+                    ops[name] = profile_step(runner, rows, device)[0]
                 for row in rows:
                     runner.release(row)
         registry.close()
@@ -120,13 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     sizes = SHAPES[shape]
     print(
         f"model: Qwen2-style hidden {sizes['hidden']} x {sizes['layers']} layers, {args.dtype}, {device_name(device)};"
-        f" {ROWS} rows, {rounds} rounds (median)"
+        f" {ROWS} rows, {rounds} rounds (median), {'wall' if device.type == 'cuda' else 'CPU'} time"
     )
-    print(f"{'':20s} {'decode tok/s':>13s} {'prefill tok/s':>14s}")
+    print(f"{'':20s} {'decode tok/s':>13s} {'prefill tok/s':>14s} {'ops/step':>9s}")
     d = {name: statistics.median(values) for name, values in decode.items()}
     p = {name: statistics.median(values) for name, values in prefill.items()}
     for name in contenders:
-        print(f"{name:20s} {d[name]:13.0f} {p[name]:14.0f}")
+        print(f"{name:20s} {d[name]:13.0f} {p[name]:14.0f} {ops[name]:9d}")
     for label, a, b in [
         ("a/b (4 DoRA rows beside 12 LoRA rows)", "(a) 4 DoRA rows", "(b) 4 LoRA rows"),
         ("a'/b (4 trained-bias rows)", "(a') 4 bias rows", "(b) 4 LoRA rows"),
