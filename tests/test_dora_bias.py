@@ -4,9 +4,11 @@ the prefix cache; and the refusals of what is not served, each with its reason."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 
+import httpx
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -16,12 +18,14 @@ from transformers import AutoModelForCausalLM, ByT5Tokenizer, Qwen2Config
 
 from server.adapters.merges import Merge
 from server.adapters.store import AdapterStore
+from server.config import Settings
 from server.demo import tiny
 from server.engine.runner import ModelRunner, PromptSequence
 from server.errors import AdapterInvalid, ValidationError
-from tests.conftest import ATOL, DEVICE, DTYPE, private_model
+from server.model import encode_prompt
+from tests.conftest import ATOL, DEVICE, DTYPE, dtype_name, needs_float32, private_model
 from tests.families import build_family
-from tests.reference import canonical, reference_model
+from tests.reference import canonical, reference_greedy, reference_model
 
 IDS = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50]
 SYSTEM = [3 + (11 * j) % 200 for j in range(40)]  # two full blocks (16 tokens each) and 8 tokens
@@ -293,6 +297,39 @@ def test_two_trained_biases_on_one_layer_add_their_deltas(worlds):
     alone = [y[i] - y[3] for i in range(3)]
     assert alone[0].abs().max() > 1e-2 and alone[1].abs().max() > 1e-2
     torch.testing.assert_close(alone[2], alone[0] + alone[1], atol=ATOL, rtol=0)
+
+
+@needs_float32("greedy tokens equal the reference's")
+def test_concurrent_http_requests_generate_peft_s_greedy_tokens(worlds, serve):
+    """The real server: requests with DoRA, trained biases and lm_head LoRA beside others, at once (one batch),
+    twice (the second time from the prefix cache), each the reference's greedy text."""
+    model_dir, store, *_ = worlds("qwen2")
+    server = serve(Settings(model=str(model_dir), adapters_dir=store, device=DEVICE, dtype=dtype_name(DTYPE)))
+    combos = [["dora.bias"], ["lora.bias-all", "lora.mlp"], ["lora.head", "dora.bias"], [], ["oft", "dora.bias"]]
+    text = "Say something short about the sea. " * 2
+
+    parameters = {"max_new_tokens": 8, "details": True}
+
+    async def generate_all() -> list[tuple[list[int], str]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post("/generate", json={"inputs": text, "adapters": c, "parameters": parameters})
+                    for c in combos
+                )
+            )
+        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+        details = [r.json()["details"] for r in responses]
+        return [([t["id"] for t in d["tokens"]], d["finish_reason"]) for d in details]
+
+    hits = server.state.engine.runner.prefix_hit_tokens
+    first = asyncio.run(generate_all())
+    assert asyncio.run(generate_all()) == first
+    assert server.state.engine.runner.prefix_hit_tokens > hits
+    ids = encode_prompt(server.state.tokenizer, text)
+    for names, (tokens, finish) in zip(combos, first, strict=True):
+        assert tokens == reference_greedy(model_dir, store, names, ids, 8)[: len(tokens)], names
+        assert len(tokens) == 8 or finish == "eos_token"
 
 
 # --- the output embedding's saved copy
