@@ -140,6 +140,11 @@ class LoraKind(Kind):
         scaling = _scaling(config, r, alpha)
         bias_delta = _bias_delta(tensors, "base_layer.bias", shape, dtype) if "base_layer.bias" in tensors else None
         if dora:
+            if shape.weight is None or not shape.weight.is_floating_point():
+                raise ValueError(
+                    "DoRA's weight norm needs the base layer's weight in floating point, and this base layer is"
+                    " quantized; serve the base unquantized, or merge the DoRA adapter into it with PEFT"
+                )
             magnitude = expect_shape(tensors, "lora_magnitude_vector", (shape.out_features,))
             # peft's DoraLinearLayer.get_weight_norm: the norm of each output's row of W + scaling * B A
             norm = torch.linalg.norm(shape.weight.float() + scaling * (b @ a), dim=1)
