@@ -103,9 +103,7 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
             else:
                 layer = kind.build(config, module_name, layout.shape(module_name), tensors, dtype)
         except ValueError as exc:
-            raise AdapterInvalid(
-                name, f"does not fit the base model at {module_name}: {exc} (trained on another base model?)"
-            ) from exc
+            raise AdapterInvalid(name, f"does not fit the base model at {module_name}: {exc}") from exc
         if layer is not None and dtype != torch.float32 and not all(torch.isfinite(t).all() for t in layer.tensors()):
             raise AdapterInvalid(
                 name,

@@ -190,7 +190,10 @@ def expect_params(tensors: dict[str, torch.Tensor], required: set[str], optional
 def expect_shape(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
     tensor = tensors[name]
     if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, the base layer needs {tuple(shape)}")
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)}, the base layer needs {tuple(shape)}: the adapter was trained on"
+            " another base model (or its config's r or patterns do not match its weights)"
+        )
     return tensor
 
 

@@ -150,7 +150,10 @@ class LoraKind(Kind):
             norm = torch.linalg.norm(shape.weight.float() + scaling * (b @ a), dim=1)
             ratio = magnitude / norm
             if not torch.isfinite(ratio).all():
-                raise ValueError("DoRA's weight norm is 0 for some output (W + scaling * B A has a zero row)")
+                raise ValueError(
+                    "DoRA's weight norm is 0 for some output (W + scaling * B A has a zero row), so its magnitude"
+                    " ratio is undefined; the adapter is broken (PEFT's output there is not finite either)"
+                )
             return DoraLayer(a, b, scaling, ratio, bias_delta, dtype)
         return LoraLayer(a.to(dtype), b.to(dtype), None if bias is None else bias.to(dtype), scaling, bias_delta)
 
@@ -158,7 +161,9 @@ class LoraKind(Kind):
         """LoRA on `params` ({name: (shape, transposed)}, in the order peft nests its wrappers: the first innermost)
         of one module; `tensors` are keyed `lora_A.weight` for the outermost, `base_layer.lora_A.weight` inside it."""
         if config.lora_bias or config.use_dora:
-            raise ValueError("target_parameters works without lora_bias and use_dora (in peft too)")
+            raise ValueError(
+                "target_parameters works without lora_bias and use_dora (in peft too); retrain without them"
+            )
         deltas, depth, expected = [], len(params), set()
         for name, (shape, transposed) in params.items():
             depth -= 1
