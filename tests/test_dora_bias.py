@@ -115,13 +115,13 @@ def _tied_qwen2(directory):
     return directory
 
 
-_worlds: dict = {}
-
-
 @pytest.fixture(scope="module")
 def worlds(world_factory, tmp_path_factory):
+    """worlds(family) -> (model folder, store, runner, registry), built once per family."""
+    built: dict = {}
+
     def make(family: str):
-        if family not in _worlds:
+        if family not in built:
             root = tmp_path_factory.mktemp(f"dora-{family}")
             store = root / "store"
             store.mkdir()
@@ -136,8 +136,8 @@ def worlds(world_factory, tmp_path_factory):
                 shutil.copytree(source / name, store / name)
             for seed, (name, config) in enumerate(ADAPTERS[family].items(), start=11):
                 _save(model_dir, config, store / name, seed)
-            _worlds[family] = (model_dir, store, *_runner(model_dir, store))
-        return _worlds[family]
+            built[family] = (model_dir, store, *_runner(model_dir, store))
+        return built[family]
 
     return make
 
