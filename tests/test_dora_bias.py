@@ -221,7 +221,9 @@ def test_alone_equals_peft_model(worlds, family, name):
     torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family, name", [("llama", "dora"), ("qwen2", "dora.bias"), ("qwen2", "lora.bias-all")])
+@pytest.mark.parametrize(
+    "family, name", [("llama", "dora"), ("qwen2", "dora.bias"), ("qwen2", "lora.bias-all"), ("qwen2", "lora.head")]
+)
 def test_weights(worlds, family, name):
     """w = 0 is the base, w = 1 PEFT's, others docs/contract.md's definition; rows at several weights in one batch,
     beside an OFT row of the same adapter at another weight."""
