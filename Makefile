@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build by default; on a GPU host: make serve TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
 TORCH ?= torch==2.13.0
 
-.PHONY: serve test install install-test haproxy chromium demo bench bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache gpu-wheels gpu-venv gpu-check bench-prompt-scoring clean
+.PHONY: serve test install install-test haproxy chromium demo bench bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache gpu-wheels gpu-venv gpu-check bench-prompt-scoring bench-dora clean
 
 serve: install
 	$(PY) -m server
@@ -53,7 +53,7 @@ demo: install
 # Benchmarks (minutes each; they print tables and ratios measured side by side in one run).
 # make bench BENCH_FLAGS=--quick: seconds each, to check that they run (what the suite does).
 BENCH_FLAGS ?=
-bench: bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache bench-prompt-scoring
+bench: bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache bench-prompt-scoring bench-dora
 
 bench-throughput: install-test
 	$(PY) -m bench.throughput $(BENCH_FLAGS)
@@ -78,6 +78,9 @@ bench-kv-cache: install-test
 
 bench-prompt-scoring: install-test
 	$(PY) -m bench.prompt_scoring $(BENCH_FLAGS)
+
+bench-dora: install-test
+	$(PY) -m bench.dora $(BENCH_FLAGS)
 
 # The GPU check (README, "GPU"). Here, with network: make gpu-wheels. There, on a GPU machine with torch installed and
 # no network, with .wheels copied beside the tree: make gpu-check. It never installs torch: its venv sees the machine's.

@@ -51,7 +51,8 @@ def reference_model(
             mixed.add_adapter(internal, config)
         if pattern:
             _resize_adalora(mixed, internal, config, pattern)
-        result = set_peft_model_state_dict(mixed, load_file(store / name / "adapter_model.safetensors"), internal)
+        tensors = _replace_trained_biases(base, load_file(store / name / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(mixed, tensors, internal)
         assert not result.unexpected_keys, result.unexpected_keys
         missing = [k for k in result.missing_keys if internal in k.split(".") and ".ranknum." not in k]
         assert not missing, missing  # else random weights would stay in the oracle (AdaLoRA's ranknum is not saved)
@@ -60,6 +61,21 @@ def reference_model(
         if (weights or {}).get(name, 1.0) != 1.0:
             _weigh(mixed, f"a{i}", weights[name])
     return mixed.eval().to(DEVICE)
+
+
+@torch.no_grad()
+def _replace_trained_biases(base, tensors: dict) -> dict:
+    """The tensors less the trained base biases (config.bias 'all' / 'lora_only'), which replace the base's biases,
+    as PEFT's loading does; by module path, because in a mixed model another adapter may wrap the layer first, and
+    PEFT's keys (`<module>.base_layer.bias`) would then miss it."""
+    rest = {}
+    for key, tensor in tensors.items():
+        if key.endswith(".bias") and ".lora_" not in key:
+            path = key.removeprefix("base_model.model.").replace(".base_layer", "")
+            base.get_parameter(path).copy_(tensor)
+        else:
+            rest[key] = tensor
+    return rest
 
 
 @torch.no_grad()

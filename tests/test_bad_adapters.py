@@ -75,7 +75,10 @@ def broken(llama, tmp_path_factory) -> Path:
         store / "ia3",
     )
     _save_peft(llama.model_dir, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), store / "prefix")
-    save_adapter(llama.model_dir, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), store / "dora", 1, "x")
+    folder = _copy(store, "lora", "alora")  # activated LoRA: a variant whose forward is not LoRA's
+    (folder / CONFIG).write_text(
+        json.dumps({**json.loads((folder / CONFIG).read_text()), "alora_invocation_tokens": [5]})
+    )
     save_adapter(
         llama.model_dir,
         LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
@@ -121,7 +124,7 @@ CASES = {
     "missing-module": (422, "no weights for targeted module(s) model.layers.1.mlp.down_proj"),
     "wrong-shape-last": (422, "model.layers.1.mlp.down_proj: lora_B.weight has shape (7, 4), the base layer needs"),
     "pickle-only": (422, "set MIXSERVE_ALLOW_PICKLE=1"),
-    "dora": (422, "LoRA variants are not supported: use_dora"),
+    "alora": (422, "alora_invocation_tokens: a LoRA variant whose forward pass is not LoRA's"),
     "with-head": (422, "modules_to_save is not supported"),
     "not-linear": (422, "only Linear and Conv1D layers are supported"),
     "other-base": (422, "does not fit the base model at model.layers.0.self_attn.q_proj"),

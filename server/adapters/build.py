@@ -69,12 +69,18 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
     kind, config = parse_config(name, files.config)
     params = targeted_parameters(name, config, layout)
     targeted = targeted_modules(name, config, layout, bool(params)) | params.keys()
-    by_module = _group_tensors(name, kind, files.tensors)
-    missing, extra = targeted - by_module.keys(), by_module.keys() - targeted
+    by_module = _group_tensors(name, kind, _without_output_embedding_copy(name, files.tensors, layout))
+    missing, extra = targeted - by_module.keys(), by_module.keys() - targeted - _trained_biases(name, by_module, layout)
     if missing:
-        raise AdapterInvalid(name, f"no weights for targeted module(s) {_few(missing)}: the weights file is incomplete")
+        raise AdapterInvalid(
+            name, f"no weights for targeted module(s) {_few(missing)}: the weights file is incomplete; re-save it"
+        )
     if extra:
-        raise AdapterInvalid(name, f"weights for module(s) {_few(extra)} that the config does not target")
+        raise AdapterInvalid(
+            name,
+            f"weights for module(s) {_few(extra)} that the config does not target: the config and the weights file"
+            " disagree; re-save the adapter with PEFT's save_pretrained",
+        )
     layers = {}
     conv1d = sorted(m for m in by_module if isinstance(layout.linears.get(m), Conv1D))
     if conv1d and not kind.on_conv1d:
@@ -88,7 +94,9 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
             for param, t in by_module[module_name].items()
         }
         if not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
-            raise AdapterInvalid(name, f"{module_name}: weights contain NaN or infinity")
+            raise AdapterInvalid(
+                name, f"{module_name}: weights contain NaN or infinity (a broken training run or file)"
+            )
         try:
             if module_name in params:
                 layer = kind.build_parameters(config, module_name, params[module_name], tensors, dtype)
@@ -97,7 +105,11 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
         except ValueError as exc:
             raise AdapterInvalid(name, f"does not fit the base model at {module_name}: {exc}") from exc
         if layer is not None and dtype != torch.float32 and not all(torch.isfinite(t).all() for t in layer.tensors()):
-            raise AdapterInvalid(name, f"{module_name}: weights overflow {str(dtype).removeprefix('torch.')}")
+            raise AdapterInvalid(
+                name,
+                f"{module_name}: weights overflow {str(dtype).removeprefix('torch.')}, the serving dtype; serve the"
+                " model in float32 or bfloat16, or retrain with smaller weights",
+            )
         if layer is not None:
             layers[module_name] = layer
     return BuiltAdapter(
@@ -155,7 +167,11 @@ def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout, has_para
     if config.target_modules is None:
         defaults = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(layout.model_type)
         if defaults is None:
-            raise AdapterInvalid(name, f"target_modules is not set and peft has no default for {layout.model_type!r}")
+            raise AdapterInvalid(
+                name,
+                f"target_modules is not set and peft has no default for {layout.model_type!r}; set it in"
+                " adapter_config.json to the modules the adapter was trained on",
+            )
         config.target_modules = set(defaults)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         config.target_modules = set(layout.linears) - {layout.output_embedding}  # then the rules below, as in peft
@@ -163,7 +179,9 @@ def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout, has_para
     routed = sorted(m for m in found if _ROUTED_EXPERT.search(m))
     if routed:
         raise AdapterInvalid(
-            name, f"targets {routed[0]}, a routed expert that sees only the tokens routed to it; not supported"
+            name,
+            f"targets {routed[0]}, a routed expert that sees only the tokens routed to it, which is not served;"
+            " retrain targeting the attention or shared layers",
         )
     not_linear = {m for m in found if m not in layout.linears}
     if not_linear:
@@ -172,8 +190,48 @@ def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout, has_para
             name, f"targets {m} ({type(layout.modules[m]).__name__}); only Linear and Conv1D layers are supported"
         )
     if not found and not has_parameters:
-        raise AdapterInvalid(name, f"target_modules {config.target_modules!r} match no layer of the base model")
+        raise AdapterInvalid(
+            name,
+            f"target_modules {config.target_modules!r} match no layer of the base model: the adapter was trained for"
+            " another architecture; serve it on its own base model",
+        )
     return found
+
+
+def _trained_biases(name: str, by_module: dict[str, dict], layout: BaseLayout) -> set[str]:
+    """The modules not targeted whose biases the file trains (config.bias='all': saved as `<module>.bias`)."""
+    found = {m for m, tensors in by_module.items() if set(tensors) == {"bias"}}
+    other = sorted(m for m in found if m not in layout.linears)
+    if other:
+        m = other[0]
+        raise AdapterInvalid(
+            name,
+            f"bias='all' trained the bias of {m} ({type(layout.modules[m]).__name__}), which is served on Linear and"
+            " Conv1D layers only (as a per-request delta of their output); retrain with bias='lora_only' or 'none'",
+        )
+    return found
+
+
+def _without_output_embedding_copy(name: str, tensors: dict, layout: BaseLayout) -> dict[str, torch.Tensor]:
+    """tensors less the copy of the output embedding's base weight that PEFT saves when an adapter targets it (or
+    save_embedding_layers=True), once that copy is found equal to the served base: exactly, after rounding both to
+    the coarser of their two dtypes (a float32 copy of a bfloat16 base is its exact widening)."""
+    if layout.output_embedding is None:
+        return tensors
+    served = layout.modules[layout.output_embedding].weight.detach()
+    keys = [f"{SAVED_PREFIX}{layout.output_embedding}{suffix}" for suffix in (".base_layer.weight", ".weight")]
+    for key in (k for k in keys if k in tensors):
+        saved = tensors[key]
+        coarser = min((saved.dtype, served.dtype), key=lambda d: -torch.finfo(d).eps)
+        if saved.shape != served.shape or not torch.equal(saved.to(served.device, coarser), served.to(coarser)):
+            raise AdapterInvalid(
+                name,
+                f"{key} is the file's copy of the base model's output embedding ({layout.output_embedding}), and it"
+                " differs from the served base's: the adapter was trained on another base model, or trained the"
+                " output embedding itself; serve it on the base model it was trained on",
+            )
+        tensors = {k: t for k, t in tensors.items() if k != key}
+    return tensors
 
 
 def _group_tensors(name: str, kind: Kind, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -182,7 +240,12 @@ def _group_tensors(name: str, kind: Kind, tensors: dict[str, torch.Tensor]) -> d
     for key, tensor in tensors.items():
         param = next((p for p in kind.param_names if key.endswith("." + p)), None)
         if not key.startswith(SAVED_PREFIX) or param is None:
-            raise AdapterInvalid(name, f"unexpected tensor {key!r} for a {kind.peft_type} adapter")
+            raise AdapterInvalid(
+                name,
+                f"unexpected tensor {key!r}: it is none of a {kind.peft_type} adapter's weights"
+                f" ({', '.join(kind.param_names)} under {SAVED_PREFIX}<module>), so it holds something that is not"
+                " served, or the file was not saved by PEFT for this config; re-save the adapter with PEFT",
+            )
         module = key[len(SAVED_PREFIX) : -len(param) - 1]
         while module.endswith(".base_layer"):  # peft's nested wrappers of several target_parameters of one module
             module = module.removesuffix(".base_layer")

@@ -160,6 +160,16 @@ class Merge:
                     problems.append(f"{name} sets {key}, which merges do not support")
             if raw.get("lora_bias"):
                 problems.append(f"{name} has a LoRA bias, which PEFT's merge leaves out")
+            if raw.get("use_dora"):
+                problems.append(
+                    f"{name} is DoRA: PEFT's add_weighted_adapter combines A and B only and drops DoRA's magnitude"
+                    " vectors, so no merge equals a mix of DoRA adapters; serve them side by side in a mix instead"
+                )
+            if raw.get("bias", "none") != "none":
+                problems.append(
+                    f"{name} trained base biases (bias={raw['bias']!r}), which PEFT's add_weighted_adapter does not"
+                    " combine; serve it side by side in a mix instead"
+                )
             if raw.get("rank_pattern"):
                 problems.append(f"{name} has a rank_pattern: its ranks differ per module")
         if problems:

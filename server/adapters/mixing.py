@@ -12,6 +12,7 @@ the module tree per pass, and no adapter is "active" outside the pass that asked
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from server.adapters.kinds import LayerAdapter
 from server.adapters.kinds.base import LayerShape, PoolSpan
-from server.adapters.kinds.lora import ParameterLora
+from server.adapters.kinds.lora import LoraLayer, ParameterLora
 
 _plan_ids = itertools.count()
 
@@ -311,10 +312,20 @@ class _LayerPlan:
     # (rows, adapter, weight): one number for all its rows, or one per row of the selection ([n, 1, 1])
     other: list[tuple[torch.Tensor | None, LayerAdapter, float | torch.Tensor]]
     zero: torch.Tensor  # what torch.where puts outside the rows (a Python 0 would build a tensor per call)
+    # DoRA (LoRA adapters that rescale the output so far, LayerAdapter): (row indices, scale [out], shift [out] or
+    # None), float32, for rows whose first LoRA adapter here is their only DoRA one: the output so far becomes
+    # y * scale - shift; and (row indices, (adapter, weight)) for the others, with all their LoRA adapters in order
+    affine: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = dataclasses.field(
+        default_factory=list
+    )
+    rescales: list[tuple[torch.Tensor | None, list[tuple[LayerAdapter, float]]]] = dataclasses.field(
+        default_factory=list
+    )
+    biases: list[tuple[torch.Tensor | None, torch.Tensor]] = dataclasses.field(default_factory=list)  # (rows, [out])
 
     @property
     def empty(self) -> bool:
-        return not (self.rotations or self.sparse or self.other)
+        return not (self.rotations or self.sparse or self.other or self.affine or self.rescales or self.biases)
 
 
 class MixedLinear(nn.Module):
@@ -332,6 +343,7 @@ class MixedLinear(nn.Module):
         self.adapters: dict[int, LayerAdapter] = {}
         self.pool = RankPool(self, context)  # the low-rank adapters among them, for decode passes
         self._plans: OrderedDict[int, _LayerPlan] = OrderedDict()  # by BatchPlan.id
+        self._beyond_pool = 0  # adapters whose pooled low-rank part is not all they do (DoRA, trained biases)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -352,6 +364,7 @@ class MixedLinear(nn.Module):
     def attach(self, slot: int, adapter: LayerAdapter, order: tuple = ()) -> None:
         # A new slot is in no plan built so far: the running batch keeps its plans (no stall at the next step).
         self.adapters[slot] = adapter
+        self._beyond_pool += _beyond_pool(adapter)
         if adapter.low_rank is not None:
             self.pool.add(slot, *adapter.low_rank, (order, slot))
             adapter.low_rank = PoolSpan(self.pool, slot)  # its own copy is dropped: the pool's is the only one
@@ -359,6 +372,7 @@ class MixedLinear(nn.Module):
     def detach(self, slot: int, keep: bool = True) -> None:
         """keep: the adapter gets its own copy of what the pool held for it (else it is dropped: nothing reads it)."""
         adapter = self.adapters.pop(slot)
+        self._beyond_pool -= _beyond_pool(adapter)
         if keep and isinstance(adapter.low_rank, PoolSpan):  # taken before the span is freed
             a, b, scale = adapter.low_rank
             fresh = torch.contiguous_format
@@ -372,7 +386,8 @@ class MixedLinear(nn.Module):
             return self.base(x)
         pooled = not plan.gather and self.pool.layout is not None
         low_rank = plan.low_rank(self.pool.layout) if pooled else None
-        layer = self._layer_plan(plan) if not pooled or len(self.adapters) > len(self.pool.spans) else None
+        beyond = self._beyond_pool or len(self.adapters) > len(self.pool.spans)
+        layer = self._layer_plan(plan) if not pooled or beyond else None
         if low_rank is None and (layer is None or layer.empty):
             return self.base(x)
         if x.dim() == 3:  # [rows, tokens, in]
@@ -412,6 +427,15 @@ class MixedLinear(nn.Module):
                 x_in.index_copy_(0, rows, rotated)
 
         y = base_output(x_in, layer.sparse if layer is not None else ())
+        # computed from the output so far, before any delta is added to it
+        rescaled = [(rows, self._rescaled(y, x, rows, steps)) for rows, steps in layer.rescales] if layer else []
+        for rows, scale, shift in layer.affine if layer is not None else ():
+            own = y if rows is None else y.index_select(0, rows)
+            own.mul_(scale)
+            if shift is not None:
+                own.sub_(shift)
+            if rows is not None:
+                y.index_copy_(0, rows, own)
         if low_rank is not None:
             self.pool.add_to(y, x, *low_rank)
         for rows, adapter, weight in layer.other if layer is not None else ():
@@ -434,7 +458,34 @@ class MixedLinear(nn.Module):
             else:
                 delta = torch.where(rows, adapter.delta(x), layer.zero)  # selected first: inf x 0 never meets
                 y += delta.mul_(weight) if per_row or weight != 1 else delta
+        for rows, term in rescaled:
+            if rows is None:
+                y.add_(term)
+            else:
+                y.index_add_(0, rows, term.to(y.dtype))
+        for rows, bias in layer.biases if layer is not None else ():
+            if rows is None:
+                y.add_(bias)
+            else:
+                y.index_add_(0, rows, bias.expand(len(rows), *y.shape[1:]))
         return y
+
+    def _rescaled(self, y: torch.Tensor, x: torch.Tensor, rows, steps) -> torch.Tensor:
+        """What the rescaling LoRA adapters (DoRA) among steps, the rows' LoRA adapters here in order, add to those
+        rows of y (the output before any delta): each rescales u, the output without the base bias so far."""
+        own_y, own_x = (y, x) if rows is None else (y.index_select(0, rows), x.index_select(0, rows))
+        u = own_y if self.base.bias is None else own_y - self.base.bias
+        last = max(i for i, (adapter, _) in enumerate(steps) if adapter.rescales_output)
+        total = None
+        for i, (adapter, weight) in enumerate(steps[: last + 1]):
+            term = None
+            if adapter.rescales_output:
+                term = u * (adapter.ratio_minus_one * weight)
+                total = term if total is None else total + term
+            if i < last:  # u for the next one: this adapter's whole effect added
+                u = u + adapter.delta(own_x) * weight
+                u = u if term is None else u + term
+        return total
 
     def _base_output(self, x_in: torch.Tensor, sparse: list) -> torch.Tensor:
         """F.linear(x', W', b) per row, W' = W plus the row's SHiRA deltas: built densely as peft does."""
@@ -481,7 +532,9 @@ class MixedLinear(nn.Module):
             return found
 
         used = list(dict.fromkeys(s for pairs in rows for s, _ in pairs))  # first-use order
-        additive = [s for s in used if not (a := self.adapters[s]).rotates_input and not a.adds_to_weight]
+        additive = [
+            s for s in used if not (a := self.adapters[s]).rotates_input and not a.adds_to_weight and a.adds_delta
+        ]
         pooled = () if plan.gather else self.pool.spans  # a decode pass takes those from the pool
 
         def select(pattern: tuple[bool, ...]) -> torch.Tensor | None:
@@ -499,12 +552,36 @@ class MixedLinear(nn.Module):
                 column = plan.column(tuple(1.0 if w is None else w for w in weights), dtype)
             return select(pattern), self.adapters[slot], column
 
+        def weighted(adapter: LayerAdapter, weight: float) -> tuple[LayerAdapter, float]:
+            return adapter, weight
+
+        affine, rescales = [], []
+        if any(a.rescales_output for a in self.adapters.values()):
+            for r, steps in groups(lambda a: isinstance(a, LoraLayer), plan.indices, weighted):
+                if not any(a.rescales_output for a, _ in steps[1:]) and steps[0][0].rescales_output:
+                    adapter, weight = steps[0]
+                    change = adapter.ratio_minus_one * weight  # float32: y * (1 + c) - c * b
+                    bias = self.base.bias
+                    affine.append((r, 1 + change, None if bias is None else change * bias.float()))
+                elif any(a.rescales_output for a, _ in steps):
+                    rescales.append((r, steps))
+        biases = [
+            (r, sum((a.bias_delta * w for a, w in steps[1:]), steps[0][0].bias_delta * steps[0][1]))
+            for r, steps in groups(lambda a: a.bias_delta is not None, plan.indices, weighted)
+        ]
         return _LayerPlan(
             rotations=groups(lambda a: a.rotates_input, plan.indices if plan.gather else plan.mask, _rotation),
-            sparse=groups(lambda a: a.adds_to_weight, plan.indices, lambda a, w: (a, w)),
+            sparse=groups(lambda a: a.adds_to_weight, plan.indices, weighted),
             other=[other(s) for s in additive if s not in pooled],
             zero=plan.cached(("zero", dtype), lambda: torch.zeros((), dtype=dtype)),
+            affine=affine,
+            rescales=rescales,
+            biases=biases,
         )
+
+
+def _beyond_pool(adapter: LayerAdapter) -> int:
+    return int(adapter.rescales_output or adapter.bias_delta is not None)
 
 
 def _rotation(adapter: LayerAdapter, weight: float | tuple[float, ...]) -> tuple[LayerAdapter, object]:
@@ -614,9 +691,13 @@ class BaseLayout:
         self.output_embedding = next((n for n, m in self.modules.items() if m is output), None)
 
     def shape(self, module_name: str) -> LayerShape:
-        weight = self.linears[module_name].weight  # Linear: [out, in]; Conv1D: [in, out]
-        out_f, in_f = weight.shape if isinstance(self.linears[module_name], nn.Linear) else weight.shape[::-1]
-        return LayerShape(in_f, out_f)
+        layer = self.linears[module_name]
+        weight = layer.weight if isinstance(layer, nn.Linear) else layer.weight.T  # Conv1D's is [in, out]
+        return LayerShape(weight.shape[1], weight.shape[0], weight.detach(), _detached(layer.bias))
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
 
 
 class MixedModel:

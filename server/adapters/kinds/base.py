@@ -10,14 +10,27 @@ import torch.nn.functional as F
 from peft import PeftConfig
 from peft.utils.other import get_pattern_key
 
-# Options that put adapter weights outside the Linear layers this server wraps.
-_UNSUPPORTED_OPTIONS = ("modules_to_save", "trainable_token_indices", "layer_replication")
+# Options that put adapter weights outside the layers this server wraps: what each does, and what to do instead.
+_UNSUPPORTED_OPTIONS = {
+    "modules_to_save": "it trains full copies of whole modules, which are not served per request; retrain without it",
+    "trainable_token_indices": (
+        "it trains rows of the embedding, which are not served per request; retrain without it"
+    ),
+    "layer_replication": (
+        "it repeats base layers, which would change the model for every request; serve a model saved with the layers"
+        " replicated, and the adapter trained on it"
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
     in_features: int
     out_features: int
+    # the base layer's weight [out, in] and bias [out] (views), for adapters whose weights depend on them (DoRA's
+    # norm, trained biases)
+    weight: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
+    bias: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class LayerAdapter:
@@ -26,7 +39,10 @@ class LayerAdapter:
     Semantics, for the rows x of that layer's input, with the adapters in canonical nesting order (docs/contract.md):
         x' = rotate_k(... rotate_1(x))                         # OFT: rotates_input
         W' = W + S_1 + ... + S_m                               # SHiRA: adds_to_weight
-        y  = F.linear(x', W', b) + sum(delta(x) for LoRA, AdaLoRA, LoHa, LoKr)
+        y  = F.linear(x', W', b) + sum(delta(x) for LoRA, AdaLoRA, LoHa, LoKr) + sum(bias_delta)
+    A LoRA adapter that `rescales_output` (DoRA) also adds `ratio_minus_one * u` ([out], float32), where u is the
+    output without the base bias up to it (the base, and the LoRA adapters before it in the request, as nested in
+    PEFT's LoRA wrapper).
 
     Additive adapters whose delta is B(A(x)) * scale set `low_rank = (A, B, scale)`: the mixed layer computes all
     of those in a batch with two matmuls. The others implement `delta`.
@@ -40,6 +56,9 @@ class LayerAdapter:
     adds_to_weight = False
     # A [r, in], B [out, r], scale; a PoolSpan while a rank pool holds them
     low_rank: tuple[torch.Tensor, torch.Tensor, float] | PoolSpan | None = None
+    bias_delta: torch.Tensor | None = None  # [out]: a trained bias minus the base layer's, added to the output
+    adds_delta = True  # False for an adapter that only carries a bias_delta
+    rescales_output = False
 
     def rotation(self, weight: float) -> object:
         """What `rotate` applies at that weight, built once (layer plans hold it while they run)."""
@@ -117,6 +136,8 @@ class Kind:
     param_names: tuple[str, ...]
     # Whether PEFT can build this type on GPT-2-style Conv1D layers (the same math as on Linear layers).
     on_conv1d = False
+    # Whether its config's `bias` ('all', or '<type>_only': the base layers' biases trained too) is served.
+    serves_trained_biases = False
 
     def raw_problems(self, raw: dict) -> list[str]:
         """What in the saved config the server cannot serve, found before PEFT parses it; empty if nothing."""
@@ -125,12 +146,15 @@ class Kind:
     def problems(self, config: PeftConfig) -> list[str]:
         """What in this config the server cannot serve exactly; empty if nothing."""
         found = []
-        for option in _UNSUPPORTED_OPTIONS:
+        for option, why in _UNSUPPORTED_OPTIONS.items():
             if getattr(config, option, None):
-                found.append(f"{option} is not supported")
+                found.append(f"{option} is not supported: {why}")
         bias = getattr(config, "bias", "none")
-        if bias != "none":
-            found.append(f"bias={bias!r} is not supported (it trains the base model's biases); use bias='none'")
+        if bias != "none" and not self.serves_trained_biases:
+            found.append(
+                f"bias={bias!r} trains the base model's biases, which are served for LoRA adapters only (a"
+                f" {self.peft_type} adapter's are not); retrain with bias='none'"
+            )
         return found
 
     def build(
@@ -166,7 +190,10 @@ def expect_params(tensors: dict[str, torch.Tensor], required: set[str], optional
 def expect_shape(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> torch.Tensor:
     tensor = tensors[name]
     if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, the base layer needs {tuple(shape)}")
+        raise ValueError(
+            f"{name} has shape {tuple(tensor.shape)}, the base layer needs {tuple(shape)}: the adapter was trained on"
+            " another base model (or its config's r or patterns do not match its weights)"
+        )
     return tensor
 
 

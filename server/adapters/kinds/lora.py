@@ -1,4 +1,4 @@
-"""LoRA (and rsLoRA): delta(x) = B(A(x)) * scaling."""
+"""LoRA (and rsLoRA, DoRA, trained biases): delta(x) = B(A(x)) * scaling."""
 
 from __future__ import annotations
 
@@ -9,17 +9,30 @@ import torch.nn.functional as F
 
 from .base import Kind, LayerAdapter, config_fields, expect_params, expect_shape, pattern_value
 
+# LoRA variants (LoraConfig fields marked is_lora_variant) that are served.
+_SERVED_VARIANTS = ("use_dora",)
+
 # PEFT re-runs these initialisations on load, and each subtracts its initial adapter from the base layer's weight.
 _INITS_THAT_REWRITE_THE_BASE = ("olora", "pissa", "corda", "loftq", "lora_ga")
 
 
 class LoraLayer(LayerAdapter):
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scaling: float):
-        # a [r, in], b [out, r], bias [out]: held once, in low_rank when a rank pool can take them (no bias)
+    def __init__(
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        bias: torch.Tensor | None,
+        scaling: float,
+        bias_delta: torch.Tensor | None = None,
+    ):
+        # a [r, in], b [out, r], bias [out] (lora_B's): held once, in low_rank when a rank pool can take them (no
+        # bias); bias_delta [out]: the trained base bias minus the served one (config.bias 'lora_only' or 'all')
         if bias is None:
             self.low_rank = (a, b, scaling)
         else:
             self.with_bias = (a, b, bias, scaling)
+        if bias_delta is not None:
+            self.bias_delta = bias_delta
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]; the same operations as peft's lora.Linear
@@ -27,6 +40,32 @@ class LoraLayer(LayerAdapter):
             return super().delta(x)
         a, b, bias, scaling = self.with_bias
         return F.linear(F.linear(x, a), b, bias) * scaling
+
+
+class DoraLayer(LoraLayer):
+    """DoRA (use_dora), as peft's DoraLinearLayer in eval: with r the output of the layer so far (the base, inner
+    adapters, and the LoRA adapters before this one) and b the base layer's bias,
+        r' = r + (g - 1) * (r - b) + g * B(A(x)) * scaling,    g = magnitude / ||W + scaling * B A||  (per output)
+    with the norm detached (a constant here) and lora_dropout the identity. g is computed once, at build.
+
+    Weight w (docs/contract.md): r' = r + w * ((g - 1) * (r - b) + g * B(A(x)) * scaling). The low-rank part is
+    a LoRA with B scaled by g (it rides the rank pool); the mixed layer adds the rest, ratio_minus_one = g - 1."""
+
+    rescales_output = True
+
+    def __init__(self, a, b, scaling: float, ratio: torch.Tensor, bias_delta: torch.Tensor | None, dtype):
+        # ratio: g [out], float32
+        super().__init__(a.to(dtype), (ratio[:, None] * b).to(dtype), None, scaling, bias_delta)
+        self.ratio_minus_one = ratio - 1  # [out], float32 (as PEFT's: its magnitude stays float32)
+
+
+class TrainedBias(LayerAdapter):
+    """A trained bias of a layer the adapter does not target (config.bias='all'): only bias_delta."""
+
+    adds_delta = False
+
+    def __init__(self, bias_delta: torch.Tensor):
+        self.bias_delta = bias_delta
 
 
 class ParameterLora(LayerAdapter):
@@ -54,17 +93,27 @@ class ParameterLora(LayerAdapter):
 class LoraKind(Kind):
     peft_type = "LORA"
     on_conv1d = True
-    param_names = ("lora_A.weight", "lora_B.weight", "lora_B.bias")
+    serves_trained_biases = True
+    # the trained bias of a targeted layer is saved as base_layer.bias, of another layer as bias (config.bias)
+    param_names = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "base_layer.bias", "bias")
 
     def problems(self, config) -> list[str]:
         found = super().problems(config)
         fields = config_fields(config)
-        variants = [name for name, f in fields.items() if f.metadata.get("is_lora_variant") and getattr(config, name)]
+        variants = [
+            name
+            for name, f in fields.items()
+            if f.metadata.get("is_lora_variant") and getattr(config, name) and name not in _SERVED_VARIANTS
+        ]
         init = config.init_lora_weights
         if isinstance(init, str) and init in fields["init_lora_weights"].metadata.get("lora_variants", ()):
             variants.append(f"init_lora_weights={init!r}")
         if variants:
-            found.append(f"LoRA variants are not supported: {', '.join(variants)}")
+            found.append(
+                f"{', '.join(variants)}: a LoRA variant whose forward pass is not LoRA's, which mixserve does not"
+                f" implement (it serves LoRA, rsLoRA and DoRA); retrain without it, or merge it into the base model"
+                " with PEFT (merge_and_unload) and serve that"
+            )
         return found
 
     def raw_problems(self, raw: dict) -> list[str]:
@@ -77,21 +126,44 @@ class LoraKind(Kind):
         return []
 
     def build(self, config, module_name, shape, tensors, dtype):
+        if "bias" in tensors:  # a layer that is not targeted, whose bias was trained (bias='all')
+            expect_params(tensors, {"bias"})
+            return TrainedBias(_bias_delta(tensors, "bias", shape, dtype))
         r = pattern_value(config.rank_pattern, module_name, config.r)
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         bias_name = {"lora_B.bias"} if config.lora_bias else set()
-        expect_params(tensors, {"lora_A.weight", "lora_B.weight"} | bias_name)
+        dora = {"lora_magnitude_vector"} if config.use_dora else set()
+        expect_params(tensors, {"lora_A.weight", "lora_B.weight"} | bias_name | dora, {"base_layer.bias"})
         a = expect_shape(tensors, "lora_A.weight", (r, shape.in_features))
         b = expect_shape(tensors, "lora_B.weight", (shape.out_features, r))
         bias = expect_shape(tensors, "lora_B.bias", (shape.out_features,)) if bias_name else None
         scaling = _scaling(config, r, alpha)
-        return LoraLayer(a.to(dtype), b.to(dtype), None if bias is None else bias.to(dtype), scaling)
+        bias_delta = _bias_delta(tensors, "base_layer.bias", shape, dtype) if "base_layer.bias" in tensors else None
+        if dora:
+            if shape.weight is None or not shape.weight.is_floating_point():
+                raise ValueError(
+                    "DoRA's weight norm needs the base layer's weight in floating point, and this base layer is"
+                    " quantized; serve the base unquantized, or merge the DoRA adapter into it with PEFT"
+                )
+            magnitude = expect_shape(tensors, "lora_magnitude_vector", (shape.out_features,))
+            # peft's DoraLinearLayer.get_weight_norm: the norm of each output's row of W + scaling * B A
+            norm = torch.linalg.norm(shape.weight.float() + scaling * (b @ a), dim=1)
+            ratio = magnitude / norm
+            if not torch.isfinite(ratio).all():
+                raise ValueError(
+                    "DoRA's weight norm is 0 for some output (W + scaling * B A has a zero row), so its magnitude"
+                    " ratio is undefined; the adapter is broken (PEFT's output there is not finite either)"
+                )
+            return DoraLayer(a, b, scaling, ratio, bias_delta, dtype)
+        return LoraLayer(a.to(dtype), b.to(dtype), None if bias is None else bias.to(dtype), scaling, bias_delta)
 
     def build_parameters(self, config, module_name, params, tensors, dtype) -> ParameterLora:
         """LoRA on `params` ({name: (shape, transposed)}, in the order peft nests its wrappers: the first innermost)
         of one module; `tensors` are keyed `lora_A.weight` for the outermost, `base_layer.lora_A.weight` inside it."""
         if config.lora_bias or config.use_dora:
-            raise ValueError("target_parameters works without lora_bias and use_dora (in peft too)")
+            raise ValueError(
+                "target_parameters works without lora_bias and use_dora (in peft too); retrain without them"
+            )
         deltas, depth, expected = [], len(params), set()
         for name, (shape, transposed) in params.items():
             depth -= 1
@@ -114,6 +186,14 @@ class LoraKind(Kind):
             deltas.append((name, lhs.contiguous(), rhs.contiguous(), _scaling(config, r, alpha)))
         expect_params(tensors, expected)
         return ParameterLora(tuple(deltas))
+
+
+def _bias_delta(tensors: dict[str, torch.Tensor], name: str, shape, dtype) -> torch.Tensor:
+    """The trained bias minus the base layer's: what a row that uses the adapter adds to the layer's output."""
+    if shape.bias is None:
+        raise ValueError(f"the file trains a bias ({name}) for a layer that has none in the base model")
+    trained = expect_shape(tensors, name, (shape.out_features,))
+    return (trained - shape.bias.float()).to(dtype)
 
 
 def _scaling(config, r: int, alpha: float) -> float:

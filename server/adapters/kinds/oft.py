@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+from peft import OFTConfig
 from peft.tuners.oft.layer import OFTLayer, OFTRotationModule
 
 from .base import Kind, LayerAdapter, expect_params, expect_shape
@@ -122,6 +123,15 @@ class OFTKind(Kind):
     peft_type = "OFT"
     param_names = ("oft_R.weight",)
 
+    def raw_problems(self, raw: dict) -> list[str]:
+        """PEFT's own refusals of adapters saved by an older OFT (OFTConfig.check_kwargs, which
+        PeftConfig.from_peft_type skips: the config would then fail with a message that blames the settings)."""
+        try:
+            OFTConfig.check_kwargs(**raw)
+        except ValueError as exc:
+            return [f"{exc} (mixserve serves today's OFT only: retrain the adapter with PEFT 0.14 or later)"]
+        return []
+
     def rank(self, config) -> int | None:
         return config.r or None
 
@@ -139,7 +149,10 @@ class OFTKind(Kind):
                 r = OFTLayer.adjust_oft_parameters(None, in_f, r)
             size = in_f // r
         else:
-            raise ValueError("exactly one of r and oft_block_size must be non-zero")
+            raise ValueError(
+                f"r={config.r} and oft_block_size={config.oft_block_size}: exactly one must be non-zero (PEFT refuses"
+                " both, and neither); re-save the adapter's config with the one it was trained with"
+            )
         expect_params(tensors, {"oft_R.weight"})
         n_elements = size * (size - 1) // 2
         weight = expect_shape(tensors, "oft_R.weight", (1 if config.block_share else r, n_elements))
