@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from server.adapters.host import HostCopy, copy_to_host, footprint
 from server.adapters.kinds import CANONICAL_ORDER, KINDS, Kind, LayerAdapter
 from server.adapters.mixing import BaseLayout
+from server.adapters.modules import EMBEDDING_LORA_PARAMS, embedding_lora, module_adapters
 from server.adapters.store import AdapterFiles
 from server.errors import AdapterInvalid
 
@@ -40,7 +41,7 @@ class BuiltAdapter:
 
     @functools.cached_property
     def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers.values())
+        return sum(t.numel() * t.element_size() for t in self._tensors())  # a tensor two layers share counts once
 
     def host_nbytes(self, pin: bool) -> int:
         """Host memory that this adapter takes in the host tier (pin: evicted from a GPU, as allocated)."""
@@ -51,7 +52,14 @@ class BuiltAdapter:
             return self
         if self.host:
             self.host.wait()
-        layers = {name: layer.to(device) for name, layer in self.layers.items()}
+        moved: dict[int, torch.Tensor] = {}  # a tensor two layers share (tied token rows) stays one tensor
+
+        def to(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in moved:
+                moved[id(t)] = t.to(device, non_blocking=True)
+            return moved[id(t)]
+
+        layers = {name: layer.map_tensors(to) for name, layer in self.layers.items()}
         return dataclasses.replace(self, layers=layers, host=None)
 
     def to_host(self, pin: bool) -> BuiltAdapter:
@@ -68,8 +76,9 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
     name = files.name
     kind, config = parse_config(name, files.config)
     params = targeted_parameters(name, config, layout)
-    targeted = targeted_modules(name, config, layout, bool(params)) | params.keys()
-    by_module = _group_tensors(name, kind, files.tensors)
+    modules, tensors = module_adapters(name, config, layout, files.tensors, device, dtype)
+    targeted = targeted_modules(name, config, layout, bool(params) or bool(modules)) | params.keys()
+    by_module = _group_tensors(name, kind, tensors)
     missing, extra = targeted - by_module.keys(), by_module.keys() - targeted
     if missing:
         raise AdapterInvalid(name, f"no weights for targeted module(s) {_few(missing)}: the weights file is incomplete")
@@ -92,6 +101,8 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
         try:
             if module_name in params:
                 layer = kind.build_parameters(config, module_name, params[module_name], tensors, dtype)
+            elif module_name in layout.embeddings:
+                layer = embedding_lora(config, module_name, layout.embeddings[module_name], tensors, dtype)
             else:
                 layer = kind.build(config, module_name, layout.shape(module_name), tensors, dtype)
         except ValueError as exc:
@@ -100,6 +111,10 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
             raise AdapterInvalid(name, f"{module_name}: weights overflow {str(dtype).removeprefix('torch.')}")
         if layer is not None:
             layers[module_name] = layer
+    both = sorted(layers.keys() & modules.keys())
+    if both:
+        raise AdapterInvalid(name, f"{both[0]} is both a target and saved whole (modules_to_save); PEFT refuses it too")
+    layers.update(modules)
     return BuiltAdapter(
         name=name, version=files.version, kind=kind, config=config, layers=layers, signature=files.signature
     )
@@ -165,11 +180,20 @@ def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout, has_para
         raise AdapterInvalid(
             name, f"targets {routed[0]}, a routed expert that sees only the tokens routed to it; not supported"
         )
-    not_linear = {m for m in found if m not in layout.linears}
+    embeddings = sorted(m for m in found if m in layout.embeddings)
+    if embeddings and config.peft_type != "LORA":
+        raise AdapterInvalid(
+            name,
+            f"{config.peft_type} cannot target the embedding {embeddings[0]} (neither can PEFT); LoRA can: train a LoRA"
+            " adapter on it, or leave it out of target_modules",
+        )
+    not_linear = {m for m in found if m not in layout.linears and m not in layout.embeddings}
     if not_linear:
         m = min(not_linear)
         raise AdapterInvalid(
-            name, f"targets {m} ({type(layout.modules[m]).__name__}); only Linear and Conv1D layers are supported"
+            name,
+            f"targets {m} ({type(layout.modules[m]).__name__}); only Linear, Conv1D and (for LoRA) Embedding layers are"
+            " supported",
         )
     if not found and not has_parameters:
         raise AdapterInvalid(name, f"target_modules {config.target_modules!r} match no layer of the base model")
@@ -179,8 +203,9 @@ def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout, has_para
 def _group_tensors(name: str, kind: Kind, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """`base_model.model.<module>.<param>` -> {module: {param: tensor}}."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
+    names = kind.param_names + (EMBEDDING_LORA_PARAMS if kind.peft_type == "LORA" else ())
     for key, tensor in tensors.items():
-        param = next((p for p in kind.param_names if key.endswith("." + p)), None)
+        param = next((p for p in names if key.endswith("." + p)), None)
         if not key.startswith(SAVED_PREFIX) or param is None:
             raise AdapterInvalid(name, f"unexpected tensor {key!r} for a {kind.peft_type} adapter")
         module = key[len(SAVED_PREFIX) : -len(param) - 1]

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from peft import PeftConfig
 from peft.utils.other import get_pattern_key
 
-# Options that put adapter weights outside the Linear layers this server wraps.
-_UNSUPPORTED_OPTIONS = ("modules_to_save", "trainable_token_indices", "layer_replication")
+# Options that put adapter weights outside the layers this server wraps.
+_UNSUPPORTED_OPTIONS = ("layer_replication",)
 
 
 @dataclasses.dataclass(frozen=True)
