@@ -105,8 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         loaded = {a.name: a for a in registry.load_blocking(list(ADAPTERS))}
         head_bytes = loaded["head-copy"].nbytes
         prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
-        for round_ in range(rounds + 1):  # round 0 warms up
-            for name, combos in contenders.items():
+        names = list(contenders)
+        for round_ in range(rounds + 1):  # round 0 warms up; each round starts with the next contender
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                combos = contenders[name]
                 rows = [BenchRow(p, (loaded[n].slot,)) for p, n in zip(prompts, combos, strict=True)]
                 synchronize(device)
                 started = time.perf_counter()
@@ -131,12 +133,22 @@ def main(argv: list[str] | None = None) -> None:
         f" {sizes.get('vocab_size', 384)}, {args.dtype}, {device_name(device)}; {ROWS} rows, {rounds} rounds (medians);"
         f" the head-copy adapter holds {head_bytes / 2**20:.1f} MiB"
     )
-    print(f"{'':22s} {'decode tok/s':>13s} {'a/b':>6s} {'ms/step over b':>15s} {'prefill tok/s':>14s} {'a/b':>6s}")
-    b_decode, b_prefill = statistics.median(decode["(b) 16 LoRA rows"]), statistics.median(prefill["(b) 16 LoRA rows"])
+    print(
+        f"{'':22s} {'decode tok/s':>13s} {'a/b':>6s} {'(range)':>11s} {'ms/step over b':>15s}"
+        f" {'prefill tok/s':>14s} {'a/b':>6s}"
+    )
+    base = "(b) 16 LoRA rows"
     for name in contenders:
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
-        extra = (ROWS / d - ROWS / b_decode) * 1e3
-        print(f"{name:22s} {d:13.0f} {d / b_decode:6.2f} {extra:15.2f} {p:14.0f} {p / b_prefill:6.2f}")
+        # a/b per round (contenders interleaved: each round's pair ran side by side), median and range
+        ratios = [a / b for a, b in zip(decode[name], decode[base], strict=True)]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        extra = statistics.median(ROWS / a - ROWS / b for a, b in zip(decode[name], decode[base], strict=True)) * 1e3
+        prefill_ratio = statistics.median(a / b for a, b in zip(prefill[name], prefill[base], strict=True))
+        print(
+            f"{name:22s} {d:13.0f} {statistics.median(ratios):6.2f} {spread:>11s} {extra:15.2f} {p:14.0f}"
+            f" {prefill_ratio:6.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -113,7 +113,9 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
             layers[module_name] = layer
     both = sorted(layers.keys() & modules.keys())
     if both:
-        raise AdapterInvalid(name, f"{both[0]} is both a target and saved whole (modules_to_save); PEFT refuses it too")
+        raise AdapterInvalid(
+            name, f"{both[0]} is both a target and saved whole or in token rows; PEFT refuses that too: save one of them"
+        )
     layers.update(modules)
     return BuiltAdapter(
         name=name, version=files.version, kind=kind, config=config, layers=layers, signature=files.signature

@@ -177,7 +177,9 @@ def module_adapters(
             key = f"{SAVED_PREFIX}{module}.{param}"
             if key not in rest:
                 raise AdapterInvalid(name, f"modules_to_save: no saved copy of {module}.{param} in the weights file")
-            params[param] = _fitting(name, f"modules_to_save: {module}.{param}", rest.pop(key), base).to(device, dtype)
+            params[param] = _fit(name, f"modules_to_save: {module}.{param}", rest.pop(key), base.shape).to(
+                device, dtype
+            )
         found[module] = ModuleCopy(tuple(params.items()))
     found.update(_token_rows(name, config, layout, rest, device, dtype))
     return found, rest
@@ -214,7 +216,7 @@ def _token_rows(name, config, layout, rest, device, dtype) -> dict[str, TokenRow
                 name,
                 f"trainable_token_indices for {module}: ids must be distinct and below its {weight.shape[0]} rows",
             )
-        delta = expect_fit(name, f"trainable tokens of {module}", delta, (len(ids), weight.shape[1]))
+        delta = _fit(name, f"trainable tokens of {module}", delta, (len(ids), weight.shape[1]))
         found[module] = _rows(ids, delta, weight.shape[0], isinstance(own, nn.Linear), device, dtype)
     head, embedding = layout.output_embedding, layout.input_embedding
     if layout.tied and embedding in found and head not in found and len(targets) == 1:
@@ -270,18 +272,13 @@ def _check_base_copy(name: str, module: str, saved: torch.Tensor, base: torch.Te
         )
 
 
-def _fitting(name: str, what: str, saved: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    if tuple(saved.shape) != tuple(base.shape):
-        vocab = " (a resized vocabulary: serve it on the base model it was trained on)" if saved.dim() == 2 else ""
+def _fit(name: str, what: str, saved: torch.Tensor, shape: tuple) -> torch.Tensor:
+    if tuple(saved.shape) != tuple(shape):
+        resized = saved.dim() == 2 and saved.shape[1:] == tuple(shape[1:])
+        vocab = " (a resized vocabulary: serve it on the base model it was trained on)" if resized else ""
         raise AdapterInvalid(
-            name, f"{what} has shape {tuple(saved.shape)}, the served base model's {tuple(base.shape)}{vocab}"
+            name, f"{what} has shape {tuple(saved.shape)}, the served base model's {tuple(shape)}{vocab}"
         )
-    return saved
-
-
-def expect_fit(name: str, what: str, saved: torch.Tensor, shape: tuple) -> torch.Tensor:
-    if tuple(saved.shape) != shape:
-        raise AdapterInvalid(name, f"{what} has shape {tuple(saved.shape)}, the served base model needs {shape}")
     return saved
 
 
@@ -297,21 +294,18 @@ _ENSURE_TYING = (
 def check_combination(adapters, weights) -> None:
     """Refuses (422) a combination that replaces a module at a weight other than 1, or that replaces a module another
     of its adapters also changes. adapters: LoadedAdapters, weights: theirs."""
-    by_module: dict[str, list[str]] = {}
     for adapter, weight in zip(adapters, weights, strict=True):
         for module, layer in adapter.built.layers.items():
-            by_module.setdefault(module, []).append(adapter.name)
-            if getattr(layer, "replaces", False) and weight != 1:
+            if not getattr(layer, "replaces", False):
+                continue
+            if weight != 1:
                 raise ValidationError(
                     f"adapter {adapter.name!r} replaces {module} (modules_to_save or trainable tokens): a replaced"
                     f" module has no delta to scale, so its weight must be 1, not {weight:g}"
                 )
-    for adapter in adapters:
-        for module, layer in adapter.built.layers.items():
-            others = [n for n in by_module[module] if n != adapter.name]
-            if getattr(layer, "replaces", False) and others:
+            others = [repr(a.name) for a in adapters if a is not adapter and module in a.built.layers]
+            if others:
                 raise ValidationError(
                     f"adapter {adapter.name!r} replaces {module} (modules_to_save or trainable tokens) and"
-                    f" {', '.join(repr(n) for n in others)} also change it; PEFT cannot compose these either:"
-                    " request them separately"
+                    f" {', '.join(others)} also change it; PEFT cannot compose these either: request them separately"
                 )
