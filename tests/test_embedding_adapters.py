@@ -85,9 +85,8 @@ def adapters(arch: str) -> dict:
 _worlds: dict = {}
 
 
-@pytest.fixture(scope="module", params=list(BASES))
-def world(request, tmp_path_factory):
-    arch = request.param
+def _build(arch: str, tmp_path_factory) -> tuple:
+    """(arch, model_dir, store): the tiny base and its adapters, built once per session."""
     if arch not in _worlds:
         root = tmp_path_factory.mktemp(arch)
         torch.manual_seed(0)
@@ -100,6 +99,11 @@ def world(request, tmp_path_factory):
             tiny.save_adapter(root / "base", config, root / "store" / name, seed=seed, base_name="base", scale=scale)
         _worlds[arch] = (arch, root / "base", root / "store")
     return _worlds[arch]
+
+
+@pytest.fixture(scope="module", params=list(BASES))
+def world(request, tmp_path_factory):
+    return _build(request.param, tmp_path_factory)
 
 
 def _runner(world):
@@ -261,12 +265,11 @@ def test_merges_refuse_module_adapters_with_the_reason(world):
 
 
 @needs_float32("greedy tokens equal the reference's")
-def test_served_over_http_with_prefix_caching(world, serve):
-    """The real server (prefix cache on): a long prompt under the base, then under each module adapter, each equal
-    to PEFT's greedy answer; what cannot be composed is a 422 with the reason, and the server keeps serving."""
-    arch, model_dir, store = world
-    if arch != "qwen2-tied":  # one architecture over HTTP: the runner tests above hold the others
-        pytest.skip("HTTP once, on the tied model")
+def test_served_over_http_with_prefix_caching(serve, tmp_path_factory):
+    """The real server (prefix cache on), on the tied model (the runner tests above hold every architecture): a long
+    prompt under the base, then under each module adapter, each equal to PEFT's greedy answer; what cannot be
+    composed is a 422 with the reason, and the server keeps serving."""
+    _, model_dir, store = _build("qwen2-tied", tmp_path_factory)
     server = serve(Settings(model=str(model_dir), adapters_dir=store, device=DEVICE, dtype=dtype_name(DTYPE)))
     prompt = "A prompt long enough to fill two blocks of the cache, then some."
     tokenizer = server.state.tokenizer
@@ -283,3 +286,23 @@ def test_served_over_http_with_prefix_caching(world, serve):
             assert response.status_code == 422 and reason in response.json()["error"], response.text
             assert set(response.json()) == {"error", "error_type"}
     assert server.state.engine.runner.prefix_hit_tokens > 0  # the last request found the first one's blocks
+
+
+def test_evicted_and_reloaded_module_adapters_answer_the_same(world):
+    """One adapter resident at a time: each load evicts the other to the host tier, and it comes back the same."""
+    _, model_dir, store = world
+    model, registry = private_model(model_dir, AdapterStore(store), max_loaded=1, host_cache=2**30)
+    runner = ModelRunner(model, registry.context)
+    ids = torch.tensor([PROMPTS[0]])
+    first = {}
+    for name in ["copies", "emb", "tokens", "copies", "emb", "tokens"]:
+        (adapter,) = registry.load_blocking([name])
+        logits = runner.score(ids, [(adapter.slot,)])[0].cpu()
+        assert len(registry.loaded()) == 1
+        if name in first:
+            assert torch.equal(logits, first[name]), name
+        else:
+            first[name] = logits
+            with torch.no_grad():
+                expected = reference_model(model_dir, store, [name])(ids.to(DEVICE)).logits[0].cpu()
+            assert (logits - expected).abs().max() <= ATOL, name
