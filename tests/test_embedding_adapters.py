@@ -65,6 +65,10 @@ def adapters(arch: str) -> dict:
             ),
             0.9,
         ),
+        "emb-copy": (
+            LoraConfig(r=2, lora_alpha=4, target_modules=attn, modules_to_save=[emb], init_lora_weights=False),
+            0.8,
+        ),
         "head": (
             LoraConfig(r=2, lora_alpha=4, target_modules=attn, modules_to_save=["lm_head"], init_lora_weights=False),
             1.1,
@@ -158,7 +162,9 @@ def _run_batch(world, combos: list[dict], steps: int = 3, cache_scope: bool = Fa
 
 
 def test_module_adapters_alone_and_beside_rows_without_them(world):
-    _run_batch(world, [{"emb": 1.0}, {}, {"copies": 1.0}, {"tokens": 1.0}, {"head": 1.0}, {"plain": 1.0}])
+    _run_batch(
+        world, [{"emb": 1.0}, {}, {"copies": 1.0}, {"tokens": 1.0}, {"head": 1.0}, {"plain": 1.0}, {"emb-copy": 1.0}]
+    )
 
 
 def test_module_adapters_mixed_with_other_types_and_weights(world):
@@ -247,6 +253,11 @@ def test_refusals_say_why(world):
         _resave(world, "copies", "copies.resized", resized_copy): "resized vocabulary",
         _resave(world, "emb", "emb.loha", loha_on_embedding): "cannot target the embedding",
     }
+    if arch == "qwen2-tied":
+        tying = _resave(
+            world, "tokens", "tokens.tying", lambda config, tensors: config.update(ensure_weight_tying=True)
+        )
+        cases[tying] = "re-save the adapter with ensure_weight_tying=False"
     _, registry = _runner(world)
     for name, reason in cases.items():
         with pytest.raises(AdapterInvalid, match=reason):

@@ -160,6 +160,9 @@ def module_adapters(
     ({module: adapter}, the tensors left for the adapter's layers)."""
     rest = dict(tensors)
     found: dict[str, ModuleAdapter] = {}
+    saves = config.modules_to_save or getattr(config, "trainable_token_indices", None)
+    if saves and layout.tied and getattr(config, "ensure_weight_tying", False):
+        raise AdapterInvalid(name, _ENSURE_TYING)
     for key in [k for k in rest if k.endswith(".base_layer.weight")]:
         module = key[len(SAVED_PREFIX) : -len(".base_layer.weight")]
         if module in layout.embeddings:  # peft's save_embedding_layers: the base embedding, saved with the adapter
@@ -195,8 +198,6 @@ def _token_rows(name, config, layout, rest, device, dtype) -> dict[str, TokenRow
     given = getattr(config, "trainable_token_indices", None)
     if not given:
         return {}
-    if getattr(config, "ensure_weight_tying", False):
-        raise AdapterInvalid(name, _ENSURE_TYING)
     targets = given if isinstance(given, dict) else {layout.input_embedding: given}  # a list: the input embedding
     found = {}
     for target, ids in targets.items():
@@ -283,8 +284,9 @@ def _fit(name: str, what: str, saved: torch.Tensor, shape: tuple) -> torch.Tenso
 
 
 _ENSURE_TYING = (
-    "ensure_weight_tying=True is not served (it ties the adapter's output-embedding copy to its input-embedding copy);"
-    " re-save the adapter without it"
+    "ensure_weight_tying=True with modules_to_save or trainable_token_indices on a model with tied embeddings is not"
+    " served (PEFT then ties the adapter's own output-embedding copy or rows to its input-embedding ones); re-save"
+    " the adapter with ensure_weight_tying=False"
 )
 
 
