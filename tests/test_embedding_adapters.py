@@ -157,7 +157,7 @@ def _run_batch(world, combos: list[dict], steps: int = 3, cache_scope: bool = Fa
         if combo:  # the adapters move this row's logits: a row left on the base would not pass unseen
             with torch.no_grad():
                 alone = base(torch.tensor([ids], device=DEVICE)).logits[0, len(seq.request.prompt_ids) - 1 :].cpu()
-            assert (alone - expected).abs().max() > 100 * ATOL, combo
+            assert (alone - expected).abs().max() > 1e-3, combo
     return runner, registry
 
 
