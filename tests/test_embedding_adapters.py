@@ -244,6 +244,9 @@ def test_refusals_say_why(world):
         k = f"{prefix}{emb}.weight"
         tensors[k] = torch.cat([tensors[k], tensors[k][:4]])
 
+    def nan_in_head(config, tensors):
+        tensors["base_model.model.lm_head.weight"][3, 5] = float("nan")
+
     def loha_on_embedding(config, tensors):
         config.update(peft_type="LOHA", alpha=4, target_modules=[emb])
 
@@ -252,6 +255,7 @@ def test_refusals_say_why(world):
         _resave(world, "emb", "emb.resized", resized): "expects a base model with 388 tokens, the served one has 384",
         _resave(world, "copies", "copies.resized", resized_copy): "resized vocabulary",
         _resave(world, "emb", "emb.loha", loha_on_embedding): "cannot target the embedding",
+        _resave(world, "head", "head.nan", nan_in_head): "lm_head: the saved copy or token rows contain NaN",
     }
     if arch == "qwen2-tied":
         tying = _resave(

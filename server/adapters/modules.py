@@ -185,6 +185,9 @@ def module_adapters(
             )
         found[module] = ModuleCopy(tuple(params.items()))
     found.update(_token_rows(name, config, layout, rest, device, dtype))
+    for module, adapter in found.items():
+        if not all(torch.isfinite(t).all() for t in adapter.tensors() if t.is_floating_point()):
+            raise AdapterInvalid(name, f"{module}: the saved copy or token rows contain NaN or infinity")
     return found, rest
 
 
