@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, OFTConfig
+from peft import LoHaConfig, LoraConfig, OFTConfig
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, GPT2Config, Qwen2Config
 
@@ -83,6 +83,7 @@ def adapters(arch: str) -> dict:
     }
     if arch != "gpt2":  # PEFT builds OFT on Linear layers, not on GPT-2's Conv1D
         found["oft"] = (OFTConfig(r=0, oft_block_size=16, target_modules=["v_proj"], init_weights=False), 0.3)
+        found["loha"] = (LoHaConfig(r=2, alpha=4, target_modules=["k_proj", "q_proj"], init_weights=False), 1.0)
     return found
 
 
@@ -179,6 +180,8 @@ def test_module_adapters_mixed_with_other_types_and_weights(world):
             {"tokens": 1.0, other: 0.7},
             {},
             {"head": 1.0, "emb": 2.0},
+            {"tokens": 1.0, "loha": 0.5, "oft": 1.0} if arch != "gpt2" else {"tokens": 1.0, "plain": 0.5},
+            {"emb": 1.0, "loha": 1.0, "oft": -0.5} if arch != "gpt2" else {"emb": -1.0},
         ],
     )
 
