@@ -243,12 +243,15 @@ def compute(merge: Merge, files: dict[str, AdapterFiles]) -> tuple[dict, dict[st
     factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}  # module -> source -> (A, B, s)
     for name, f in files.items():
         _, config = parse_config(name, f.config)
+        embedded = sorted(
+            k[len(SAVED_PREFIX) :].rsplit(".", 1)[0] for k in f.tensors if k.endswith(".lora_embedding_A")
+        )
+        if embedded:
+            raise ValidationError(
+                f"cannot merge: {name} has LoRA on the embedding {embedded[0]}, which merges here do not combine;"
+                " request it in a combination instead (a+b)"
+            )
         for key in f.tensors:
-            if key.endswith((".lora_embedding_A", ".lora_embedding_B")):
-                raise ValidationError(
-                    f"cannot merge: {name} has LoRA on the embedding {key[len(SAVED_PREFIX) :].rsplit('.', 1)[0]},"
-                    " which merges here do not combine; request it in a combination instead (a+b)"
-                )
             if not key.startswith(SAVED_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
                 raise AdapterInvalid(name, f"unexpected tensor {key!r} for a merge")
             module = key[len(SAVED_PREFIX) :].rsplit(".", 2)[0]
