@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU build by default; on a GPU host: make serve TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
 TORCH ?= torch==2.13.0
 
-.PHONY: serve test install install-test haproxy chromium demo bench bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache gpu-wheels gpu-venv gpu-check bench-prompt-scoring bench-dora clean
+.PHONY: serve test install install-test haproxy chromium demo bench bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache gpu-wheels gpu-venv gpu-check bench-prompt-scoring bench-dora bench-modules clean
 
 serve: install
 	$(PY) -m server
@@ -53,7 +53,7 @@ demo: install
 # Benchmarks (minutes each; they print tables and ratios measured side by side in one run).
 # make bench BENCH_FLAGS=--quick: seconds each, to check that they run (what the suite does).
 BENCH_FLAGS ?=
-bench: bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache bench-prompt-scoring bench-dora
+bench: bench-throughput bench-engine bench-mixed bench-adapters bench-soak bench-structured bench-kv-cache bench-prompt-scoring bench-dora bench-modules
 
 bench-throughput: install-test
 	$(PY) -m bench.throughput $(BENCH_FLAGS)
@@ -63,6 +63,9 @@ bench-engine: install-test
 
 bench-mixed: install-test
 	$(PY) -m bench.mixed_decode $(BENCH_FLAGS)
+
+bench-modules: install-test
+	$(PY) -m bench.module_adapters $(BENCH_FLAGS)
 
 bench-adapters: install-test
 	$(PY) -m bench.adapter_load $(BENCH_FLAGS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.oft.layer import OFTRotationModule
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import set_peft_model_state_dict
+from peft.utils.other import TrainableTokensWrapper
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -51,10 +53,14 @@ def reference_model(
             mixed.add_adapter(internal, config)
         if pattern:
             _resize_adalora(mixed, internal, config, pattern)
-        tensors = _replace_trained_biases(base, load_file(store / name / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(mixed, tensors, internal)
+        tensors = load_file(store / name / "adapter_model.safetensors")
+        if getattr(config, "bias", "none") != "none":
+            tensors = _replace_trained_biases(base, tensors, config.modules_to_save or ())
+        with _token_rows_of_own_adapters_only():
+            result = set_peft_model_state_dict(mixed, tensors, internal)
         assert not result.unexpected_keys, result.unexpected_keys
         missing = [k for k in result.missing_keys if internal in k.split(".") and ".ranknum." not in k]
+        missing = [k for k in missing if not _tied_token_rows(mixed, k)]
         assert not missing, missing  # else random weights would stay in the oracle (AdaLoRA's ranknum is not saved)
     mixed.set_adapter([f"a{i}" for i in range(len(ordered))])
     for i, name in enumerate(ordered):
@@ -64,14 +70,15 @@ def reference_model(
 
 
 @torch.no_grad()
-def _replace_trained_biases(base, tensors: dict) -> dict:
+def _replace_trained_biases(base, tensors: dict, saved_modules) -> dict:
     """The tensors less the trained base biases (config.bias 'all' / 'lora_only'), which replace the base's biases,
     as PEFT's loading does; by module path, because in a mixed model another adapter may wrap the layer first, and
-    PEFT's keys (`<module>.base_layer.bias`) would then miss it."""
+    PEFT's keys (`<module>.base_layer.bias`) would then miss it. The biases of modules_to_save copies stay."""
     rest = {}
     for key, tensor in tensors.items():
-        if key.endswith(".bias") and ".lora_" not in key:
-            path = key.removeprefix("base_model.model.").replace(".base_layer", "")
+        path = key.removeprefix("base_model.model.").replace(".base_layer", "")
+        saved = any(path.removesuffix(".bias").endswith(m) for m in saved_modules)
+        if key.endswith(".bias") and ".lora_" not in key and not saved:
             base.get_parameter(path).copy_(tensor)
         else:
             rest[key] = tensor
@@ -93,6 +100,30 @@ def _weigh(mixed, internal: str, weight: float) -> None:
                 module.scaling[internal] *= weight
             elif not hasattr(module, "oft_R"):
                 module.set_scale(internal, weight)
+
+
+@contextmanager
+def _token_rows_of_own_adapters_only():
+    """PEFT 0.21's TrainableTokensWrapper asks every adapter loaded after its own for its token rows (a KeyError):
+    like ModulesToSaveWrapper, it should map only its own adapters' keys (docs/contract.md)."""
+    original = TrainableTokensWrapper.adapter_state_dict_load_map
+
+    def own_only(self, adapter_name):
+        return original(self, adapter_name) if adapter_name in self.token_adapter.token_indices else {}
+
+    TrainableTokensWrapper.adapter_state_dict_load_map = own_only
+    try:
+        yield
+    finally:
+        TrainableTokensWrapper.adapter_state_dict_load_map = original
+
+
+def _tied_token_rows(mixed, key: str) -> bool:
+    """Trainable token rows of a tied output embedding: PEFT shares the input embedding's and does not save them."""
+    if ".token_adapter." not in key:
+        return False
+    layer = mixed.base_model.model.get_submodule(key[len("base_model.model.") :].split(".token_adapter.")[0])
+    return layer.token_adapter.tied_adapter is not None
 
 
 def _resize_adalora(mixed, internal: str, config, pattern: dict) -> None:

@@ -81,8 +81,8 @@ def broken(llama, tmp_path_factory) -> Path:
     )
     save_adapter(
         llama.model_dir,
-        LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
-        store / "with-head",
+        LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["mlp"]),
+        store / "saves-a-block",
         1,
         "x",
     )
@@ -125,8 +125,8 @@ CASES = {
     "wrong-shape-last": (422, "model.layers.1.mlp.down_proj: lora_B.weight has shape (7, 4), the base layer needs"),
     "pickle-only": (422, "set MIXSERVE_ALLOW_PICKLE=1"),
     "alora": (422, "alora_invocation_tokens: a LoRA variant whose forward pass is not LoRA's"),
-    "with-head": (422, "modules_to_save is not supported"),
-    "not-linear": (422, "only Linear and Conv1D layers are supported"),
+    "saves-a-block": (422, "modules_to_save: model.layers.0.mlp is a block of layers (LlamaMLP)"),
+    "not-linear": (422, "only Linear, Conv1D and (for LoRA) Embedding layers are supported"),
     "other-base": (422, "does not fit the base model at model.layers.0.self_attn.q_proj"),
     "escape": (422, "resolves outside the adapter store"),
     "../lora": (422, "invalid adapter name"),

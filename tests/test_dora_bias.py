@@ -355,17 +355,22 @@ def test_a_saved_copy_of_lm_head_that_differs_from_the_base_is_refused(worlds, t
     tensors["base_model.model.lm_head.base_layer.weight"][3, 5] += 1e-3
     save_file(tensors, path)
     _, registry = _runner(model_dir, tmp_path)
-    with pytest.raises(AdapterInvalid, match=r"copy of the base model's output embedding \(lm_head\).*differs"):
+    with pytest.raises(AdapterInvalid, match=r"copy of the base model's lm_head .*differs"):
         registry.load_blocking(["other-base"])
 
 
-def test_a_copy_of_an_untargeted_lm_head_is_accepted_and_left_out(worlds, tmp_path):
-    """save_embedding_layers=True saves `lm_head.weight` whether or not the adapter targets it."""
+def test_copies_of_untargeted_embeddings_are_accepted_and_left_out(worlds, tmp_path):
+    """save_embedding_layers=True saves `lm_head.weight` and `embed_tokens.weight` whether or not the adapter
+    targets them."""
     model_dir, store, *_ = worlds("qwen2")
     shutil.copytree(store / "dora.bias", tmp_path / "with-copy")
     path = tmp_path / "with-copy" / "adapter_model.safetensors"
-    head = AutoModelForCausalLM.from_pretrained(model_dir).lm_head.weight.detach()
-    save_file({**load_file(path), "base_model.model.lm_head.weight": head.clone()}, path)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    copies = {
+        "base_model.model.lm_head.weight": base.lm_head.weight.detach().clone(),
+        "base_model.model.model.embed_tokens.weight": base.model.embed_tokens.weight.detach().clone(),
+    }
+    save_file({**load_file(path), **copies}, path)
     runner, registry = _runner(model_dir, tmp_path)
     (adapter,) = registry.load_blocking(["with-copy"])
     assert "lm_head" not in adapter.built.layers

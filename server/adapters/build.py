@@ -20,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from server.adapters.host import HostCopy, copy_to_host, footprint
 from server.adapters.kinds import CANONICAL_ORDER, KINDS, Kind, LayerAdapter
 from server.adapters.mixing import BaseLayout
+from server.adapters.modules import EMBEDDING_LORA_PARAMS, embedding_lora, module_adapters
 from server.adapters.store import AdapterFiles
 from server.errors import AdapterInvalid
 
@@ -40,7 +41,7 @@ class BuiltAdapter:
 
     @functools.cached_property
     def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers.values())
+        return sum(t.numel() * t.element_size() for t in self._tensors())  # a tensor two layers share counts once
 
     def host_nbytes(self, pin: bool) -> int:
         """Host memory that this adapter takes in the host tier (pin: evicted from a GPU, as allocated)."""
@@ -51,7 +52,14 @@ class BuiltAdapter:
             return self
         if self.host:
             self.host.wait()
-        layers = {name: layer.to(device) for name, layer in self.layers.items()}
+        moved: dict[int, torch.Tensor] = {}  # a tensor two layers share (tied token rows) stays one tensor
+
+        def to(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in moved:
+                moved[id(t)] = t.to(device, non_blocking=True)
+            return moved[id(t)]
+
+        layers = {name: layer.map_tensors(to) for name, layer in self.layers.items()}
         return dataclasses.replace(self, layers=layers, host=None)
 
     def to_host(self, pin: bool) -> BuiltAdapter:
@@ -68,8 +76,9 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
     name = files.name
     kind, config = parse_config(name, files.config)
     params = targeted_parameters(name, config, layout)
-    targeted = targeted_modules(name, config, layout, bool(params)) | params.keys()
-    by_module = _group_tensors(name, kind, _without_output_embedding_copy(name, files.tensors, layout))
+    modules, tensors = module_adapters(name, config, layout, files.tensors, device, dtype)
+    targeted = targeted_modules(name, config, layout, bool(params) or bool(modules)) | params.keys()
+    by_module = _group_tensors(name, kind, tensors)
     missing, extra = targeted - by_module.keys(), by_module.keys() - targeted - _trained_biases(name, by_module, layout)
     if missing:
         raise AdapterInvalid(
@@ -100,6 +109,8 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
         try:
             if module_name in params:
                 layer = kind.build_parameters(config, module_name, params[module_name], tensors, dtype)
+            elif module_name in layout.embeddings:
+                layer = embedding_lora(config, module_name, layout.embeddings[module_name], tensors, dtype)
             else:
                 layer = kind.build(config, module_name, layout.shape(module_name), tensors, dtype)
         except ValueError as exc:
@@ -112,6 +123,12 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
             )
         if layer is not None:
             layers[module_name] = layer
+    both = sorted(layers.keys() & modules.keys())
+    if both:
+        raise AdapterInvalid(
+            name, f"{both[0]} is both a target and saved whole or in token rows; PEFT refuses that too: save one of them"
+        )
+    layers.update(modules)
     return BuiltAdapter(
         name=name, version=files.version, kind=kind, config=config, layers=layers, signature=files.signature
     )
@@ -183,11 +200,20 @@ def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout, has_para
             f"targets {routed[0]}, a routed expert that sees only the tokens routed to it, which is not served;"
             " retrain targeting the attention or shared layers",
         )
-    not_linear = {m for m in found if m not in layout.linears}
+    embeddings = sorted(m for m in found if m in layout.embeddings)
+    if embeddings and config.peft_type != "LORA":
+        raise AdapterInvalid(
+            name,
+            f"{config.peft_type} cannot target the embedding {embeddings[0]} (neither can PEFT); LoRA can: train a LoRA"
+            " adapter on it, or leave it out of target_modules",
+        )
+    not_linear = {m for m in found if m not in layout.linears and m not in layout.embeddings}
     if not_linear:
         m = min(not_linear)
         raise AdapterInvalid(
-            name, f"targets {m} ({type(layout.modules[m]).__name__}); only Linear and Conv1D layers are supported"
+            name,
+            f"targets {m} ({type(layout.modules[m]).__name__}); only Linear, Conv1D and (for LoRA) Embedding layers are"
+            " supported",
         )
     if not found and not has_parameters:
         raise AdapterInvalid(
@@ -212,33 +238,12 @@ def _trained_biases(name: str, by_module: dict[str, dict], layout: BaseLayout) -
     return found
 
 
-def _without_output_embedding_copy(name: str, tensors: dict, layout: BaseLayout) -> dict[str, torch.Tensor]:
-    """tensors less the copy of the output embedding's base weight that PEFT saves when an adapter targets it (or
-    save_embedding_layers=True), once that copy is found equal to the served base: exactly, after rounding both to
-    the coarser of their two dtypes (a float32 copy of a bfloat16 base is its exact widening)."""
-    if layout.output_embedding is None:
-        return tensors
-    served = layout.modules[layout.output_embedding].weight.detach()
-    keys = [f"{SAVED_PREFIX}{layout.output_embedding}{suffix}" for suffix in (".base_layer.weight", ".weight")]
-    for key in (k for k in keys if k in tensors):
-        saved = tensors[key]
-        coarser = min((saved.dtype, served.dtype), key=lambda d: -torch.finfo(d).eps)
-        if saved.shape != served.shape or not torch.equal(saved.to(served.device, coarser), served.to(coarser)):
-            raise AdapterInvalid(
-                name,
-                f"{key} is the file's copy of the base model's output embedding ({layout.output_embedding}), and it"
-                " differs from the served base's: the adapter was trained on another base model, or trained the"
-                " output embedding itself; serve it on the base model it was trained on",
-            )
-        tensors = {k: t for k, t in tensors.items() if k != key}
-    return tensors
-
-
 def _group_tensors(name: str, kind: Kind, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """`base_model.model.<module>.<param>` -> {module: {param: tensor}}."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
+    names = kind.param_names + (EMBEDDING_LORA_PARAMS if kind.peft_type == "LORA" else ())
     for key, tensor in tensors.items():
-        param = next((p for p in kind.param_names if key.endswith("." + p)), None)
+        param = next((p for p in names if key.endswith("." + p)), None)
         if not key.startswith(SAVED_PREFIX) or param is None:
             raise AdapterInvalid(
                 name,

@@ -155,9 +155,15 @@ class Merge:
             if raw.get("peft_type") != "LORA":
                 problems.append(f"{name} is {raw.get('peft_type')}, merges combine LoRA adapters only")
                 continue
-            for key in ("target_parameters", "layers_to_transform", "exclude_modules", "modules_to_save"):
+            for key in ("target_parameters", "layers_to_transform", "exclude_modules"):
                 if raw.get(key):
                     problems.append(f"{name} sets {key}, which merges do not support")
+            for key in ("modules_to_save", "trainable_token_indices"):
+                if raw.get(key):
+                    problems.append(
+                        f"{name} sets {key}: its saved modules or token rows replace the base's, they have no delta"
+                        " to merge; request it in a combination instead (a+b)"
+                    )
             if raw.get("lora_bias"):
                 problems.append(f"{name} has a LoRA bias, which PEFT's merge leaves out")
             if raw.get("use_dora"):
@@ -247,6 +253,14 @@ def compute(merge: Merge, files: dict[str, AdapterFiles]) -> tuple[dict, dict[st
     factors: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}  # module -> source -> (A, B, s)
     for name, f in files.items():
         _, config = parse_config(name, f.config)
+        embedded = sorted(
+            k[len(SAVED_PREFIX) :].rsplit(".", 1)[0] for k in f.tensors if k.endswith(".lora_embedding_A")
+        )
+        if embedded:
+            raise ValidationError(
+                f"cannot merge: {name} has LoRA on the embedding {embedded[0]}, which merges here do not combine;"
+                " request it in a combination instead (a+b)"
+            )
         for key in f.tensors:
             if not key.startswith(SAVED_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
                 raise AdapterInvalid(name, f"unexpected tensor {key!r} for a merge")

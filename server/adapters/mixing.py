@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from server.adapters.kinds import LayerAdapter
 from server.adapters.kinds.base import LayerShape, PoolSpan
 from server.adapters.kinds.lora import LoraLayer, ParameterLora
+from server.adapters.modules import MixedModule, ModuleAdapter
 
 _plan_ids = itertools.count()
 
@@ -689,6 +690,10 @@ class BaseLayout:
         self.linears = {name: m for name, m in self.modules.items() if isinstance(m, (nn.Linear, Conv1D))}
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.output_embedding = next((n for n, m in self.modules.items() if m is output), None)
+        self.embeddings = {name: m for name, m in self.modules.items() if isinstance(m, nn.Embedding)}
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.input_embedding = next((n for n, m in self.modules.items() if m is embedding), None)
+        self.tied = output is not None and embedding is not None and output.weight is embedding.weight
 
     def shape(self, module_name: str) -> LayerShape:
         layer = self.linears[module_name]
@@ -708,18 +713,22 @@ class MixedModel:
         self.layout = layout
         self.context = context
         self._wrappers: dict[str, MixedLinear | MixedParameters] = {}
+        self._module_wrappers: dict[str, MixedModule] = {}  # where ModuleAdapters are (modules.py)
 
     def attach(self, slot: int, layers: dict[str, LayerAdapter | ParameterLora], order: tuple = ()) -> None:
         """order: what places the adapter among the others in rank pools, the same for the same adapter whatever was
         loaded before (its name and version; after those, the slot)."""
         for module_name, layer in layers.items():
-            self._wrapper(module_name).attach(slot, layer, order)
+            wrapper = self._module(module_name) if isinstance(layer, ModuleAdapter) else self._wrapper(module_name)
+            wrapper.attach(slot, layer, order)
 
     def detach(self, slot: int, module_names, keep: bool = True) -> None:
         """keep: the adapter's layers keep their weights (the rank pools give back their copies), for a later attach;
         else they are dropped."""
         for module_name in module_names:
-            self._wrappers[module_name].detach(slot, keep)
+            for wrappers in (self._wrappers, self._module_wrappers):
+                if slot in getattr(wrappers.get(module_name), "adapters", ()):
+                    wrappers[module_name].detach(slot, keep)
 
     def rank_pool_bytes(self) -> tuple[int, int]:
         """(allocated, held by adapters): bytes of every layer's rank pool. The adapter budget counts what adapters
@@ -736,7 +745,21 @@ class MixedModel:
                 if isinstance(module, (nn.Linear, Conv1D))
                 else MixedParameters(module, self.context)
             )
-            parent_name, _, child = module_name.rpartition(".")
-            setattr(self.layout.modules[parent_name], child, wrapper)
+            if module_name in self._module_wrappers:  # inside the module adapters' wrapper
+                self._module_wrappers[module_name].inner = wrapper
+            else:
+                self._place(module_name, wrapper)
             self._wrappers[module_name] = wrapper
         return self._wrappers[module_name]
+
+    def _module(self, module_name: str) -> MixedModule:
+        if module_name not in self._module_wrappers:
+            base = self.layout.modules[module_name]
+            wrapper = MixedModule(base, self._wrappers.get(module_name, base), self.context)
+            self._place(module_name, wrapper)
+            self._module_wrappers[module_name] = wrapper
+        return self._module_wrappers[module_name]
+
+    def _place(self, module_name: str, wrapper: nn.Module) -> None:
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(self.layout.modules[parent_name], child, wrapper)

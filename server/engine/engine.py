@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from server.adapters.modules import check_combination
 from server.adapters.registry import AdapterRegistry
 from server.engine.fatal import device_fatal, exit_soon, raise_if_device_fatal
 from server.engine.passes import IsolatedPasses
@@ -375,6 +376,7 @@ class Engine:
         adapters = self.registry.resolve(seq.request.adapters.names, protected)
         if adapters is None:
             return False
+        check_combination(adapters, [seq.request.adapters.weight(a.name) for a in adapters])
         self.registry.acquire(adapters)
         seq.loaded = adapters
         seq.slots = tuple(a.slot for a in adapters)

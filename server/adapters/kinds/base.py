@@ -10,12 +10,8 @@ import torch.nn.functional as F
 from peft import PeftConfig
 from peft.utils.other import get_pattern_key
 
-# Options that put adapter weights outside the layers this server wraps: what each does, and what to do instead.
+# Options that put adapter weights outside what this server serves: what each does, and what to do instead.
 _UNSUPPORTED_OPTIONS = {
-    "modules_to_save": "it trains full copies of whole modules, which are not served per request; retrain without it",
-    "trainable_token_indices": (
-        "it trains rows of the embedding, which are not served per request; retrain without it"
-    ),
     "layer_replication": (
         "it repeats base layers, which would change the model for every request; serve a model saved with the layers"
         " replicated, and the adapter trained on it"

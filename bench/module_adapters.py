@@ -1,0 +1,155 @@
+"""What adapters on whole modules cost in the engine (server/adapters/modules.py), in-process, contenders interleaved
+in one run: a batch of LoRA rows, against the same batch where one row instead carries a saved `lm_head` copy
+(`modules_to_save`), LoRA on the input embedding, or trainable tokens; and a batch where every row has the copy.
+
+    python -m bench.module_adapters [--shape small|0.5b] [--rounds 5] [--device cuda] [--dtype bfloat16] [--quick]
+
+16 rows, 32-token prompts, 24 decode steps (the runner's decode pass and greedy sampling). Every row advances one
+token per step, so a/b of a batch's tokens/s is a/b of each of its rows, the 15 rows without a module adapter
+included. "ms/step over b" is what the odd row adds to each step: for the copy, its own lm_head matmul (one per
+distinct head). Shapes: Qwen2-style hidden 384 x 6 layers with Qwen2.5's 151,936-token vocabulary (the head is
+what a copy costs), or Qwen2.5-0.5B's (896 x 24).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, GenerationConfig, Qwen2Config
+
+from bench.common import add_device_arguments, describe_run, device_name, synchronize
+from bench.mixed_decode import BenchRow, step
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import AdapterStore
+from server.demo.tiny import config as tiny_config
+from server.demo.tiny import save_adapter
+from server.engine.runner import ModelRunner
+from server.engine.sampling import sample
+from server.model import load_model
+
+ROWS, PROMPT_TOKENS, STEPS = 16, 32, 24
+SHAPES = {
+    "small": {"hidden": 384, "intermediate": 1024, "layers": 6, "heads": 6, "kv_heads": 2, "vocab_size": 151936},
+    "0.5b": {"hidden": 896, "intermediate": 4864, "layers": 24, "heads": 14, "kv_heads": 2, "vocab_size": 151936},
+    "quick": {"hidden": 128, "intermediate": 256, "layers": 2, "heads": 4, "kv_heads": 2},
+}
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ADAPTERS = {
+    "lora": LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False),
+    "head-copy": LoraConfig(
+        r=16, lora_alpha=32, target_modules=ATTENTION, modules_to_save=["lm_head"], init_lora_weights=False
+    ),
+    "embedding-lora": LoraConfig(
+        r=16, lora_alpha=32, target_modules=["embed_tokens", *ATTENTION], init_lora_weights=False
+    ),
+    "tokens": LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=ATTENTION,
+        trainable_token_indices=list(range(3, 11)),
+        init_lora_weights=False,
+    ),
+}
+
+
+def build(root: Path, shape: str) -> tuple[Path, Path]:
+    model_dir, store = root / f"module-adapters-model-{shape}", root / f"module-adapters-{shape}"
+    if (store / "tokens" / "adapter_config.json").is_file():
+        return model_dir, store
+    torch.manual_seed(0)
+    sizes = dict(SHAPES[shape])
+    vocab = sizes.pop("vocab_size", None)
+    config = tiny_config(**sizes, architecture=Qwen2Config, tie_word_embeddings=False)
+    if vocab:
+        config.vocab_size = vocab
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    model.save_pretrained(model_dir)
+    ByT5Tokenizer().save_pretrained(model_dir)
+    for seed, (name, peft_config) in enumerate(ADAPTERS.items()):
+        save_adapter(model_dir, peft_config, store / name, seed=seed, base_name=shape, scale=0.3)
+    return model_dir, store
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["small", "0.5b"], default="small")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a tiny model, one round: checks that it runs")
+    add_device_arguments(parser)
+    args = parser.parse_args(argv)
+    shape, rounds = ("quick", 1) if args.quick else (args.shape, args.rounds)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(describe_run(device, args.dtype))
+    contenders = {
+        "(b) 16 LoRA rows": ["lora"] * ROWS,
+        "(a) 15 + head copy": ["lora"] * (ROWS - 1) + ["head-copy"],
+        "(a) 15 + embed LoRA": ["lora"] * (ROWS - 1) + ["embedding-lora"],
+        "(a) 15 + tokens": ["lora"] * (ROWS - 1) + ["tokens"],
+        "(c) 16 head copies": ["head-copy"] * ROWS,
+    }
+    decode: dict[str, list[float]] = {name: [] for name in contenders}
+    prefill: dict[str, list[float]] = {name: [] for name in contenders}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, store = build(args.workdir or Path(tmp), shape)
+        model = load_model(model_dir, device, dtype)
+        registry = AdapterRegistry(model, AdapterStore(store), device, dtype)
+        runner = ModelRunner(model, registry.context)
+        loaded = {a.name: a for a in registry.load_blocking(list(ADAPTERS))}
+        head_bytes = loaded["head-copy"].nbytes
+        prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
+        names = list(contenders)
+        for round_ in range(rounds + 1):  # round 0 warms up; each round starts with the next contender
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                combos = contenders[name]
+                rows = [BenchRow(p, (loaded[n].slot,)) for p, n in zip(prompts, combos, strict=True)]
+                synchronize(device)
+                started = time.perf_counter()
+                for row, choice in zip(rows, sample(rows, runner.prefill(rows)), strict=True):
+                    row.tokens.append(choice.token)
+                synchronize(device)
+                took_prefill = time.perf_counter() - started
+                started = time.perf_counter()
+                for _ in range(STEPS):
+                    step(runner, rows)
+                synchronize(device)
+                if round_:
+                    prefill[name].append(ROWS * PROMPT_TOKENS / took_prefill)
+                    decode[name].append(ROWS * STEPS / (time.perf_counter() - started))
+                for row in rows:
+                    runner.release(row)
+        registry.close()
+
+    sizes = SHAPES[shape]
+    print(
+        f"model: Qwen2-style hidden {sizes['hidden']} x {sizes['layers']} layers, vocabulary"
+        f" {sizes.get('vocab_size', 384)}, {args.dtype}, {device_name(device)}; {ROWS} rows, {rounds} rounds (medians);"
+        f" the head-copy adapter holds {head_bytes / 2**20:.1f} MiB"
+    )
+    print(
+        f"{'':22s} {'decode tok/s':>13s} {'a/b':>6s} {'(range)':>11s} {'ms/step over b':>15s}"
+        f" {'prefill tok/s':>14s} {'a/b':>6s}"
+    )
+    base = "(b) 16 LoRA rows"
+    for name in contenders:
+        d, p = statistics.median(decode[name]), statistics.median(prefill[name])
+        # a/b per round (contenders interleaved: each round's pair ran side by side), median and range
+        ratios = [a / b for a, b in zip(decode[name], decode[base], strict=True)]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        extra = statistics.median(ROWS / a - ROWS / b for a, b in zip(decode[name], decode[base], strict=True)) * 1e3
+        prefill_ratio = statistics.median(a / b for a, b in zip(prefill[name], prefill[base], strict=True))
+        print(
+            f"{name:22s} {d:13.0f} {statistics.median(ratios):6.2f} {spread:>11s} {extra:15.2f} {p:14.0f}"
+            f" {prefill_ratio:6.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
