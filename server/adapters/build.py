@@ -126,7 +126,8 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
     both = sorted(layers.keys() & modules.keys())
     if both:
         raise AdapterInvalid(
-            name, f"{both[0]} is both a target and saved whole or in token rows; PEFT refuses that too: save one of them"
+            name,
+            f"{both[0]} is both a target and saved whole or in token rows; PEFT refuses that too: save one of them",
         )
     layers.update(modules)
     return BuiltAdapter(
