@@ -83,6 +83,8 @@ def broken(llama, tmp_path_factory) -> Path:
         1,
         "x",
     )
+    # over the default MIXSERVE_MAX_LORA_RANK (64)
+    save_adapter(llama.model_dir, LoraConfig(r=65, target_modules=["q_proj", "down_proj"]), store / "rank-65", 1, "x")
     folder = _copy(store, "lora", "not-linear")
     (folder / CONFIG).write_text(json.dumps({**json.loads((folder / CONFIG).read_text()), "target_modules": ["mlp"]}))
 
@@ -123,6 +125,7 @@ CASES = {
     "pickle-only": (422, "set MIXSERVE_ALLOW_PICKLE=1"),
     "dora": (422, "LoRA variants are not supported: use_dora"),
     "with-head": (422, "modules_to_save is not supported"),
+    "rank-65": (422, ": LORA rank 65 exceeds MIXSERVE_MAX_LORA_RANK (64)"),
     "not-linear": (422, "only Linear and Conv1D layers are supported"),
     "other-base": (422, "does not fit the base model at model.layers.0.self_attn.q_proj"),
     "escape": (422, "resolves outside the adapter store"),

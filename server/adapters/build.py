@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import re
 from dataclasses import dataclass
 
@@ -64,7 +65,10 @@ class BuiltAdapter:
         return list({id(t): t for layer in self.layers.values() for t in layer.tensors()}.values())
 
 
-def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device, dtype: torch.dtype) -> BuiltAdapter:
+def build_adapter(
+    files: AdapterFiles, layout: BaseLayout, device: torch.device, dtype: torch.dtype, max_rank: int | None = None
+) -> BuiltAdapter:
+    """max_rank: the most ranks one layer's low-rank delta may take in its rank pool (MIXSERVE_MAX_LORA_RANK)."""
     name = files.name
     kind, config = parse_config(name, files.config)
     params = targeted_parameters(name, config, layout)
@@ -99,9 +103,20 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
         if layer is not None and dtype != torch.float32 and not all(torch.isfinite(t).all() for t in layer.tensors()):
             raise AdapterInvalid(name, f"{module_name}: weights overflow {str(dtype).removeprefix('torch.')}")
         if layer is not None:
+            _check_rank(name, kind, module_name, layer, max_rank)
             layers[module_name] = layer
     return BuiltAdapter(
         name=name, version=files.version, kind=kind, config=config, layers=layers, signature=files.signature
+    )
+
+
+def _check_rank(name: str, kind: Kind, module_name: str, layer: LayerAdapter, max_rank: int | None) -> None:
+    if max_rank is None or layer.low_rank is None or (ranks := layer.low_rank[0].shape[0]) <= max_rank:
+        return
+    rank = f"rank {ranks}" if kind.peft_type != "LOHA" else f"rank {math.isqrt(ranks)} (r x r = {ranks} ranks)"
+    raise AdapterInvalid(
+        name,
+        f"{module_name}: {kind.peft_type} {rank} exceeds MIXSERVE_MAX_LORA_RANK ({max_rank}); raise it to serve it",
     )
 
 
