@@ -14,7 +14,8 @@ decode step (torch profiler, after the timed rounds): operator calls (every `ate
 kernels launched (on a GPU), and scalar syncs, the points where the host waits for the device's values: item /
 float / int / bool of a tensor (`aten::_local_scalar_dense`), data-dependent shapes (`aten::nonzero`: boolean
 indexing; `aten::_unique2`), and `.tolist()` of a tensor on the model's device (counted by a TorchFunctionMode, as
-the profiler does not see it). On CPU, `torch.multinomial` checks its input with two `_local_scalar_dense` (no
+the profiler does not see it), and H2D copies per step: copies of host data to the model's device (`.to(device)` of a
+host tensor, `torch.tensor(..., device=)`; counted on CPU too, where they copy nothing). On CPU, `torch.multinomial` checks its input with two `_local_scalar_dense` (no
 wait on a CPU); these rows are greedy.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -126,34 +128,50 @@ def step(runner: ModelRunner, rows: list[BenchRow]) -> None:
         row.tokens.append(choice.token)
 
 
+SERVER = str(Path(__file__).resolve().parents[1] / "server")
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2")
 
 
-class CountToList(TorchFunctionMode):
-    """Counts .tolist() of tensors on device (a copy to the host and a wait, which the profiler does not show)."""
+class CountTransfers(TorchFunctionMode):
+    """Counts the host <-> device transfers the profiler does not name: `.tolist()` of a tensor on the device (a copy
+    to the host and a wait) and mixserve's copies in of host data (`Tensor.to(device)` of a host tensor,
+    `torch.tensor(..., device=device)` called from server/). On CPU the same calls are counted, though they copy
+    nothing, so that the number means the same; transformers' `.to(x.device)` of its own buffers is left out (on a
+    GPU those are there already)."""
 
     def __init__(self, device: torch.device):
         super().__init__()
-        self.device, self.calls = device, 0
+        self.device, self.tolist, self.copies_in = device, 0, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is torch.Tensor.tolist and args[0].device.type == self.device.type:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
+            self.tolist += 1
+        elif sys._getframe(1).f_code.co_filename.startswith(SERVER):
+            self.copies_in += _copies_in(func, args, kwargs, self.device)
+        return func(*args, **kwargs)
 
 
-def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> tuple[int, int, int]:
-    """(operator calls, kernels launched, scalar syncs) of one decode step."""
+def _copies_in(func, args, kwargs, device: torch.device) -> bool:
+    if func is torch.Tensor.to and args[0].device.type == "cpu":
+        target = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (torch.device, str))), None))
+        return target is not None and torch.device(target).type == device.type
+    target = kwargs.get("device") if func in (torch.tensor, torch.as_tensor) else None
+    return target is not None and torch.device(target).type == device.type
+
+
+def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> tuple[int, int, int, int]:
+    """(operator calls, kernels launched, scalar syncs, copies in) of one decode step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
-    with profile(activities=activities) as prof, CountToList(device) as tolist:
+    with profile(activities=activities) as prof, CountTransfers(device) as transfers:
         step(runner, rows)
         synchronize(device)
     events = prof.events()
     ops = sum(1 for e in events if e.name.startswith("aten::"))
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    syncs = sum(1 for e in events if e.name in SYNC_OPS) + tolist.calls
-    return ops, kernels, syncs
+    syncs = sum(1 for e in events if e.name in SYNC_OPS) + transfers.tolist
+    return ops, kernels, syncs, transfers.copies_in
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
         decode: dict[str, list[float]] = {name: [] for name in contenders}
         prefill: dict[str, list[float]] = {name: [] for name in contenders}
-        profiles: dict[str, tuple[int, int, int]] = {}
+        profiles: dict[str, tuple[int, int, int, int]] = {}
         for round_ in range(rounds + 1):  # the last round profiles one step of each
             for name, combos in contenders.items():
                 rows = [
@@ -213,17 +231,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'prefill tok/s':>14s} {'a/b':>6s}"
-        f" {'ops/step':>9s} {'x base':>7s} {'kernels':>8s} {'syncs':>6s}"
+        f" {'ops/step':>9s} {'x base':>7s} {'kernels':>8s} {'syncs':>6s} {'H2D copies':>11s}"
     )
     b_decode, b_prefill = statistics.median(decode["(b) no adapters"]), statistics.median(prefill["(b) no adapters"])
     b_ops = profiles["(b) no adapters"][0]
     for name, combos in contenders.items():
         ideal = ideal_ratio(base, flops, combos)
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
-        ops, kernels, syncs = profiles[name]
+        ops, kernels, syncs, copies = profiles[name]
         print(
             f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {p:14.0f} {p / b_prefill:6.2f}"
-            f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d}"
+            f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d} {copies:11d}"
         )
 
 
