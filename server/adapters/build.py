@@ -111,13 +111,15 @@ def build_adapter(
 
 
 def _check_rank(name: str, kind: Kind, module_name: str, layer: LayerAdapter, max_rank: int | None) -> None:
-    if max_rank is None or layer.low_rank is None or (ranks := layer.low_rank[0].shape[0]) <= max_rank:
+    if max_rank is None or layer.low_rank is None:
         return
-    rank = f"rank {ranks}" if kind.peft_type != "LOHA" else f"rank {math.isqrt(ranks)} (r x r = {ranks} ranks)"
-    raise AdapterInvalid(
-        name,
-        f"{module_name}: {kind.peft_type} {rank} exceeds MIXSERVE_MAX_LORA_RANK ({max_rank}); raise it to serve it",
-    )
+    width = layer.low_rank[0].shape[0]
+    # a factorised LoHa of rank r takes r x r ranks, factorised only where that is cheaper than its dense matrix
+    rank = math.isqrt(width) if kind.peft_type == "LOHA" else width
+    if rank > max_rank:
+        raise AdapterInvalid(
+            name, f"{module_name}: {kind.peft_type} rank {rank} exceeds MIXSERVE_MAX_LORA_RANK ({max_rank}); raise it"
+        )
 
 
 def check_mixable(name: str, peft_type) -> None:
