@@ -1,12 +1,14 @@
 """The adapter path's cost in the engine itself: decode and prefill of one mixed batch against the same batch
 without adapters, in-process (no HTTP), contenders interleaved in one run.
 
-    python -m bench.mixed_decode [--shape small|0.5b] [--device cuda] [--dtype bfloat16] [--quick]   (make bench-mixed)
+    python -m bench.mixed_decode [--shape small|0.5b] [--device cuda] [--dtype bfloat16] [--quick] [--compile]
+    (make bench-mixed)
 
 16 rows, each with its own combination of 1-3 adapters drawn from seven (LoRA r8, r16, r32 on all linear layers,
 LoRA r16 on attention only, LoHa r4, LoKr r4, OFT block size 32), or, for the LoRA-only line, from the four LoRAs.
-32-token prompts, 24 decode steps (each: the runner's decode pass and the engine's sampling, greedy), random weights. Shapes: Qwen2-style hidden 384 x 6 layers (6 heads,
-2 KV heads, MLP 1024), or Qwen2.5-0.5B's (896 x 24, 14 heads, 2 KV heads, MLP 4864, its 151,936-token vocabulary).
+32-token prompts, 24 decode steps (each: the runner's decode pass and the engine's sampling, greedy), random weights.
+Shapes: Qwen2-style hidden 384 x 6 layers (6 heads, 2 KV heads, MLP 1024), or Qwen2.5-0.5B's (896 x 24, 14 heads,
+2 KV heads, MLP 4864, its 151,936-token vocabulary).
 
 Printed per contender: decode and prefill tokens/s, and a/b = with adapters / without. Beside a/b, the ideal from
 arithmetic: base FLOPs / (base + each row's own adapters' FLOPs), averaged over the rows. Then the profile of one
@@ -14,8 +16,14 @@ decode step (torch profiler, after the timed rounds): operator calls (every `ate
 kernels launched (on a GPU), and scalar syncs, the points where the host waits for the device's values: item /
 float / int / bool of a tensor (`aten::_local_scalar_dense`), data-dependent shapes (`aten::nonzero`: boolean
 indexing; `aten::_unique2`), and `.tolist()` of a tensor on the model's device (counted by a TorchFunctionMode, as
-the profiler does not see it). On CPU, `torch.multinomial` checks its input with two `_local_scalar_dense` (no
-wait on a CPU); these rows are greedy.
+the profiler does not see it); and H2D copies per step: copies of host data to the model's device (`.to(device)` of
+a host tensor, `torch.tensor(..., device=)`; counted on CPU too, where they copy nothing). On CPU, `torch.multinomial`
+checks its input with two `_local_scalar_dense` (no wait on a CPU); these rows are greedy.
+
+--compile adds base and mixed contenders whose model forward runs under torch.compile (mode reduce-overhead on CUDA),
+interleaved with the eager ones; printed: the time of a first round on shorter prompts (compile time; the timed
+rounds then meet new lengths, as a server does), compiled/eager decode speed, and the largest difference of their
+logits from eager's.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -126,34 +135,50 @@ def step(runner: ModelRunner, rows: list[BenchRow]) -> None:
         row.tokens.append(choice.token)
 
 
+SERVER = str(Path(__file__).resolve().parents[1] / "server")
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2")
 
 
-class CountToList(TorchFunctionMode):
-    """Counts .tolist() of tensors on device (a copy to the host and a wait, which the profiler does not show)."""
+class CountTransfers(TorchFunctionMode):
+    """Counts the host <-> device transfers the profiler does not name: `.tolist()` of a tensor on the device (a copy
+    to the host and a wait) and mixserve's copies in of host data (`Tensor.to(device)` of a host tensor,
+    `torch.tensor(..., device=device)` called from server/). On CPU the same calls are counted, though they copy
+    nothing, so that the number means the same; transformers' `.to(x.device)` of its own buffers is left out (on a
+    GPU those are there already)."""
 
     def __init__(self, device: torch.device):
         super().__init__()
-        self.device, self.calls = device, 0
+        self.device, self.tolist, self.copies_in = device, 0, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func is torch.Tensor.tolist and args[0].device.type == self.device.type:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
+            self.tolist += 1
+        elif sys._getframe(1).f_code.co_filename.startswith(SERVER):
+            self.copies_in += _copies_in(func, args, kwargs, self.device)
+        return func(*args, **kwargs)
 
 
-def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> tuple[int, int, int]:
-    """(operator calls, kernels launched, scalar syncs) of one decode step."""
+def _copies_in(func, args, kwargs, device: torch.device) -> bool:
+    if func is torch.Tensor.to and args[0].device.type == "cpu":
+        target = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (torch.device, str))), None))
+        return target is not None and torch.device(target).type == device.type
+    target = kwargs.get("device") if func in (torch.tensor, torch.as_tensor) else None
+    return target is not None and torch.device(target).type == device.type
+
+
+def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> tuple[int, int, int, int]:
+    """(operator calls, kernels launched, scalar syncs, copies in) of one decode step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
-    with profile(activities=activities) as prof, CountToList(device) as tolist:
+    with profile(activities=activities) as prof, CountTransfers(device) as transfers:
         step(runner, rows)
         synchronize(device)
     events = prof.events()
     ops = sum(1 for e in events if e.name.startswith("aten::"))
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    syncs = sum(1 for e in events if e.name in SYNC_OPS) + tolist.calls
-    return ops, kernels, syncs
+    syncs = sum(1 for e in events if e.name in SYNC_OPS) + transfers.tolist
+    return ops, kernels, syncs, transfers.copies_in
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,6 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--quick", action="store_true", help="a tiny model, one round: checks that it runs")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also the model's forward under torch.compile (on CUDA mode reduce-overhead), beside eager: compile time,"
+        " speed and largest difference from eager",
+    )
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     shape, rounds = ("quick", 1) if args.quick else (args.shape, args.rounds)
@@ -177,16 +208,24 @@ def main(argv: list[str] | None = None) -> None:
         loaded = {a.name: a for a in registry.load_blocking(list(ADAPTERS))}
         mixed, lora = combinations(list(ADAPTERS), ROWS, seed=1), combinations(LORAS, ROWS, seed=2)
         contenders = {"(b) no adapters": [[]] * ROWS, "(a) mixed types": mixed, "(a) LoRA only": lora}
+        eager = model.forward
+        if args.compile:
+            compiled = torch.compile(eager, mode="reduce-overhead" if device.type == "cuda" else None)
+            contenders |= {"(b) compiled": [[]] * ROWS, "(a) mixed compiled": mixed}
+        compile_seconds = 0.0
         prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
         decode: dict[str, list[float]] = {name: [] for name in contenders}
         prefill: dict[str, list[float]] = {name: [] for name in contenders}
-        profiles: dict[str, tuple[int, int, int]] = {}
+        profiles: dict[str, tuple[int, int, int, int]] = {}
         for round_ in range(rounds + 1):  # the last round profiles one step of each
             for name, combos in contenders.items():
                 rows = [
                     BenchRow(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
                     for p, c in zip(prompts, combos, strict=True)
                 ]
+                model.forward = compiled if name.endswith("compiled") else eager
+                if round_ == 0 and name.endswith("compiled"):  # compiles, on 8 tokens shorter prompts
+                    compile_seconds += warm(runner, [BenchRow(r.request.prompt_ids[8:], r.slots) for r in rows], device)
                 synchronize(device)
                 started = time.perf_counter()
                 for row, choice in zip(rows, sample(rows, runner.prefill(rows)), strict=True):
@@ -195,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
                 prefill[name].append(ROWS * PROMPT_TOKENS / (time.perf_counter() - started))
                 if round_ == rounds:
                     step(runner, rows)  # warm
-                    profiles[name] = profile_step(runner, rows, device)
+                    if not name.endswith("compiled"):  # (dynamo would trace the counting mode)
+                        profiles[name] = profile_step(runner, rows, device)
                 else:
                     started = time.perf_counter()
                     for _ in range(STEPS):
@@ -204,6 +244,14 @@ def main(argv: list[str] | None = None) -> None:
                     decode[name].append(ROWS * STEPS / (time.perf_counter() - started))
                 for row in rows:
                     runner.release(row)
+        model.forward = eager
+        if args.compile:
+            differences = {
+                name: compiled_difference(
+                    runner, loaded, registry, prompts, mixed if "mixed" in name else [[]] * ROWS, eager, compiled
+                )
+                for name in ("(b) compiled", "(a) mixed compiled")
+            }
         registry.close()
 
     sizes = SHAPES[shape]
@@ -213,18 +261,60 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'prefill tok/s':>14s} {'a/b':>6s}"
-        f" {'ops/step':>9s} {'x base':>7s} {'kernels':>8s} {'syncs':>6s}"
+        f" {'ops/step':>9s} {'x base':>7s} {'kernels':>8s} {'syncs':>6s} {'H2D copies':>11s}"
     )
     b_decode, b_prefill = statistics.median(decode["(b) no adapters"]), statistics.median(prefill["(b) no adapters"])
     b_ops = profiles["(b) no adapters"][0]
     for name, combos in contenders.items():
         ideal = ideal_ratio(base, flops, combos)
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
-        ops, kernels, syncs = profiles[name]
-        print(
-            f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {p:14.0f} {p / b_prefill:6.2f}"
-            f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d}"
-        )
+        line = f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {p:14.0f} {p / b_prefill:6.2f}"
+        if name in profiles:
+            ops, kernels, syncs, copies = profiles[name]
+            line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d} {copies:11d}"
+        print(line)
+    if args.compile:
+        print(f"compile: {compile_seconds:.0f} s for the compiled contenders' first round (prefill + {STEPS} steps)")
+        for name, uncompiled in (("(b) compiled", "(b) no adapters"), ("(a) mixed compiled", "(a) mixed types")):
+            ratio = statistics.median(decode[name]) / statistics.median(decode[uncompiled])
+            print(f"{name}: decode compiled/eager = {ratio:.2f}, largest difference from eager {differences[name]:.2g}")
+
+
+def warm(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> float:
+    """Seconds of a prefill and STEPS decode steps of rows (then released): the compiled contenders' compile time.
+    Their prompts are shorter than the timed rounds', so that those meet lengths not compiled yet, as a server
+    does."""
+    synchronize(device)
+    started = time.perf_counter()
+    for row, choice in zip(rows, sample(rows, runner.prefill(rows)), strict=True):
+        row.tokens.append(choice.token)
+    for _ in range(STEPS):
+        step(runner, rows)
+    synchronize(device)
+    for row in rows:
+        runner.release(row)
+    return time.perf_counter() - started
+
+
+def compiled_difference(runner, loaded, registry, prompts, combos, eager, compiled) -> float:
+    """The largest |compiled - eager| of the logits of a prefill and 4 decode steps of the same rows."""
+    model, seen = runner.model, {}
+    for name, forward in (("eager", eager), ("compiled", compiled)):
+        model.forward = forward
+        rows = [
+            BenchRow(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
+            for p, c in zip(prompts, combos, strict=True)
+        ]
+        logits = [runner.prefill(rows)]
+        for _ in range(4):
+            for row, token in zip(rows, logits[-1].argmax(-1).tolist(), strict=True):
+                row.tokens.append(token)
+            logits.append(runner.decode())
+        for row in rows:
+            runner.release(row)
+        seen[name] = torch.stack(logits).float()
+    model.forward = eager
+    return float((seen["eager"] - seen["compiled"]).abs().max())
 
 
 def registry_order(registry: AdapterRegistry, names: list[str]) -> list[str]:

@@ -94,6 +94,9 @@ class Settings(BaseSettings):
         None, gt=0, description="seconds a request may take, queue included; then 408, its row freed (default: none)"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_lora_rank: int = Field(
+        64, ge=1, description="the most ranks a low-rank adapter (LoRA, AdaLoRA, factorised LoHa) takes on a layer"
+    )
     _notes: list[str] = PrivateAttr(default_factory=list)  # settings adjusted at validation, logged at start
 
     @property

@@ -73,6 +73,7 @@ class ServerState:
             device,
             dtype,
             max_loaded=settings.max_loaded_adapters,
+            max_rank=settings.max_lora_rank,
             memory=settings.adapter_memory,
             host_cache=settings.host_cache,
             retry_seconds=settings.load_retry_seconds,

@@ -86,6 +86,8 @@ def broken(llama, tmp_path_factory) -> Path:
         1,
         "x",
     )
+    # over the default MIXSERVE_MAX_LORA_RANK (64)
+    save_adapter(llama.model_dir, LoraConfig(r=65, target_modules=["q_proj", "down_proj"]), store / "rank-65", 1, "x")
     folder = _copy(store, "lora", "not-linear")
     (folder / CONFIG).write_text(json.dumps({**json.loads((folder / CONFIG).read_text()), "target_modules": ["mlp"]}))
 
@@ -127,6 +129,7 @@ CASES = {
     "alora": (422, "alora_invocation_tokens: a LoRA variant whose forward pass is not LoRA's"),
     "saves-a-block": (422, "modules_to_save: model.layers.0.mlp is a block of layers (LlamaMLP)"),
     "not-linear": (422, "only Linear, Conv1D and (for LoRA) Embedding layers are supported"),
+    "rank-65": (422, ": LORA rank 65 exceeds MIXSERVE_MAX_LORA_RANK (64)"),
     "other-base": (422, "does not fit the base model at model.layers.0.self_attn.q_proj"),
     "escape": (422, "resolves outside the adapter store"),
     "../lora": (422, "invalid adapter name"),

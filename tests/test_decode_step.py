@@ -5,9 +5,12 @@ stays PEFT's, alone, at every step."""
 from __future__ import annotations
 
 import torch
+from torch.profiler import profile
 
+from bench.mixed_decode import SYNC_OPS, CountTransfers
 from server.adapters.kinds.base import PoolSpan
 from server.adapters.mixing import MIN_CAPACITY, MixingContext, RankPool
+from server.engine.kv_cache import BLOCK_SIZE
 from server.engine.runner import PromptSequence
 from server.model import encode_prompt
 from tests.reference import reference_logits
@@ -190,3 +193,30 @@ def test_a_pool_halves_when_a_quarter_full_and_frees_its_tensors_when_empty():
         capacities.append(pool.capacity)
     assert capacities == [64, 32, 16, 0]  # 28 ranks left of 64 stay; 12 of 64 halve; 4 of 32 halve; none: freed
     assert pool.nbytes == 0 and pool.layout is None
+
+
+def test_a_decode_step_copies_its_inputs_in_once_and_never_waits(llama):
+    """ids, positions, the slots written, the blocks read and the blocks to zero go in one staged copy, whether or
+    not a row starts a block; the pass itself reads nothing back (sampling's one sync is the step's). The first
+    step of a composition also copies in its plan's per-row tensors (not counted here: one per rank layout and row
+    pattern, once)."""
+    runner, registry, tokenizer = llama.runner()
+    rows = [_sequence(registry, prompt, weights, tokenizer) for prompt, weights in ROWS[:4]]
+    for seq, logits in zip(rows, runner.prefill(rows), strict=True):
+        seq.tokens.append(int(logits.argmax()))
+    logits = runner.decode()  # the composition's first step
+    for seq, row in zip(rows, logits, strict=True):
+        seq.tokens.append(int(row.argmax()))
+    started_a_block = False
+    for _ in range(BLOCK_SIZE):
+        started_a_block |= runner.blocks_to_decode() > 0
+        with CountTransfers(runner.device) as transfers, profile() as prof:
+            logits = runner.decode()
+        assert transfers.copies_in == 1
+        assert transfers.tolist == 0
+        assert not [e.name for e in prof.events() if e.name in SYNC_OPS]
+        for seq, row in zip(rows, logits, strict=True):
+            seq.tokens.append(int(row.argmax()))
+    assert started_a_block
+    for seq in rows:
+        runner.release(seq)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import re
 from dataclasses import dataclass
 
@@ -72,7 +73,10 @@ class BuiltAdapter:
         return list({id(t): t for layer in self.layers.values() for t in layer.tensors()}.values())
 
 
-def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device, dtype: torch.dtype) -> BuiltAdapter:
+def build_adapter(
+    files: AdapterFiles, layout: BaseLayout, device: torch.device, dtype: torch.dtype, max_rank: int | None = None
+) -> BuiltAdapter:
+    """max_rank: the most ranks one layer's low-rank delta may take in its rank pool (MIXSERVE_MAX_LORA_RANK)."""
     name = files.name
     kind, config = parse_config(name, files.config)
     params = targeted_parameters(name, config, layout)
@@ -122,6 +126,7 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
                 " model in float32 or bfloat16, or retrain with smaller weights",
             )
         if layer is not None:
+            _check_rank(name, kind, module_name, layer, max_rank)
             layers[module_name] = layer
     both = sorted(layers.keys() & modules.keys())
     if both:
@@ -133,6 +138,18 @@ def build_adapter(files: AdapterFiles, layout: BaseLayout, device: torch.device,
     return BuiltAdapter(
         name=name, version=files.version, kind=kind, config=config, layers=layers, signature=files.signature
     )
+
+
+def _check_rank(name: str, kind: Kind, module_name: str, layer: LayerAdapter, max_rank: int | None) -> None:
+    if max_rank is None or layer.low_rank is None:
+        return
+    width = layer.low_rank[0].shape[0]
+    # a factorised LoHa of rank r takes r x r ranks, factorised only where that is cheaper than its dense matrix
+    rank = math.isqrt(width) if kind.peft_type == "LOHA" else width
+    if rank > max_rank:
+        raise AdapterInvalid(
+            name, f"{module_name}: {kind.peft_type} rank {rank} exceeds MIXSERVE_MAX_LORA_RANK ({max_rank}); raise it"
+        )
 
 
 def check_mixable(name: str, peft_type) -> None:

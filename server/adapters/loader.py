@@ -65,6 +65,7 @@ class AdapterLoader:
         layout: BaseLayout,
         dtype: torch.dtype,
         *,
+        max_rank: int | None = None,
         retry_seconds: float = 1.0,
         threads: int = 2,
         wake: Callable[[], None] = lambda: None,
@@ -74,6 +75,7 @@ class AdapterLoader:
         self.store = store
         self.layout = layout
         self.dtype = dtype
+        self.max_rank = max_rank
         self.retry_seconds = retry_seconds
         self._wake = wake
         self._on_load = on_load
@@ -142,7 +144,7 @@ class AdapterLoader:
     def _load(self, name: str, signature: tuple) -> None:
         started = time.perf_counter()
         try:
-            outcome = build_adapter(self.store.read(name), self.layout, CPU, self.dtype)
+            outcome = build_adapter(self.store.read(name), self.layout, CPU, self.dtype, self.max_rank)
         except MixserveError as exc:
             outcome = exc
         except Exception as exc:  # a bug or an I/O error: fail this load, not the server

@@ -82,6 +82,7 @@ class AdapterRegistry:
         dtype: torch.dtype,
         *,
         max_loaded: int | None = None,
+        max_rank: int | None = None,
         memory: int | None = None,
         host_cache: int = 0,
         retry_seconds: float = 1.0,
@@ -101,7 +102,14 @@ class AdapterRegistry:
         layout = BaseLayout(model)
         self.model = MixedModel(layout, self.context)
         self.loader = AdapterLoader(
-            store, layout, dtype, retry_seconds=retry_seconds, threads=loader_threads, wake=wake, on_load=on_load
+            store,
+            layout,
+            dtype,
+            max_rank=max_rank,
+            retry_seconds=retry_seconds,
+            threads=loader_threads,
+            wake=wake,
+            on_load=on_load,
         )
         self._wake = wake
         self._on_evict = on_evict

@@ -191,9 +191,12 @@ class PagedCache:
         """seq's table extended to hold `tokens` tokens, its new blocks zeroed (an evicted one too)."""
         new = self.pool.allocate(seq, tokens)
         if new:
-            index = torch.tensor(new, device=self.device)
-            for layer in (*self.keys.values(), *self.values.values()):
-                layer.index_fill_(0, index, 0)
+            self.zero(torch.tensor(new, device=self.device))
+
+    def zero(self, blocks: torch.Tensor) -> None:
+        """Zeroes these blocks (on the device) of every layer."""
+        for layer in (*self.keys.values(), *self.values.values()):
+            layer.index_fill_(0, blocks, 0)
 
     def free(self, seq) -> None:
         self.pool.deallocate(seq)
@@ -214,15 +217,18 @@ class PagedCache:
         self._length = max(lengths)
         self._read = self._table(seqs, blocks_for(self._length)).flatten().to(self.device)
 
-    def begin_decode(self, seqs: Sequence, positions: list[int], length: int) -> None:
-        """The next pass writes one token per row at positions[r] and reads positions 0..length-1 of every row
-        (whole blocks are gathered: a copy of contiguous blocks, several times faster than one of tokens)."""
+    def decode_slots(self, seqs: Sequence, positions: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """On the host, for a decode pass writing each row's token at positions [rows] and reading its positions
+        0..length-1: (the flat slots written [rows], the blocks read [rows * blocks], each row's in order: whole blocks
+        are gathered, a copy of contiguous blocks, several times faster than one of tokens)."""
         table = self._table(seqs, blocks_for(length))  # [rows, blocks]
-        positions = torch.tensor(positions)
-        self._write = (
-            table[torch.arange(len(seqs)), positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
-        ).to(self.device)
-        self._read = table.flatten().to(self.device)
+        write = table[torch.arange(len(seqs)), positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+        return write, table.flatten()
+
+    def begin_decode(self, write: torch.Tensor, read: torch.Tensor, length: int) -> None:
+        """The next pass writes one token per row at the flat slots `write` and reads the blocks `read`, up to
+        length, of every row (decode_slots's, on the device)."""
+        self._write, self._read = write, read
         self._written, self._length, self._query_length = None, length, 1
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):

@@ -85,7 +85,7 @@ class ModelRunner:
                 positions = torch.arange(width, device=self.device)[None]
                 mask = self.layout.masks(positions, len(seqs), width, self.dtype)
                 positions = positions.expand(len(seqs), width)
-            logits = self._forward(seqs, ids, mask, positions, keep, gather=True)
+            logits = self._forward(seqs, ids.to(self.device), mask, positions, keep, gather=True)
         except BaseException:
             for seq in seqs:
                 self.cache.free(seq)
@@ -113,15 +113,36 @@ class ModelRunner:
     def decode(self) -> torch.Tensor:
         """One token for every running sequence; logits [len(rows), vocab] in rows order. The caller made room in
         the cache for blocks_to_decode() blocks (a MemoryError otherwise)."""
+        rows, new = len(self.rows), []
+        try:
+            for seq in self.rows:
+                new += self.cache.pool.allocate(seq, seq.num_tokens)  # zeroed below, with the step's one copy
+        except MemoryError:
+            if new:
+                self.cache.zero(torch.tensor(new, device=self.device))
+            raise
         positions = [s.num_tokens - 1 for s in self.rows]
-        for seq in self.rows:
-            self.cache.allocate(seq, seq.num_tokens)
         length = max(positions) + 1
-        ids = torch.tensor([[s.tokens[-1]] for s in self.rows])
-        self.cache.begin_decode(self.rows, positions, length)
-        positions = torch.tensor(positions, device=self.device)
-        mask = self.layout.masks(positions[:, None], len(self.rows), length, self.dtype)
-        return self._forward(self.rows, ids, mask, positions[:, None], 1)[:, -1]
+        positions = torch.tensor(positions)
+        write, read = self.cache.decode_slots(self.rows, positions, length)
+        ids = torch.tensor([s.tokens[-1] for s in self.rows])
+        ids, positions, write, read, new = self._copy_in(
+            [ids, positions, write, read, torch.tensor(new, dtype=torch.long)]
+        )
+        if len(new):
+            self.cache.zero(new)
+        self.cache.begin_decode(write, read, length)
+        mask = self.layout.masks(positions[:, None], rows, length, self.dtype)
+        return self._forward(self.rows, ids[:, None], mask, positions[:, None], 1)[:, -1]
+
+    def _copy_in(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The step's host tensors (int64, 1D) on the device in one copy: staged side by side in one buffer and
+        split there. On a GPU the buffer is pinned (the copy does not wait), from torch's caching host allocator,
+        which hands a buffer out again only once the copy that read it has finished."""
+        sizes = [len(part) for part in parts]
+        staged = torch.empty(sum(sizes), dtype=torch.long, pin_memory=self.device.type == "cuda")
+        torch.cat(parts, out=staged)
+        return list(staged.to(self.device, non_blocking=True).split(sizes))
 
     def release(self, seq: Sequence) -> None:
         """seq leaves the batch, if in it; its blocks return to the pool, the full ones whose keys and values are
@@ -248,7 +269,7 @@ class ModelRunner:
     def _forward(self, seqs, ids, mask, positions, keep, gather: bool = False) -> torch.Tensor:
         with self.context.use(self._plan(tuple(s.slots for s in seqs), tuple(s.weights for s in seqs), gather)):
             out = self.model(
-                input_ids=ids.to(self.device),
+                input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
                 cache=self.cache,
