@@ -597,7 +597,7 @@ def test_verdicts_of_answers_cut_invalid_unchecked_or_in_text(demo, browser):
         "columns": [
             {"adapters": [], "mode": {"kind": "json"}},
             {"adapters": [], "mode": {"kind": "json", "schema": json.dumps(number)}},
-            {"adapters": [], "mode": {"kind": "tool", "choice": "named"}},
+            {"adapters": [], "mode": {"kind": "tool", "choice": "bogus"}},  # not an option: the default, named
             {"adapters": [], "mode": {"kind": "tool", "choice": "auto"}},
         ],
     }
@@ -617,6 +617,8 @@ def test_verdicts_of_answers_cut_invalid_unchecked_or_in_text(demo, browser):
         f"No tool call: it was cut at max tokens before the call was complete ({whole}): raise Max tokens.",
     )
     assert text_of(browser, shown[2]) == ""
+    choice = Select(shown[2].find_element(By.CLASS_NAME, "choice")).first_selected_option
+    assert choice.get_attribute("value") == "named"
     kind, message = parsed_of(shown[3])
     assert kind == "note" and message.startswith("No tool call: the model answered with text, as tool_choice auto")
 
@@ -662,6 +664,10 @@ def test_one_output_mode_for_every_column_a_regex(demo, browser):
         expected = generate(demo, adapters, DEMO_PROMPT, 40, grammar=grammar).json()["generated_text"]
         assert text_of(browser, column) == expected
         assert parsed_of(column) == ("valid", "Matches the regex.")
+    note = columns(browser)[0].find_element(By.CLASS_NAME, "mode-note")
+    assert note.text == "Every column uses this output mode now."
+    select(browser, "Output of column 1", "text")  # no longer true
+    assert note.text == ""
 
 
 # --- over HTTP
