@@ -305,6 +305,7 @@ def test_the_page_asks_for_a_key_and_shows_what_it_may_see(keyed, browser):
     wait(browser, lambda d: d.find_element(By.ID, "key-dialog").get_attribute("open") is None, "the key accepted")
     assert [combination_of(c) for c in columns(browser)] == ["acme/pirate@0.5"] and pickers(browser) == acme
     assert "globex" not in address_state(browser) + browser.find_element(By.ID, "merge-note").text
+    assert "globex" not in snippet(browser, columns(browser)[0], "curl")  # the column as shown now
 
 
 def address_state(browser) -> str:
@@ -515,12 +516,13 @@ window.__release = null;
 const held = new Promise((resolve) => (window.__release = resolve));
 const real = window.__realFetch ?? (window.__realFetch = window.fetch);
 window.fetch = async (input, init = {}) => {
-  const response = await real(input, init);
-  if (!/generate_stream|chat\\/completions/.test(String(input))) return response;
+  if (!/generate_stream|chat\\/completions/.test(String(input))) return real(input, init);
   const aborted = new Promise((_, reject) => init.signal?.addEventListener("abort", () => {
-    window.__aborted += 1;
+    window.__aborted += 1;  // counted from the start: the page may cancel before the answer's headers come
     reject(new DOMException("aborted", "AbortError"));
   }));
+  aborted.catch(() => {});
+  const response = await real(input, init);
   const reader = response.body.getReader();
   const body = new ReadableStream({
     async pull(controller) {
