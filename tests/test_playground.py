@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import jsonschema
@@ -26,6 +27,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from server.config import Settings
@@ -243,11 +245,12 @@ def test_the_page_asks_for_a_key_and_shows_what_it_may_see(keyed, browser):
     fill(browser, "key-input", ACME)
     browser.find_element(By.ID, "key-submit").click()
     wait(browser, lambda d: dialog.get_attribute("open") is None, "the key accepted")
-    assert pickers(browser) == {
+    acme = {
         "matrix": ["acme/british", "acme/digits", "acme/pirate"],  # not globex/digits
         "sweep": ["acme/british", "acme/digits", "acme/pirate"],
         "merge": ["acme/digits"],  # the LoRA adapters
     }
+    assert pickers(browser) == acme
 
     assert [combination_of(c) for c in columns(browser)] == ["base model", "acme/british"]  # not generated yet
     tick(browser, "acme/pirate", 2)
@@ -272,7 +275,8 @@ def test_the_page_asks_for_a_key_and_shows_what_it_may_see(keyed, browser):
     open_page(browser, keyed, "/playground#" + urlencode({"state": json.dumps(state)}))
     wait_until_generated(browser, 1)
     assert [combination_of(c) for c in columns(browser)] == ["acme/pirate@0.5"]
-    assert pickers(browser)["matrix"] == ["acme/british", "acme/digits", "acme/pirate"]
+    assert pickers(browser) == acme
+    assert "globex" not in address_state(browser) and "Left out 3 " in browser.find_element(By.ID, "share-note").text
 
     # the operator's view spans every tenant: not for this key
     browser.find_element(By.ID, "tab-operator").click()
@@ -289,6 +293,24 @@ def test_the_page_asks_for_a_key_and_shows_what_it_may_see(keyed, browser):
     browser.find_element(By.ID, "tab-compare").click()
     every = ["acme/british", "acme/digits", "acme/pirate", "globex/digits"]
     assert pickers(browser) == {"matrix": every, "sweep": every, "merge": ["acme/digits", "globex/digits"]}
+
+    # back to the tenant's key: the admin's picks of another tenant leave the columns, the merge note and the address
+    browser.find_element(By.CSS_SELECTOR, 'input[aria-label="globex/digits in the merge"]').click()
+    browser.find_element(By.ID, "merge-add").click()
+    tick(browser, "globex/digits", 1)
+    assert "globex" in address_state(browser) and "globex" in browser.find_element(By.ID, "merge-note").text
+    browser.find_element(By.ID, "change-key").click()
+    fill(browser, "key-input", ACME)
+    browser.find_element(By.ID, "key-submit").click()
+    wait(browser, lambda d: d.find_element(By.ID, "key-dialog").get_attribute("open") is None, "the key accepted")
+    assert [combination_of(c) for c in columns(browser)] == ["acme/pirate@0.5"] and pickers(browser) == acme
+    assert "globex" not in address_state(browser) + browser.find_element(By.ID, "merge-note").text
+    assert "globex" not in snippet(browser, columns(browser)[0], "curl")  # the column as shown now
+
+
+def address_state(browser) -> str:
+    """The page's state as its address holds it."""
+    return parse_qs(urlsplit(browser.current_url).fragment)["state"][0]
 
 
 def pickers(browser) -> dict[str, list[str]]:
@@ -311,10 +333,8 @@ def test_a_sweep_gives_one_column_per_weight_as_generate_answers(demo, browser):
     wait_until_generated(browser, 3)
     Select(browser.find_element(By.ID, "sweep-adapter")).select_by_visible_text("pirate")
     assert browser.find_element(By.ID, "sweep-weights").get_attribute("value") == "0, 0.3, 0.6, 1"
-    browser.find_element(By.ID, "sweep-run").click()
-    assert [combination_of(c) for c in columns(browser)] == ["pirate@0", "pirate@0.3", "pirate@0.6", "pirate"]
+    browser.find_element(By.ID, "sweep-run").click()  # and it generates: 80 tokens, as the README's curl examples
     assert weight_field(browser, "pirate", 2).get_attribute("value") == "0.3"
-    browser.find_element(By.ID, "generate").click()  # 80 tokens, as the README's curl examples of these weights
     wait_until_generated(browser, 4)
 
     shown = columns(browser)
@@ -333,19 +353,35 @@ def test_a_sweep_gives_one_column_per_weight_as_generate_answers(demo, browser):
     assert run_python(snippet(browser, shown[1], "openai")) == texts[1]
     assert run_python(snippet(browser, shown[1], "hub")) == texts[1]
 
-    # a weight typed in shows in the column's combination (and the slider follows)
+    # a weight typed in shows in the column's combination (and the slider follows), and in its snippets, marked as
+    # not what the shown text came from
     field = weight_field(browser, "pirate", 2)
     fill_element(field, "0.45")
     assert combination_of(shown[1]) == "pirate@0.45"
     slider = 'input[aria-label="Weight of pirate in column 2 (slider)"]'
     assert browser.find_element(By.CSS_SELECTOR, slider).get_attribute("value") == "0.45"
+    assert '"adapters":[{"name":"pirate","weight":0.45}]' in snippet(browser, shown[1], "curl")
+    assert "changed since it generated" in shown[1].find_element(By.CLASS_NAME, "copied").text
+    # out of range: the range is said, and Generate sends nothing until the weight is one
+    fill_element(field, "11")
+    assert field.get_attribute("aria-invalid") == "true"
+    assert "from -10 to 10" in shown[1].find_element(By.CLASS_NAME, "weight-error").text
+    browser.find_element(By.ID, "generate").click()
+    assert [c.get_attribute("data-state") for c in columns(browser)] == ["done"] * 4  # nothing sent
+    assert browser.switch_to.active_element == field
     fill_element(field, "0.3")
+    assert not shown[1].find_element(By.CLASS_NAME, "weight-error").text
+    snippet(browser, shown[1], "curl")
+    assert "changed since" not in shown[1].find_element(By.CLASS_NAME, "copied").text
 
-    # the address holds the comparison: opened again, it restores the columns and generates the same texts
+    # the address holds the comparison: opened in this tab after the columns changed, it restores them and
+    # generates the same texts
     link = browser.current_url
     assert "#state=" in link
-    browser.get("about:blank")
-    browser.get(link)
+    browser.find_element(By.CSS_SELECTOR, 'button[aria-label="Remove column 4"]').click()
+    assert browser.switch_to.active_element.get_attribute("aria-label") == "Remove column 3"  # focus kept near
+    assert browser.current_url != link
+    browser.get(link)  # only the part after '#' differs: the same page, told by a hashchange
     wait_until_generated(browser, 4)
     assert [combination_of(c) for c in columns(browser)] == ["base model", "pirate@0.3", "pirate@0.6", "pirate"]
     assert [text_of(browser, c) for c in columns(browser)] == texts
@@ -474,6 +510,147 @@ def test_a_merge_json_schema_and_tool_call_column_each_as_the_api_answers(demo, 
     assert parsed_of(again[2])[0] == "valid"
 
 
+HOLD = """
+window.__aborted = 0;
+window.__release = null;
+const held = new Promise((resolve) => (window.__release = resolve));
+const real = window.__realFetch ?? (window.__realFetch = window.fetch);
+window.fetch = async (input, init = {}) => {
+  if (!/generate_stream|chat\\/completions/.test(String(input))) return real(input, init);
+  const aborted = new Promise((_, reject) => init.signal?.addEventListener("abort", () => {
+    window.__aborted += 1;  // counted from the start: the page may cancel before the answer's headers come
+    reject(new DOMException("aborted", "AbortError"));
+  }));
+  aborted.catch(() => {});
+  const response = await real(input, init);
+  const reader = response.body.getReader();
+  const body = new ReadableStream({
+    async pull(controller) {
+      await Promise.race([held, aborted]);
+      const { value, done } = await reader.read();
+      done ? controller.close() : controller.enqueue(value);
+    },
+    cancel: (reason) => reader.cancel(reason),
+  });
+  return new Response(body, { status: response.status, statusText: response.statusText, headers: response.headers });
+};
+"""
+
+
+def hold_streams(browser) -> None:
+    """From now on the page's generation streams reach it only after release_streams (or their abort): what the page
+    does while a column runs is tested without depending on the machine's speed."""
+    browser.execute_script(HOLD)
+
+
+def release_streams(browser) -> None:
+    browser.execute_script("window.__release()")
+
+
+def start_held(browser, count: int) -> None:
+    hold_streams(browser)
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: [c.get_attribute("data-state") for c in columns(d)] == ["running"] * count, "running")
+
+
+def live_busy(browser) -> list:
+    script = "return [...document.querySelectorAll('#columns [aria-live]')].map((e) => e.getAttribute('aria-busy'))"
+    return browser.execute_script(script)
+
+
+def test_a_verdict_judges_what_the_column_sent_not_its_mode_edited_since(demo, browser):
+    open_ready(browser, demo)
+    wait_until_generated(browser, 3)
+    regex = "(Arr|Hello), [a-z ]{1,20}\\."
+    select(browser, "Output of column 1", "regex")
+    fill_element(browser.find_element(By.CSS_SELECTOR, 'input[aria-label="Regex of column 1"]'), regex)
+    select(browser, "Output of column 2", "json")
+    select(browser, "Output of column 3", "tool")
+    fill(browser, "max-tokens", "120")
+    start_held(browser, 3)
+    assert set(live_busy(browser)) == {"true"}  # a screen reader waits for the column's end to announce it
+
+    # edited while the columns run: none of it was sent
+    fill_element(browser.find_element(By.CSS_SELECTOR, 'input[aria-label="Regex of column 1"]'), "x")
+    select(browser, "Output of column 2", "text")
+    select(browser, "Output of column 3", "json")
+    box = browser.find_element(By.CSS_SELECTOR, 'input[aria-label="digits in column 1"]')
+    browser.execute_script("arguments[0].focus()", box)  # a keyboard user in the matrix
+    release_streams(browser)
+    wait_until_generated(browser, 3)
+    shown = columns(browser)
+    assert parsed_of(shown[0]) == ("valid", "Matches the regex.")
+    assert parsed_of(shown[1]) == ("valid", "Valid against the schema.")
+    assert parsed_of(shown[2]) == ("valid", "Valid against count_animals's parameters.")
+    assert set(live_busy(browser)) == {None}
+
+    # the matrix is drawn again with the adapters' new tiers: the focus stays on the same checkbox
+    WebDriverWait(browser, WAIT).until(staleness_of(box), "the matrix redrawn")
+    assert browser.switch_to.active_element.get_attribute("aria-label") == "digits in column 1"
+
+
+def test_verdicts_of_answers_cut_invalid_unchecked_or_in_text(demo, browser):
+    """max_tokens 1: a JSON object cut ('{'); an integer cut at '1' (JSON, below the schema's minimum, multipleOf not
+    checked by the page); a forced tool call cut before the server sent it; tool_choice auto answered with text."""
+    number = {"type": "integer", "minimum": 100, "multipleOf": 7}
+    state = {
+        "prompt": PROMPT,
+        "max_tokens": 1,
+        "columns": [
+            {"adapters": [], "mode": {"kind": "json"}},
+            {"adapters": [], "mode": {"kind": "json", "schema": json.dumps(number)}},
+            {"adapters": [], "mode": {"kind": "tool", "choice": "bogus"}},  # not an option: the default, named
+            {"adapters": [], "mode": {"kind": "tool", "choice": "auto"}},
+        ],
+    }
+    open_page(browser, demo, "/playground#" + urlencode({"state": json.dumps(state)}))
+    wait_until_generated(browser, 4)
+    shown = columns(browser)
+    cut = " It was cut at max tokens: raise Max tokens."
+    assert parsed_of(shown[0]) == ("invalid", f"Not JSON.{cut}")
+    assert text_of(browser, shown[1]) == "1"
+    assert parsed_of(shown[1]) == (
+        "invalid",
+        f"Does not validate against the schema: $ is below 100. (not checked here: multipleOf){cut}",
+    )
+    whole = "the server sends a call whole"
+    assert parsed_of(shown[2]) == (
+        "invalid",
+        f"No tool call: it was cut at max tokens before the call was complete ({whole}): raise Max tokens.",
+    )
+    assert text_of(browser, shown[2]) == ""
+    choice = Select(shown[2].find_element(By.CLASS_NAME, "choice")).first_selected_option
+    assert choice.get_attribute("value") == "named"
+    kind, message = parsed_of(shown[3])
+    assert kind == "note" and message.startswith("No tool call: the model answered with text, as tool_choice auto")
+
+
+def test_a_removed_or_swept_column_cancels_its_request(demo, browser):
+    three = [{"adapters": []}, {"adapters": [["pirate", 1]]}, {"adapters": [], "mode": {"kind": "regex"}}]
+    state = {"prompt": PROMPT, "max_tokens": 5, "columns": three}
+    open_page(browser, demo, "/playground#" + urlencode({"state": json.dumps(state)}))
+    wait_until_generated(browser, 3)
+    regex = {"type": "regex", "value": "[A-Z][a-z]+ has [0-9]+ (cats|dogs)\\."}  # the page's default
+    cut = generate(demo, [], PROMPT, 5, grammar=regex).json()["generated_text"]
+    assert text_of(browser, columns(browser)[2]) == cut and not re.fullmatch(regex["value"], cut)
+    verdict = ("invalid", "Does not match the regex. It was cut at max tokens: raise Max tokens.")
+    assert parsed_of(columns(browser)[2]) == verdict
+    start_held(browser, 3)
+    browser.find_element(By.CSS_SELECTOR, 'button[aria-label="Remove column 1"]').click()
+    assert browser.execute_script("return window.__aborted") == 1
+    assert browser.switch_to.active_element.get_attribute("aria-label") == "Remove column 1"  # the next column's
+    release_streams(browser)
+    wait_until_generated(browser, 2)
+    wait(browser, lambda d: d.find_element(By.ID, "generate").is_enabled(), "Generate enabled")
+
+    start_held(browser, 2)
+    browser.find_element(By.ID, "sweep-run").click()  # replaces both running columns, and generates its own
+    assert browser.execute_script("return window.__aborted") == 2
+    release_streams(browser)
+    wait_until_generated(browser, 4)
+    assert browser.find_element(By.ID, "generate").is_enabled()
+
+
 def test_one_output_mode_for_every_column_a_regex(demo, browser):
     open_ready(browser, demo)
     wait_until_generated(browser, 3)
@@ -489,6 +666,10 @@ def test_one_output_mode_for_every_column_a_regex(demo, browser):
         expected = generate(demo, adapters, DEMO_PROMPT, 40, grammar=grammar).json()["generated_text"]
         assert text_of(browser, column) == expected
         assert parsed_of(column) == ("valid", "Matches the regex.")
+    note = columns(browser)[0].find_element(By.CLASS_NAME, "mode-note")
+    assert note.text == "Every column uses this output mode now."
+    select(browser, "Output of column 1", "text")  # no longer true
+    assert note.text == ""
 
 
 # --- over HTTP

@@ -50,10 +50,11 @@ const page = {
   info: null,
   adapters: [], // /adapters?all=true, as the key may see them
   merges: [], // canonical names of the merges built on this page
-  // {entries: [{name, weight}] in the order picked, mode, view, request: {path, body} last sent, combination, tokens}
+  // {entries: [{name, weight}] in the order picked, mode, view, request: what it last sent (see request()), controller:
+  // cancels its run, combination, tokens}
   columns: [],
   shared: readShared(), // the state a shared link carries, until the adapters are known
-  controller: null, // aborts the generation in flight
+  generation: 0, // counts Generate presses: only the latest one's end enables Generate again
   operatorTimer: null,
 };
 
@@ -95,20 +96,53 @@ async function connect() {
   if (page.key) $("#change-key").hidden = false; // also after a reload, with the tab's key
   const first = !page.columns.length;
   if (first && page.shared) restore(page.shared);
-  const visible = new Set(page.adapters.map((a) => a.name));
-  page.merges = page.merges.filter((name) => mergeSources(name).every((source) => visible.has(source)));
-  const usable = new Set([...visible, ...page.merges]);
-  for (const column of page.columns) column.entries = column.entries.filter((e) => usable.has(e.name));
+  const dropped = keepUsable();
   // the demo opens generating its comparison, and so does a shared link; another model waits for the visitor
-  const demo = model_id === DEMO.model && DEMO.columns.flat().every((name) => visible.has(name));
+  const visible = page.adapters.map((a) => a.name);
+  const demo = model_id === DEMO.model && DEMO.columns.flat().every((name) => visible.includes(name));
   if (first && !page.columns.length) {
-    const names = demo ? DEMO.columns : [[], ...[...visible].slice(0, 1).map((n) => [n])];
+    const names = demo ? DEMO.columns : [[], ...visible.slice(0, 1).map((n) => [n])];
     page.columns = names.map((list) => newColumn(list.map((name) => ({ name, weight: 1 }))));
   }
+  if (!first) for (const id of ["#merge-note", "#sweep-note"]) $(id).textContent = ""; // they may name the last key's adapters
+  const shared = page.shared;
+  page.shared = null;
   renderPickers();
   renderColumns();
-  if (first && (demo || page.shared)) $("#generate-form").requestSubmit();
-  page.shared = null;
+  saveState();
+  noteDropped(dropped);
+  if (first && (demo || shared)) $("#generate-form").requestSubmit();
+}
+
+// leaves out of the merges and the columns what this key may not use; how many adapters were left out
+function keepUsable() {
+  const visible = new Set(page.adapters.map((a) => a.name));
+  const before = page.merges.length + page.columns.reduce((n, c) => n + c.entries.length, 0);
+  page.merges = page.merges.filter((name) => mergeSources(name).every((source) => visible.has(source)));
+  const usable = new Set([...visible, ...page.merges]);
+  for (const column of page.columns) {
+    const kept = column.entries.filter((e) => usable.has(e.name));
+    if (kept.length !== column.entries.length) Object.assign(column, { entries: kept, combination: null, request: null });
+  }
+  return before - page.merges.length - page.columns.reduce((n, c) => n + c.entries.length, 0);
+}
+
+function noteDropped(count) {
+  if (count) $("#share-note").textContent = `Left out ${count} adapters or merges that this key may not use.`;
+}
+
+// a link opened in this tab (only its #state differs): its comparison replaces this one, and generates
+function followLink() {
+  const state = readShared();
+  if (!state || !page.info || location.hash === page.savedHash) return;
+  stopColumns(page.columns);
+  restore(state);
+  const dropped = keepUsable();
+  renderPickers();
+  renderColumns();
+  saveState();
+  noteDropped(dropped);
+  $("#generate-form").requestSubmit();
 }
 
 function askForKey(message) {
@@ -167,7 +201,9 @@ function renderMatrix() {
   const all = pickable();
   const query = $("#search").value.trim().toLowerCase();
   const shown = all.filter((a) => !query || a.name.toLowerCase().includes(query) || (a.type ?? "").toLowerCase().includes(query));
+  const focused = document.activeElement?.closest("#matrix") ? document.activeElement.getAttribute("aria-label") : null;
   $("#matrix tbody").replaceChildren(...shown.map(adapterRow));
+  if (focused) [...document.querySelectorAll("#matrix input")].find((box) => box.getAttribute("aria-label") === focused)?.focus();
   $("#adapters-note").textContent = all.length
     ? `${shown.length} of ${all.length} adapters. Tick an adapter in a column to add it to that column's combination; set its weight in the column.`
     : "The store has no adapter this key may use.";
@@ -217,11 +253,13 @@ function sweep(event) {
     return;
   }
   const mode = { ...(page.columns[0]?.mode ?? defaultMode()) };
+  stopColumns(page.columns);
   page.columns = weights.map((weight) => newColumn([{ name, weight }], mode));
   note.textContent = `${weights.length} columns: ${name} at ${weights.map(weightText).join(", ")}.`;
   renderPickers();
   renderColumns();
   saveState();
+  $("#generate-form").requestSubmit();
 }
 
 const validWeight = (w) => Number.isFinite(w) && Math.abs(w) <= MAX_WEIGHT;
@@ -318,6 +356,7 @@ function newColumn(entries, mode = defaultMode()) {
   for (const [selector, key] of [[".schema", "schema"], [".regex", "regex"], [".tool", "tool"], [".choice", "choice"]]) {
     $(selector, view).addEventListener(selector === ".choice" ? "change" : "input", (event) => setMode(column, { [key]: event.target.value }, false));
   }
+  for (const type of ["input", "change"]) $(".mode", view).addEventListener(type, () => ($(".mode-note", view).textContent = ""));
   $(".apply-all", view).addEventListener("click", () => {
     for (const other of page.columns) if (other !== column) setMode(other, column.mode);
     $(".mode-note", view).textContent = "Every column uses this output mode now.";
@@ -358,10 +397,14 @@ function addColumn() {
 }
 
 function removeColumn(column) {
+  const index = page.columns.indexOf(column);
+  stopColumns([column]);
   page.columns = page.columns.filter((c) => c !== column);
   renderMatrix();
   renderColumns();
   saveState();
+  const next = $(".remove", page.columns[Math.min(index, page.columns.length - 1)].view);
+  (next.disabled ? $("#add-column") : next).focus(); // not lost to <body>
 }
 
 // the combination as picked, in the API's canonical form for weights: pirate@0.3+digits
@@ -388,10 +431,14 @@ function renderWeights(column) {
       const number = cell("input", null, { type: "number", min: -MAX_WEIGHT, max: MAX_WEIGHT, step: "any", value: entry.weight });
       range.setAttribute("aria-label", `Weight of ${entry.name} in column ${n} (slider)`);
       number.setAttribute("aria-label", `Weight of ${entry.name} in column ${n}`);
+      const problem = cell("span", "", { className: "error weight-error", id: `weight-error-${n}-${entry.name}` });
+      problem.setAttribute("role", "alert");
+      number.setAttribute("aria-describedby", problem.id);
       const set = (source, other) => {
         const weight = Number(source.value);
         const ok = source.value !== "" && validWeight(weight);
         number.setAttribute("aria-invalid", String(!ok));
+        problem.textContent = ok ? "" : `A weight is a number from -${MAX_WEIGHT} to ${MAX_WEIGHT}: Generate waits for one.`;
         if (!ok) return;
         entry.weight = weight;
         other.value = weight;
@@ -401,7 +448,7 @@ function renderWeights(column) {
       };
       range.addEventListener("input", () => set(range, number));
       number.addEventListener("input", () => set(number, range));
-      row.append(cell("span", entry.name, { className: "name", title: entry.name }), range, number);
+      row.append(cell("span", entry.name, { className: "name", title: entry.name }), range, number, problem);
       return row;
     }),
   );
@@ -448,7 +495,7 @@ function parseOwn(text, what) {
   }
 }
 
-// {path, body, spec}: what a column sends for these settings
+// {path, body, spec, mode}: what a column sends for these settings, and the output mode it was sent with
 function request(column, s) {
   const { mode, entries } = column;
   const adapters = adapterList(entries);
@@ -466,33 +513,44 @@ function request(column, s) {
       ...(s.seed !== null ? { seed: s.seed } : {}),
       stream: true,
     };
-    return { path: "/v1/chat/completions", body, spec: spec(entries) };
+    return { path: "/v1/chat/completions", body, spec: spec(entries), mode: { ...mode } };
   }
   const parameters = { max_new_tokens: s.maxTokens, details: true, top_n_tokens: TOP_N };
   if (s.temperature > 0) parameters.temperature = s.temperature; // else greedy
   if (s.seed !== null) parameters.seed = s.seed;
   if (mode.kind === "json") parameters.grammar = { type: "json", value: parseOwn(mode.schema, "JSON schema") };
   if (mode.kind === "regex") parameters.grammar = { type: "regex", value: mode.regex };
-  return { path: "/generate_stream", body: { inputs: s.prompt, adapters, parameters }, spec: spec(entries) };
+  return { path: "/generate_stream", body: { inputs: s.prompt, adapters, parameters }, spec: spec(entries), mode: { ...mode } };
 }
 
 async function generate(event) {
   event.preventDefault();
-  page.controller?.abort();
-  const controller = (page.controller = new AbortController());
+  const invalid = $('#columns input[aria-invalid="true"]');
+  if (invalid) {
+    invalid.focus(); // its message says the range; nothing is sent with a weight other than the one shown
+    return;
+  }
+  stopColumns(page.columns);
+  const generation = ++page.generation;
   $("#generate").disabled = true;
   $("#stop").disabled = false;
   const s = settings();
-  await Promise.allSettled(page.columns.map((column) => run(column, s, controller.signal)));
-  if (page.controller !== controller) return;
-  page.controller = null;
+  await Promise.allSettled(page.columns.map((column) => run(column, s)));
+  if (page.generation !== generation) return;
   $("#generate").disabled = false;
   $("#stop").disabled = true;
   loadAdapters().then(renderPickers, () => {}); // tiers change as adapters load
 }
 
-async function run(column, s, signal) {
+// a removed or replaced column's request is cancelled with it
+function stopColumns(list) {
+  for (const column of list) column.controller?.abort();
+}
+
+async function run(column, s) {
   const view = column.view;
+  const controller = (column.controller = new AbortController());
+  const signal = controller.signal;
   Object.assign(column, { request: null, combination: null, tokens: [] });
   $(".output", view).replaceChildren();
   $(".token-info", view).hidden = true;
@@ -502,6 +560,9 @@ async function run(column, s, signal) {
   const stats = $(".stats", view);
   stats.textContent = "waiting…";
   view.dataset.state = "running";
+  // live regions rewritten per token: a screen reader announces them once, when the column ends
+  const live = view.querySelectorAll("[aria-live]");
+  live.forEach((region) => region.setAttribute("aria-busy", "true"));
   const started = performance.now();
   let first = null;
   let last = null;
@@ -509,9 +570,10 @@ async function run(column, s, signal) {
   const calls = []; // a chat answer's tool calls: {name, arguments}
   let usage = null; // a chat answer's last chunk counts its tokens: a call's opening is not streamed as text
   const show = () => {
-    const parts = [`${usage?.completion_tokens ?? column.tokens.length} tokens`];
+    const count = usage?.completion_tokens ?? column.tokens.length; // a chat chunk may hold several tokens
+    const parts = [`${count} tokens`];
     if (first !== null) parts.unshift(`time to first token ${Math.round(first - started)} ms`);
-    if (column.tokens.length > 1) parts.push(`${((column.tokens.length - 1) / ((last - first) / 1000)).toFixed(1)} tokens/s`);
+    if (count > 1 && last > first) parts.push(`${((count - 1) / ((last - first) / 1000)).toFixed(1)} tokens/s`);
     if (finish) parts.push(finish);
     stats.replaceChildren(...parts.flatMap((part, i) => [...(i ? [" · "] : []), cell("span", part, { className: "stat" })]));
   };
@@ -552,6 +614,11 @@ async function run(column, s, signal) {
     view.dataset.state = error.name === "AbortError" ? "stopped" : "error";
     stats.textContent = error.name === "AbortError" ? "stopped" : `error: ${error.message}`;
     if (error instanceof Unauthorized) askForKey(error.message);
+  } finally {
+    if (column.controller === controller) {
+      column.controller = null;
+      live.forEach((region) => region.removeAttribute("aria-busy"));
+    }
   }
 }
 
@@ -590,17 +657,20 @@ async function* serverSentEvents(stream) {
 
 // --- what a constrained column wrote: parsed, and checked against its schema, regex or tool
 
+// judged by what the column sent (its output mode may have been changed since)
 function showParsed(column, finish, calls) {
-  const { mode, view } = column;
+  const { view, request: sent } = column;
+  const { mode } = sent;
   const text = $(".output", view).textContent;
   const cut = finish === "length" ? " It was cut at max tokens: raise Max tokens." : "";
   const box = $(".parsed", view);
-  const verdict = (ok, message) => cell("p", message, { className: `verdict ${ok ? "valid" : "invalid"}` });
+  const verdict = (ok, message) => cell("p", message, { className: `verdict ${ok === null ? "note" : ok ? "valid" : "invalid"}` });
+  const judged = ([ok, message]) => verdict(ok, ok ? message : `${message}${cut}`);
   let parts = [];
   if (mode.kind === "json") {
     const parsed = parseValue(text);
     if (!parsed.ok) parts = [verdict(false, `Not JSON.${cut}`)];
-    else parts = [verdict(...checked(parsed.value, column.request.body.parameters.grammar.value, "the schema")), cell("pre", pretty(parsed.value))];
+    else parts = [judged(checked(parsed.value, sent.body.parameters.grammar.value, "the schema")), cell("pre", pretty(parsed.value))];
   } else if (mode.kind === "regex") {
     let matches = null;
     try {
@@ -610,16 +680,18 @@ function showParsed(column, finish, calls) {
     }
     if (matches !== null) parts = [verdict(matches, matches ? "Matches the regex." : `Does not match the regex.${cut}`)];
   } else if (mode.kind === "tool") {
-    const tool = column.request.body.tools[0].function;
+    const tool = sent.body.tools[0].function;
     parts = calls.filter(Boolean).flatMap((call) => {
       const args = parseValue(call.arguments);
       const title = cell("p", null, { className: "call" });
       title.append("Call ", cell("code", call.name ?? "?"));
       if (call.name !== tool.name) return [title, verdict(false, `${call.name} is not the listed function ${tool.name}.`)];
       if (!args.ok) return [title, verdict(false, `Its arguments are not JSON.${cut}`)];
-      return [title, verdict(...checked(args.value, tool.parameters ?? {}, `${tool.name}'s parameters`)), cell("pre", pretty(args.value))];
+      return [title, judged(checked(args.value, tool.parameters ?? {}, `${tool.name}'s parameters`)), cell("pre", pretty(args.value))];
     });
-    if (!parts.length) parts = [verdict(false, `No tool call: the model answered with text.${cut}`)];
+    if (!parts.length && mode.choice === "auto") parts = [verdict(null, `No tool call: the model answered with text, as tool_choice auto allows.${cut}`)];
+    else if (!parts.length && cut) parts = [verdict(false, `No tool call: it was cut at max tokens before the call was complete (the server sends a call whole): raise Max tokens.`)];
+    else if (!parts.length) parts = [verdict(false, "No tool call: the model answered with text.")];
   }
   box.replaceChildren(...parts);
   box.hidden = !parts.length;
@@ -776,16 +848,18 @@ function appendText(column, text) {
   $(".output", column.view).append(text);
 }
 
-// --- copy as curl / Python: the request a column sent (or would send)
+// --- copy as curl / Python: the column as shown (its adapters, weights and mode, the page's settings)
 
 function showSnippet(column, format) {
   const box = $(".snippet", column.view);
   let text;
+  let changed = false;
   try {
-    const sent = column.request ?? request(column, settings());
-    const chat = sent.path !== "/generate_stream";
+    const shown = request(column, settings());
+    changed = column.request !== null && JSON.stringify(shown.body) !== JSON.stringify(column.request.body);
+    const chat = shown.path !== "/generate_stream";
     const write = { curl: curlSnippet, openai: chat ? openaiChatSnippet : openaiSnippet, hub: chat ? hubChatSnippet : hubSnippet }[format];
-    text = write(sent);
+    text = write(shown);
   } catch (error) {
     text = `Cannot write this request: ${error.message}`;
   }
@@ -793,9 +867,10 @@ function showSnippet(column, format) {
   box.dataset.format = format;
   box.hidden = false;
   const copied = $(".copied", box);
-  copied.textContent = "Select the text to copy it.";
+  const stale = changed ? "The column changed since it generated: this is the request Generate sends now. " : "";
+  copied.textContent = `${stale}Select the text to copy it.`;
   navigator.clipboard?.writeText(text).then(
-    () => (copied.textContent = "Copied to the clipboard."),
+    () => (copied.textContent = `${stale}Copied to the clipboard.`),
     () => {},
   );
 }
@@ -950,10 +1025,12 @@ function saveState() {
       mode: { kind: mode.kind, ...MODE_FIELDS[mode.kind].reduce((kept, key) => ({ ...kept, [key]: mode[key] }), {}) },
     })),
   };
-  history.replaceState(null, "", `#${new URLSearchParams({ state: JSON.stringify(state) })}`);
+  page.savedHash = `#${new URLSearchParams({ state: JSON.stringify(state) })}`;
+  history.replaceState(null, "", page.savedHash);
 }
 
 const MODE_FIELDS = { text: [], json: ["schema"], regex: ["regex"], tool: ["tool", "choice"] };
+const TOOL_CHOICES = ["named", "required", "auto"]; // the column's tool_choice options
 
 function readShared() {
   const text = new URLSearchParams(location.hash.slice(1)).get("state");
@@ -969,9 +1046,9 @@ function readShared() {
 // what a shared link holds, read as untrusted: anything malformed is left at its default
 function restore(state) {
   if (typeof state.prompt === "string") $("#prompt").value = state.prompt;
-  if (Number.isFinite(state.max_tokens)) $("#max-tokens").value = state.max_tokens;
-  if (Number.isFinite(state.temperature)) $("#temperature").value = state.temperature;
-  $("#seed").value = Number.isFinite(state.seed) ? state.seed : "";
+  if (Number.isInteger(state.max_tokens) && state.max_tokens >= 1) $("#max-tokens").value = state.max_tokens;
+  if (Number.isFinite(state.temperature) && state.temperature >= 0) $("#temperature").value = state.temperature;
+  $("#seed").value = Number.isInteger(state.seed) && state.seed >= 0 ? state.seed : "";
   page.merges = (Array.isArray(state.merges) ? state.merges : []).filter((n) => typeof n === "string" && MERGE_FORM.test(n));
   page.columns = state.columns.slice(0, MAX_COLUMNS).map((shared) => {
     const listed = Array.isArray(shared?.adapters) ? shared.adapters : [];
@@ -980,6 +1057,7 @@ function restore(state) {
     const given = shared?.mode ?? {};
     if (Object.hasOwn(MODE_FIELDS, given.kind)) mode.kind = given.kind;
     for (const key of MODE_FIELDS[mode.kind]) if (typeof given[key] === "string") mode[key] = given[key];
+    if (!TOOL_CHOICES.includes(mode.choice)) mode.choice = defaultMode().choice;
     return newColumn(entries.map(([name, weight]) => ({ name, weight })), mode);
   });
 }
@@ -1123,7 +1201,8 @@ $("#merge-method").addEventListener("change", renderMerge);
 $("#share").addEventListener("click", copyLink);
 for (const type of ["input", "change"]) $("#generate-form").addEventListener(type, saveState);
 $("#generate-form").addEventListener("submit", (event) => generate(event).catch(failed));
-$("#stop").addEventListener("click", () => page.controller?.abort());
+$("#stop").addEventListener("click", () => stopColumns(page.columns));
+window.addEventListener("hashchange", followLink);
 $("#tab-compare").addEventListener("click", () => showTab("compare"));
 $("#tab-operator").addEventListener("click", () => showTab("operator"));
 $(".tabs").addEventListener("keydown", tabKeys);
