@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "bnb-nf4", "bnb-fp4", "bnb-int8", "int8-weight-only"] = Field(
+        "none",
+        description="quantize the base's Linear layers at load (README, 'Quantized base'); adapters stay in dtype",
+    )
     max_adapters_per_request: int = Field(8, ge=1, le=64)
     max_new_tokens: int = Field(1024, ge=1, description="the most tokens one request may ask for")
     max_input_tokens: int = Field(4096, ge=1, description="the longest prompt accepted, in tokens")
@@ -172,6 +176,14 @@ class Settings(BaseSettings):
             if not value.is_file():
                 raise ValueError(f"API keys file {str(value)!r} is not a file")
             Keyring.parse(value.read_text())
+        return value
+
+    @field_validator("quantization")
+    @classmethod
+    def _backend_installed(cls, value: str) -> str:
+        from server.quantization import check_installed
+
+        check_installed(value)
         return value
 
     @field_validator("device")

@@ -160,7 +160,8 @@ class RankPool:
     never multiplied by zero (inf x 0 is NaN); the coefficients stay float32 until the product is rounded once."""
 
     def __init__(self, layer: nn.Module, context: MixingContext):
-        weight = layer.weight
+        # in the layer's dtype (MixedLinear.dtype; a plain Linear's weight's)
+        weight = torch.zeros(0, dtype=getattr(layer, "dtype", None) or layer.weight.dtype, device=layer.weight.device)
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.context = context
         # A row-major, so that an adapter's span is the [r, in] matrix it was: its prefill takes the same kernel
@@ -302,8 +303,7 @@ class _LayerPlan:
     in arithmetic: deltas and rotations run on the whole batch and are kept on their rows by selecting with the
     mask (never by multiplying with 0/1: inf × 0 is NaN, and a row's output must not depend on its neighbours), and
     the low-rank adapters are the RankPool's, not the plan's. In a prefill pass (BatchPlan.gather) arithmetic
-    dominates: each adapter runs on its own rows only. SHiRA, whose dense weight costs as much as the base layer,
-    always runs on its rows only.
+    dominates: each adapter runs on its own rows only. SHiRA always runs on its rows only.
     """
 
     rotations: list[tuple[torch.Tensor | None, list[tuple[LayerAdapter, object]]]]  # (rows, (adapter, rotation))
@@ -325,10 +325,11 @@ class MixedLinear(nn.Module):
 
     PLANS_KEPT = 4  # a prefill plan and a decode plan alternate; keep a few
 
-    def __init__(self, base: nn.Linear, context: MixingContext):
+    def __init__(self, base: nn.Linear, context: MixingContext, dtype: torch.dtype | None = None):
         super().__init__()
         self.base = base
         self.context = context
+        self.dtype = dtype or base.weight.dtype  # what it computes in: a quantized base's weight is stored otherwise
         self.adapters: dict[int, LayerAdapter] = {}
         self.pool = RankPool(self, context)  # the low-rank adapters among them, for decode passes
         self._plans: OrderedDict[int, _LayerPlan] = OrderedDict()  # by BatchPlan.id
@@ -437,17 +438,20 @@ class MixedLinear(nn.Module):
         return y
 
     def _base_output(self, x_in: torch.Tensor, sparse: list) -> torch.Tensor:
-        """F.linear(x', W', b) per row, W' = W plus the row's SHiRA deltas: built densely as peft does."""
-        y = None
+        """The base layer's own forward of x' (its weight is never read: it may be stored quantized), plus each
+        row's SHiRA deltas x' S^T: F.linear(x', W + S, b) as peft computes it, summed otherwise (within 1e-5)."""
+        y = self.base(x_in)
         for rows, adapters in sparse:
-            weight = self.base.weight.clone()
+            own = x_in if rows is None else x_in.index_select(0, rows)
+            delta = None
             for adapter, w in adapters:
-                adapter.add_to(weight, w)
+                part = adapter.delta(own)
+                delta = (part.mul_(w) if w != 1 else part) if delta is None else delta.add_(part, alpha=w)
             if rows is None:
-                return F.linear(x_in, weight, self.base.bias)
-            y = self.base(x_in) if y is None else y
-            y.index_copy_(0, rows, F.linear(x_in.index_select(0, rows), weight, self.base.bias))
-        return self.base(x_in) if y is None else y
+                y += delta
+            else:
+                y.index_add_(0, rows, delta)
+        return y
 
     def _layer_plan(self, plan: BatchPlan) -> _LayerPlan:
         layer = self._plans.get(plan.id)
@@ -459,7 +463,7 @@ class MixedLinear(nn.Module):
 
     def _build_layer_plan(self, plan: BatchPlan) -> _LayerPlan:
         rows = plan.weighted(self.adapters)  # per row: (slot, weight) of its adapters on this layer
-        dtype = self.base.weight.dtype
+        dtype = self.dtype
 
         def groups(kind, select, prepare) -> list:
             """Rows grouped by the sequence of their adapters of one kind and their weights (order matters), where
@@ -608,15 +612,19 @@ class BaseLayout:
 
     def __init__(self, model: nn.Module):
         self.model_type = getattr(model.config, "model_type", None)
+        self.dtype = model.dtype  # what the layers compute in (a quantized Linear stores its weight otherwise)
         self.modules = dict(model.named_modules())
         self.linears = {name: m for name, m in self.modules.items() if isinstance(m, (nn.Linear, Conv1D))}
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         self.output_embedding = next((n for n, m in self.modules.items() if m is output), None)
 
     def shape(self, module_name: str) -> LayerShape:
-        weight = self.linears[module_name].weight  # Linear: [out, in]; Conv1D: [in, out]
-        out_f, in_f = weight.shape if isinstance(self.linears[module_name], nn.Linear) else weight.shape[::-1]
-        return LayerShape(in_f, out_f)
+        layer = self.linears[module_name]  # a quantized Linear's weight is stored packed: its features say
+        return (
+            LayerShape(layer.in_features, layer.out_features)
+            if isinstance(layer, nn.Linear)
+            else LayerShape(layer.nx, layer.nf)
+        )
 
 
 class MixedModel:
@@ -651,7 +659,7 @@ class MixedModel:
             module = self.layout.modules[module_name]
             # on its input and output (Linear, Conv1D), or on its parameters
             wrapper = (
-                MixedLinear(module, self.context)
+                MixedLinear(module, self.context, self.layout.dtype)
                 if isinstance(module, (nn.Linear, Conv1D))
                 else MixedParameters(module, self.context)
             )

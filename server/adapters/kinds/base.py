@@ -27,6 +27,8 @@ class LayerAdapter:
         x' = rotate_k(... rotate_1(x))                         # OFT: rotates_input
         W' = W + S_1 + ... + S_m                               # SHiRA: adds_to_weight
         y  = F.linear(x', W', b) + sum(delta(x) for LoRA, AdaLoRA, LoHa, LoKr)
+    computed as base(x') + sum(delta(x') for SHiRA) + ...: the base layer's own forward, whatever its weight's
+    storage (server/quantization.py), and each SHiRA's sparse x' S^T.
 
     Additive adapters whose delta is B(A(x)) * scale set `low_rank = (A, B, scale)`: the mixed layer computes all
     of those in a batch with two matmuls. The others implement `delta`.
@@ -50,10 +52,6 @@ class LayerAdapter:
         raise NotImplementedError
 
     def rotate(self, x: torch.Tensor, rotation: object) -> torch.Tensor:
-        raise NotImplementedError
-
-    def add_to(self, weight: torch.Tensor, scale: float = 1.0) -> None:
-        """weight += S * scale."""
         raise NotImplementedError
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
