@@ -2,6 +2,7 @@
 without adapters, in-process (no HTTP), contenders interleaved in one run.
 
     python -m bench.mixed_decode [--shape small|0.5b] [--device cuda] [--dtype bfloat16] [--quick]   (make bench-mixed)
+        [--quantization bnb-nf4|bnb-fp4|bnb-int8|int8-weight-only]   (the base quantized at load: README, "Quantized base")
 
 16 rows, each with its own combination of 1-3 adapters drawn from seven (LoRA r8, r16, r32 on all linear layers,
 LoRA r16 on attention only, LoHa r4, LoKr r4, OFT block size 32), or, for the LoRA-only line, from the four LoRAs.
@@ -42,6 +43,7 @@ from server.demo.tiny import save_adapter
 from server.engine.runner import ModelRunner, PromptSequence
 from server.engine.sampling import SamplingParams, TokenChooser, sample
 from server.model import load_model
+from server.quantization import MODES, base_bytes
 
 ROWS, PROMPT_TOKENS, STEPS = 16, 32, 24
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -102,7 +104,7 @@ def adapter_flops(registry: AdapterRegistry, names: list[str]) -> dict[str, int]
 
 
 def base_flops(model: nn.Module) -> int:
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))  # any storage
 
 
 def ideal_ratio(base: int, flops: dict[str, int], combos: list[list[str]]) -> float:
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--quick", action="store_true", help="a tiny model, one round: checks that it runs")
+    parser.add_argument("--quantization", choices=MODES, default="none", help="the base's, as MIXSERVE_QUANTIZATION")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     shape, rounds = ("quick", 1) if args.quick else (args.shape, args.rounds)
@@ -169,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, store = build(args.workdir or Path(tmp), shape)
-        model = load_model(model_dir, device, dtype)
+        model = load_model(model_dir, device, dtype, args.quantization)
+        resident = base_bytes(model)
         registry = AdapterRegistry(model, AdapterStore(store), device, dtype)
         runner = ModelRunner(model, registry.context)
         base = base_flops(model)
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = SHAPES[shape]
     print(
         f"model: Qwen2-style hidden {sizes['hidden']} x {sizes['layers']} layers, {args.dtype}, {device_name(device)};"
-        f" {ROWS} rows"
+        f" {ROWS} rows; base {args.quantization}, {resident / 2**20:.0f} MiB resident"
     )
     print(
         f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'prefill tok/s':>14s} {'a/b':>6s}"

@@ -117,6 +117,14 @@ class Settings(BaseSettings):
             self.max_adapters_per_request = loaded
         return self
 
+    @model_validator(mode="after")
+    def _quantization_fits(self) -> Settings:
+        """The backend is installed; a checkpoint saved quantized is not asked to be quantized again."""
+        from server.quantization import check
+
+        check(self.quantization, self.model_path)
+        return self
+
     @field_validator("adapter_memory", "host_cache", "max_body_bytes", mode="before")
     @classmethod
     def _sizes(cls, value):
@@ -176,14 +184,6 @@ class Settings(BaseSettings):
             if not value.is_file():
                 raise ValueError(f"API keys file {str(value)!r} is not a file")
             Keyring.parse(value.read_text())
-        return value
-
-    @field_validator("quantization")
-    @classmethod
-    def _backend_installed(cls, value: str) -> str:
-        from server.quantization import check_installed
-
-        check_installed(value)
         return value
 
     @field_validator("device")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, PreTrainedModel
 
-from server.quantization import QuantizationError, base_bytes, loading_options, prepare, quantization_of
+from server.quantization import QuantizationError, base_bytes, loading_options, prepare, quantization_of, saved_name
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype, quantizatio
     except Exception as exc:
         if not options:
             raise
-        how = quantization if quantization != "none" else "saved"
+        how = quantization if quantization != "none" else f"as saved: {saved_name(path)}"
         raise QuantizationError(f"{path} cannot be loaded quantized ({how}) on {device.type}: {exc}") from exc
     if not options:
         model.to(device)

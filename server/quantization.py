@@ -23,8 +23,20 @@ BACKENDS = {
 MODES = ("none", *BACKENDS)
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(ValueError):
     """A quantization the server cannot start with: the message says why and what to change."""
+
+
+def check(mode: str, path: Path) -> None:
+    """What settings can tell before loading: mode's backend is installed; a checkpoint saved quantized is not asked
+    to be quantized again, and its own backend is installed."""
+    saved = _saved(path)
+    if saved and mode != "none":
+        raise QuantizationError(
+            f"{path} is saved quantized ({_name(saved)}) and loads as saved: leave MIXSERVE_QUANTIZATION at none"
+            f" (it is {mode})"
+        )
+    check_installed(_name(saved) if saved else mode)
 
 
 def check_installed(mode: str) -> None:
@@ -54,6 +66,12 @@ def _name(config) -> str:
     return method
 
 
+def saved_name(path: Path) -> str | None:
+    """The quantization the checkpoint at path was saved with; None for a float checkpoint."""
+    saved = _saved(path)
+    return _name(saved) if saved else None
+
+
 def _saved(path: Path) -> dict | None:
     config_file = path / "config.json"
     return json.loads(config_file.read_text()).get("quantization_config") if config_file.is_file() else None
@@ -61,18 +79,11 @@ def _saved(path: Path) -> dict | None:
 
 def loading_options(mode: str, path: Path, device: torch.device, dtype: torch.dtype) -> dict:
     """The from_pretrained arguments that load the checkpoint at path quantized as mode asks (or as it was saved)."""
-    saved = _saved(path)
-    if saved:
-        if mode != "none":
-            raise QuantizationError(
-                f"{path} is saved quantized ({_name(saved)}) and loads as saved: leave MIXSERVE_QUANTIZATION at none"
-                f" (it is {mode})"
-            )
-        check_installed(_name(saved))
+    check(mode, path)
+    if _saved(path):
         return {"device_map": {"": device}}
     if mode == "none":
         return {}
-    check_installed(mode)
     if mode.startswith("bnb-"):
         from transformers import BitsAndBytesConfig
 
