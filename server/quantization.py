@@ -36,15 +36,16 @@ def check(mode: str, path: Path) -> None:
             f"{path} is saved quantized ({_name(saved)}) and loads as saved: leave MIXSERVE_QUANTIZATION at none"
             f" (it is {mode})"
         )
-    check_installed(_name(saved) if saved else mode)
+    if saved:
+        _check_installed(_name(saved), f"{path}, saved quantized ({_name(saved)}),")
+    else:
+        _check_installed(mode, f"MIXSERVE_QUANTIZATION={mode}")
 
 
-def check_installed(mode: str) -> None:
+def _check_installed(mode: str, what: str) -> None:
     package = BACKENDS.get(mode)
     if package is not None and importlib.util.find_spec(package) is None:
-        raise QuantizationError(
-            f"MIXSERVE_QUANTIZATION={mode} needs {package}, which is not installed (pip install 'mixserve[quant]')"
-        )
+        raise QuantizationError(f"{what} needs {package}, which is not installed (pip install 'mixserve[quant]')")
 
 
 def quantization_of(model: torch.nn.Module) -> str:
@@ -134,8 +135,12 @@ def base_bytes(model: torch.nn.Module) -> int:
 
 
 def _stored_bytes(tensor: torch.Tensor) -> int:
-    if hasattr(tensor, "quant_state") or type(tensor).__name__ == "Int8Params":  # bitsandbytes: packed data
-        return tensor.data.numel() * tensor.data.element_size()
+    if hasattr(tensor, "quant_state"):  # bitsandbytes 4-bit: packed data, a float32 scale per block
+        absmax = getattr(tensor.quant_state, "absmax", None)
+        scales = absmax.numel() * absmax.element_size() if absmax is not None else 0
+        return tensor.data.numel() * tensor.data.element_size() + scales
+    if type(tensor).__name__ == "Int8Params":  # bitsandbytes int8: int8 rows, a float32 scale per row
+        return tensor.data.numel() * tensor.data.element_size() + tensor.data.shape[0] * 4
     if type(tensor) not in (torch.Tensor, torch.nn.Parameter):  # torchao: the tensors it holds
         names, _ = tensor.__tensor_flatten__() if hasattr(tensor, "__tensor_flatten__") else ([], None)
         if names:
