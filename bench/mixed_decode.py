@@ -2,6 +2,7 @@
 without adapters, in-process (no HTTP), contenders interleaved in one run.
 
     python -m bench.mixed_decode [--shape small|0.5b] [--device cuda] [--dtype bfloat16] [--quick] [--compile]
+        [--quantization bnb-nf4|bnb-fp4|bnb-int8|int8-weight-only]   (the base quantized at load: README, "Quantized base")
     (make bench-mixed)
 
 16 rows, each with its own combination of 1-3 adapters drawn from seven (LoRA r8, r16, r32 on all linear layers,
@@ -51,6 +52,7 @@ from server.demo.tiny import save_adapter
 from server.engine.runner import ModelRunner, PromptSequence
 from server.engine.sampling import SamplingParams, TokenChooser, sample
 from server.model import load_model
+from server.quantization import MODES, base_bytes
 
 ROWS, PROMPT_TOKENS, STEPS = 16, 32, 24
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -111,7 +113,7 @@ def adapter_flops(registry: AdapterRegistry, names: list[str]) -> dict[str, int]
 
 
 def base_flops(model: nn.Module) -> int:
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))  # any storage
 
 
 def ideal_ratio(base: int, flops: dict[str, int], combos: list[list[str]]) -> float:
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         help="also the model's forward under torch.compile (on CUDA mode reduce-overhead), beside eager: compile time,"
         " speed and largest difference from eager",
     )
+    parser.add_argument("--quantization", choices=MODES, default="none", help="the base's, as MIXSERVE_QUANTIZATION")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     shape, rounds = ("quick", 1) if args.quick else (args.shape, args.rounds)
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     print(describe_run())
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, store = build(args.workdir or Path(tmp), shape)
-        model = load_model(model_dir, device, dtype)
+        model = load_model(model_dir, device, dtype, args.quantization)
+        resident = base_bytes(model)
         registry = AdapterRegistry(model, AdapterStore(store), device, dtype)
         runner = ModelRunner(model, registry.context)
         base = base_flops(model)
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = SHAPES[shape]
     print(
         f"model: Qwen2-style hidden {sizes['hidden']} x {sizes['layers']} layers, {args.dtype}, {device_name(device)};"
-        f" {ROWS} rows"
+        f" {ROWS} rows; base {args.quantization}, {resident / 2**20:.0f} MiB resident"
     )
     print(
         f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'prefill tok/s':>14s} {'a/b':>6s}"

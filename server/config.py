@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "bnb-nf4", "bnb-fp4", "bnb-int8", "int8-weight-only"] = Field(
+        "none",
+        description="quantize the base's Linear layers at load (README, 'Quantized base'); adapters stay in dtype",
+    )
     max_adapters_per_request: int = Field(8, ge=1, le=64)
     max_new_tokens: int = Field(1024, ge=1, description="the most tokens one request may ask for")
     max_input_tokens: int = Field(4096, ge=1, description="the longest prompt accepted, in tokens")
@@ -114,6 +118,14 @@ class Settings(BaseSettings):
                 f" MIXSERVE_MAX_LOADED_ADAPTERS ({loaded}): clamped to {loaded}"
             )
             self.max_adapters_per_request = loaded
+        return self
+
+    @model_validator(mode="after")
+    def _quantization_fits(self) -> Settings:
+        """The backend is installed; a checkpoint saved quantized is not asked to be quantized again."""
+        from server.quantization import check
+
+        check(self.quantization, self.model_path)
         return self
 
     @field_validator("adapter_memory", "host_cache", "max_body_bytes", mode="before")

@@ -9,17 +9,33 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, PreTrainedModel
 
+from server.quantization import QuantizationError, base_bytes, loading_options, prepare, quantization_of, saved_name
+
 log = logging.getLogger(__name__)
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    model.to(device).eval().requires_grad_(False)
+def load_model(path: Path, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> PreTrainedModel:
+    """The model at path in dtype on device; its Linear layers quantized as `quantization` asks (server/quantization.py),
+    or as the checkpoint was saved (server.quantization.quantization_of names which)."""
+    options = loading_options(quantization, path, device, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **options)
+    except Exception as exc:
+        if not options:
+            raise
+        how = quantization if quantization != "none" else f"as saved: {saved_name(path)}"
+        raise QuantizationError(f"{path} cannot be loaded quantized ({how}) on {device.type}: {exc}") from exc
+    if not options:
+        model.to(device)
+    prepare(model, dtype)
+    model.eval().requires_grad_(False)
     log.info(
-        "loaded %s (%s, %.1fM parameters) on %s as %s",
+        "loaded %s (%s, %.1fM parameters, %.1f MB, quantization %s) on %s as %s",
         path,
         model.config.model_type,
         sum(p.numel() for p in model.parameters()) / 1e6,
+        base_bytes(model) / 1e6,
+        quantization_of(model),
         device,
         dtype,
     )

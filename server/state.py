@@ -16,6 +16,7 @@ from server.engine.fatal import exit_soon
 from server.errors import MixserveError
 from server.metrics import Metrics
 from server.model import load_model, load_tokenizer
+from server.quantization import quantization_of
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class ServerState:
     vocab_size: int
     device: str
     dtype: str
+    quantization: str  # the base's (server/quantization.py)
     started_at: float
     broken: str | None = None  # why the replica can serve nothing more (set where that is found): /health fails
 
@@ -62,7 +64,7 @@ class ServerState:
         for note in settings.notes:
             log.warning("settings: %s", note)
         device, dtype = settings.torch_device, settings.torch_dtype
-        model = load_model(settings.model_path, device, dtype)
+        model = load_model(settings.model_path, device, dtype, settings.quantization)
         tokenizer = load_tokenizer(settings.model_path)
         metrics = metrics or Metrics()
         store = MergingStore.from_settings(settings, on_fetch=metrics.observe_fetch)  # the store, and merges
@@ -116,6 +118,7 @@ class ServerState:
             vocab_size=model.config.vocab_size,
             device=device.type,
             dtype=str(dtype).removeprefix("torch."),
+            quantization=quantization_of(model),
             started_at=time.time(),
         )
         engine.on_fatal = state.device_failed

@@ -29,6 +29,7 @@ from server.adapters.kinds import LayerAdapter
 from server.adapters.kinds.base import LayerShape, PoolSpan
 from server.adapters.kinds.lora import LoraLayer, ParameterLora
 from server.adapters.modules import MixedModule, ModuleAdapter
+from server.quantization import quantized
 
 _plan_ids = itertools.count()
 
@@ -162,7 +163,8 @@ class RankPool:
     never multiplied by zero (inf x 0 is NaN); the coefficients stay float32 until the product is rounded once."""
 
     def __init__(self, layer: nn.Module, context: MixingContext):
-        weight = layer.weight
+        # in the layer's dtype (MixedLinear.dtype; a plain Linear's weight's)
+        weight = torch.zeros(0, dtype=getattr(layer, "dtype", None) or layer.weight.dtype, device=layer.weight.device)
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.context = context
         # A row-major, so that an adapter's span is the [r, in] matrix it was: its prefill takes the same kernel
@@ -304,8 +306,7 @@ class _LayerPlan:
     in arithmetic: deltas and rotations run on the whole batch and are kept on their rows by selecting with the
     mask (never by multiplying with 0/1: inf × 0 is NaN, and a row's output must not depend on its neighbours), and
     the low-rank adapters are the RankPool's, not the plan's. In a prefill pass (BatchPlan.gather) arithmetic
-    dominates: each adapter runs on its own rows only. SHiRA, whose dense weight costs as much as the base layer,
-    always runs on its rows only.
+    dominates: each adapter runs on its own rows only. SHiRA always runs on its rows only.
     """
 
     rotations: list[tuple[torch.Tensor | None, list[tuple[LayerAdapter, object]]]]  # (rows, (adapter, rotation))
@@ -337,10 +338,11 @@ class MixedLinear(nn.Module):
 
     PLANS_KEPT = 4  # a prefill plan and a decode plan alternate; keep a few
 
-    def __init__(self, base: nn.Linear, context: MixingContext):
+    def __init__(self, base: nn.Linear, context: MixingContext, dtype: torch.dtype | None = None):
         super().__init__()
         self.base = base
         self.context = context
+        self.dtype = dtype or base.weight.dtype  # what it computes in: a quantized base's weight is stored otherwise
         self.adapters: dict[int, LayerAdapter] = {}
         self.pool = RankPool(self, context)  # the low-rank adapters among them, for decode passes
         self._plans: OrderedDict[int, _LayerPlan] = OrderedDict()  # by BatchPlan.id
@@ -489,17 +491,20 @@ class MixedLinear(nn.Module):
         return total
 
     def _base_output(self, x_in: torch.Tensor, sparse: list) -> torch.Tensor:
-        """F.linear(x', W', b) per row, W' = W plus the row's SHiRA deltas: built densely as peft does."""
-        y = None
+        """The base layer's own forward of x' (its weight is never read: it may be stored quantized), plus each
+        row's SHiRA deltas x' S^T: F.linear(x', W + S, b) as peft computes it, summed otherwise (within 1e-5)."""
+        y = self.base(x_in)
         for rows, adapters in sparse:
-            weight = self.base.weight.clone()
+            own = x_in if rows is None else x_in.index_select(0, rows)
+            delta = None
             for adapter, w in adapters:
-                adapter.add_to(weight, w)
+                part = adapter.delta(own)
+                delta = (part.mul_(w) if w != 1 else part) if delta is None else delta.add_(part, alpha=w)
             if rows is None:
-                return F.linear(x_in, weight, self.base.bias)
-            y = self.base(x_in) if y is None else y
-            y.index_copy_(0, rows, F.linear(x_in.index_select(0, rows), weight, self.base.bias))
-        return self.base(x_in) if y is None else y
+                y += delta
+            else:
+                y.index_add_(0, rows, delta)
+        return y
 
     def _layer_plan(self, plan: BatchPlan) -> _LayerPlan:
         layer = self._plans.get(plan.id)
@@ -511,7 +516,7 @@ class MixedLinear(nn.Module):
 
     def _build_layer_plan(self, plan: BatchPlan) -> _LayerPlan:
         rows = plan.weighted(self.adapters)  # per row: (slot, weight) of its adapters on this layer
-        dtype = self.base.weight.dtype
+        dtype = self.dtype
 
         def groups(kind, select, prepare) -> list:
             """Rows grouped by the sequence of their adapters of one kind and their weights (order matters), where
@@ -686,6 +691,7 @@ class BaseLayout:
 
     def __init__(self, model: nn.Module):
         self.model_type = getattr(model.config, "model_type", None)
+        self.dtype = model.dtype  # what the layers compute in (a quantized Linear stores its weight otherwise)
         self.modules = dict(model.named_modules())
         self.linears = {name: m for name, m in self.modules.items() if isinstance(m, (nn.Linear, Conv1D))}
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -696,13 +702,13 @@ class BaseLayout:
         self.tied = output is not None and embedding is not None and output.weight is embedding.weight
 
     def shape(self, module_name: str) -> LayerShape:
-        layer = self.linears[module_name]
-        weight = layer.weight if isinstance(layer, nn.Linear) else layer.weight.T  # Conv1D's is [in, out]
-        return LayerShape(weight.shape[1], weight.shape[0], weight.detach(), _detached(layer.bias))
-
-
-def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach()
+        layer = self.linears[module_name]  # a quantized Linear's weight is stored packed: its features say
+        if isinstance(layer, nn.Linear):
+            in_f, out_f = layer.in_features, layer.out_features
+            weight = None if quantized(layer) else layer.weight.detach()
+        else:  # Conv1D's weight is [in, out]
+            in_f, out_f, weight = layer.nx, layer.nf, layer.weight.detach().T
+        return LayerShape(in_f, out_f, weight, None if layer.bias is None else layer.bias.detach())
 
 
 class MixedModel:
@@ -741,7 +747,7 @@ class MixedModel:
             module = self.layout.modules[module_name]
             # on its input and output (Linear, Conv1D), or on its parameters
             wrapper = (
-                MixedLinear(module, self.context)
+                MixedLinear(module, self.context, self.layout.dtype)
                 if isinstance(module, (nn.Linear, Conv1D))
                 else MixedParameters(module, self.context)
             )

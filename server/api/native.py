@@ -86,6 +86,7 @@ async def info(request: Request) -> Info:
     return Info(
         model_id=settings.model_id,
         model_dtype=state.dtype,
+        model_quantization=state.quantization,
         model_device_type=state.device,
         max_concurrent_requests=settings.max_batch_size + settings.max_queue,
         max_input_tokens=settings.max_input_tokens,

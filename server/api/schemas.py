@@ -236,6 +236,7 @@ class TokenizedToken(BaseModel):
 class Info(BaseModel):
     model_id: str
     model_dtype: str
+    model_quantization: str = "none"  # the base's Linear layers: none, bnb-nf4, bnb-fp4, bnb-int8, int8-weight-only
     model_device_type: str
     model_pipeline_tag: str = "text-generation"
     max_concurrent_requests: int

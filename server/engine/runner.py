@@ -18,6 +18,7 @@ from server.adapters.mixing import BatchPlan, MixingContext
 from server.engine.attention import MaskLayout, UnsupportedModel
 from server.engine.kv_cache import BLOCK_SIZE, PagedCache, chain_keys
 from server.engine.sequence import Sequence
+from server.quantization import quantization_of
 
 log = logging.getLogger(__name__)
 CHECK_WINDOW = 8  # the sliding window the self-check runs with (see ModelRunner.self_check)
@@ -219,7 +220,7 @@ class ModelRunner:
                 if isinstance(prefix_worst, Exception)
                 else f"relative difference {prefix_worst:.2g}",
             )
-        log.info("self-check passed: worst relative difference %.2g", worst)
+        log.info("self-check passed on a %s base: worst relative difference %.2g", quantization_of(self.model), worst)
 
     def _compare_with_cached_prefixes(self, length: int, vocab: int, decode_steps: int) -> float:
         """A prompt's blocks cached, then prompts that start with two of them, with one of them, and with none."""

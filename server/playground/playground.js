@@ -89,8 +89,8 @@ async function getJSON(path) {
 
 async function connect() {
   page.info = await getJSON("/info");
-  const { model_id, model_device_type, model_dtype, quantization } = page.info;
-  const quantized = quantization == null ? [] : [typeof quantization === "string" ? quantization : (quantization.method ?? JSON.stringify(quantization))];
+  const { model_id, model_device_type, model_dtype, model_quantization } = page.info;
+  const quantized = model_quantization && model_quantization !== "none" ? [model_quantization] : [];
   $("#model").textContent = [model_id, model_device_type, model_dtype, ...quantized].join(" · ");
   await loadAdapters();
   if (page.key) $("#change-key").hidden = false; // also after a reload, with the tab's key

@@ -23,8 +23,8 @@ _UNSUPPORTED_OPTIONS = {
 class LayerShape:
     in_features: int
     out_features: int
-    # the base layer's weight [out, in] and bias [out] (views), for adapters whose weights depend on them (DoRA's
-    # norm, trained biases)
+    # the base layer's weight [out, in] (None when stored quantized) and bias [out] (views), for adapters whose
+    # weights depend on them (DoRA's norm, trained biases)
     weight: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
     bias: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -36,6 +36,8 @@ class LayerAdapter:
         x' = rotate_k(... rotate_1(x))                         # OFT: rotates_input
         W' = W + S_1 + ... + S_m                               # SHiRA: adds_to_weight
         y  = F.linear(x', W', b) + sum(delta(x) for LoRA, AdaLoRA, LoHa, LoKr) + sum(bias_delta)
+    computed as base(x') + sum(delta(x') for SHiRA) + ...: the base layer's own forward, whatever its weight's
+    storage (server/quantization.py), and each SHiRA's sparse x' S^T.
     A LoRA adapter that `rescales_output` (DoRA) also adds `ratio_minus_one * u` ([out], float32), where u is the
     output without the base bias up to it (the base, and the LoRA adapters before it in the request, as nested in
     PEFT's LoRA wrapper).
@@ -65,10 +67,6 @@ class LayerAdapter:
         raise NotImplementedError
 
     def rotate(self, x: torch.Tensor, rotation: object) -> torch.Tensor:
-        raise NotImplementedError
-
-    def add_to(self, weight: torch.Tensor, scale: float = 1.0) -> None:
-        """weight += S * scale."""
         raise NotImplementedError
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:

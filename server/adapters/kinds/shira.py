@@ -1,4 +1,5 @@
-"""SHiRA: a sparse high-rank delta S added to the base weight: y = F.linear(x', W + S, b)."""
+"""SHiRA: a sparse high-rank delta S added to the base weight: y = F.linear(x', W + S, b), computed as
+base(x') + x' S^T, so that the base layer's weight is never read (it may be stored quantized)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ from .base import Kind, LayerAdapter, expect_params, expect_shape
 class ShiraLayer(LayerAdapter):
     adds_to_weight = True
 
-    def __init__(self, indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]):
-        self.indices = indices  # [2, nnz]: (out, in) positions
-        self.values = values  # [nnz], scaling (1.0 at inference) included
+    def __init__(self, crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]):
+        # S [out, in] in CSR form: row r's entries at crow[r]:crow[r+1] of cols and values (float32, scaling 1.0
+        # at inference included): torch's sparse products on CPU take no bfloat16 or float16
+        self.crow, self.cols, self.values = crow, cols, values
         self.shape = shape
 
-    def add_to(self, weight: torch.Tensor, scale: float = 1.0) -> None:
-        # the same dense += sparse (values * scaling) as peft's shira.Linear, so that the sums round alike
-        values = self.values if scale == 1 else self.values * scale
-        weight += torch.sparse_coo_tensor(self.indices, values, self.shape)
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        # x [..., in] -> x S^T [..., out]: each token's output from its own input only
+        s = torch.sparse_csr_tensor(self.crow, self.cols, self.values, self.shape, check_invariants=False)
+        flat = x.reshape(-1, x.shape[-1]).T.to(self.values.dtype)
+        return torch.sparse.mm(s, flat).T.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
 
 
 class ShiraKind(Kind):
@@ -36,6 +39,10 @@ class ShiraKind(Kind):
         rows, cols = indices
         if count and (rows.min() < 0 or rows.max() >= out_f or cols.min() < 0 or cols.max() >= in_f):
             raise ValueError(f"shira_indices point outside the {out_f}x{in_f} weight")
-        if torch.unique(rows * in_f + cols).numel() != count:
+        flat = rows * in_f + cols
+        if torch.unique(flat).numel() != count:
             raise ValueError("shira_indices name a weight entry more than once")
-        return ShiraLayer(indices, values.to(dtype), (out_f, in_f))
+        order = torch.argsort(flat)
+        crow = torch.zeros(out_f + 1, dtype=torch.long, device=rows.device)
+        crow[1:] = torch.bincount(rows, minlength=out_f).cumsum(0)
+        return ShiraLayer(crow, cols[order].contiguous(), values[order].float().contiguous(), (out_f, in_f))
