@@ -29,7 +29,8 @@ RUN if [ "$VARIANT" = "cuda" ]; then index="$TORCH_INDEX_CUDA"; else index="$TOR
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
-RUN /opt/venv/bin/pip install --no-cache-dir .
+# the quantized-base backends (MIXSERVE_QUANTIZATION) too: a container serves what the settings offer
+RUN /opt/venv/bin/pip install --no-cache-dir ".[quant]"
 
 FROM base AS runtime
 COPY --from=build /opt/venv /opt/venv
