@@ -4,6 +4,7 @@ stays PEFT's, alone, at every step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.profiler import profile
 
@@ -220,3 +221,39 @@ def test_a_decode_step_copies_its_inputs_in_once_and_never_waits(llama):
     assert started_a_block
     for seq in rows:
         runner.release(seq)
+
+
+def test_blocks_handed_out_in_decode_are_zeroed_also_when_the_step_fails(llama):
+    """Every KV block but the first poisoned (NaN: what an overflowing earlier occupant, or storage never written,
+    leaves); a short row crosses into a new block beside a longer one, and the step that hands that block out
+    fails once before its copy in (the engine then runs the step again): the logits are the clean cache's."""
+
+    def run(poison: bool) -> torch.Tensor:
+        runner, _, _ = llama.runner()
+        if poison:
+            for cache in (*runner.cache.keys.values(), *runner.cache.values.values()):
+                cache[1:] = float("nan")
+        rows = [PromptSequence(list(range(3, 3 + 14))), PromptSequence(list(range(5, 5 + 40)))]
+        for seq, logits in zip(rows, runner.prefill(rows), strict=True):
+            seq.tokens.append(int(logits.argmax()))
+        out, failed = [], False
+        for _ in range(6):  # the short row starts its second block at its 17th token
+            if poison and not failed and runner.blocks_to_decode():
+                failed, copy_in = True, runner._copy_in
+
+                def fail(parts):
+                    raise RuntimeError("a transient failure while staging")
+
+                runner._copy_in = fail
+                with pytest.raises(RuntimeError):
+                    runner.decode()
+                runner._copy_in = copy_in
+            out.append(runner.decode())
+            for seq, row in zip(rows, out[-1], strict=True):
+                seq.tokens.append(int(row.argmax()))
+        assert failed or not poison
+        for seq in rows:
+            runner.release(seq)
+        return torch.stack(out)
+
+    assert torch.equal(run(poison=True), run(poison=False))

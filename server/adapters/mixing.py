@@ -70,6 +70,7 @@ class BatchPlan:
         weights: tuple[tuple[float, ...], ...] | None = None,
     ):
         self.combos = combos
+        self.slots = frozenset(slot for combo in combos for slot in combo)
         self.weights = weights if weights is not None else tuple((1.0,) * len(c) for c in combos)
         self.device = device
         self.gather = gather  # many tokens per row: compute each adapter on its own rows only
@@ -346,7 +347,9 @@ class MixedLinear(nn.Module):
         self.adapters: dict[int, LayerAdapter] = {}
         self.pool = RankPool(self, context)  # the low-rank adapters among them, for decode passes
         self._plans: OrderedDict[int, _LayerPlan] = OrderedDict()  # by BatchPlan.id
-        self._beyond_pool = 0  # adapters whose pooled low-rank part is not all they do (DoRA, trained biases)
+        # slots of the adapters the pool does not do all of (not low-rank; DoRA, trained biases): a decode pass plans
+        # this layer only when a row uses one
+        self._unpooled: set[int] = set()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -367,7 +370,8 @@ class MixedLinear(nn.Module):
     def attach(self, slot: int, adapter: LayerAdapter, order: tuple = ()) -> None:
         # A new slot is in no plan built so far: the running batch keeps its plans (no stall at the next step).
         self.adapters[slot] = adapter
-        self._beyond_pool += _beyond_pool(adapter)
+        if adapter.low_rank is None or adapter.rescales_output or adapter.bias_delta is not None:
+            self._unpooled.add(slot)
         if adapter.low_rank is not None:
             self.pool.add(slot, *adapter.low_rank, (order, slot))
             adapter.low_rank = PoolSpan(self.pool, slot)  # its own copy is dropped: the pool's is the only one
@@ -375,7 +379,7 @@ class MixedLinear(nn.Module):
     def detach(self, slot: int, keep: bool = True) -> None:
         """keep: the adapter gets its own copy of what the pool held for it (else it is dropped: nothing reads it)."""
         adapter = self.adapters.pop(slot)
-        self._beyond_pool -= _beyond_pool(adapter)
+        self._unpooled.discard(slot)
         if keep and isinstance(adapter.low_rank, PoolSpan):  # taken before the span is freed
             a, b, scale = adapter.low_rank
             fresh = torch.contiguous_format
@@ -389,8 +393,7 @@ class MixedLinear(nn.Module):
             return self.base(x)
         pooled = not plan.gather and self.pool.layout is not None
         low_rank = plan.low_rank(self.pool.layout) if pooled else None
-        beyond = self._beyond_pool or len(self.adapters) > len(self.pool.spans)
-        layer = self._layer_plan(plan) if not pooled or beyond else None
+        layer = self._layer_plan(plan) if not pooled or not self._unpooled.isdisjoint(plan.slots) else None
         if low_rank is None and (layer is None or layer.empty):
             return self.base(x)
         if x.dim() == 3:  # [rows, tokens, in]
@@ -584,10 +587,6 @@ class MixedLinear(nn.Module):
             rescales=rescales,
             biases=biases,
         )
-
-
-def _beyond_pool(adapter: LayerAdapter) -> int:
-    return int(adapter.rescales_output or adapter.bias_delta is not None)
 
 
 def _rotation(adapter: LayerAdapter, weight: float | tuple[float, ...]) -> tuple[LayerAdapter, object]:

@@ -115,23 +115,23 @@ class ModelRunner:
         """One token for every running sequence; logits [len(rows), vocab] in rows order. The caller made room in
         the cache for blocks_to_decode() blocks (a MemoryError otherwise)."""
         rows, new = len(self.rows), []
-        try:
+        try:  # blocks handed out are zeroed with the step's one copy; if the step fails before that, here
             for seq in self.rows:
-                new += self.cache.pool.allocate(seq, seq.num_tokens)  # zeroed below, with the step's one copy
-        except MemoryError:
+                new += self.cache.pool.allocate(seq, seq.num_tokens)
+            positions = [s.num_tokens - 1 for s in self.rows]
+            length = max(positions) + 1
+            positions = torch.tensor(positions)
+            write, read = self.cache.decode_slots(self.rows, positions, length)
+            ids = torch.tensor([s.tokens[-1] for s in self.rows])
+            ids, positions, write, read, zeroed = self._copy_in(
+                [ids, positions, write, read, torch.tensor(new, dtype=torch.long)]
+            )
+            if new:
+                self.cache.zero(zeroed)
+        except BaseException:
             if new:
                 self.cache.zero(torch.tensor(new, device=self.device))
             raise
-        positions = [s.num_tokens - 1 for s in self.rows]
-        length = max(positions) + 1
-        positions = torch.tensor(positions)
-        write, read = self.cache.decode_slots(self.rows, positions, length)
-        ids = torch.tensor([s.tokens[-1] for s in self.rows])
-        ids, positions, write, read, new = self._copy_in(
-            [ids, positions, write, read, torch.tensor(new, dtype=torch.long)]
-        )
-        if len(new):
-            self.cache.zero(new)
         self.cache.begin_decode(write, read, length)
         mask = self.layout.masks(positions[:, None], rows, length, self.dtype)
         return self._forward(self.rows, ids[:, None], mask, positions[:, None], 1)[:, -1]

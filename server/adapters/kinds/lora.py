@@ -146,9 +146,7 @@ class LoraKind(Kind):
                     " quantized; serve the base unquantized, or merge the DoRA adapter into it with PEFT"
                 )
             magnitude = expect_shape(tensors, "lora_magnitude_vector", (shape.out_features,))
-            # peft's DoraLinearLayer.get_weight_norm: the norm of each output's row of W + scaling * B A
-            norm = torch.linalg.norm(shape.weight.float() + scaling * (b @ a), dim=1)
-            ratio = magnitude / norm
+            ratio = magnitude / _weight_norm(shape.weight, a, b, scaling)
             if not torch.isfinite(ratio).all():
                 raise ValueError(
                     "DoRA's weight norm is 0 for some output (W + scaling * B A has a zero row), so its magnitude"
@@ -188,12 +186,27 @@ class LoraKind(Kind):
         return ParameterLora(tuple(deltas))
 
 
+def _weight_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """peft's DoraLinearLayer.get_weight_norm, the norm of each output's row of W + scaling * B A, where the adapter
+    is built (on the host: the base weight may be on the device), a block of rows at a time: a large layer's (an
+    lm_head's) whole weight is never copied."""
+    norm = torch.empty(weight.shape[0], dtype=torch.float32, device=a.device)
+    step = max(1, (1 << 24) // weight.shape[1])  # rows per block: 64 MiB in float32
+    for start in range(0, weight.shape[0], step):
+        rows = weight[start : start + step].to(a.device, torch.float32)
+        norm[start : start + step] = torch.linalg.norm(rows + scaling * (b[start : start + step] @ a), dim=1)
+    return norm
+
+
 def _bias_delta(tensors: dict[str, torch.Tensor], name: str, shape, dtype) -> torch.Tensor:
     """The trained bias minus the base layer's: what a row that uses the adapter adds to the layer's output."""
     if shape.bias is None:
-        raise ValueError(f"the file trains a bias ({name}) for a layer that has none in the base model")
+        raise ValueError(
+            f"the file trains a bias ({name}) for a layer that has none in the base model, which PEFT never writes:"
+            " the adapter was trained on another base model, or the file was edited; re-save it with PEFT"
+        )
     trained = expect_shape(tensors, name, (shape.out_features,))
-    return (trained - shape.bias.float()).to(dtype)
+    return (trained - shape.bias.to(trained.device, torch.float32)).to(dtype)
 
 
 def _scaling(config, r: int, alpha: float) -> float:
