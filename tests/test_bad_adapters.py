@@ -5,18 +5,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
+from peft import IA3Config, LoHaConfig, LoraConfig, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, LlamaConfig
 
+from server.adapters.build import _check_rank
+from server.adapters.kinds import KINDS
+from server.adapters.kinds.base import LayerShape
+from server.adapters.kinds.lora import LoraLayer
 from server.adapters.mixing import MixedLinear
 from server.adapters.store import AdapterStore
 from server.demo.tiny import save_adapter
 from server.engine.runner import ModelRunner
+from server.errors import AdapterInvalid
 from server.model import encode_prompt
 from tests.conftest import private_model
 from tests.reference import reference_greedy
@@ -88,6 +94,9 @@ def broken(llama, tmp_path_factory) -> Path:
     )
     # over the default MIXSERVE_MAX_LORA_RANK (64)
     save_adapter(llama.model_dir, LoraConfig(r=65, target_modules=["q_proj", "down_proj"]), store / "rank-65", 1, "x")
+    save_adapter(
+        llama.model_dir, LoraConfig(r=65, target_modules=["q_proj"], lora_bias=True), store / "rank-65-bias", 1, "x"
+    )
     folder = _copy(store, "lora", "not-linear")
     (folder / CONFIG).write_text(json.dumps({**json.loads((folder / CONFIG).read_text()), "target_modules": ["mlp"]}))
 
@@ -130,6 +139,7 @@ CASES = {
     "saves-a-block": (422, "modules_to_save: model.layers.0.mlp is a block of layers (LlamaMLP)"),
     "not-linear": (422, "only Linear, Conv1D and (for LoRA) Embedding layers are supported"),
     "rank-65": (422, ": LORA rank 65 exceeds MIXSERVE_MAX_LORA_RANK (64)"),
+    "rank-65-bias": (422, ": LORA rank 65 exceeds MIXSERVE_MAX_LORA_RANK (64)"),  # not pooled: capped all the same
     "other-base": (422, "does not fit the base model at model.layers.0.self_attn.q_proj"),
     "escape": (422, "resolves outside the adapter store"),
     "../lora": (422, "invalid adapter name"),
@@ -195,3 +205,19 @@ def test_pickle_loads_when_allowed_and_matches_safetensors(llama, broken):
     from_pickle = runner.score(ids, [tuple(a.slot for a in registry.load_blocking(["pickle-only"]))])
     from_safetensors = runner.score(ids, [tuple(a.slot for a in registry.load_blocking(["lora"]))])
     assert torch.equal(from_pickle, from_safetensors)
+
+
+def test_the_rank_cap_builds_a_loha_over_it_dense_and_names_a_merges_rank():
+    shape, r = LayerShape(256, 256), 9  # 81 ranks: pooled (factorised) where it is cheaper, unless over the cap
+    tensors = {"hada_w1_a": torch.randn(256, r), "hada_w1_b": torch.randn(r, 256)}
+    tensors |= {"hada_w2_a": torch.randn(256, r), "hada_w2_b": torch.randn(r, 256)}
+    config = LoHaConfig(r=r, alpha=r, target_modules=["q_proj"])
+    pooled = KINDS["LOHA"].build(config, "q_proj", shape, tensors, torch.float32)
+    dense = KINDS["LOHA"].build(config, "q_proj", replace(shape, max_pooled_ranks=64), tensors, torch.float32)
+    assert pooled.low_rank is not None and dense.low_rank is None
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(dense.delta(x), pooled.delta(x), atol=1e-4, rtol=1e-5)
+    _check_rank("loha", KINDS["LOHA"], "q_proj", dense, 64)  # served
+    merged = LoraLayer(torch.randn(80, 256), torch.randn(256, 80), None, 1.0)
+    with pytest.raises(AdapterInvalid, match=r"rank 80 \(a merge's: cat adds its sources' ranks.*ask the operator"):
+        _check_rank("merge:cat(a@1,b@1)", KINDS["LORA"], "q_proj", merged, 64)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import math
 import re
 from dataclasses import dataclass
 
@@ -116,7 +115,8 @@ def build_adapter(
             elif module_name in layout.embeddings:
                 layer = embedding_lora(config, module_name, layout.embeddings[module_name], tensors, dtype)
             else:
-                layer = kind.build(config, module_name, layout.shape(module_name), tensors, dtype)
+                shape = dataclasses.replace(layout.shape(module_name), max_pooled_ranks=max_rank)
+                layer = kind.build(config, module_name, shape, tensors, dtype)
         except ValueError as exc:
             raise AdapterInvalid(name, f"does not fit the base model at {module_name}: {exc}") from exc
         if layer is not None and dtype != torch.float32 and not all(torch.isfinite(t).all() for t in layer.tensors()):
@@ -141,14 +141,23 @@ def build_adapter(
 
 
 def _check_rank(name: str, kind: Kind, module_name: str, layer: LayerAdapter, max_rank: int | None) -> None:
-    if max_rank is None or layer.low_rank is None:
+    """A LoRA or AdaLoRA above MIXSERVE_MAX_LORA_RANK is refused (a LoHa whose r x r ranks exceed it is built dense,
+    not pooled, and served)."""
+    factors = layer.low_rank if layer.low_rank is not None else getattr(layer, "with_bias", None)
+    if max_rank is None or factors is None or kind.peft_type == "LOHA":
         return
-    width = layer.low_rank[0].shape[0]
-    # a factorised LoHa of rank r takes r x r ranks, factorised only where that is cheaper than its dense matrix
-    rank = math.isqrt(width) if kind.peft_type == "LOHA" else width
+    rank = factors[0].shape[0]
     if rank > max_rank:
+        merged = (
+            " (a merge's: cat adds its sources' ranks, the others keep the largest)"
+            if name.startswith("merge:")
+            else ""
+        )
         raise AdapterInvalid(
-            name, f"{module_name}: {kind.peft_type} rank {rank} exceeds MIXSERVE_MAX_LORA_RANK ({max_rank}); raise it"
+            name,
+            f"{module_name}: {kind.peft_type} rank {rank}{merged} exceeds MIXSERVE_MAX_LORA_RANK ({max_rank}), the"
+            " most ranks this server computes for every row of a decode batch per adapter; use one of rank"
+            f" {max_rank} or less, or ask the operator to raise the setting",
         )
 
 

@@ -27,6 +27,8 @@ class LayerShape:
     # weights depend on them (DoRA's norm, trained biases)
     weight: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
     bias: torch.Tensor | None = dataclasses.field(default=None, compare=False, repr=False)
+    # the most ranks one adapter may take in the layer's rank pool (MIXSERVE_MAX_LORA_RANK; None: no limit)
+    max_pooled_ranks: int | None = dataclasses.field(default=None, compare=False)
 
 
 class LayerAdapter:

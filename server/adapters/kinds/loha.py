@@ -10,7 +10,8 @@ from .base import Kind, LayerAdapter, expect_params, expect_shape, pattern_value
 
 class LoHaFactorised(LayerAdapter):
     """(W1a W1b) * (W2a W2b) = U V with U[o, (p,q)] = W1a[o,p] W2a[o,q] and V[(p,q), i] = W1b[p,i] W2b[q,i]:
-    a rank r1*r2 product, cheaper than the dense matrix while r1*r2*(in+out) < in*out."""
+    a rank r1*r2 product, cheaper than the dense matrix while r1*r2*(in+out) < in*out; pooled only when r1*r2 is
+    within MIXSERVE_MAX_LORA_RANK (else the dense matrix, on the rows that use it)."""
 
     def __init__(self, u: torch.Tensor, v: torch.Tensor, scaling: float):
         self.low_rank = (v, u, scaling)  # v [r1*r2, in], u [out, r1*r2]
@@ -38,7 +39,8 @@ class LoHaKind(Kind):
         w2a = expect_shape(tensors, "hada_w2_a", (out_f, r))
         w2b = expect_shape(tensors, "hada_w2_b", (r, in_f))
         scaling = alpha / r
-        if r * r * (in_f + out_f) < in_f * out_f:
+        within_pool = shape.max_pooled_ranks is None or r * r <= shape.max_pooled_ranks
+        if within_pool and r * r * (in_f + out_f) < in_f * out_f:
             u = (w1a[:, :, None] * w2a[:, None, :]).reshape(out_f, r * r)
             v = (w1b[:, None, :] * w2b[None, :, :]).reshape(r * r, in_f)
             return LoHaFactorised(u.to(dtype), v.to(dtype), scaling)
