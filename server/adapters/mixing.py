@@ -604,8 +604,9 @@ def _per_row_kron(plan: BatchPlan, rows: list, adapters: dict[int, LayerAdapter]
         for shape in dict.fromkeys((p[0].w1.shape, p[0].w2_t.shape) for p in at if p is not None):
             own = [p if p is not None and (p[0].w1.shape, p[0].w2_t.shape) == shape else None for p in at]
             first = next(p[0] for p in own if p is not None)
-            w1 = [first.w1.new_zeros(shape[0]) if p is None else _weighted(p[0].w1, p[1]) for p in own]
-            w2_t = [first.w2_t.new_zeros(shape[1]) if p is None else p[0].w2_t for p in own]
+            zero_w1, zero_w2_t = first.w1.new_zeros(shape[0]), first.w2_t.new_zeros(shape[1])
+            w1 = [zero_w1 if p is None else _weighted(p[0].w1, p[1]) for p in own]
+            w2_t = [zero_w2_t if p is None else p[0].w2_t for p in own]
             passes.append((plan.mask(tuple(p is not None for p in own)), torch.stack(w1), torch.stack(w2_t)))
     return passes
 
