@@ -5,7 +5,8 @@ For each forward pass the model runner publishes a `BatchPlan` (which adapters e
 adapters, grouped by adapter rather than by row. In a decode pass, the low-rank deltas (LoRA, AdaLoRA, factorised
 LoHa) of every row come from the layer's `RankPool`, a fixed-shape stack of every attached low-rank adapter's ranks
 (attaching one is a copy into free ranks), in two matmuls and a selection by per-row tensors that the plan builds once
-per batch composition for all the layers that share a `RankLayout`: nothing is planned per layer. The other types, and
+per batch composition for all the layers that share a `RankLayout`: nothing is planned per layer. LoKr adapters run in
+two batched products over the rows, each row's factors stacked per layer and batch composition. The other types, and
 every type in a prefill pass, run on the rows that use them, planned per layer and batch composition. Nothing walks
 the module tree per pass, and no adapter is "active" outside the pass that asked for it.
 """
@@ -545,7 +546,7 @@ class MixedLinear(nn.Module):
             s for s in used if not (a := self.adapters[s]).rotates_input and not a.adds_to_weight and a.adds_delta
         ]
         pooled = () if plan.gather else self.pool.spans  # a decode pass takes those from the pool
-        kron = [] if plan.gather else _per_row_kron(plan, rows, self.adapters)  # and LoKr from those
+        kron = [] if plan.gather else _per_row_kron(plan, rows, self.adapters)  # a decode pass's LoKr adapters
 
         def select(pattern: tuple[bool, ...]) -> torch.Tensor | None:
             return plan.indices(pattern) if plan.gather else plan.mask(pattern)
@@ -583,7 +584,9 @@ class MixedLinear(nn.Module):
             rotations=groups(lambda a: a.rotates_input, plan.indices if plan.gather else plan.mask, _rotation),
             sparse=groups(lambda a: a.adds_to_weight, plan.indices, weighted),
             other=[
-                other(s) for s in additive if s not in pooled and not (kron and isinstance(self.adapters[s], LoKrLayer))
+                other(s)
+                for s in additive
+                if s not in pooled and (plan.gather or not isinstance(self.adapters[s], LoKrLayer))
             ],
             zero=plan.cached(("zero", dtype), lambda: torch.zeros((), dtype=dtype)),
             affine=affine,
