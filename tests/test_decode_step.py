@@ -4,6 +4,8 @@ stays PEFT's, alone, at every step."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.profiler import profile
@@ -64,6 +66,52 @@ def test_rows_joining_and_leaving_every_step_each_equal_the_reference(llama):
     for seq, _, _ in running:
         runner.release(seq)
     assert len(capacities) > 2, "adapters attached while rows ran should have grown the pools"
+    for seq, weights, seen in done + running:
+        prompt = seq.request.prompt_ids
+        expected = reference_logits(
+            llama.model_dir, llama.store, list(weights), prompt + seq.tokens[:-1], weights=weights
+        )[len(prompt) - 1 :]
+        torch.testing.assert_close(torch.stack(seen), expected, atol=ATOL, rtol=0)
+        assert seq.tokens == expected.argmax(-1).tolist()
+
+
+# OFT and LoKr rows at weights (negative ones too), one joining and one leaving at each step: a LoKr row's factors
+# are stacked per batch composition (two LoKr adapters on up_proj: two passes; lokr.decomposed's factors have other
+# shapes than lokr's: a pass each), so the composition changes at every step
+ROTATING_ROWS = [
+    ("OFT and LoKr", {"oft": 1.0, "lokr": 1.0}),
+    ("Negative OFT", {"oft": -0.6, "lokr.decomposed": 1.0}),
+    ("Two LoKr", {"lokr": 0.7, "lokr.decomposed": -1.5}),
+    ("Base only", {}),
+    ("Two OFTs and a LoKr", {"oft": 1.0, "oft.by-rank": 0.5, "lokr": -0.4}),
+    ("LoKr alone", {"lokr": 1.0}),
+    ("Every kind", {"oft.shared-coft": 1.0, "lokr": 1.0, "lokr.decomposed": 1.0, "lora": 1.0, "loha.dense": 0.8}),
+]
+
+
+def test_oft_and_lokr_rows_stay_exact_while_the_composition_changes_every_step(llama):
+    runner, registry, tokenizer = llama.runner()
+    pending = list(ROTATING_ROWS)
+    running: list[tuple[PromptSequence, dict, list[torch.Tensor]]] = []
+    done: list[tuple[PromptSequence, dict, list[torch.Tensor]]] = []
+    compositions = []
+    for _ in range(len(ROTATING_ROWS) + 2):  # the last steps only take rows out, down to one
+        if len(running) > 2 or (not pending and len(running) > 1):  # one leaves
+            done.append(running.pop(0))
+            runner.release(done[-1][0])
+        if pending:  # one joins
+            prompt, weights = pending.pop(0)
+            seq = _sequence(registry, prompt, weights, tokenizer)
+            logits = runner.prefill([seq])[0]
+            seq.tokens.append(int(logits.argmax()))
+            running.append((seq, weights, [logits]))
+        compositions.append(tuple(id(seq) for seq, _, _ in running))
+        for (seq, _, seen), row in zip(running, runner.decode(), strict=True):
+            seen.append(row)
+            seq.tokens.append(int(row.argmax()))
+    for seq, _, _ in running:
+        runner.release(seq)
+    assert all(a != b for a, b in itertools.pairwise(compositions)), compositions
     for seq, weights, seen in done + running:
         prompt = seq.request.prompt_ids
         expected = reference_logits(

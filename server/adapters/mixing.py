@@ -5,7 +5,8 @@ For each forward pass the model runner publishes a `BatchPlan` (which adapters e
 adapters, grouped by adapter rather than by row. In a decode pass, the low-rank deltas (LoRA, AdaLoRA, factorised
 LoHa) of every row come from the layer's `RankPool`, a fixed-shape stack of every attached low-rank adapter's ranks
 (attaching one is a copy into free ranks), in two matmuls and a selection by per-row tensors that the plan builds once
-per batch composition for all the layers that share a `RankLayout`: nothing is planned per layer. The other types, and
+per batch composition for all the layers that share a `RankLayout`: nothing is planned per layer. LoKr adapters run in
+two batched products over the rows, each row's factors stacked per layer and batch composition. The other types, and
 every type in a prefill pass, run on the rows that use them, planned per layer and batch composition. Nothing walks
 the module tree per pass, and no adapter is "active" outside the pass that asked for it.
 """
@@ -27,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from server.adapters.kinds import LayerAdapter
 from server.adapters.kinds.base import LayerShape, PoolSpan
+from server.adapters.kinds.lokr import LoKrLayer
 from server.adapters.kinds.lora import LoraLayer, ParameterLora
 from server.adapters.modules import MixedModule, ModuleAdapter
 from server.quantization import quantized
@@ -325,10 +327,14 @@ class _LayerPlan:
         default_factory=list
     )
     biases: list[tuple[torch.Tensor | None, torch.Tensor]] = dataclasses.field(default_factory=list)  # (rows, [out])
+    # LoKr in a decode pass: (rows mask, w1 [rows, a, c], w2_t [rows, d, b]), see _per_row_kron
+    kron: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.rotations or self.sparse or self.other or self.affine or self.rescales or self.biases)
+        return not (
+            self.rotations or self.sparse or self.other or self.affine or self.rescales or self.biases or self.kron
+        )
 
 
 class MixedLinear(nn.Module):
@@ -444,6 +450,9 @@ class MixedLinear(nn.Module):
                 y.index_copy_(0, rows, own)
         if low_rank is not None:
             self.pool.add_to(y, x, *low_rank)
+        for rows, w1, w2_t in layer.kron if layer is not None else ():
+            # the rows outside the pass add W1 (0 W2^T) = 0 exactly: their input is selected out, not multiplied by 0
+            LoKrLayer.add_per_row(y, x if rows is None else torch.where(rows, x, layer.zero), w1, w2_t)
         for rows, adapter, weight in layer.other if layer is not None else ():
             per_row = isinstance(weight, torch.Tensor)
             if rows is None or rows.dtype == torch.long:
@@ -545,6 +554,7 @@ class MixedLinear(nn.Module):
             s for s in used if not (a := self.adapters[s]).rotates_input and not a.adds_to_weight and a.adds_delta
         ]
         pooled = () if plan.gather else self.pool.spans  # a decode pass takes those from the pool
+        kron = [] if plan.gather else _per_row_kron(plan, rows, self.adapters)  # a decode pass's LoKr adapters
 
         def select(pattern: tuple[bool, ...]) -> torch.Tensor | None:
             return plan.indices(pattern) if plan.gather else plan.mask(pattern)
@@ -581,12 +591,40 @@ class MixedLinear(nn.Module):
         return _LayerPlan(
             rotations=groups(lambda a: a.rotates_input, plan.indices if plan.gather else plan.mask, _rotation),
             sparse=groups(lambda a: a.adds_to_weight, plan.indices, weighted),
-            other=[other(s) for s in additive if s not in pooled],
+            other=[
+                other(s)
+                for s in additive
+                if s not in pooled and (plan.gather or not isinstance(self.adapters[s], LoKrLayer))
+            ],
             zero=plan.cached(("zero", dtype), lambda: torch.zeros((), dtype=dtype)),
             affine=affine,
             rescales=rescales,
             biases=biases,
+            kron=kron,
         )
+
+
+def _per_row_kron(plan: BatchPlan, rows: list, adapters: dict[int, LayerAdapter]) -> list:
+    """The LoKr adapters of a decode pass, per row (rows: BatchPlan.weighted's): one pass per depth (each row's
+    first LoKr adapter here, its second, ...) and factor shapes, holding each row's W1 (times its weight) and W2^T
+    stacked, zeros for the rows outside the pass (their input is selected out); built once per batch composition."""
+    chosen = [[(adapters[s], w) for s, w in pairs if isinstance(adapters[s], LoKrLayer)] for pairs in rows]
+    passes = []
+    for depth in range(max(map(len, chosen))):
+        at = [c[depth] if depth < len(c) else None for c in chosen]
+        for shape in dict.fromkeys((p[0].w1.shape, p[0].w2_t.shape) for p in at if p is not None):
+            own = [p if p is not None and (p[0].w1.shape, p[0].w2_t.shape) == shape else None for p in at]
+            first = next(p[0] for p in own if p is not None)
+            zero_w1, zero_w2_t = first.w1.new_zeros(shape[0]), first.w2_t.new_zeros(shape[1])
+            w1 = [zero_w1 if p is None else _weighted(p[0].w1, p[1]) for p in own]
+            w2_t = [zero_w2_t if p is None else p[0].w2_t for p in own]
+            passes.append((plan.mask(tuple(p is not None for p in own)), torch.stack(w1), torch.stack(w2_t)))
+    return passes
+
+
+def _weighted(tensor: torch.Tensor, weight: float) -> torch.Tensor:
+    """tensor * weight, the product rounded once to the tensor's dtype."""
+    return tensor if weight == 1 else (tensor.float() * weight).to(tensor.dtype)
 
 
 def _rotation(adapter: LayerAdapter, weight: float | tuple[float, ...]) -> tuple[LayerAdapter, object]:

@@ -9,6 +9,9 @@ from .base import Kind, LayerAdapter, expect_params, expect_shape, pattern_value
 
 
 class LoKrLayer(LayerAdapter):
+    """In a decode pass the mixed layer applies the LoKr adapters of every row at once (`add_per_row`), each row
+    with its own factors (its weight folded into W1), stacked once per batch composition."""
+
     def __init__(self, w1: torch.Tensor, w2: torch.Tensor):
         self.w1 = w1  # [a, c], times the scaling
         self.w2_t = w2.T.contiguous()  # W2^T [d, b]; out = a*b, in = c*d
@@ -19,6 +22,18 @@ class LoKrLayer(LayerAdapter):
         n = x.numel() // (c * d)
         xw = torch.mm(x.reshape(n * c, d), self.w2_t).view(n, c, b)  # X W2^T
         return torch.bmm(self.w1.expand(n, a, c), xw).view(*x.shape[:-1], a * b)  # [N, a, b]: W1 X W2^T
+
+    @staticmethod
+    def add_per_row(y: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2_t: torch.Tensor) -> None:
+        """Semantics: y[r] += W1_r X_r W2_r^T for each row r, X_r = x[r] viewed as [tokens, c, d]; y [rows, tokens,
+        a*b], x [rows, tokens, c*d], w1 [rows, a, c] (scale and weight included), w2_t [rows, d, b]: two batched
+        products over the rows, the second adding into y."""
+        rows, tokens = x.shape[0], x.shape[1]
+        (a, c), (d, b) = w1.shape[1:], w2_t.shape[1:]
+        if tokens != 1:  # one product per token
+            w1, w2_t = w1.repeat_interleave(tokens, 0), w2_t.repeat_interleave(tokens, 0)
+        xw = torch.bmm(x.reshape(rows * tokens, c, d), w2_t)  # X W2^T: [N, c, b]
+        y.view(rows * tokens, a, b).baddbmm_(w1, xw)
 
 
 class LoKrKind(Kind):
