@@ -21,12 +21,14 @@ from server.adapters.combination import Combination
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.config import Settings
+from server.demo import tiny
 from server.engine.runner import ModelRunner
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
 from server.model import encode_prompt, load_model, load_tokenizer
 from server.quantization import BACKENDS, QuantizationError, base_bytes, quantization_of, quantized
 from server.state import ServerState
+from tests import builders
 from tests.builders import ADAPTERS
 from tests.reference import reference_greedy, reference_logits
 
@@ -124,13 +126,43 @@ def test_every_type_and_mix_equals_peft_on_the_dequantized_base(quantized_base, 
     torch.testing.assert_close(ours, expected, atol=TOLERANCE[mode], rtol=0)
 
 
+@pytest.fixture(scope="module")
+def spiked_dir(llama, tmp_path_factory) -> Path:
+    """The llama world's base with a massive-activation feature, as real LLMs have: token Z's embedding is large on
+    one hidden dimension, so that the attention and MLP inputs of a row holding Z exceed LLM.int8's default outlier
+    threshold (6) there."""
+    out = tmp_path_factory.mktemp("spiked") / "tiny-llama-spiked"
+    shutil.copytree(llama.model_dir, out)
+    model = AutoModelForCausalLM.from_pretrained(llama.model_dir, dtype=F32)
+    z = encode_prompt(load_tokenizer(llama.model_dir), "Z")[-1]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[z, 7] = 1.0
+    model.save_pretrained(out)
+    return out
+
+
 @pytest.mark.parametrize("mode", [_runs(m) for m in BACKENDS])
-def test_a_row_gets_the_same_answer_in_a_mixed_batch_as_alone(quantized_base, mode):
-    q = quantized_base(mode)
-    combos = [tuple(a.slot for a in q.registry.load_blocking(n)) for n in ([], ["shira", "oft"], TYPES, ["loha"])]
-    together = q.runner.score(torch.tensor([q.ids] * len(combos)), combos)
+def test_a_row_gets_the_same_answer_in_a_mixed_batch_as_alone(llama, spiked_dir, mode):
+    """Rows of different prompts, one with activations above 6: LLM.int8's outlier decomposition (threshold 6)
+    would compute the columns where any row exceeds it in float16 for every row of the batch."""
+    model = load_model(spiked_dir, CPU, F32, mode)
+    registry = AdapterRegistry(model, AdapterStore(llama.store), CPU, F32)
+    runner = ModelRunner(model, registry.context)  # its self-check at start too
+    tokenizer = load_tokenizer(spiked_dir)
+    prompts = [
+        encode_prompt(tokenizer, p) for p in (PROMPT, "ZZZ quick brown fox jumps over the lazy dog.", PROMPT[::-1])
+    ]
+    assert len({len(p) for p in prompts}) == 1
+    inputs = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
+    runner.score(torch.tensor(prompts[1:2]), [()])
+    hook.remove()
+    assert inputs[0].abs().max() > 6, "the spike should exceed LLM.int8's default outlier threshold"
+    combos = [tuple(a.slot for a in registry.load_blocking(n)) for n in ([], ["shira", "oft"], TYPES, ["loha"])]
+    rows = [prompts[i % len(prompts)] for i in range(len(combos))]  # the spiked prompt with shira + oft
+    together = runner.score(torch.tensor(rows), combos)
     for row, combo in enumerate(combos):
-        alone = q.runner.score(torch.tensor([q.ids]), [combo])[0]
+        alone = runner.score(torch.tensor([rows[row]]), [combo])[0]
         torch.testing.assert_close(together[row], alone, atol=1e-6, rtol=0)
 
 
@@ -225,3 +257,21 @@ def test_gpt2s_conv1d_layers_are_quantized_too(tmp_path, mode):
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     model = load_model(path, CPU, F32, mode)
     assert sum(quantized(m) for m in model.modules()) == 4  # c_attn, c_proj, mlp.c_fc, mlp.c_proj
+
+
+def test_shira_on_a_float_base_equals_peft_at_a_realistic_width(tmp_path, monkeypatch):
+    """On a float base SHiRA builds W + S densely, as PEFT does, so that the sums round alike: base(x) + x S^T (the
+    quantized path) differs from PEFT by 2e-5 to 1e-4 at this width."""
+    wide = lambda: tiny.config(hidden=512, intermediate=1024, layers=2, heads=8, kv_heads=4)
+    monkeypatch.setitem(builders.ARCHITECTURES, "wide", wide)
+    model_dir = builders.build_base(tmp_path / "wide-llama", "wide")
+    config, scale = ADAPTERS["shira"]
+    tiny.save_adapter(model_dir, config, tmp_path / "store" / "shira", seed=7, base_name="wide-llama", scale=scale)
+    model = load_model(model_dir, CPU, F32)
+    registry = AdapterRegistry(model, AdapterStore(tmp_path / "store"), CPU, F32)
+    ids = encode_prompt(load_tokenizer(model_dir), (PROMPT + " ") * 13)  # 585 tokens
+    slots = tuple(a.slot for a in registry.load_blocking(["shira"]))
+    ours = ModelRunner(model, registry.context).score(torch.tensor([ids]), [slots])[0]
+    expected = reference_logits(model_dir, tmp_path / "store", ["shira"], ids)
+    assert (expected - reference_logits(model_dir, tmp_path / "store", [], ids)).abs().max() > 1e-2
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
