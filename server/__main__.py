@@ -9,10 +9,18 @@ from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.config import STARTUP_FAILURE
 
 from server.api.middleware import drain
 from server.app import create_app
 from server.config import Settings
+from server.engine.attention import UnsupportedModel
+from server.metrics import Metrics
+from server.quantization import QuantizationError
+from server.state import ServerState
+
+# what a model or a setting the server cannot start with raises (its message names the reason and the remedy)
+START_ERRORS = (QuantizationError, UnsupportedModel)
 
 
 def main() -> None:
@@ -22,7 +30,13 @@ def main() -> None:
         problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         sys.exit(f"mixserve: invalid settings\n{problems}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
+    metrics = Metrics()
+    try:
+        state = ServerState.start(settings, metrics)
+    except START_ERRORS as exc:  # the message says why and what to change: no traceback
+        print(f"mixserve: cannot start: {exc}", file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)
+    app = create_app(settings, (state, metrics))
     # keep-alive longer than a load balancer keeps idle connections (HAProxy: closed within a few seconds)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=75

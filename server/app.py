@@ -26,11 +26,17 @@ resident base model, with the output PEFT's PeftMixedModel gives for that set. T
 root, OpenAI-compatible ones under /v1."""
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, started: tuple[ServerState, Metrics] | None = None) -> FastAPI:
+    """started: a state already started with its metrics (`python -m server` starts it before serving, so that a
+    start error prints as its message alone); else the lifespan starts one."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        metrics = Metrics()
-        state = await asyncio.to_thread(ServerState.start, settings, metrics)
+        if started is not None:
+            state, metrics = started
+        else:
+            metrics = Metrics()
+            state = await asyncio.to_thread(ServerState.start, settings, metrics)
         metrics.watch(state)
         app.state.mixserve = state
         app.state.metrics = metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -107,16 +108,28 @@ def prepare(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Checks that a quantized model has a quantized Linear layer (else the backend skipped them all), and makes
     its layers compute in dtype: bitsandbytes' fused 4-bit CPU kernel (used on CPUs with AVX512-BF16) rounds its
     input to bfloat16, so it is turned off unless dtype is bfloat16; the layer then dequantizes its weight and
-    multiplies in dtype (the function of docs/contract.md's quantized reference)."""
+    multiplies in dtype (the function of docs/contract.md's quantized reference).
+
+    bitsandbytes int8 (LLM.int8) runs without its outlier decomposition (threshold 0, also on a checkpoint saved
+    with another): with it, the input columns computed in float16 instead of int8 are those where any token of the
+    batch exceeds the threshold, so a row's output would depend on what shares its batch. Without it, each token's
+    activations are quantized to int8 on their own (a scale per token)."""
     name = quantization_of(model)
     if name == "none":
         return
     if not any(quantized(m) for m in model.modules()):
         raise QuantizationError(f"{name}: the backend quantized no Linear layer of this model")
-    if dtype != torch.bfloat16:
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
-                module.support_avx512bf16_for_cpu = False
+    for module in model.modules():
+        if dtype != torch.bfloat16 and hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
+        if hasattr(getattr(module, "state", None), "threshold"):  # bitsandbytes' Linear8bitLt
+            module.state.threshold = 0.0
+    if name == "bnb-int8":  # said once here (README), not at every layer's call
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_the_float16_cast)
+
+
+def _not_the_float16_cast(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
 def quantized(module: torch.nn.Module) -> bool:

@@ -503,8 +503,22 @@ class MixedLinear(nn.Module):
         return total
 
     def _base_output(self, x_in: torch.Tensor, sparse: list) -> torch.Tensor:
-        """The base layer's own forward of x' (its weight is never read: it may be stored quantized), plus each
-        row's SHiRA deltas x' S^T: F.linear(x', W + S, b) as peft computes it, summed otherwise (within 1e-5)."""
+        """F.linear(x', W', b) per row, W' = W plus the row's SHiRA deltas: built densely as peft does on a float
+        base; on a quantized one (whose weight is never read), the base layer's own forward plus x' S^T."""
+        if quantized(self.base):
+            return self._base_output_quantized(x_in, sparse)
+        y = None
+        for rows, adapters in sparse:
+            weight = self.base.weight.clone()
+            for adapter, w in adapters:
+                adapter.add_to(weight, w)
+            if rows is None:
+                return F.linear(x_in, weight, self.base.bias)
+            y = self.base(x_in) if y is None else y
+            y.index_copy_(0, rows, F.linear(x_in.index_select(0, rows), weight, self.base.bias))
+        return self.base(x_in) if y is None else y
+
+    def _base_output_quantized(self, x_in: torch.Tensor, sparse: list) -> torch.Tensor:
         y = self.base(x_in)
         for rows, adapters in sparse:
             own = x_in if rows is None else x_in.index_select(0, rows)

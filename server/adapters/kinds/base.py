@@ -38,8 +38,8 @@ class LayerAdapter:
         x' = rotate_k(... rotate_1(x))                         # OFT: rotates_input
         W' = W + S_1 + ... + S_m                               # SHiRA: adds_to_weight
         y  = F.linear(x', W', b) + sum(delta(x) for LoRA, AdaLoRA, LoHa, LoKr) + sum(bias_delta)
-    computed as base(x') + sum(delta(x') for SHiRA) + ...: the base layer's own forward, whatever its weight's
-    storage (server/quantization.py), and each SHiRA's sparse x' S^T.
+    W' is built densely on a float base; on a quantized one (server/quantization.py) the base layer's own forward
+    is computed, whatever its weight's storage, plus each SHiRA's sparse x' S^T.
     A LoRA adapter that `rescales_output` (DoRA) also adds `ratio_minus_one * u` ([out], float32), where u is the
     output without the base bias up to it (the base, and the LoRA adapters before it in the request, as nested in
     PEFT's LoRA wrapper).

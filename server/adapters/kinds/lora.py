@@ -143,7 +143,7 @@ class LoraKind(Kind):
             if shape.weight is None or not shape.weight.is_floating_point():
                 raise ValueError(
                     "DoRA's weight norm needs the base layer's weight in floating point, and this base layer is"
-                    " quantized; serve the base unquantized, or merge the DoRA adapter into it with PEFT"
+                    " quantized; serve the base unquantized (MIXSERVE_QUANTIZATION=none)"
                 )
             magnitude = expect_shape(tensors, "lora_magnitude_vector", (shape.out_features,))
             ratio = magnitude / _weight_norm(shape.weight, a, b, scaling)

@@ -1,5 +1,6 @@
-"""SHiRA: a sparse high-rank delta S added to the base weight: y = F.linear(x', W + S, b), computed as
-base(x') + x' S^T, so that the base layer's weight is never read (it may be stored quantized)."""
+"""SHiRA: a sparse high-rank delta S added to the base weight: y = F.linear(x', W + S, b). On a float base the
+mixed layer builds W + S densely, as peft does (so the sums round alike); on a quantized base, whose weight it never
+reads, it adds x' S^T to the base layer's output (server/adapters/mixing.py, MixedLinear._base_output)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,22 @@ from .base import Kind, LayerAdapter, expect_params, expect_shape
 class ShiraLayer(LayerAdapter):
     adds_to_weight = True
 
-    def __init__(self, crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]):
-        # S [out, in] in CSR form: row r's entries at crow[r]:crow[r+1] of cols and values (float32, scaling 1.0
-        # at inference included): torch's sparse products on CPU take no bfloat16 or float16
-        self.crow, self.cols, self.values = crow, cols, values
+    def __init__(self, indices: torch.Tensor, crow: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]):
+        # S [out, in]: entries (indices[0], indices[1]) in row-major order; crow: where each row's start (CSR)
+        self.indices, self.crow = indices, crow
+        self.values = values  # [nnz] in the serving dtype, scaling (1.0 at inference) included
         self.shape = shape
 
+    def add_to(self, weight: torch.Tensor, scale: float = 1.0) -> None:
+        # the same dense += sparse (values * scaling) as peft's shira.Linear, so that the sums round alike
+        values = self.values if scale == 1 else self.values * scale
+        weight += torch.sparse_coo_tensor(self.indices, values, self.shape)
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        # x [..., in] -> x S^T [..., out]: each token's output from its own input only
-        s = torch.sparse_csr_tensor(self.crow, self.cols, self.values, self.shape, check_invariants=False)
-        flat = x.reshape(-1, x.shape[-1]).T.to(self.values.dtype)
+        # x [..., in] -> x S^T [..., out]: each token's output from its own input only. In float32: torch's sparse
+        # products on CPU take no bfloat16 or float16.
+        s = torch.sparse_csr_tensor(self.crow, self.indices[1], self.values.float(), self.shape, check_invariants=False)
+        flat = x.reshape(-1, x.shape[-1]).T.float()
         return torch.sparse.mm(s, flat).T.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
 
 
@@ -45,4 +52,4 @@ class ShiraKind(Kind):
         order = torch.argsort(flat)
         crow = torch.zeros(out_f + 1, dtype=torch.long, device=rows.device)
         crow[1:] = torch.bincount(rows, minlength=out_f).cumsum(0)
-        return ShiraLayer(crow, cols[order].contiguous(), values[order].float().contiguous(), (out_f, in_f))
+        return ShiraLayer(indices[:, order].contiguous(), crow, values[order].to(dtype), (out_f, in_f))
