@@ -1,5 +1,6 @@
 """Adapters on whole modules (server/adapters/modules.py): LoRA on input embeddings, modules_to_save and trainable
-tokens, on Llama (untied head), Qwen2 (tied embeddings) and GPT-2 (`wte`), each row of mixed batches held to PEFT."""
+tokens, on Llama (untied head), Qwen2 (tied embeddings) and GPT-2 (`wte`), each row of mixed batches held to PEFT;
+Gemma's scaled embedding (tied) for the embedding LoRA and token rows only."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from peft import LoHaConfig, LoraConfig, OFTConfig
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, ByT5Tokenizer, GPT2Config, Qwen2Config
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, GemmaConfig, GPT2Config, Qwen2Config
 
 from server.adapters.merges import Merge, compute
 from server.adapters.store import AdapterStore
@@ -45,9 +46,20 @@ BASES = {
         tie_word_embeddings=False,
     ),
 }
-EMBEDDING = {"llama": "embed_tokens", "qwen2-tied": "embed_tokens", "gpt2": "wte"}
-NORM = {"llama": "norm", "qwen2-tied": "norm", "gpt2": "ln_f"}
-ATTN = {"llama": ["q_proj"], "qwen2-tied": ["q_proj"], "gpt2": ["c_attn"]}
+GEMMA = lambda: tiny.config(  # noqa: E731  (embed_scale: the embedding's output times sqrt(hidden))
+    hidden=64,
+    intermediate=96,
+    layers=1,
+    heads=4,
+    kv_heads=2,
+    positions=256,
+    architecture=GemmaConfig,
+    head_dim=16,
+    tie_word_embeddings=True,
+)
+EMBEDDING = {"llama": "embed_tokens", "qwen2-tied": "embed_tokens", "gpt2": "wte", "gemma-tied": "embed_tokens"}
+NORM = {"llama": "norm", "qwen2-tied": "norm", "gpt2": "ln_f", "gemma-tied": "norm"}
+ATTN = {"llama": ["q_proj"], "qwen2-tied": ["q_proj"], "gpt2": ["c_attn"], "gemma-tied": ["q_proj"]}
 
 
 def adapters(arch: str) -> dict:
@@ -81,6 +93,8 @@ def adapters(arch: str) -> dict:
         ),
         "plain": (LoraConfig(r=4, lora_alpha=8, target_modules=attn, init_lora_weights=False), 0.3),
     }
+    if arch == "gemma-tied":  # what embed_scale touches
+        return {name: found[name] for name in ("emb", "tokens")}
     if arch != "gpt2":  # PEFT builds OFT on Linear layers, not on GPT-2's Conv1D
         found["oft"] = (OFTConfig(r=0, oft_block_size=16, target_modules=["v_proj"], init_weights=False), 0.3)
         found["loha"] = (LoHaConfig(r=2, alpha=4, target_modules=["k_proj", "q_proj"], init_weights=False), 1.0)
@@ -95,9 +109,13 @@ def _build(arch: str, tmp_path_factory) -> tuple:
     if arch not in _worlds:
         root = tmp_path_factory.mktemp(arch)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(BASES[arch]())
+        model = AutoModelForCausalLM.from_config(BASES[arch]() if arch in BASES else GEMMA())
         with torch.no_grad():  # wider logits: clear greedy choices (tied: the embedding too, as the head it is)
-            model.get_output_embeddings().weight.mul_(20 if arch != "qwen2-tied" else 4)
+            model.get_output_embeddings().weight.mul_(4 if arch.endswith("-tied") else 20)
+            if arch == "gemma-tied":  # layers that add as much as the embedding: its scale shows past the last norm
+                for layer in model.model.layers:
+                    layer.self_attn.o_proj.weight.mul_(10)
+                    layer.mlp.down_proj.weight.mul_(10)
         model.save_pretrained(root / "base")
         ByT5Tokenizer().save_pretrained(root / "base")
         for seed, (name, (config, scale)) in enumerate(adapters(arch).items(), start=1):
@@ -196,6 +214,12 @@ def test_module_adapters_with_prefix_caching(world):
     assert runner[0].prefix_cache and runner[0].prefix_hit_tokens == 0
     _run_batch(world, combos, steps=1, cache_scope=True, runner=runner, prompts=shared)
     assert runner[0].prefix_hit_tokens == 16 * len(combos)
+
+
+def test_gemma_scaled_embedding(tmp_path_factory):
+    """Gemma multiplies its embedding's output by embed_scale: PEFT scales an embedding LoRA's delta and the
+    trainable tokens' replaced rows by it too."""
+    _run_batch(_build("gemma-tied", tmp_path_factory), [{"emb": 1.0}, {}, {"tokens": 1.0}, {"emb": -0.5}])
 
 
 def test_modules_replace_rows_only_at_weight_one_and_alone(world):

@@ -21,11 +21,10 @@ from transformers.pytorch_utils import Conv1D
 from server.adapters.host import HostCopy, copy_to_host, footprint
 from server.adapters.kinds import CANONICAL_ORDER, KINDS, Kind, LayerAdapter
 from server.adapters.mixing import BaseLayout
-from server.adapters.modules import EMBEDDING_LORA_PARAMS, embedding_lora, module_adapters
+from server.adapters.modules import EMBEDDING_LORA_PARAMS, SAVED_PREFIX, embedding_lora, module_adapters
 from server.adapters.store import AdapterFiles
 from server.errors import AdapterInvalid
 
-SAVED_PREFIX = "base_model.model."
 _ROUTED_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 

@@ -65,7 +65,11 @@ class TokenRows(ModuleAdapter):
             bias = module.bias.index_select(0, self.indices) if module.bias is not None else None
             return y.index_copy(-1, self.indices, F.linear(x, self.rows, bias))
         at = self.lookup[x]  # x: [rows, tokens] ids
-        return torch.where((at >= 0)[..., None], F.embedding(at.clamp(min=0), self.rows), y)
+        rows = F.embedding(at.clamp(min=0), self.rows)
+        embed_scale = getattr(module, "embed_scale", None)  # Gemma's: peft scales the replaced rows too
+        if embed_scale is not None:
+            rows = rows * embed_scale.to(rows.dtype)
+        return torch.where((at >= 0)[..., None], rows, y)
 
 
 class ModuleCopy(ModuleAdapter):
