@@ -4,11 +4,12 @@ Gemma's scaled embedding (tied) for the embedding LoRA and token rows only."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
-from peft import LoHaConfig, LoraConfig, OFTConfig
+from peft import LoHaConfig, LoraConfig, OFTConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, GemmaConfig, GPT2Config, Qwen2Config
 
@@ -46,7 +47,7 @@ BASES = {
         tie_word_embeddings=False,
     ),
 }
-GEMMA = lambda: tiny.config(  # noqa: E731  (embed_scale: the embedding's output times sqrt(hidden))
+GEMMA = lambda: tiny.config(  # embed_scale: the embedding's output times sqrt(hidden)
     hidden=64,
     intermediate=96,
     layers=1,
@@ -93,6 +94,16 @@ def adapters(arch: str) -> dict:
         ),
         "plain": (LoraConfig(r=4, lora_alpha=8, target_modules=attn, init_lora_weights=False), 0.3),
     }
+    if arch == "qwen2-tied":  # PEFT adapts the tied lm_head with the embedding's LoRA (see the test)
+        for name, targets in (("emb-tie", [emb, *attn]), ("head-tie", ["lm_head"])):
+            found[name] = (
+                LoraConfig(
+                    r=4, lora_alpha=8, target_modules=targets, ensure_weight_tying=True, init_lora_weights=False
+                ),
+                0.3,
+            )
+        norm_tie = LoraConfig(r=2, lora_alpha=4, target_modules=attn, modules_to_save=["norm"], init_lora_weights=False)
+        found["norm-tie"] = (dataclasses.replace(norm_tie, ensure_weight_tying=True), 0.8)
     if arch == "gemma-tied":  # what embed_scale touches
         return {name: found[name] for name in ("emb", "tokens")}
     if arch != "gpt2":  # PEFT builds OFT on Linear layers, not on GPT-2's Conv1D
@@ -222,6 +233,32 @@ def test_gemma_scaled_embedding(tmp_path_factory):
     _run_batch(_build("gemma-tied", tmp_path_factory), [{"emb": 1.0}, {}, {"tokens": 1.0}, {"emb": -0.5}])
 
 
+def test_tied_embeddings_with_ensure_weight_tying(tmp_path_factory):
+    """LoRA targeting a tied embedding with ensure_weight_tying=True: PEFT adapts both the input embedding and lm_head
+    (with the embedding's A and B, transposed) and saves both; the row is held to PeftModel's answer (PeftMixedModel
+    does not tie), beside a row without it. A saved norm with ensure_weight_tying involves no tied module: served."""
+    world = _build("qwen2-tied", tmp_path_factory)
+    _, model_dir, store = world
+    runner, registry = _runner(world)
+    ids = torch.tensor([PROMPTS[0]] * 2)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE).eval()
+    with torch.no_grad():
+        alone = base.to(DEVICE)(ids.to(DEVICE)).logits[0].cpu()
+    for name in ("emb-tie", "head-tie", "norm-tie"):
+        (adapter,) = registry.load_blocking([name])
+        ours = runner.score(ids, [(adapter.slot,), ()]).cpu()
+        reference = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE), store / name
+        ).eval()
+        if name != "norm-tie":
+            assert hasattr(reference.base_model.model.lm_head, "lora_A"), "PEFT tied no LoRA to lm_head"
+        with torch.no_grad():
+            expected = reference.to(DEVICE)(ids[:1].to(DEVICE)).logits[0].cpu()
+        assert (ours[0] - expected).abs().max() <= ATOL, name
+        assert (ours[1] - alone).abs().max() <= ATOL, name
+        assert (alone - expected).abs().max() > 1e-3, name
+
+
 def test_modules_replace_rows_only_at_weight_one_and_alone(world):
     from server.adapters.modules import check_combination
 
@@ -281,7 +318,9 @@ def test_refusals_say_why(world):
         _resave(world, "emb", "emb.other-base", other_base): "differs from the served base",
         _resave(world, "emb", "emb.resized", resized): "expects a base model with 388 tokens, the served one has 384",
         _resave(world, "copies", "copies.resized", resized_copy): "resized vocabulary",
-        _resave(world, "emb", "emb.loha", loha_on_embedding): "cannot target the embedding",
+        _resave(
+            world, "emb", "emb.loha", loha_on_embedding
+        ): "^adapter .emb.loha.: LOHA on the embedding .* is not served",
         _resave(world, "head", "head.nan", nan_in_head): "lm_head: the saved copy or token rows contain NaN",
     }
     if arch == "qwen2-tied":
