@@ -349,9 +349,15 @@ def test_merges_refuse_module_adapters_with_the_reason(world):
 def test_served_over_http_with_prefix_caching(serve, tmp_path_factory):
     """The real server (prefix cache on), on the tied model (the runner tests above hold every architecture): a long
     prompt under the base, then under each module adapter, each equal to PEFT's greedy answer; what cannot be
-    composed is a 422 with the reason, and the server keeps serving."""
+    composed is a 422 with the reason, refused before its adapters are made resident (two at most: a refused one
+    would have evicted a resident one), and the server keeps serving."""
     _, model_dir, store = _build("qwen2-tied", tmp_path_factory)
-    server = serve(Settings(model=str(model_dir), adapters_dir=store, device=DEVICE, dtype=dtype_name(DTYPE)))
+    server = serve(
+        Settings(
+            model=str(model_dir), adapters_dir=store, device=DEVICE, dtype=dtype_name(DTYPE), max_loaded_adapters=2
+        )
+    )
+    registry = server.state.engine.registry
     prompt = "A prompt long enough to fill two blocks of the cache, then some."
     tokenizer = server.state.tokenizer
     ids = encode_prompt(tokenizer, prompt)
@@ -362,10 +368,13 @@ def test_served_over_http_with_prefix_caching(serve, tmp_path_factory):
             assert response.status_code == 200, response.text
             tokens = [t["id"] for t in response.json()["details"]["tokens"]]
             assert tokens == reference_greedy(model_dir, store, names, ids, 6)[: len(tokens)], names
+        resident = {a.name for a in registry.loaded()}
+        assert resident == {"head", "emb"}
         for adapters, reason in (([{"name": "head", "weight": 0.5}], "weight must be 1"), (["copies", "head"], "also")):
             response = client.post("/generate", json={"inputs": prompt, "adapters": adapters})
             assert response.status_code == 422 and reason in response.json()["error"], response.text
             assert set(response.json()) == {"error", "error_type"}
+            assert {a.name for a in registry.loaded()} == resident
     assert server.state.engine.runner.prefix_hit_tokens > 0  # the last request found the first one's blocks
 
 
