@@ -259,10 +259,13 @@ def test_tied_embeddings_with_ensure_weight_tying(tmp_path_factory):
         assert (alone - expected).abs().max() > 1e-3, name
 
 
-def test_modules_replace_rows_only_at_weight_one_and_alone(world):
+def test_replaced_modules_at_weight_one_alone_and_counted_whole(tmp_path_factory):
+    """A module that an adapter replaces serves at weight 1 and with no other adapter on it; a saved lm_head and
+    embedding are vocab x hidden each, what the residency budget counts (tied: two copies). One architecture: neither
+    depends on it."""
     from server.adapters.modules import check_combination
 
-    _, registry = _runner(world)
+    runner, registry = _runner(_build("qwen2-tied", tmp_path_factory))
     copies, head, emb = registry.load_blocking(["copies", "head", "emb"])
     with pytest.raises(ValidationError, match="weight must be 1"):
         check_combination([head], [0.5])
@@ -271,12 +274,6 @@ def test_modules_replace_rows_only_at_weight_one_and_alone(world):
     with pytest.raises(ValidationError, match="also change it"):
         check_combination([copies, emb], [1.0, 1.0])
     check_combination([head, emb], [1.0, 0.5])
-
-
-def test_a_copy_counts_its_real_size(world):
-    """A saved lm_head and embedding are vocab x hidden each: what the residency budget counts."""
-    runner, registry = _runner(world)
-    (copies,) = registry.load_blocking(["copies"])
     vocab, hidden = runner.model.get_output_embeddings().weight.shape
     assert copies.nbytes >= 2 * vocab * hidden * runner.model.dtype.itemsize
 
