@@ -1,13 +1,15 @@
 """What adapters on whole modules cost in the engine (server/adapters/modules.py), in-process, contenders interleaved
-in one run: a batch of LoRA rows, against the same batch where one row instead carries a saved `lm_head` copy
-(`modules_to_save`), LoRA on the input embedding, or trainable tokens; and a batch where every row has the copy.
+in one run: a batch of LoRA rows, against the same batch where one row's adapter adds to that same LoRA (every
+Linear layer) a saved `lm_head` copy (`modules_to_save`), LoRA on the input embedding, or trainable tokens; and a
+batch where every row has the copy.
 
     python -m bench.module_adapters [--shape small|0.5b] [--rounds 5] [--device cuda] [--dtype bfloat16] [--quick]
 
 16 rows, 32-token prompts, 24 decode steps (the runner's decode pass and greedy sampling). Every row advances one
 token per step, so a/b of a batch's tokens/s is a/b of each of its rows, the 15 rows without a module adapter
-included. "ms/step over b" is what the odd row adds to each step: for the copy, its own lm_head matmul (one per
-distinct head). Shapes: Qwen2-style hidden 384 x 6 layers with Qwen2.5's 151,936-token vocabulary (the head is
+included. Each (a) is against (b) 15 + another LoRA (the odd row's adapter is then that LoRA without the module
+feature), (c) against (b) 16 LoRA rows. "ms/step over b" is what the feature adds to each step: for the copy, its
+own lm_head matmul (one per distinct head). Shapes: Qwen2-style hidden 384 x 6 layers with Qwen2.5's 151,936-token vocabulary (the head is
 what a copy costs), or Qwen2.5-0.5B's (896 x 24).
 """
 
@@ -39,28 +41,20 @@ SHAPES = {
     "0.5b": {"hidden": 896, "intermediate": 4864, "layers": 24, "heads": 14, "kv_heads": 2, "vocab_size": 151936},
     "quick": {"hidden": 128, "intermediate": 256, "layers": 2, "heads": 4, "kv_heads": 2},
 }
-ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-ADAPTERS = {
-    "lora": LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False),
-    "head-copy": LoraConfig(
-        r=16, lora_alpha=32, target_modules=ATTENTION, modules_to_save=["lm_head"], init_lora_weights=False
-    ),
-    "embedding-lora": LoraConfig(
-        r=16, lora_alpha=32, target_modules=["embed_tokens", *ATTENTION], init_lora_weights=False
-    ),
-    "tokens": LoraConfig(
-        r=16,
-        lora_alpha=32,
-        target_modules=ATTENTION,
-        trainable_token_indices=list(range(3, 11)),
-        init_lora_weights=False,
-    ),
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # PEFT's all-linear here
+LORA = {"r": 16, "lora_alpha": 32, "init_lora_weights": False}
+ADAPTERS = {  # the same LoRA on every Linear layer; each contender adds its one module feature
+    "lora": LoraConfig(**LORA, target_modules=LINEAR),
+    "lora-2": LoraConfig(**LORA, target_modules=LINEAR),  # another LoRA (its own weights): the odd row's baseline
+    "head-copy": LoraConfig(**LORA, target_modules=LINEAR, modules_to_save=["lm_head"]),
+    "embedding-lora": LoraConfig(**LORA, target_modules=["embed_tokens", *LINEAR]),
+    "tokens": LoraConfig(**LORA, target_modules=LINEAR, trainable_token_indices=list(range(3, 11))),
 }
 
 
 def build(root: Path, shape: str) -> tuple[Path, Path]:
     model_dir, store = root / f"module-adapters-model-{shape}", root / f"module-adapters-{shape}"
-    if (store / "tokens" / "adapter_config.json").is_file():
+    if all((store / name / "adapter_config.json").is_file() for name in ADAPTERS):
         return model_dir, store
     torch.manual_seed(0)
     sizes = dict(SHAPES[shape])
@@ -88,13 +82,15 @@ def main(argv: list[str] | None = None) -> None:
     shape, rounds = ("quick", 1) if args.quick else (args.shape, args.rounds)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     print(describe_run(device, args.dtype))
-    contenders = {
+    contenders = {  # each against its baseline (b): the same rows, the odd row's adapter without its module feature
         "(b) 16 LoRA rows": ["lora"] * ROWS,
+        "(b) 15 + another LoRA": ["lora"] * (ROWS - 1) + ["lora-2"],
         "(a) 15 + head copy": ["lora"] * (ROWS - 1) + ["head-copy"],
         "(a) 15 + embed LoRA": ["lora"] * (ROWS - 1) + ["embedding-lora"],
         "(a) 15 + tokens": ["lora"] * (ROWS - 1) + ["tokens"],
         "(c) 16 head copies": ["head-copy"] * ROWS,
     }
+    baseline = {name: "(b) 15 + another LoRA" if name.startswith("(a)") else "(b) 16 LoRA rows" for name in contenders}
     decode: dict[str, list[float]] = {name: [] for name in contenders}
     prefill: dict[str, list[float]] = {name: [] for name in contenders}
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{'':22s} {'decode tok/s':>13s} {'a/b':>6s} {'(range)':>11s} {'ms/step over b':>15s}"
         f" {'prefill tok/s':>14s} {'a/b':>6s}"
     )
-    base = "(b) 16 LoRA rows"
     for name in contenders:
+        base = baseline[name]
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
         # a/b per round (contenders interleaved: each round's pair ran side by side), median and range
         ratios = [a / b for a, b in zip(decode[name], decode[base], strict=True)]

@@ -1,15 +1,17 @@
 """Adapters on whole modules (server/adapters/modules.py): LoRA on input embeddings, modules_to_save and trainable
-tokens, on Llama (untied head), Qwen2 (tied embeddings) and GPT-2 (`wte`), each row of mixed batches held to PEFT."""
+tokens, on Llama (untied head), Qwen2 (tied embeddings) and GPT-2 (`wte`), each row of mixed batches held to PEFT;
+Gemma's scaled embedding (tied) for the embedding LoRA and token rows only."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
-from peft import LoHaConfig, LoraConfig, OFTConfig
+from peft import LoHaConfig, LoraConfig, OFTConfig, PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, ByT5Tokenizer, GPT2Config, Qwen2Config
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, GemmaConfig, GPT2Config, Qwen2Config
 
 from server.adapters.merges import Merge, compute
 from server.adapters.store import AdapterStore
@@ -45,9 +47,20 @@ BASES = {
         tie_word_embeddings=False,
     ),
 }
-EMBEDDING = {"llama": "embed_tokens", "qwen2-tied": "embed_tokens", "gpt2": "wte"}
-NORM = {"llama": "norm", "qwen2-tied": "norm", "gpt2": "ln_f"}
-ATTN = {"llama": ["q_proj"], "qwen2-tied": ["q_proj"], "gpt2": ["c_attn"]}
+GEMMA = lambda: tiny.config(  # embed_scale: the embedding's output times sqrt(hidden)
+    hidden=64,
+    intermediate=96,
+    layers=1,
+    heads=4,
+    kv_heads=2,
+    positions=256,
+    architecture=GemmaConfig,
+    head_dim=16,
+    tie_word_embeddings=True,
+)
+EMBEDDING = {"llama": "embed_tokens", "qwen2-tied": "embed_tokens", "gpt2": "wte", "gemma-tied": "embed_tokens"}
+NORM = {"llama": "norm", "qwen2-tied": "norm", "gpt2": "ln_f", "gemma-tied": "norm"}
+ATTN = {"llama": ["q_proj"], "qwen2-tied": ["q_proj"], "gpt2": ["c_attn"], "gemma-tied": ["q_proj"]}
 
 
 def adapters(arch: str) -> dict:
@@ -81,6 +94,18 @@ def adapters(arch: str) -> dict:
         ),
         "plain": (LoraConfig(r=4, lora_alpha=8, target_modules=attn, init_lora_weights=False), 0.3),
     }
+    if arch == "qwen2-tied":  # PEFT adapts the tied lm_head with the embedding's LoRA (see the test)
+        for name, targets in (("emb-tie", [emb, *attn]), ("head-tie", ["lm_head"])):
+            found[name] = (
+                LoraConfig(
+                    r=4, lora_alpha=8, target_modules=targets, ensure_weight_tying=True, init_lora_weights=False
+                ),
+                0.3,
+            )
+        norm_tie = LoraConfig(r=2, lora_alpha=4, target_modules=attn, modules_to_save=["norm"], init_lora_weights=False)
+        found["norm-tie"] = (dataclasses.replace(norm_tie, ensure_weight_tying=True), 0.8)
+    if arch == "gemma-tied":  # what embed_scale touches
+        return {name: found[name] for name in ("emb", "tokens")}
     if arch != "gpt2":  # PEFT builds OFT on Linear layers, not on GPT-2's Conv1D
         found["oft"] = (OFTConfig(r=0, oft_block_size=16, target_modules=["v_proj"], init_weights=False), 0.3)
         found["loha"] = (LoHaConfig(r=2, alpha=4, target_modules=["k_proj", "q_proj"], init_weights=False), 1.0)
@@ -95,9 +120,13 @@ def _build(arch: str, tmp_path_factory) -> tuple:
     if arch not in _worlds:
         root = tmp_path_factory.mktemp(arch)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(BASES[arch]())
+        model = AutoModelForCausalLM.from_config(BASES[arch]() if arch in BASES else GEMMA())
         with torch.no_grad():  # wider logits: clear greedy choices (tied: the embedding too, as the head it is)
-            model.get_output_embeddings().weight.mul_(20 if arch != "qwen2-tied" else 4)
+            model.get_output_embeddings().weight.mul_(4 if arch.endswith("-tied") else 20)
+            if arch == "gemma-tied":  # layers that add as much as the embedding: its scale shows past the last norm
+                for layer in model.model.layers:
+                    layer.self_attn.o_proj.weight.mul_(10)
+                    layer.mlp.down_proj.weight.mul_(10)
         model.save_pretrained(root / "base")
         ByT5Tokenizer().save_pretrained(root / "base")
         for seed, (name, (config, scale)) in enumerate(adapters(arch).items(), start=1):
@@ -198,10 +227,45 @@ def test_module_adapters_with_prefix_caching(world):
     assert runner[0].prefix_hit_tokens == 16 * len(combos)
 
 
-def test_modules_replace_rows_only_at_weight_one_and_alone(world):
+def test_gemma_scaled_embedding(tmp_path_factory):
+    """Gemma multiplies its embedding's output by embed_scale: PEFT scales an embedding LoRA's delta and the
+    trainable tokens' replaced rows by it too."""
+    _run_batch(_build("gemma-tied", tmp_path_factory), [{"emb": 1.0}, {}, {"tokens": 1.0}, {"emb": -0.5}])
+
+
+def test_tied_embeddings_with_ensure_weight_tying(tmp_path_factory):
+    """LoRA targeting a tied embedding with ensure_weight_tying=True: PEFT adapts both the input embedding and lm_head
+    (with the embedding's A and B, transposed) and saves both; the row is held to PeftModel's answer (PeftMixedModel
+    does not tie), beside a row without it. A saved norm with ensure_weight_tying involves no tied module: served."""
+    world = _build("qwen2-tied", tmp_path_factory)
+    _, model_dir, store = world
+    runner, registry = _runner(world)
+    ids = torch.tensor([PROMPTS[0]] * 2)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE).eval()
+    with torch.no_grad():
+        alone = base.to(DEVICE)(ids.to(DEVICE)).logits[0].cpu()
+    for name in ("emb-tie", "head-tie", "norm-tie"):
+        (adapter,) = registry.load_blocking([name])
+        ours = runner.score(ids, [(adapter.slot,), ()]).cpu()
+        reference = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPE), store / name
+        ).eval()
+        if name != "norm-tie":
+            assert hasattr(reference.base_model.model.lm_head, "lora_A"), "PEFT tied no LoRA to lm_head"
+        with torch.no_grad():
+            expected = reference.to(DEVICE)(ids[:1].to(DEVICE)).logits[0].cpu()
+        assert (ours[0] - expected).abs().max() <= ATOL, name
+        assert (ours[1] - alone).abs().max() <= ATOL, name
+        assert (alone - expected).abs().max() > 1e-3, name
+
+
+def test_replaced_modules_at_weight_one_alone_and_counted_whole(tmp_path_factory):
+    """A module that an adapter replaces serves at weight 1 and with no other adapter on it; a saved lm_head and
+    embedding are vocab x hidden each, what the residency budget counts (tied: two copies). One architecture: neither
+    depends on it."""
     from server.adapters.modules import check_combination
 
-    _, registry = _runner(world)
+    runner, registry = _runner(_build("qwen2-tied", tmp_path_factory))
     copies, head, emb = registry.load_blocking(["copies", "head", "emb"])
     with pytest.raises(ValidationError, match="weight must be 1"):
         check_combination([head], [0.5])
@@ -210,12 +274,6 @@ def test_modules_replace_rows_only_at_weight_one_and_alone(world):
     with pytest.raises(ValidationError, match="also change it"):
         check_combination([copies, emb], [1.0, 1.0])
     check_combination([head, emb], [1.0, 0.5])
-
-
-def test_a_copy_counts_its_real_size(world):
-    """A saved lm_head and embedding are vocab x hidden each: what the residency budget counts."""
-    runner, registry = _runner(world)
-    (copies,) = registry.load_blocking(["copies"])
     vocab, hidden = runner.model.get_output_embeddings().weight.shape
     assert copies.nbytes >= 2 * vocab * hidden * runner.model.dtype.itemsize
 
@@ -257,7 +315,9 @@ def test_refusals_say_why(world):
         _resave(world, "emb", "emb.other-base", other_base): "differs from the served base",
         _resave(world, "emb", "emb.resized", resized): "expects a base model with 388 tokens, the served one has 384",
         _resave(world, "copies", "copies.resized", resized_copy): "resized vocabulary",
-        _resave(world, "emb", "emb.loha", loha_on_embedding): "cannot target the embedding",
+        _resave(
+            world, "emb", "emb.loha", loha_on_embedding
+        ): "^adapter .emb.loha.: LOHA on the embedding .* is not served",
         _resave(world, "head", "head.nan", nan_in_head): "lm_head: the saved copy or token rows contain NaN",
     }
     if arch == "qwen2-tied":
@@ -286,9 +346,15 @@ def test_merges_refuse_module_adapters_with_the_reason(world):
 def test_served_over_http_with_prefix_caching(serve, tmp_path_factory):
     """The real server (prefix cache on), on the tied model (the runner tests above hold every architecture): a long
     prompt under the base, then under each module adapter, each equal to PEFT's greedy answer; what cannot be
-    composed is a 422 with the reason, and the server keeps serving."""
+    composed is a 422 with the reason, refused before its adapters are made resident (two at most: a refused one
+    would have evicted a resident one), and the server keeps serving."""
     _, model_dir, store = _build("qwen2-tied", tmp_path_factory)
-    server = serve(Settings(model=str(model_dir), adapters_dir=store, device=DEVICE, dtype=dtype_name(DTYPE)))
+    server = serve(
+        Settings(
+            model=str(model_dir), adapters_dir=store, device=DEVICE, dtype=dtype_name(DTYPE), max_loaded_adapters=2
+        )
+    )
+    registry = server.state.engine.registry
     prompt = "A prompt long enough to fill two blocks of the cache, then some."
     tokenizer = server.state.tokenizer
     ids = encode_prompt(tokenizer, prompt)
@@ -299,10 +365,13 @@ def test_served_over_http_with_prefix_caching(serve, tmp_path_factory):
             assert response.status_code == 200, response.text
             tokens = [t["id"] for t in response.json()["details"]["tokens"]]
             assert tokens == reference_greedy(model_dir, store, names, ids, 6)[: len(tokens)], names
+        resident = {a.name for a in registry.loaded()}
+        assert resident == {"head", "emb"}
         for adapters, reason in (([{"name": "head", "weight": 0.5}], "weight must be 1"), (["copies", "head"], "also")):
             response = client.post("/generate", json={"inputs": prompt, "adapters": adapters})
             assert response.status_code == 422 and reason in response.json()["error"], response.text
             assert set(response.json()) == {"error", "error_type"}
+            assert {a.name for a in registry.loaded()} == resident
     assert server.state.engine.runner.prefix_hit_tokens > 0  # the last request found the first one's blocks
 
 

@@ -20,11 +20,10 @@ from transformers.pytorch_utils import Conv1D
 from server.adapters.host import HostCopy, copy_to_host, footprint
 from server.adapters.kinds import CANONICAL_ORDER, KINDS, Kind, LayerAdapter
 from server.adapters.mixing import BaseLayout
-from server.adapters.modules import EMBEDDING_LORA_PARAMS, embedding_lora, module_adapters
+from server.adapters.modules import EMBEDDING_LORA_PARAMS, SAVED_PREFIX, embedding_lora, module_adapters, peft_ties
 from server.adapters.store import AdapterFiles
 from server.errors import AdapterInvalid
 
-SAVED_PREFIX = "base_model.model."
 _ROUTED_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
@@ -220,6 +219,8 @@ def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout, has_para
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         config.target_modules = set(layout.linears) - {layout.output_embedding}  # then the rules below, as in peft
     found = {m for m in layout.modules if m and check_target_module_exists(config, m)}
+    if peft_ties(config, layout) == "targets":  # the tied embeddings' LoRA: the input's, and the output's transposed
+        found |= {layout.input_embedding, layout.output_embedding}
     routed = sorted(m for m in found if _ROUTED_EXPERT.search(m))
     if routed:
         raise AdapterInvalid(
@@ -231,8 +232,8 @@ def targeted_modules(name: str, config: PeftConfig, layout: BaseLayout, has_para
     if embeddings and config.peft_type != "LORA":
         raise AdapterInvalid(
             name,
-            f"{config.peft_type} cannot target the embedding {embeddings[0]} (neither can PEFT); LoRA can: train a LoRA"
-            " adapter on it, or leave it out of target_modules",
+            f"{config.peft_type.value} on the embedding {embeddings[0]} is not served (mixserve serves LoRA on embeddings"
+            " only, whatever PEFT can build there): retrain with it left out of target_modules, or use LoRA",
         )
     not_linear = {m for m in found if m not in layout.linears and m not in layout.embeddings}
     if not_linear:

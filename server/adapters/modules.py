@@ -13,11 +13,13 @@ A row may not combine an adapter that replaces M with another adapter on M (`che
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from peft import PeftConfig
+from peft.utils.constants import EMBEDDING_LAYER_NAMES
 from torch import nn
 
 from server.adapters.kinds.base import LayerAdapter, expect_params, expect_shape, pattern_value
@@ -65,7 +67,11 @@ class TokenRows(ModuleAdapter):
             bias = module.bias.index_select(0, self.indices) if module.bias is not None else None
             return y.index_copy(-1, self.indices, F.linear(x, self.rows, bias))
         at = self.lookup[x]  # x: [rows, tokens] ids
-        return torch.where((at >= 0)[..., None], F.embedding(at.clamp(min=0), self.rows), y)
+        rows = F.embedding(at.clamp(min=0), self.rows)
+        embed_scale = getattr(module, "embed_scale", None)  # Gemma's: peft scales the replaced rows too
+        if embed_scale is not None:
+            rows = rows * embed_scale.to(rows.dtype)
+        return torch.where((at >= 0)[..., None], rows, y)
 
 
 class ModuleCopy(ModuleAdapter):
@@ -160,8 +166,11 @@ def module_adapters(
     ({module: adapter}, the tensors left for the adapter's layers)."""
     rest = dict(tensors)
     found: dict[str, ModuleAdapter] = {}
-    saves = config.modules_to_save or getattr(config, "trainable_token_indices", None)
-    if saves and layout.tied and getattr(config, "ensure_weight_tying", False):
+    if peft_ties(config, layout) == "saved" or (
+        getattr(config, "trainable_token_indices", None)
+        and layout.tied
+        and getattr(config, "ensure_weight_tying", False)
+    ):
         raise AdapterInvalid(name, _ENSURE_TYING)
     saved = _matches(config.modules_to_save or (), layout)
     for module in sorted({*layout.embeddings, layout.output_embedding} - {None}):
@@ -191,6 +200,22 @@ def module_adapters(
         if not all(torch.isfinite(t).all() for t in adapter.tensors() if t.is_floating_point()):
             raise AdapterInvalid(name, f"{module}: the saved copy or token rows contain NaN or infinity")
     return found, rest
+
+
+def peft_ties(config, layout) -> str | None:
+    """What PEFT's ensure_weight_tying ties on a base with tied embeddings (BaseTuner._check_tied_modules): "saved"
+    when modules_to_save names an embedding, else "targets" when target_modules does (PEFT then adapts the input
+    embedding, and the output one with the same LoRA, transposed); None when it ties nothing."""
+    if not (layout.tied and getattr(config, "ensure_weight_tying", False)):
+        return None
+    if any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in config.modules_to_save or ()):
+        return "saved"
+    targets = config.target_modules
+    if isinstance(targets, str):
+        named = any(re.fullmatch(targets, m) for m in EMBEDDING_LAYER_NAMES)
+    else:
+        named = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in targets or ())
+    return "targets" if named else None
 
 
 def _matches(targets, layout) -> list[str]:
@@ -297,9 +322,9 @@ def _fit(name: str, what: str, saved: torch.Tensor, shape: tuple) -> torch.Tenso
 
 
 _ENSURE_TYING = (
-    "ensure_weight_tying=True with modules_to_save or trainable_token_indices on a model with tied embeddings is not"
-    " served (PEFT then ties the adapter's own output-embedding copy or rows to its input-embedding ones); re-save"
-    " the adapter with ensure_weight_tying=False"
+    "ensure_weight_tying=True with an embedding in modules_to_save, or with trainable_token_indices, on a model with"
+    " tied embeddings is not served (PEFT then ties the adapter's own output-embedding copy or rows to its"
+    " input-embedding ones); re-save the adapter with ensure_weight_tying=False"
 )
 
 

@@ -196,14 +196,18 @@ class AdapterRegistry:
 
     # --- the engine's thread
 
-    def resolve(self, names: list[str], protected: set[str]) -> list[LoadedAdapter] | None:
+    def resolve(
+        self, names: list[str], protected: set[str], check: Callable[[list[LoadedAdapter]], None] = lambda _: None
+    ) -> list[LoadedAdapter] | None:
         """The resident adapters for a request, in canonical order; None while one is loading (loads start here).
         Raises NoRoom while memory is short, or the error of a failed load that left nothing to serve.
-        protected: names that making room must not evict (adapters of older waiting requests)."""
+        protected: names that making room must not evict (adapters of older waiting requests); check: refuses a
+        combination by raising, before anything is made resident (a refused request evicts nothing)."""
         versions = [self._version(name) for name in names]
         if None in versions:
             return None
         self._check_fits(versions)
+        check(versions)
         adapters = [self._resident(adapter, protected | set(names)) for adapter in versions]
         return sorted(adapters, key=lambda a: CANONICAL_ORDER.index(a.peft_type))
 

@@ -373,10 +373,14 @@ class Engine:
         if seq in self._preempted:
             self._preempted.discard(seq)
             return True
-        adapters = self.registry.resolve(seq.request.adapters.names, protected)
+        weights = seq.request.adapters.weight
+        adapters = self.registry.resolve(
+            seq.request.adapters.names,
+            protected,
+            lambda found: check_combination(found, [weights(a.name) for a in found]),
+        )
         if adapters is None:
             return False
-        check_combination(adapters, [seq.request.adapters.weight(a.name) for a in adapters])
         self.registry.acquire(adapters)
         seq.loaded = adapters
         seq.slots = tuple(a.slot for a in adapters)
