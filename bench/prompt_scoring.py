@@ -37,7 +37,9 @@ TOKENIZER = ByT5Tokenizer()
 def runner_for(vocab: int, quick: bool, device: torch.device, dtype: torch.dtype, store: Path) -> ModelRunner:
     torch.manual_seed(0)
     sizes = dict(hidden=128, intermediate=384, layers=2, heads=4, kv_heads=4) if quick else {}
-    config = tiny.config(**(sizes or dict(hidden=512, intermediate=1376, layers=8, heads=8, kv_heads=8)), positions=4096)
+    config = tiny.config(
+        **(sizes or dict(hidden=512, intermediate=1376, layers=8, heads=8, kv_heads=8)), positions=4096
+    )
     config.vocab_size = vocab
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     registry = AdapterRegistry(model, AdapterStore(store), device, dtype)

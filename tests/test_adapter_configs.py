@@ -48,7 +48,9 @@ def test_all_linear_with_exclusions_equals_the_reference(llama, tmp_path):
     adapters = registry.load_blocking(["some-linear"])
     assert set(adapters[0].built.layers) == {k.removeprefix("base_model.model.").split(".lora_")[0] for k in saved}
     ours = runner.score(torch.tensor([IDS]), [(adapters[0].slot,)])[0].cpu()
-    torch.testing.assert_close(ours, reference_logits(llama.model_dir, tmp_path, ["some-linear"], IDS), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        ours, reference_logits(llama.model_dir, tmp_path, ["some-linear"], IDS), atol=ATOL, rtol=0
+    )
 
 
 @pytest.mark.parametrize(

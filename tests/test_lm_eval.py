@@ -133,9 +133,7 @@ def check(results: dict, tasks, oracle, names: tuple) -> None:
         assert results["results"]["mixmc"]["acc,none"] == 1.0
     for sample in samples["mixrolling"]:
         tokens = encode(sample["doc"]["text"])
-        windows = [
-            make_disjoint_window(w) for w in get_rolling_token_windows(tokens, 1, MAX_LENGTH - 2, context_len=1)
-        ]
+        windows = [make_disjoint_window(w) for w in get_rolling_token_windows(tokens, 1, MAX_LENGTH - 2, context_len=1)]
         assert len(windows) > 1 or len(tokens) < MAX_LENGTH - 2
         expected = sum(oracle(names, context, continuation)[0] for context, continuation in windows)
         assert sample["resps"][0][0] == pytest.approx(expected, abs=1e-4)

@@ -295,7 +295,9 @@ class TokenTable:
         while at < len(data):
             end = next((e for e in range(min(len(data), at + self._longest), at, -1) if data[at:e] in self._ids), None)
             if end is None:
-                raise ValueError(f"no token of this tokenizer begins with {data[at:at + 8]!r}, which the grammar needs")
+                raise ValueError(
+                    f"no token of this tokenizer begins with {data[at : at + 8]!r}, which the grammar needs"
+                )
             ids.append(self._ids[data[at:end]])
             at = end
         return ids
