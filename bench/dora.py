@@ -23,13 +23,21 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, ByT5Tokenizer, Qwen2Config
 
 from bench.common import add_device_arguments, combinations, describe_run, device_name, synchronize
-from bench.mixed_decode import PROMPT_TOKENS, ROWS, SHAPES, STEPS, BenchRow, profile_step, registry_order, step
+from bench.mixed_decode import (
+    PROMPT_TOKENS,
+    ROWS,
+    SHAPES,
+    STEPS,
+    BenchRow,
+    profile_step,
+    registry_order,
+    save_base,
+    step,
+)
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
-from server.demo.tiny import config as tiny_config
 from server.demo.tiny import save_adapter
 from server.engine.runner import ModelRunner
 from server.engine.sampling import sample
@@ -57,14 +65,7 @@ def build(root: Path, shape: str) -> tuple[Path, Path]:
     model_dir, store = root / f"dora-model-{shape}", root / f"dora-adapters-{shape}"
     if (store / "bias" / "adapter_config.json").is_file():
         return model_dir, store
-    torch.manual_seed(0)
-    sizes = dict(SHAPES[shape])
-    vocab = sizes.pop("vocab_size", None)
-    config = tiny_config(**sizes, architecture=Qwen2Config, tie_word_embeddings=False)
-    if vocab:
-        config.vocab_size = vocab
-    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-    ByT5Tokenizer().save_pretrained(model_dir)
+    save_base(model_dir, SHAPES[shape])
     for seed, (name, peft_config) in enumerate(ADAPTERS.items()):
         save_adapter(model_dir, peft_config, store / name, seed=seed, base_name=shape, scale=0.2)
     return model_dir, store

@@ -73,12 +73,11 @@ SHAPES = {
 }
 
 
-def build(root: Path, shape: str) -> tuple[Path, Path]:
-    model_dir, store = root / f"mixed-decode-model-{shape}", root / f"mixed-decode-adapters-{shape}"
-    if (store / "oft-32" / "adapter_config.json").is_file() and (model_dir / "tokenizer_config.json").is_file():
-        return model_dir, store
+def save_base(model_dir: Path, sizes: dict) -> None:
+    """A Qwen2-style model of these sizes (tiny_config's, and vocab_size), untied, random weights from seed 0, with a
+    byte tokenizer (bench.throughput's servers read it); the benches' adapters are saved against it."""
     torch.manual_seed(0)
-    sizes = dict(SHAPES[shape])
+    sizes = dict(sizes)
     vocab = sizes.pop("vocab_size", None)
     config = tiny_config(**sizes, architecture=Qwen2Config, tie_word_embeddings=False)
     if vocab:
@@ -86,7 +85,14 @@ def build(root: Path, shape: str) -> tuple[Path, Path]:
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
     model.save_pretrained(model_dir)
-    ByT5Tokenizer().save_pretrained(model_dir)  # for bench.throughput's servers
+    ByT5Tokenizer().save_pretrained(model_dir)
+
+
+def build(root: Path, shape: str) -> tuple[Path, Path]:
+    model_dir, store = root / f"mixed-decode-model-{shape}", root / f"mixed-decode-adapters-{shape}"
+    if (store / "oft-32" / "adapter_config.json").is_file() and (model_dir / "tokenizer_config.json").is_file():
+        return model_dir, store
+    save_base(model_dir, SHAPES[shape])
     for seed, (name, (peft_config, scale)) in enumerate(ADAPTERS.items()):
         save_adapter(model_dir, copy.deepcopy(peft_config), store / name, seed=seed, base_name=shape, scale=scale)
     return model_dir, store
