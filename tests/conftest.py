@@ -84,6 +84,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def greedy_logits(runner: ModelRunner, seqs: list, steps: int) -> list[torch.Tensor]:
+    """Runner-level greedy generation: each row's logits at each step, [steps + 1, vocab], greedy; the rows released after."""
+    out = [[] for _ in seqs]
+    logits = runner.prefill(seqs)
+    for step in range(steps + 1):
+        for row, seq in enumerate(seqs):
+            out[row].append(logits[row])
+            seq.tokens.append(int(logits[row].argmax()))
+        if step < steps:
+            logits = runner.decode()
+    for seq in seqs:
+        runner.release(seq)
+    return [torch.stack(rows).cpu() for rows in out]
+
+
 def private_model(model_dir: Path, store, dtype: torch.dtype | None = None, **registry) -> tuple:
     """(model, registry) on the tests' device, for tests that drive them without an engine."""
     model = load_model(model_dir, torch.device(DEVICE), dtype or DTYPE)

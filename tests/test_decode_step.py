@@ -33,6 +33,17 @@ ROWS = [
 FIRST_LOADED = ["lora", "shira", "oft", "lokr"]  # the others attach while rows decode
 
 
+def _each_row_is_the_reference(world, rows) -> None:
+    """rows: (seq, weights, the logits seen at each step): each step's logits and greedy token the reference's."""
+    for seq, weights, seen in rows:
+        prompt = seq.request.prompt_ids
+        expected = reference_logits(
+            world.model_dir, world.store, list(weights), prompt + seq.tokens[:-1], weights=weights
+        )[len(prompt) - 1 :]
+        torch.testing.assert_close(torch.stack(seen), expected, atol=ATOL, rtol=0)
+        assert seq.tokens == expected.argmax(-1).tolist()
+
+
 def _sequence(registry, prompt: str, weights: dict[str, float], tokenizer) -> PromptSequence:
     loaded = registry.load_blocking(list(weights)) if weights else []
     seq = PromptSequence(encode_prompt(tokenizer, prompt), tuple(a.slot for a in loaded))
@@ -66,13 +77,7 @@ def test_rows_joining_and_leaving_every_step_each_equal_the_reference(llama):
     for seq, _, _ in running:
         runner.release(seq)
     assert len(capacities) > 2, "adapters attached while rows ran should have grown the pools"
-    for seq, weights, seen in done + running:
-        prompt = seq.request.prompt_ids
-        expected = reference_logits(
-            llama.model_dir, llama.store, list(weights), prompt + seq.tokens[:-1], weights=weights
-        )[len(prompt) - 1 :]
-        torch.testing.assert_close(torch.stack(seen), expected, atol=ATOL, rtol=0)
-        assert seq.tokens == expected.argmax(-1).tolist()
+    _each_row_is_the_reference(llama, done + running)
 
 
 # OFT and LoKr rows at weights (negative ones too), one joining and one leaving at each step: a LoKr row's factors
@@ -112,13 +117,7 @@ def test_oft_and_lokr_rows_stay_exact_while_the_composition_changes_every_step(l
     for seq, _, _ in running:
         runner.release(seq)
     assert all(a != b for a, b in itertools.pairwise(compositions)), compositions
-    for seq, weights, seen in done + running:
-        prompt = seq.request.prompt_ids
-        expected = reference_logits(
-            llama.model_dir, llama.store, list(weights), prompt + seq.tokens[:-1], weights=weights
-        )[len(prompt) - 1 :]
-        torch.testing.assert_close(torch.stack(seen), expected, atol=ATOL, rtol=0)
-        assert seq.tokens == expected.argmax(-1).tolist()
+    _each_row_is_the_reference(llama, done + running)
 
 
 def test_a_freed_span_is_reused_and_what_it_held_never_reaches_a_row(llama):

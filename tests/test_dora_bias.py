@@ -23,7 +23,7 @@ from server.demo import tiny
 from server.engine.runner import ModelRunner, PromptSequence
 from server.errors import AdapterInvalid, ValidationError
 from server.model import encode_prompt
-from tests.conftest import ATOL, DEVICE, DTYPE, dtype_name, needs_float32, private_model
+from tests.conftest import ATOL, DEVICE, DTYPE, dtype_name, greedy_logits, needs_float32, private_model
 from tests.families import build_family
 from tests.reference import canonical, reference_greedy, reference_model
 
@@ -236,21 +236,6 @@ def test_weights(worlds, family, name):
         torch.testing.assert_close(row, _reference(model_dir, store, IDS, weights), atol=ATOL, rtol=0)
 
 
-def _generate(runner, seqs: list[PromptSequence], steps: int) -> list[torch.Tensor]:
-    """Each row's logits at each step, [steps + 1, vocab], greedy; the rows released after."""
-    out = [[] for _ in seqs]
-    logits = runner.prefill(seqs)
-    for step in range(steps + 1):
-        for row, seq in enumerate(seqs):
-            out[row].append(logits[row])
-            seq.tokens.append(int(logits[row].argmax()))
-        if step < steps:
-            logits = runner.decode()
-    for seq in seqs:
-        runner.release(seq)
-    return [torch.stack(rows).cpu() for rows in out]
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_decode_steps_with_the_prefix_cache_equal_peft(worlds, family):
     """Prefill, then decode steps (where the low-rank parts come from the rank pool), with a prompt's first blocks
@@ -275,10 +260,10 @@ def test_decode_steps_with_the_prefix_cache_equal_peft(worlds, family):
         return seq
 
     assert runner.prefix_cache
-    _generate(runner, [sequence(mix, SYSTEM + [1, 2])], 1)
+    greedy_logits(runner, [sequence(mix, SYSTEM + [1, 2])], 1)
     hits = runner.prefix_hit_tokens
     seqs = [sequence(w, p) for w, p in rows]
-    logits = _generate(runner, seqs, 4)
+    logits = greedy_logits(runner, seqs, 4)
     assert runner.prefix_hit_tokens > hits
     for (weights, prompt), ours, seq in zip(rows, logits, seqs, strict=True):
         expected = _reference(model_dir, store, prompt + seq.tokens[:-1], weights)[len(prompt) - 1 :]

@@ -20,7 +20,7 @@ from server.engine.sequence import GenerationRequest
 from server.metrics import Metrics
 from server.model import encode_prompt
 from server.state import ServerState
-from tests.conftest import ATOL
+from tests.conftest import ATOL, greedy_logits
 from tests.reference import reference_greedy, reference_logits
 from tests.test_kv_cache import streamed_in_waves
 
@@ -79,21 +79,6 @@ def _sequence(registry, weights: dict, prompt: list[int], scope: bytes) -> Promp
     return seq
 
 
-def _generate(runner, seqs: list[PromptSequence], steps: int) -> list[torch.Tensor]:
-    """Each row's logits at each step, [steps + 1, vocab], greedy; the rows released after."""
-    out = [[] for _ in seqs]
-    logits = runner.prefill(seqs)
-    for step in range(steps + 1):
-        for row, seq in enumerate(seqs):
-            out[row].append(logits[row])
-            seq.tokens.append(int(logits[row].argmax()))
-        if step < steps:
-            logits = runner.decode()
-    for seq in seqs:
-        runner.release(seq)
-    return [torch.stack(rows).cpu() for rows in out]
-
-
 def test_rows_at_different_offsets_in_one_batch_equal_the_reference_and_the_cache_off(runner, llama):
     """A prompt cached, then one batch: rows starting after two cached blocks, after one, and after none (another
     combination; a prompt of exactly one block, whose last token's block is never shared), with weights."""
@@ -110,10 +95,10 @@ def test_rows_at_different_offsets_in_one_batch_equal_the_reference_and_the_cach
 
     def run(cached: bool) -> tuple[list[torch.Tensor], int]:
         runner.prefix_cache = cached
-        _generate(runner, [_sequence(registry, MIX, SYSTEM + [1, 2, 3], b"mix")], 2)
+        greedy_logits(runner, [_sequence(registry, MIX, SYSTEM + [1, 2, 3], b"mix")], 2)
         hits = runner.prefix_hit_tokens
         seqs = [_sequence(registry, w, p, scopes[id(w)]) for w, p in rows]
-        logits = _generate(runner, seqs, 4)
+        logits = greedy_logits(runner, seqs, 4)
         return logits, runner.prefix_hit_tokens - hits, [s.tokens for s in seqs]
 
     try:
