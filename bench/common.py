@@ -101,27 +101,32 @@ def build_bench_model(root: Path, quick: bool = False) -> tuple[Path, Path]:
     return model_dir, store
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def listening_socket() -> socket.socket:
+    """A TCP socket bound to a free loopback port, to hand to a server process (MIXSERVE_LISTEN_FD): the port is
+    never free between choosing it and serving on it, so concurrent servers and clients cannot take it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.set_inheritable(True)
+    return sock
 
 
 class Process:
     """A server in a subprocess on a loopback port, stopped on exit."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("MIXSERVE_")}
-        self.log = open(REPO / "bench" / f".server-{self.port}.log", "w")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, *args, "--port", str(self.port)],
-            cwd=REPO,
-            env={**clean, **(env or {})},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        with listening_socket() as sock:
+            self.port = sock.getsockname()[1]
+            self.url = f"http://127.0.0.1:{self.port}"
+            clean = {k: v for k, v in os.environ.items() if not k.startswith("MIXSERVE_")}
+            self.log = open(REPO / "bench" / f".server-{self.port}.log", "w")  # noqa: SIM115
+            self.process = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=REPO,
+                env={**clean, **(env or {}), "MIXSERVE_LISTEN_FD": str(sock.fileno())},
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                pass_fds=[sock.fileno()],
+            )
 
     def __enter__(self) -> Process:
         deadline = time.monotonic() + 300
@@ -136,9 +141,14 @@ class Process:
         raise RuntimeError("server did not start")
 
     def __exit__(self, *exc) -> None:
+        died = self.process.poll()  # before we stop it: a server that exited on its own is a fault to show
         self.process.terminate()
         self.process.wait(timeout=60)
         self.log.close()
+        if died is not None:
+            tail = Path(self.log.name).read_text(errors="replace")[-8000:]
+            print(f"server on port {self.port} exited by itself with {died}; its log ends:\n{tail}", file=sys.stderr)
+            return
         Path(self.log.name).unlink(missing_ok=True)
 
 

@@ -19,7 +19,9 @@ Beside a/b, the ideal from arithmetic: base FLOPs / (base + each client's own ad
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -82,7 +84,7 @@ def weighted(per_client: list[list[dict]], seed: int = 3, low: float = 0.2, high
     ]
 
 
-def serve_obvious(model_dir: str, store: str, port: int) -> None:
+def serve_obvious(model_dir: str, store: str) -> None:
     """(c): what one writes first. set_adapter walks the whole model and the lock serialises every request."""
     import torch
     import uvicorn
@@ -137,7 +139,8 @@ def serve_obvious(model_dir: str, store: str, port: int) -> None:
             "details": {"generated_tokens": len(generated), "tokens": [{"id": i} for i in generated]},
         }
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    sock = socket.socket(fileno=int(os.environ["MIXSERVE_LISTEN_FD"]))  # bench.common.Process's socket
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 def merged(name: str, rounds: list[Result]) -> Result:
@@ -244,10 +247,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep the bench model here (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="a small model and load: checks that it runs")
     parser.add_argument("--serve-obvious", nargs=2, metavar=("MODEL", "STORE"), help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_obvious:
-        serve_obvious(*args.serve_obvious, args.port)
+        serve_obvious(*args.serve_obvious)
         return
 
     if args.quick:

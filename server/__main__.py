@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from types import FrameType
 
@@ -30,6 +31,13 @@ def main() -> None:
         problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         sys.exit(f"mixserve: invalid settings\n{problems}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sockets = None
+    if settings.listen_fd is not None:
+        try:
+            sockets = [socket.socket(fileno=settings.listen_fd)]
+        except OSError as exc:
+            sys.exit(f"mixserve: cannot start: MIXSERVE_LISTEN_FD={settings.listen_fd} is not an open socket ({exc})")
+        settings.host, settings.port = sockets[0].getsockname()[:2]
     metrics = Metrics()
     try:
         state = ServerState.start(settings, metrics)
@@ -41,7 +49,7 @@ def main() -> None:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=75
     )
-    DrainingServer(config, app, settings.drain_seconds).run()
+    DrainingServer(config, app, settings.drain_seconds).run(sockets)
 
 
 class DrainingServer(uvicorn.Server):

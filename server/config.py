@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     adapters_dir: Path = Field(Path("adapters_store"), description="the adapter store: one subfolder per adapter")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    listen_fd: int | None = Field(
+        None, ge=0, description="serve on this inherited, bound TCP socket instead of host:port (socket activation)"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "bnb-nf4", "bnb-fp4", "bnb-int8", "int8-weight-only"] = Field(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from bench.common import listening_socket
 from server.config import DEMO_MODEL_DIR, Settings
 from tests.conftest import REPO
 
@@ -51,12 +51,6 @@ def test_adapters_per_request_are_clamped_to_what_can_be_resident(llama):
     assert llama.settings().max_adapters_per_request == 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_healthy(process: subprocess.Popen, url: str) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -74,16 +68,18 @@ def launch():
     processes = []
 
     def start(args: list[str], env: dict[str, str]) -> str:
-        port = _free_port()
         clean = {k: v for k, v in os.environ.items() if not k.startswith("MIXSERVE_")}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", str(port), *args],
-            cwd=REPO,
-            env={**clean, **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        with listening_socket() as sock:
+            port = sock.getsockname()[1]
+            process = subprocess.Popen(
+                [sys.executable, "-m", "server", "--listen-fd", str(sock.fileno()), *args],
+                cwd=REPO,
+                env={**clean, **env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                pass_fds=[sock.fileno()],
+            )
         processes.append(process)
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(process, url)
@@ -128,3 +124,12 @@ def test_invalid_settings_stop_the_process_with_the_reason(tmp_path):
     )
     assert result.returncode != 0
     assert "device" in result.stderr and "is not a directory" in result.stderr
+
+
+def test_a_listen_fd_that_is_not_an_open_socket_stops_the_process_with_the_reason():
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--listen-fd", "987"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert "cannot start: MIXSERVE_LISTEN_FD=987 is not an open socket" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

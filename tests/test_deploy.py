@@ -3,12 +3,12 @@ manifests agreeing with each other (the replicas behind the load balancer: tests
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,17 +19,12 @@ import httpx
 import pytest
 import yaml
 
+from bench.common import listening_socket
 from server.config import Settings
 from tests.conftest import REPO
 
 HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 SETTINGS_ENV = {f"MIXSERVE_{name.upper()}" for name in Settings.model_fields}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check, timeout: float = 120, what: str = "condition") -> None:
@@ -48,18 +43,26 @@ class Replica:
     """`python -m server` on host:port (a free port of 127.0.0.1 by default) with the given MIXSERVE_* settings."""
 
     def __init__(self, tmp: Path, name: str, host: str = "127.0.0.1", port: int | None = None, **env):
-        self.host, self.port = host, port or free_port()
-        self.url = f"http://{host}:{self.port}"
-        self.log = open(tmp / f"{name}.log", "w")  # noqa: SIM115
         clean = {k: v for k, v in os.environ.items() if not k.startswith("MIXSERVE_")}
         env = {"MIXSERVE_REPLICA_ID": name, **{k: str(v) for k, v in env.items()}}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", host, "--port", str(self.port)],
-            cwd=REPO,
-            env={**clean, **env},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        self.log = open(tmp / f"{name}.log", "w")  # noqa: SIM115
+        with contextlib.ExitStack() as stack:
+            if port is None:  # a socket bound here and inherited: no other process can take the port meanwhile
+                sock = stack.enter_context(listening_socket())
+                port, listen = sock.getsockname()[1], {"MIXSERVE_LISTEN_FD": str(sock.fileno())}
+                inherited = [sock.fileno()]
+            else:
+                listen, inherited = {"MIXSERVE_HOST": host, "MIXSERVE_PORT": str(port)}, []
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "server"],
+                cwd=REPO,
+                env={**clean, **env, **listen},
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                pass_fds=inherited,
+            )
+        self.host, self.port = host, port
+        self.url = f"http://{host}:{self.port}"
 
     def ready(self) -> Replica:
         wait_until(lambda: httpx.get(f"{self.url}/ready", timeout=1).status_code == 200, what="replica ready")
