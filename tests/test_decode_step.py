@@ -304,3 +304,33 @@ def test_blocks_handed_out_in_decode_are_zeroed_also_when_the_step_fails(llama):
         return torch.stack(out)
 
     assert torch.equal(run(poison=True), run(poison=False))
+
+
+def test_a_decode_pass_computes_only_the_ranks_of_the_adapters_its_rows_use(llama, monkeypatch):
+    """Resident adapters that no row of the batch uses cost nothing (else every row would pay for every adapter
+    loaded): on each layer the pass computes the ranks of the adapters its rows use there (at least MIN_CAPACITY),
+    wherever they lie in the pool — side by side, or apart with idle ones between — and every row stays PEFT's."""
+    runner, registry, tokenizer = llama.runner()
+    registry.load_blocking(["lora", "adalora", "loha", "lora.patterns", "lora.rs-bias"])
+    rows = [("Apart", {"lora": 0.5, "loha": 1.0}), ("One", {"lora.patterns": 1.0}), ("Base", {})]
+    seqs = [_sequence(registry, prompt, weights, tokenizer) for prompt, weights in rows]
+    computed, add_to = [], RankPool.add_to
+
+    def counting(pool, y, x, own, coefficients, columns):
+        used = sum(pool.spans[slot][1] for slot in {s for seq in seqs for s in seq.slots} if slot in pool.spans)
+        computed.append((own.shape[1], max(MIN_CAPACITY, used), pool.layout.capacity))
+        return add_to(pool, y, x, own, coefficients, columns)
+
+    monkeypatch.setattr(RankPool, "add_to", counting)
+    seen = [[row] for row in runner.prefill(seqs)]
+    for _ in range(2):
+        for seq, logits in zip(seqs, seen, strict=True):
+            seq.tokens.append(int(logits[-1].argmax()))
+        for logits, row in zip(seen, runner.decode(), strict=True):
+            logits.append(row)
+    assert computed and all(got == used for got, used, _ in computed), computed
+    assert any(got < resident for got, _, resident in computed), "some layer should hold idle adapters"
+    for seq, (_, weights), logits in zip(seqs, rows, seen, strict=True):
+        prompt = seq.request.prompt_ids
+        expected = reference_logits(llama.model_dir, llama.store, list(weights), prompt + seq.tokens, weights=weights)
+        torch.testing.assert_close(torch.stack(logits), expected[len(prompt) - 1 :], atol=ATOL, rtol=0)
