@@ -181,18 +181,20 @@ def _copies_in(func, args, kwargs, device: torch.device) -> bool:
     return target is not None and torch.device(target).type == device.type
 
 
-def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> tuple[int, int, int, int]:
-    """(operator calls, kernels launched, scalar syncs, copies in) of one decode step."""
+def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> tuple[int, int, int, int, int]:
+    """(operator calls, kernels launched, scalar syncs, copies in, FLOPs of its matrix products) of one decode
+    step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
-    with profile(activities=activities) as prof, CountTransfers(device) as transfers:
+    with profile(activities=activities, with_flops=True) as prof, CountTransfers(device) as transfers:
         step(runner, rows)
         synchronize(device)
     events = prof.events()
     ops = sum(1 for e in events if e.name.startswith("aten::"))
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     syncs = sum(1 for e in events if e.name in SYNC_OPS) + transfers.tolist
-    return ops, kernels, syncs, transfers.copies_in
+    flops = sum(e.flops or 0 for e in events if e.device_type == torch.autograd.DeviceType.CPU)
+    return ops, kernels, syncs, transfers.copies_in, flops
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'prefill tok/s':>14s} {'a/b':>6s}"
-        f" {'ops/step':>9s} {'x base':>7s} {'kernels':>8s} {'syncs':>6s} {'H2D copies':>11s}"
+        f" {'ops/step':>9s} {'x base':>7s} {'kernels':>8s} {'syncs':>6s} {'H2D copies':>11s} {'GFLOP/step':>11s}"
     )
     b_decode, b_prefill = statistics.median(decode["(b) no adapters"]), statistics.median(prefill["(b) no adapters"])
     b_ops = profiles["(b) no adapters"][0]
@@ -296,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
         line = f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {p:14.0f} {p / b_prefill:6.2f}"
         if name in profiles:
-            ops, kernels, syncs, copies = profiles[name]
-            line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d} {copies:11d}"
+            ops, kernels, syncs, copies, step_flops = profiles[name]
+            line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d} {copies:11d} {step_flops / 1e9:11.3f}"
         print(line)
     if args.compile:
         print(f"compile: {compile_seconds:.0f} s for the compiled contenders' first round (prefill + {STEPS} steps)")

@@ -260,9 +260,7 @@ class RankPool:
         """Device memory of the ranks that adapters occupy: what the registry counts for them."""
         return self.held * (self.in_features + self.out_features) * self.a.element_size()
 
-    def add_to(
-        self, y: torch.Tensor, x: torch.Tensor, own: torch.Tensor, coefficients: torch.Tensor, columns
-    ) -> None:
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, own: torch.Tensor, coefficients: torch.Tensor, columns) -> None:
         """y [rows, tokens, out] += each row's own low-rank deltas of x [rows, tokens, in] (BatchPlan.low_rank's
         own, coefficients [rows, ranks computed] and the ranks computed)."""
         if x.shape[1] != 1:  # one row of own and coefficients per token
