@@ -147,16 +147,21 @@ class RankLayout:
         return own.to(device), coefficients.to(device), columns
 
     def columns(self, used: set[int]) -> tuple[int, ...] | None:
-        """The ranks a pass whose rows use these slots computes, in pool order (None: all `capacity`): those of
-        the adapters it uses, not those of every resident adapter. At least MIN_CAPACITY of them (the other ranks
-        are selected out; see MIN_CAPACITY)."""
+        """The ranks a pass whose rows use these slots computes, in pool order (None: all `capacity`): those of the
+        adapters it uses, not those of every resident adapter — or, when they fill most of the run of ranks they
+        span, that run (RankPool._used then reads views, not a copy). At least MIN_CAPACITY of them (the other
+        ranks are selected out; see MIN_CAPACITY)."""
         if len(used) == len(self.spans):
             return None
-        ranks = [k for slot in used for k in range(self.spans[slot][0], self.spans[slot][0] + self.spans[slot][1])]
+        ranks = sorted(k for slot in used for k in range(self.spans[slot][0], sum(self.spans[slot][:2])))
+        start, end = ranks[0], ranks[-1] + 1
+        if 2 * len(ranks) > end - start:
+            start = max(0, min(start, self.capacity - MIN_CAPACITY))  # widened to MIN_CAPACITY where narrower
+            return tuple(range(start, max(end, start + MIN_CAPACITY)))
         if len(ranks) < MIN_CAPACITY:  # padded with ranks of other adapters or free ones, which rows select out
             taken = set(ranks)
-            ranks += [k for k in range(self.capacity) if k not in taken][: MIN_CAPACITY - len(ranks)]
-        return tuple(sorted(ranks))
+            ranks = sorted(ranks + [k for k in range(self.capacity) if k not in taken][: MIN_CAPACITY - len(ranks)])
+        return tuple(ranks)
 
 
 # The smallest pool: MKL's products with fewer than 16 columns take another kernel, whose sums round otherwise, and
