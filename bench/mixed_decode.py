@@ -6,7 +6,9 @@ without adapters, in-process (no HTTP), contenders interleaved in one run.
     (make bench-mixed)
 
 16 rows, each with its own combination of 1-3 adapters drawn from seven (LoRA r8, r16, r32 on all linear layers,
-LoRA r16 on attention only, LoHa r4, LoKr r4, OFT block size 32), or, for the LoRA-only line, from the four LoRAs.
+LoRA r16 on attention only, LoHa r4, LoKr r4, OFT block size 32), or, for the LoRA-only line, from the four LoRAs;
+the "16 idle" line runs the LoRA-only rows with 16 more LoRA r16 adapters resident that no row uses (loaded for its
+rounds only): what a server holding many tenants' adapters pays for those a batch does not use.
 32-token prompts, 24 decode steps (each: the runner's decode pass and the engine's sampling, greedy), random weights.
 Shapes: Qwen2-style hidden 384 x 6 layers (6 heads, 2 KV heads, MLP 1024), or Qwen2.5-0.5B's (896 x 24, 14 heads,
 2 KV heads, MLP 4864, its 151,936-token vocabulary).
@@ -66,6 +68,8 @@ ADAPTERS = {
     "oft-32": (OFTConfig(r=0, oft_block_size=32, target_modules="all-linear", init_weights=False), 0.3),
 }
 LORAS = ["lora-r8", "lora-r16", "lora-r32", "lora-attn"]
+# LoRA r16 adapters on all linear layers, resident but used by no row: the "(a) LoRA, 16 idle" contender's
+IDLE = [f"idle-{i:02d}" for i in range(16)]
 SHAPES = {
     "small": dict(hidden=384, intermediate=1024, layers=6, heads=6, kv_heads=2),
     "0.5b": dict(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab_size=151936),
@@ -90,11 +94,12 @@ def save_base(model_dir: Path, sizes: dict) -> None:
 
 def build(root: Path, shape: str) -> tuple[Path, Path]:
     model_dir, store = root / f"mixed-decode-model-{shape}", root / f"mixed-decode-adapters-{shape}"
-    if (store / "oft-32" / "adapter_config.json").is_file() and (model_dir / "tokenizer_config.json").is_file():
-        return model_dir, store
-    save_base(model_dir, SHAPES[shape])
-    for seed, (name, (peft_config, scale)) in enumerate(ADAPTERS.items()):
-        save_adapter(model_dir, copy.deepcopy(peft_config), store / name, seed=seed, base_name=shape, scale=scale)
+    if not (model_dir / "tokenizer_config.json").is_file():
+        save_base(model_dir, SHAPES[shape])
+    adapters = {**ADAPTERS, **dict.fromkeys(IDLE, ADAPTERS["lora-r16"])}
+    for seed, (name, (peft_config, scale)) in enumerate(adapters.items()):
+        if not (store / name / "adapter_config.json").is_file():
+            save_adapter(model_dir, copy.deepcopy(peft_config), store / name, seed=seed, base_name=shape, scale=scale)
     return model_dir, store
 
 
@@ -143,6 +148,7 @@ def step(runner: ModelRunner, rows: list[BenchRow]) -> None:
         row.tokens.append(choice.token)
 
 
+IDLE_CONTENDER = f"(a) LoRA, {len(IDLE)} idle"
 SERVER = str(Path(__file__).resolve().parents[1] / "server")
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2")
 
@@ -175,18 +181,20 @@ def _copies_in(func, args, kwargs, device: torch.device) -> bool:
     return target is not None and torch.device(target).type == device.type
 
 
-def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> tuple[int, int, int, int]:
-    """(operator calls, kernels launched, scalar syncs, copies in) of one decode step."""
+def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> tuple[int, int, int, int, int]:
+    """(operator calls, kernels launched, scalar syncs, copies in, FLOPs of its matrix products) of one decode
+    step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
-    with profile(activities=activities) as prof, CountTransfers(device) as transfers:
+    with profile(activities=activities, with_flops=True) as prof, CountTransfers(device) as transfers:
         step(runner, rows)
         synchronize(device)
     events = prof.events()
     ops = sum(1 for e in events if e.name.startswith("aten::"))
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     syncs = sum(1 for e in events if e.name in SYNC_OPS) + transfers.tolist
-    return ops, kernels, syncs, transfers.copies_in
+    flops = sum(e.flops or 0 for e in events if e.device_type == torch.autograd.DeviceType.CPU)
+    return ops, kernels, syncs, transfers.copies_in, flops
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -217,7 +225,12 @@ def main(argv: list[str] | None = None) -> None:
         flops = adapter_flops(registry, list(ADAPTERS))
         loaded = {a.name: a for a in registry.load_blocking(list(ADAPTERS))}
         mixed, lora = combinations(list(ADAPTERS), ROWS, seed=1), combinations(LORAS, ROWS, seed=2)
-        contenders = {"(b) no adapters": [[]] * ROWS, "(a) mixed types": mixed, "(a) LoRA only": lora}
+        contenders = {
+            "(b) no adapters": [[]] * ROWS,
+            "(a) mixed types": mixed,
+            "(a) LoRA only": lora,
+            IDLE_CONTENDER: lora,  # the same rows, with IDLE loaded for its rounds only
+        }
         eager = model.forward
         if args.compile:
             compiled = torch.compile(eager, mode="reduce-overhead" if device.type == "cuda" else None)
@@ -229,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         profiles: dict[str, tuple[int, int, int, int]] = {}
         for round_ in range(rounds + 1):  # the last round profiles one step of each
             for name, combos in contenders.items():
+                if name == IDLE_CONTENDER:
+                    registry.load_blocking(IDLE)
                 rows = [
                     BenchRow(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
                     for p, c in zip(prompts, combos, strict=True)
@@ -254,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
                     decode[name].append(ROWS * STEPS / (time.perf_counter() - started))
                 for row in rows:
                     runner.release(row)
+                if name == IDLE_CONTENDER:
+                    for idle in IDLE:
+                        registry.unload(idle, set())
         model.forward = eager
         if args.compile:
             differences = {
@@ -271,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'prefill tok/s':>14s} {'a/b':>6s}"
-        f" {'ops/step':>9s} {'x base':>7s} {'kernels':>8s} {'syncs':>6s} {'H2D copies':>11s}"
+        f" {'ops/step':>9s} {'x base':>7s} {'kernels':>8s} {'syncs':>6s} {'H2D copies':>11s} {'GFLOP/step':>11s}"
     )
     b_decode, b_prefill = statistics.median(decode["(b) no adapters"]), statistics.median(prefill["(b) no adapters"])
     b_ops = profiles["(b) no adapters"][0]
@@ -280,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
         line = f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {p:14.0f} {p / b_prefill:6.2f}"
         if name in profiles:
-            ops, kernels, syncs, copies = profiles[name]
-            line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d} {copies:11d}"
+            ops, kernels, syncs, copies, step_flops = profiles[name]
+            line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d} {copies:11d} {step_flops / 1e9:11.3f}"
         print(line)
     if args.compile:
         print(f"compile: {compile_seconds:.0f} s for the compiled contenders' first round (prefill + {STEPS} steps)")

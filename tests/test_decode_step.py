@@ -304,3 +304,65 @@ def test_blocks_handed_out_in_decode_are_zeroed_also_when_the_step_fails(llama):
         return torch.stack(out)
 
     assert torch.equal(run(poison=True), run(poison=False))
+
+
+def test_a_decode_pass_computes_only_the_ranks_of_the_adapters_its_rows_use(llama, monkeypatch):
+    """Resident adapters that no row of the batch uses cost (next to) nothing, else every row would pay for every
+    adapter loaded: on each layer the pass computes the ranks of the adapters its rows use there (at least
+    MIN_CAPACITY), or the run of ranks they span where they fill over half of it — side by side, or apart with idle
+    ones between — and every row stays PEFT's."""
+    runner, registry, tokenizer = llama.runner()
+    registry.load_blocking(["lora", "adalora", "loha", "lora.patterns", "lora.rs-bias"])
+    rows = [("Apart", {"lora": 0.5, "loha": 1.0}), ("One", {"lora.patterns": 1.0}), ("Base", {})]
+    seqs = [_sequence(registry, prompt, weights, tokenizer) for prompt, weights in rows]
+    slots, computed, add_to = {s for seq in seqs for s in seq.slots}, [], RankPool.add_to
+
+    def counting(pool, y, x, own, coefficients, columns):
+        used = {k for slot in slots & pool.spans.keys() for k in range(pool.spans[slot][0], sum(pool.spans[slot][:2]))}
+        ranks = range(pool.layout.capacity) if columns is None else columns
+        assert used <= set(ranks) and own.shape[1] == len(ranks) <= max(MIN_CAPACITY, 2 * len(used))
+        computed.append((len(ranks), pool.layout.capacity))
+        return add_to(pool, y, x, own, coefficients, columns)
+
+    monkeypatch.setattr(RankPool, "add_to", counting)
+    seen = [[row] for row in runner.prefill(seqs)]
+    for _ in range(2):
+        for seq, logits in zip(seqs, seen, strict=True):
+            seq.tokens.append(int(logits[-1].argmax()))
+        for logits, row in zip(seen, runner.decode(), strict=True):
+            logits.append(row)
+    assert any(got < resident for got, resident in computed), "some layer should hold idle adapters"
+    for seq, (_, weights), logits in zip(seqs, rows, seen, strict=True):
+        prompt = seq.request.prompt_ids
+        expected = reference_logits(llama.model_dir, llama.store, list(weights), prompt + seq.tokens, weights=weights)
+        torch.testing.assert_close(torch.stack(logits), expected[len(prompt) - 1 :], atol=ATOL, rtol=0)
+
+
+def test_a_pass_computes_its_adapters_ranks_side_by_side_apart_or_padded_and_each_row_gets_its_own():
+    """RankLayout.columns on a pool of three adapters (ranks 0-15, 16-79, 80-95), and each row's delta through
+    every kind of columns against B(A x) * scale * weight of its own adapters."""
+    torch.manual_seed(0)
+    pool = RankPool(torch.nn.Linear(32, 24), MixingContext())
+    factors = {slot: (torch.randn(w, 32), torch.randn(24, w), 0.5 + slot) for slot, w in enumerate([16, 64, 16])}
+    for slot, (a, b, scale) in factors.items():
+        pool.add(slot, a, b, scale, (slot,))
+    layout = pool.layout
+    assert layout.columns({0, 1, 2}) is None  # all of them: the pool's views
+    assert layout.columns({1}) == tuple(range(16, 80))  # one run: views
+    assert layout.columns({0, 1}) == tuple(range(80))
+    assert layout.columns({0, 2}) == (*range(16), *range(80, 96))  # apart, a third of the run: copied out
+    pool.add(3, torch.randn(4, 32), torch.randn(24, 4), 1.0, (3,))  # ranks 96-99: padded to 16, a run
+    assert pool.layout.columns({3}) == tuple(range(84, 100))
+    combos, weights = ((0, 2), (2,), (), (3,)), ((1.0, -0.5), (2.0,), (), (1.0,))
+    x = torch.randn(len(combos), 1, 32)
+    own, coefficients, columns = pool.layout.row_tensors(combos, weights, torch.device("cpu"))
+    assert columns == (*range(16), *range(80, 100))
+    y = torch.zeros(len(combos), 1, 24)
+    pool.add_to(y, x, own, coefficients, columns)
+    factors[3] = pool.factors(3)
+    for row, (slots, row_weights) in enumerate(zip(combos, weights, strict=True)):
+        expected = sum(
+            (x[row] @ factors[s][0].T @ factors[s][1].T * factors[s][2] * w for s, w in zip(slots, row_weights)),
+            torch.zeros(1, 24),
+        )
+        torch.testing.assert_close(y[row], expected, atol=1e-5, rtol=1e-5)

@@ -99,10 +99,11 @@ class BatchPlan:
                 found[key] = tuple((s, w) for s, w in zip(*key, strict=True) if s in slots)
         return [found[key] for key in zip(self.combos, self.weights, strict=True)]
 
-    def low_rank(self, layout: RankLayout) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For the layers whose pools have this layout: (own [rows, capacity] bool, True on the ranks of each
-        row's own adapters; coefficients [rows, capacity] float32, each row's scale times its weight there, 0
-        elsewhere); None when no row uses any of those adapters. Built once per layout for the whole pass."""
+    def low_rank(self, layout: RankLayout) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None] | None:
+        """For the layers whose pools have this layout: (own [rows, computed] bool, True on the ranks of each row's
+        own adapters; coefficients [rows, computed] float32, each row's scale times its weight there, 0 elsewhere;
+        the pool's ranks computed, RankLayout.columns); None when no row uses any of those adapters. Built once per
+        layout for the whole pass."""
         key = ("rank layout", layout)
         if key not in self._cache:
             self._cache[key] = layout.row_tensors(self.combos, self.weights, self.device)
@@ -127,18 +128,40 @@ class RankLayout:
         self.spans = {slot: (start, width, scale) for slot, start, width, scale in spans}
         self.capacity = capacity
 
-    def row_tensors(self, combos, weights, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def row_tensors(self, combos, weights, device: torch.device):
         own = torch.zeros(len(combos), self.capacity, dtype=torch.bool)
         coefficients = torch.zeros(len(combos), self.capacity, dtype=torch.float32)
-        used = False
+        used = set()
         for row, (slots, row_weights) in enumerate(zip(combos, weights, strict=True)):
             for slot, weight in zip(slots, row_weights, strict=True):
                 if slot in self.spans:
                     start, width, scale = self.spans[slot]
                     own[row, start : start + width] = True
                     coefficients[row, start : start + width] = scale * weight
-                    used = True
-        return (own.to(device), coefficients.to(device)) if used else None
+                    used.add(slot)
+        if not used:
+            return None
+        columns = self.columns(used)
+        if columns is not None:
+            own, coefficients = own[:, list(columns)], coefficients[:, list(columns)]
+        return own.to(device), coefficients.to(device), columns
+
+    def columns(self, used: set[int]) -> tuple[int, ...] | None:
+        """The ranks a pass whose rows use these slots computes, in pool order (None: all `capacity`): those of the
+        adapters it uses, not those of every resident adapter — or, when they fill most of the run of ranks they
+        span, that run (RankPool._used then reads views, not a copy). At least MIN_CAPACITY of them (the other
+        ranks are selected out; see MIN_CAPACITY)."""
+        if len(used) == len(self.spans):
+            return None
+        ranks = sorted(k for slot in used for k in range(self.spans[slot][0], sum(self.spans[slot][:2])))
+        start, end = ranks[0], ranks[-1] + 1
+        if 2 * len(ranks) > end - start:
+            start = max(0, min(start, self.capacity - MIN_CAPACITY))  # widened to MIN_CAPACITY where narrower
+            return tuple(range(start, max(end, start + MIN_CAPACITY)))
+        if len(ranks) < MIN_CAPACITY:  # padded with ranks of other adapters or free ones, which rows select out
+            taken = set(ranks)
+            ranks = sorted(ranks + [k for k in range(self.capacity) if k not in taken][: MIN_CAPACITY - len(ranks)])
+        return tuple(ranks)
 
 
 # The smallest pool: MKL's products with fewer than 16 columns take another kernel, whose sums round otherwise, and
@@ -162,8 +185,9 @@ class RankPool:
     neighbours moves the others (a copy of the pool, as when it grows or shrinks).
 
     Semantics, for rows x: y += Σ over the row's adapters a of B_a(A_a(x)) * (scale_a * weight_a), computed as
-    (where(own, x A^T, 0) * coefficients) B^T over the whole pool: ranks of other rows' adapters are selected out,
-    never multiplied by zero (inf x 0 is NaN); the coefficients stay float32 until the product is rounded once."""
+    (where(own, x A^T, 0) * coefficients) B^T over the ranks of the adapters the pass's rows use (RankLayout.columns;
+    resident adapters no row uses cost nothing): ranks of other rows' adapters are selected out, never multiplied by
+    zero (inf x 0 is NaN); the coefficients stay float32 until the product is rounded once."""
 
     def __init__(self, layer: nn.Module, context: MixingContext):
         # in the layer's dtype (MixedLinear.dtype; a plain Linear's weight's)
@@ -178,6 +202,7 @@ class RankPool:
         self.orders: dict[int, tuple] = {}  # slot -> its order key
         self.layout: RankLayout | None = None
         self._views: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # factors' answers until a change
+        self._subsets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # _used's, until a change
 
     @torch.inference_mode()  # the pool's tensors are the model's: inference tensors, whichever thread attaches
     def add(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float, order: tuple) -> None:
@@ -240,17 +265,36 @@ class RankPool:
         """Device memory of the ranks that adapters occupy: what the registry counts for them."""
         return self.held * (self.in_features + self.out_features) * self.a.element_size()
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor, own: torch.Tensor, coefficients: torch.Tensor) -> None:
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, own: torch.Tensor, coefficients: torch.Tensor, columns) -> None:
         """y [rows, tokens, out] += each row's own low-rank deltas of x [rows, tokens, in] (BatchPlan.low_rank's
-        own and coefficients, [rows, ranks used])."""
+        own, coefficients [rows, ranks computed] and the ranks computed)."""
         if x.shape[1] != 1:  # one row of own and coefficients per token
             own, coefficients = own.repeat_interleave(x.shape[1], 0), coefficients.repeat_interleave(x.shape[1], 0)
-        ranks = torch.where(own, torch.mm(x.reshape(-1, self.in_features), self._a_used_t), self.zero)
+        a_t, b = self._used(columns)
+        ranks = torch.where(own, torch.mm(x.reshape(-1, self.in_features), a_t), self.zero)
         if ranks.dtype == coefficients.dtype:
             ranks.mul_(coefficients)
         else:  # the product in float32, rounded once
             ranks = (ranks * coefficients).to(ranks.dtype)
-        y.view(-1, self.out_features).addmm_(ranks, self._b_used)
+        y.view(-1, self.out_features).addmm_(ranks, b)
+
+    def _used(self, columns: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T [in, ranks], B^T [ranks, out]) of the ranks computed: views of the pool when they lie side by side
+        (all of them, or one run), else a copy of those ranks made once per batch composition (the last two kept)."""
+        if columns is None:
+            return self._a_used_t, self._b_used
+        found = self._subsets.pop(columns, None)
+        if found is None:
+            start, end = columns[0], columns[-1] + 1
+            if end - start == len(columns):
+                found = self.a[start:end].T, self.b_t[start:end]
+            else:
+                index = torch.tensor(columns, device=self.a.device)
+                found = self.a.index_select(0, index).T, self.b_t.index_select(0, index)
+        self._subsets[columns] = found
+        while len(self._subsets) > 2:
+            self._subsets.pop(next(iter(self._subsets)))
+        return found
 
     def _repack(self, capacity: int, order: tuple | None = None, width: int = 0) -> int:
         """The spans moved side by side in order into new tensors of `capacity` ranks, with `width` free ranks where
@@ -275,6 +319,7 @@ class RankPool:
         self.layout = self.context.layout(spans, used) if spans else None
         self._a_used_t, self._b_used = self.a[:used].T, self.b_t[:used]  # views made once: no operation per pass
         self._views.clear()
+        self._subsets.clear()
 
 
 class MixingContext:
