@@ -68,8 +68,9 @@ ADAPTERS = {
     "oft-32": (OFTConfig(r=0, oft_block_size=32, target_modules="all-linear", init_weights=False), 0.3),
 }
 LORAS = ["lora-r8", "lora-r16", "lora-r32", "lora-attn"]
-# LoRA r16 adapters on all linear layers, resident but used by no row: the "(a) LoRA, 16 idle" contender's
-IDLE = [f"idle-{i:02d}" for i in range(16)]
+# LoRA r16 adapters on all linear layers, resident but used by no row: the "(a) LoRA, 16 idle" contender's. Their
+# names sort between lora-r16's and lora-r32's, so that their ranks lie between those the rows use in every pool
+IDLE = [f"lora-r16-idle-{i:02d}" for i in range(16)]
 SHAPES = {
     "small": dict(hidden=384, intermediate=1024, layers=6, heads=6, kv_heads=2),
     "0.5b": dict(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab_size=151936),
