@@ -118,7 +118,7 @@ class Process:
             self.port = sock.getsockname()[1]
             self.url = f"http://127.0.0.1:{self.port}"
             clean = {k: v for k, v in os.environ.items() if not k.startswith("MIXSERVE_")}
-            self.log = open(REPO / "bench" / f".server-{self.port}.log", "w")  # noqa: SIM115
+            self.log = open(REPO / "bench" / f".server-{os.getpid()}-{self.port}.log", "w")  # noqa: SIM115
             self.process = subprocess.Popen(
                 [sys.executable, *args],
                 cwd=REPO,

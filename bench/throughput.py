@@ -84,8 +84,9 @@ def weighted(per_client: list[list[dict]], seed: int = 3, low: float = 0.2, high
     ]
 
 
-def serve_obvious(model_dir: str, store: str) -> None:
-    """(c): what one writes first. set_adapter walks the whole model and the lock serialises every request."""
+def serve_obvious(model_dir: str, store: str, names: str) -> None:
+    """(c): what one writes first. set_adapter walks the whole model and the lock serialises every request. names:
+    the workload's adapters, comma-separated (the store may hold other benches' too)."""
     import torch
     import uvicorn
     from fastapi import FastAPI
@@ -96,7 +97,7 @@ def serve_obvious(model_dir: str, store: str) -> None:
 
     tokenizer = ByT5Tokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    configs = {p.name: PeftConfig.from_pretrained(p) for p in sorted(Path(store).iterdir())}
+    configs = {name: PeftConfig.from_pretrained(Path(store) / name) for name in sorted(names.split(","))}
 
     def canonical(names: list[str]) -> list[str]:
         return sorted(names, key=lambda n: CANONICAL_ORDER.index(str(configs[n].peft_type).split(".")[-1]))
@@ -173,11 +174,17 @@ def run_mixserve(
     return {name: merged(name, rs) for name, rs in results.items()}
 
 
-def run_obvious(
-    model_dir: Path, store: Path, loads: dict[str, list[list[dict]]], warm: bool = True
-) -> dict[str, Result]:
+def run_obvious(work: Workload, loads: dict[str, list[list[dict]]], warm: bool = True) -> dict[str, Result]:
     results = {}
-    with Process(["-m", "bench.throughput", "--serve-obvious", str(model_dir), str(store)]) as obvious:
+    command = [
+        "-m",
+        "bench.throughput",
+        "--serve-obvious",
+        str(work.model_dir),
+        str(work.store),
+        ",".join(work.adapters),
+    ]
+    with Process(command) as obvious:
         for name, load in loads.items():
             if warm:
                 run_load("warm-up", obvious.url, [b[:1] for b in load[:2]], path="/generate", stream=False)
@@ -246,7 +253,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, help="(default: the shape's)")
     parser.add_argument("--workdir", type=Path, help="keep the bench model here (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="a small model and load: checks that it runs")
-    parser.add_argument("--serve-obvious", nargs=2, metavar=("MODEL", "STORE"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-obvious", nargs=3, metavar=("MODEL", "STORE", "NAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_obvious:
         serve_obvious(*args.serve_obvious)
@@ -280,8 +287,7 @@ def main() -> None:
             warm=not args.quick,
         )
         naive = run_obvious(
-            work.model_dir,
-            work.store,
+            work,
             {f"(c) obvious server, {kind}": bodies(c, args.obvious_requests, new_tokens) for kind, c in combos.items()},
             warm=not args.quick,
         )

@@ -29,7 +29,8 @@ SIX = list(ADAPTERS)
 
 @pytest.fixture(scope="module")
 def state(llama):
-    state = ServerState.start(llama.settings(max_batch_size=8))
+    # preloaded: a wave waiting for its adapters to load would let the rows before it finish first
+    state = ServerState.start(llama.settings(max_batch_size=8, preload=",".join(SIX)))
     yield state
     state.stop()
 

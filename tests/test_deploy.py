@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -91,6 +92,11 @@ def test_sigterm_drains_streams_refuses_new_work_and_exits_zero(llama, tmp_path)
                     events.append(json.loads(line[5:]))
                     started.set()
 
+    # a request still sending its body is in flight too: it holds the drain open while the checks below run (the
+    # stream alone may finish first, and the replica exit); sent before the stream, so it is in flight once the
+    # stream's first event is out
+    held = socket.create_connection((replica.host, replica.port), timeout=30)
+    held.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 99\r\n\r\n{")
     thread = threading.Thread(target=stream)
     thread.start()
     assert started.wait(60)
@@ -104,6 +110,7 @@ def test_sigterm_drains_streams_refuses_new_work_and_exits_zero(llama, tmp_path)
     assert httpx.get(f"{replica.url}/health", timeout=5).status_code == 200  # alive while it drains
     thread.join(60)
     assert len(events) == 200 and events[-1]["generated_text"] is not None  # the stream finished
+    held.close()
     assert replica.process.wait(30) == 0
     assert time.monotonic() - signalled < 20 + 10
     replica.stop()

@@ -40,7 +40,9 @@ def test_every_route_keeps_its_contract(schema):
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(
+            max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True
+        )
         def check(case):
             case.call_and_validate(checks=CHECKS, timeout=60)
 
@@ -76,7 +78,13 @@ def test_with_keys_every_route_keeps_its_contract_and_memory_levels_off(guarded)
         for operation in operations:
 
             @given(case=operation.as_strategy())
-            @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            @settings(
+                max_examples=15,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                database=None,
+                derandomize=True,
+            )
             def check(case):
                 case.call_and_validate(checks=CHECKS, timeout=60, headers={"Authorization": f"Bearer {TENANT_KEY}"})
                 response = case.call(timeout=60, headers={"Authorization": "Bearer not-a-key"})
