@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import weakref
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,17 +140,22 @@ class RankLayout:
         self.capacity = capacity
 
     def row_tensors(self, combos, weights, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        own = torch.zeros(len(combos), self.capacity, dtype=torch.bool)
-        coefficients = torch.zeros(len(combos), self.capacity, dtype=torch.float32)
+        # filled in host buffers, each span a slice: a tensor's slice assignments cost an operation each
+        n = self.capacity
+        own, coefficients = bytearray(len(combos) * n), array("f", bytes(4 * len(combos) * n))
         used = False
         for row, (slots, row_weights) in enumerate(zip(combos, weights, strict=True)):
             for slot, weight in zip(slots, row_weights, strict=True):
                 if slot in self.spans:
                     start, width, scale = self.spans[slot]
-                    own[row, start : start + width] = True
-                    coefficients[row, start : start + width] = scale * weight
+                    at = row * n + start
+                    own[at : at + width] = b"\x01" * width
+                    coefficients[at : at + width] = array("f", [scale * weight]) * width  # rounded once to float32
                     used = True
-        return (own.to(device), coefficients.to(device)) if used else None
+        if not used:
+            return None
+        own_t = torch.frombuffer(own, dtype=torch.bool).view(len(combos), n)
+        return own_t.to(device), torch.frombuffer(coefficients, dtype=torch.float32).view(len(combos), n).to(device)
 
 
 # The smallest pool: MKL's products with fewer than 16 columns take another kernel, whose sums round otherwise, and
