@@ -319,7 +319,7 @@ def test_a_decode_pass_computes_only_the_ranks_of_the_adapters_its_rows_use(llam
 
     def counting(pool, y, x, own, coefficients, columns):
         used = {k for slot in slots & pool.spans.keys() for k in range(pool.spans[slot][0], sum(pool.spans[slot][:2]))}
-        ranks = range(pool.layout.capacity) if columns is None else columns
+        ranks = range(pool.layout.capacity) if columns is None else columns.ranks
         assert used <= set(ranks) and own.shape[1] == len(ranks) <= max(MIN_CAPACITY, 2 * len(used))
         computed.append((len(ranks), pool.layout.capacity))
         return add_to(pool, y, x, own, coefficients, columns)
@@ -340,7 +340,8 @@ def test_a_decode_pass_computes_only_the_ranks_of_the_adapters_its_rows_use(llam
 
 def test_a_pass_computes_its_adapters_ranks_side_by_side_apart_or_padded_and_each_row_gets_its_own():
     """RankLayout.columns on a pool of three adapters (ranks 0-15, 16-79, 80-95), and each row's delta through
-    every kind of columns against B(A x) * scale * weight of its own adapters."""
+    every kind of columns against B(A x) * scale * weight of its own adapters — also after another adapter took the
+    span of one the last pass copied out."""
     torch.manual_seed(0)
     pool = RankPool(torch.nn.Linear(32, 24), MixingContext())
     factors = {slot: (torch.randn(w, 32), torch.randn(24, w), 0.5 + slot) for slot, w in enumerate([16, 64, 16])}
@@ -353,16 +354,25 @@ def test_a_pass_computes_its_adapters_ranks_side_by_side_apart_or_padded_and_eac
     assert layout.columns({0, 2}) == (*range(16), *range(80, 96))  # apart, a third of the run: copied out
     pool.add(3, torch.randn(4, 32), torch.randn(24, 4), 1.0, (3,))  # ranks 96-99: padded to 16, a run
     assert pool.layout.columns({3}) == tuple(range(84, 100))
-    combos, weights = ((0, 2), (2,), (), (3,)), ((1.0, -0.5), (2.0,), (), (1.0,))
-    x = torch.randn(len(combos), 1, 32)
-    own, coefficients, columns = pool.layout.row_tensors(combos, weights, torch.device("cpu"))
-    assert columns == (*range(16), *range(80, 100))
-    y = torch.zeros(len(combos), 1, 24)
-    pool.add_to(y, x, own, coefficients, columns)
     factors[3] = pool.factors(3)
-    for row, (slots, row_weights) in enumerate(zip(combos, weights, strict=True)):
-        expected = sum(
-            (x[row] @ factors[s][0].T @ factors[s][1].T * factors[s][2] * w for s, w in zip(slots, row_weights)),
-            torch.zeros(1, 24),
-        )
-        torch.testing.assert_close(y[row], expected, atol=1e-5, rtol=1e-5)
+
+    def each_row_gets_its_own(combos, weights, ranks):
+        x = torch.randn(len(combos), 1, 32)
+        own, coefficients, columns = pool.layout.row_tensors(combos, weights, torch.device("cpu"))
+        assert columns.ranks == ranks
+        y = torch.zeros(len(combos), 1, 24)
+        pool.add_to(y, x, own, coefficients, columns)
+        for row, (slots, row_weights) in enumerate(zip(combos, weights, strict=True)):
+            expected = sum(
+                (x[row] @ factors[s][0].T @ factors[s][1].T * factors[s][2] * w for s, w in zip(slots, row_weights)),
+                torch.zeros(1, 24),
+            )
+            torch.testing.assert_close(y[row], expected, atol=1e-5, rtol=1e-5)
+
+    apart = (*range(16), *range(80, 100))
+    each_row_gets_its_own(((0, 2), (2,), (), (3,)), ((1.0, -0.5), (2.0,), (), (1.0,)), apart)
+    pool.remove(0)  # another adapter of the same width takes its span: the same ranks, other weights
+    pool.add(4, torch.randn(16, 32), torch.randn(24, 16), 3.0, (0.5,))
+    factors[4] = pool.factors(4)
+    assert pool.spans[4][:2] == (0, 16)
+    each_row_gets_its_own(((4, 2), (2,), (), (3,)), ((1.0, -0.5), (2.0,), (), (1.0,)), apart)

@@ -5,6 +5,7 @@ the prefix cache; and the refusals of what is not served, each with its reason."
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import shutil
 
@@ -58,7 +59,11 @@ ADAPTERS = {
     },
     "gpt2": {"dora": _dora(["c_attn", "c_fc"], bias="lora_only", fan_in_fan_out=True)},
 }
-JOINING = {"llama": ["lora", "oft", "adalora", "loha", "shira"], "qwen2": ["lora", "oft"], "gpt2": ["lora", "adalora"]}
+JOINING = {
+    "llama": ["lora", "oft", "adalora", "loha", "shira", "lokr"],
+    "qwen2": ["lora", "oft", "lokr"],
+    "gpt2": ["lora", "adalora"],
+}
 
 COMBINATIONS = {
     "llama": [
@@ -234,6 +239,63 @@ def test_weights(worlds, family, name):
     torch.testing.assert_close(ours[0], _reference(model_dir, store, IDS, {}), atol=ATOL, rtol=0)
     for weights, row in zip(rows[1:], ours[1:], strict=True):
         torch.testing.assert_close(row, _reference(model_dir, store, IDS, weights), atol=ATOL, rtol=0)
+
+
+# Rows joining one a step while the oldest leaves (the batch's composition changes at every decode step, so every
+# layer's plan is built anew from the plan shared by the layers with the same adapters): DoRA and trained biases at
+# weights, beside OFT, LoKr at weights (each row's factors selected from its layer's stacks) and the other types. A
+# DoRA adapter at a weight other than 1 has its LoRA wrapper to itself (the reference's hook takes the whole wrapper).
+CHANGING = {
+    "llama": [
+        {"dora": 0.5, "lokr": 0.7},
+        {"oft": -0.6, "dora.b": -0.7, "loha": 1.0},
+        {},
+        {"lora": 1.0, "dora": 1.0, "lokr": -1.5},
+        {"oft": 1.0, "dora": 1.0, "dora.b": 1.0, "lokr": 1.0},
+        {"shira": 1.0, "dora": -0.4, "adalora": 1.0, "lokr": 0.25},
+    ],
+    "qwen2": [
+        {"dora.bias": 0.5, "lokr": 0.7},
+        {"oft": -0.6, "lora.bias-all": 0.5},
+        {},
+        {"lora": 1.0, "dora.bias": 1.0, "lokr": -1.5},
+        {"oft": 1.0, "lora.bias-all": 1.0, "lokr": 1.0, "lora.mlp": 1.0},
+        {"dora.bias": -0.4, "lora.mlp": 1.0, "lokr": 0.25},
+    ],
+}
+
+
+@pytest.mark.parametrize("family", list(CHANGING))
+def test_rows_stay_peft_s_while_the_batch_changes_at_every_decode_step(worlds, family):
+    model_dir, store, runner, registry = worlds(family)
+    pending = list(enumerate(CHANGING[family]))
+    running: list[tuple[PromptSequence, dict, list[torch.Tensor]]] = []
+    done: list[tuple[PromptSequence, dict, list[torch.Tensor]]] = []
+    compositions = []
+    for _ in range(len(CHANGING[family]) + 2):  # the last steps only take rows out, down to one
+        if len(running) > 2 or (not pending and len(running) > 1):
+            done.append(running.pop(0))
+            runner.release(done[-1][0])
+        if pending:
+            i, weights = pending.pop(0)
+            slots, row_weights = _load(registry, store, weights)
+            seq = PromptSequence(SYSTEM[: 9 + 5 * i], slots)
+            seq.weights = row_weights
+            logits = runner.prefill([seq])[0].cpu()
+            seq.tokens.append(int(logits.argmax()))
+            running.append((seq, weights, [logits]))
+        compositions.append(tuple(id(seq) for seq, _, _ in running))
+        for (seq, _, seen), row in zip(running, runner.decode().cpu(), strict=True):
+            seen.append(row)
+            seq.tokens.append(int(row.argmax()))
+    for seq, _, _ in running:
+        runner.release(seq)
+    assert all(a != b for a, b in itertools.pairwise(compositions)), compositions
+    for seq, weights, seen in done + running:
+        prompt = seq.request.prompt_ids
+        expected = _reference(model_dir, store, prompt + seq.tokens[:-1], weights)[len(prompt) - 1 :]
+        torch.testing.assert_close(torch.stack(seen), expected, atol=ATOL, rtol=0, msg=lambda m, w=weights: f"{w}: {m}")
+        assert seq.tokens == expected.argmax(-1).tolist(), weights
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -6,9 +6,11 @@ adapters, grouped by adapter rather than by row. In a decode pass, the low-rank 
 LoHa) of every row come from the layer's `RankPool`, a fixed-shape stack of every attached low-rank adapter's ranks
 (attaching one is a copy into free ranks), in two matmuls and a selection by per-row tensors that the plan builds once
 per batch composition for all the layers that share a `RankLayout`: nothing is planned per layer. LoKr adapters run in
-two batched products over the rows, each row's factors stacked per layer and batch composition. The other types, and
-every type in a prefill pass, run on the rows that use them, planned per layer and batch composition. Nothing walks
-the module tree per pass, and no adapter is "active" outside the pass that asked for it.
+two batched products over the rows, each row's factors selected (one `index_select` a factor) from the layer's stacks
+of its LoKr factors. The other types, and every type in a prefill pass, run on the rows that use them. Which rows
+those are is planned once per batch composition for all the layers with the same adapters (`_SharedPlan`); per layer
+only what its own tensors give is filled in. Nothing walks the module tree per pass, and no adapter is "active"
+outside the pass that asked for it.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import weakref
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -99,14 +103,22 @@ class BatchPlan:
                 found[key] = tuple((s, w) for s, w in zip(*key, strict=True) if s in slots)
         return [found[key] for key in zip(self.combos, self.weights, strict=True)]
 
-    def low_rank(self, layout: RankLayout) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...] | None] | None:
+    def low_rank(self, layout: RankLayout) -> tuple[torch.Tensor, torch.Tensor, RankColumns | None] | None:
         """For the layers whose pools have this layout: (own [rows, computed] bool, True on the ranks of each row's
         own adapters; coefficients [rows, computed] float32, each row's scale times its weight there, 0 elsewhere;
-        the pool's ranks computed, RankLayout.columns); None when no row uses any of those adapters. Built once per
-        layout for the whole pass."""
+        the ranks computed, RankColumns, or None for all of them); None when no row uses any of those adapters.
+        Built once per layout for the whole pass."""
         key = ("rank layout", layout)
         if key not in self._cache:
             self._cache[key] = layout.row_tensors(self.combos, self.weights, self.device)
+        return self._cache[key]
+
+    def shared(self, signature: tuple, dtype: torch.dtype) -> _SharedPlan:
+        """What every layer with these adapters (signature: (slot, _Traits) by slot) computing in dtype does for this
+        pass, planned once for all of them."""
+        key = ("shared", signature, dtype)
+        if key not in self._cache:
+            self._cache[key] = _SharedPlan.build(self, signature, dtype)
         return self._cache[key]
 
     def column(self, values: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -129,22 +141,27 @@ class RankLayout:
         self.capacity = capacity
 
     def row_tensors(self, combos, weights, device: torch.device):
-        own = torch.zeros(len(combos), self.capacity, dtype=torch.bool)
-        coefficients = torch.zeros(len(combos), self.capacity, dtype=torch.float32)
+        # filled in host buffers, each span a slice: a tensor's slice assignments cost an operation each
+        n = self.capacity
+        own, coefficients = bytearray(len(combos) * n), array("f", bytes(4 * len(combos) * n))
         used = set()
         for row, (slots, row_weights) in enumerate(zip(combos, weights, strict=True)):
             for slot, weight in zip(slots, row_weights, strict=True):
                 if slot in self.spans:
                     start, width, scale = self.spans[slot]
-                    own[row, start : start + width] = True
-                    coefficients[row, start : start + width] = scale * weight
+                    at = row * n + start
+                    own[at : at + width] = b"\x01" * width
+                    coefficients[at : at + width] = array("f", [scale * weight]) * width  # rounded once to float32
                     used.add(slot)
         if not used:
             return None
-        columns = self.columns(used)
-        if columns is not None:
-            own, coefficients = own[:, list(columns)], coefficients[:, list(columns)]
-        return own.to(device), coefficients.to(device), columns
+        own_t = torch.frombuffer(own, dtype=torch.bool).view(len(combos), n)
+        coefficients_t = torch.frombuffer(coefficients, dtype=torch.float32).view(len(combos), n)
+        ranks = self.columns(used)
+        if ranks is None:
+            return own_t.to(device), coefficients_t.to(device), None
+        chosen = list(ranks)
+        return own_t[:, chosen].to(device), coefficients_t[:, chosen].to(device), RankColumns(ranks, device)
 
     def columns(self, used: set[int]) -> tuple[int, ...] | None:
         """The ranks a pass whose rows use these slots computes, in pool order (None: all `capacity`): those of the
@@ -162,6 +179,20 @@ class RankLayout:
             taken = set(ranks)
             ranks = sorted(ranks + [k for k in range(self.capacity) if k not in taken][: MIN_CAPACITY - len(ranks)])
         return tuple(ranks)
+
+
+class RankColumns:
+    """Ranks of the pools of a layout that a pass computes (RankLayout.columns): one run of them (read as views), or
+    apart, with their index on the device (copied out by each pool once per pass plan: a pool keeps the copy for the
+    RankColumns object it was made for, compared by identity)."""
+
+    __slots__ = ("index", "ranks", "run")
+
+    def __init__(self, ranks: tuple[int, ...], device: torch.device):
+        self.ranks = ranks
+        start, end = ranks[0], ranks[-1] + 1
+        self.run = (start, end) if end - start == len(ranks) else None
+        self.index = None if self.run else torch.tensor(ranks).to(device)
 
 
 # The smallest pool: MKL's products with fewer than 16 columns take another kernel, whose sums round otherwise, and
@@ -202,7 +233,7 @@ class RankPool:
         self.orders: dict[int, tuple] = {}  # slot -> its order key
         self.layout: RankLayout | None = None
         self._views: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}  # factors' answers until a change
-        self._subsets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # _used's, until a change
+        self._subset: tuple = (None, None)  # _used's (RankColumns, (A^T, B^T)), until a change
 
     @torch.inference_mode()  # the pool's tensors are the model's: inference tensors, whichever thread attaches
     def add(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float, order: tuple) -> None:
@@ -278,23 +309,20 @@ class RankPool:
             ranks = (ranks * coefficients).to(ranks.dtype)
         y.view(-1, self.out_features).addmm_(ranks, b)
 
-    def _used(self, columns: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _used(self, columns: RankColumns | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A^T [in, ranks], B^T [ranks, out]) of the ranks computed: views of the pool when they lie side by side
-        (all of them, or one run), else a copy of those ranks made once per batch composition (the last two kept)."""
+        (all of them, or one run), else a copy of those ranks, made once per batch composition (the last one kept,
+        until the pool next changes)."""
         if columns is None:
             return self._a_used_t, self._b_used
-        found = self._subsets.pop(columns, None)
-        if found is None:
-            start, end = columns[0], columns[-1] + 1
-            if end - start == len(columns):
+        if self._subset[0] is not columns:
+            if columns.run is not None:
+                start, end = columns.run
                 found = self.a[start:end].T, self.b_t[start:end]
             else:
-                index = torch.tensor(columns, device=self.a.device)
-                found = self.a.index_select(0, index).T, self.b_t.index_select(0, index)
-        self._subsets[columns] = found
-        while len(self._subsets) > 2:
-            self._subsets.pop(next(iter(self._subsets)))
-        return found
+                found = self.a.index_select(0, columns.index).T, self.b_t.index_select(0, columns.index)
+            self._subset = (columns, found)
+        return self._subset[1]
 
     def _repack(self, capacity: int, order: tuple | None = None, width: int = 0) -> int:
         """The spans moved side by side in order into new tensors of `capacity` ranks, with `width` free ranks where
@@ -319,7 +347,7 @@ class RankPool:
         self.layout = self.context.layout(spans, used) if spans else None
         self._a_used_t, self._b_used = self.a[:used].T, self.b_t[:used]  # views made once: no operation per pass
         self._views.clear()
-        self._subsets.clear()
+        self._subset = (None, None)
 
 
 class MixingContext:
@@ -372,7 +400,7 @@ class _LayerPlan:
         default_factory=list
     )
     biases: list[tuple[torch.Tensor | None, torch.Tensor]] = dataclasses.field(default_factory=list)  # (rows, [out])
-    # LoKr in a decode pass: (rows mask, w1 [rows, a, c], w2_t [rows, d, b]), see _per_row_kron
+    # LoKr in a decode pass: (rows mask, w1 [rows, a, c], w2_t [rows, d, b]), see _SharedPlan.kron
     kron: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
 
     @property
@@ -401,6 +429,8 @@ class MixedLinear(nn.Module):
         # slots of the adapters the pool does not do all of (not low-rank; DoRA, trained biases): a decode pass plans
         # this layer only when a row uses one
         self._unpooled: set[int] = set()
+        self._signature: tuple | None = None  # (slot, _Traits) of its adapters, by slot
+        self._kron: dict | None = None  # _kron_stacks
 
     @property
     def weight(self) -> torch.Tensor:
@@ -421,6 +451,7 @@ class MixedLinear(nn.Module):
     def attach(self, slot: int, adapter: LayerAdapter, order: tuple = ()) -> None:
         # A new slot is in no plan built so far: the running batch keeps its plans (no stall at the next step).
         self.adapters[slot] = adapter
+        self._signature = self._kron = None
         if adapter.low_rank is None or adapter.rescales_output or adapter.bias_delta is not None:
             self._unpooled.add(slot)
         if adapter.low_rank is not None:
@@ -430,6 +461,7 @@ class MixedLinear(nn.Module):
     def detach(self, slot: int, keep: bool = True) -> None:
         """keep: the adapter gets its own copy of what the pool held for it (else it is dropped: nothing reads it)."""
         adapter = self.adapters.pop(slot)
+        self._signature = self._kron = None
         self._unpooled.discard(slot)
         if keep and isinstance(adapter.low_rank, PoolSpan):  # taken before the span is freed
             a, b, scale = adapter.low_rank
@@ -586,104 +618,187 @@ class MixedLinear(nn.Module):
         return layer
 
     def _build_layer_plan(self, plan: BatchPlan) -> _LayerPlan:
-        rows = plan.weighted(self.adapters)  # per row: (slot, weight) of its adapters on this layer
-        dtype = self.dtype
+        """The plan's row groups for this layer's adapters (shared with every layer that has the same slots and
+        traits: planned once per batch composition for all of them), filled in with this layer's adapters."""
+        if self._signature is None:
+            spans = self.pool.spans
+            self._signature = tuple(sorted((s, _Traits.of(a, s in spans)) for s, a in self.adapters.items()))
+        shared = plan.shared(self._signature, self.dtype)
+        adapter = self.adapters.__getitem__
 
-        def groups(kind, select, prepare) -> list:
+        def filled(groups: list) -> list:
+            return [(rows, [(adapter(s), w) for s, w in steps]) for rows, steps in groups]
+
+        bias = self.base.bias
+        affine = []
+        for rows, slot, weight in shared.affine:
+            change = adapter(slot).ratio_minus_one * weight  # float32: y * (1 + c) - c * b
+            affine.append((rows, 1 + change, None if bias is None else change * bias.float()))
+        biases = []
+        for rows, steps in shared.biases:
+            terms = [adapter(s).bias_delta * w for s, w in steps]
+            biases.append((rows, sum(terms[1:], terms[0])))
+        kron = []
+        if shared.kron:
+            stacks = self._kron_stacks()
+            for rows, shape, index, weights in shared.kron:
+                w1, w2_t = (stack.index_select(0, index) for stack in stacks[shape])
+                kron.append((rows, w1 if weights is None else (w1.float() * weights).to(w1.dtype), w2_t))
+        return _LayerPlan(
+            rotations=[(rows, [_rotation(adapter(s), w) for s, w in steps]) for rows, steps in shared.rotations],
+            sparse=filled(shared.sparse),
+            other=[(rows, adapter(s), w) for rows, s, w in shared.other],
+            zero=plan.cached(("zero", self.dtype), lambda: torch.zeros((), dtype=self.dtype)),
+            affine=affine,
+            rescales=filled(shared.rescales),
+            biases=biases,
+            kron=kron,
+        )
+
+    def _kron_stacks(self) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
+        """Per LoKr factor shapes: (W1 [1 + n, a, c], W2^T [1 + n, d, b]) of this layer's n LoKr adapters of those
+        shapes, by slot, after a zero entry (see _SharedPlan.kron); stacked once per attach or detach."""
+        if self._kron is None:
+            by_shape: dict[tuple, list] = {}
+            for slot, traits in self._signature:
+                if traits.kron is not None:
+                    by_shape.setdefault(traits.kron, []).append(self.adapters[slot])
+            self._kron = {}
+            for shape, adapters in by_shape.items():
+                w1 = [adapters[0].w1.new_zeros(shape[0])] + [a.w1 for a in adapters]
+                w2_t = [adapters[0].w2_t.new_zeros(shape[1])] + [a.w2_t for a in adapters]
+                self._kron[shape] = (torch.stack(w1), torch.stack(w2_t))
+        return self._kron
+
+
+class _Traits(NamedTuple):
+    """What the planning of a layer reads of one adapter on it (none of its tensors)."""
+
+    rotates: bool
+    rotates_per_row: bool
+    sparse: bool  # adds to the weight (SHiRA)
+    lora: bool
+    rescales: bool  # DoRA
+    bias: bool  # carries a trained bias
+    additive: bool  # adds a delta computed from the input
+    pooled: bool  # held by the layer's rank pool
+    kron: tuple | None  # a LoKr adapter's factor shapes (W1's, W2^T's)
+
+    @classmethod
+    def of(cls, adapter: LayerAdapter, pooled: bool) -> _Traits:
+        return cls(
+            adapter.rotates_input,
+            adapter.rotates_per_row,
+            adapter.adds_to_weight,
+            isinstance(adapter, LoraLayer),
+            adapter.rescales_output,
+            adapter.bias_delta is not None,
+            not adapter.rotates_input and not adapter.adds_to_weight and adapter.adds_delta,
+            pooled,
+            (tuple(adapter.w1.shape), tuple(adapter.w2_t.shape)) if isinstance(adapter, LoKrLayer) else None,
+        )
+
+
+@dataclass
+class _SharedPlan:
+    """What every layer with the same adapter slots and traits does for one BatchPlan: _LayerPlan's fields with
+    slots in place of adapters, and nothing built from an adapter's tensors (MixedLinear._build_layer_plan fills
+    those in per layer)."""
+
+    rotations: list
+    sparse: list
+    other: list
+    affine: list  # (rows, slot, weight)
+    rescales: list
+    biases: list  # (row indices, (slot, weight))
+    # LoKr in a decode pass, one pass per depth (each row's first LoKr adapter on the layer, its second, ...) and
+    # factor shapes: (rows mask, shapes, index [rows] into the layer's stacks of those shapes (0: the zero entry,
+    # for the rows outside the pass), weights [rows, 1, 1] float32 or None when all are 1)
+    kron: list
+
+    @classmethod
+    def build(cls, plan: BatchPlan, signature: tuple, dtype: torch.dtype) -> _SharedPlan:
+        traits = dict(signature)
+        rows = plan.weighted(traits)  # per row: (slot, weight) of its adapters on these layers
+
+        def groups(kind, select) -> list:
             """Rows grouped by the sequence of their adapters of one kind and their weights (order matters), where
-            rows at weights other than 1 of an adapter that rotates each row by its own weight share a group (None
-            stands for their weights). A group with weights other than 1 runs on its own rows only."""
-            chosen = [tuple((s, w) for s, w in pairs if kind(self.adapters[s])) for pairs in rows]
-            keys = [
-                tuple((s, None if w != 1 and self.adapters[s].rotates_per_row else w) for s, w in c) for c in chosen
-            ]
+            rows at weights other than 1 of an adapter that rotates each row by its own weight share a group (their
+            weights a tuple, in row order). A group with weights other than 1 runs on its own rows only."""
+            chosen = [tuple((s, w) for s, w in pairs if kind(traits[s])) for pairs in rows]
+            keys = [tuple((s, None if w != 1 and traits[s].rotates_per_row else w) for s, w in c) for c in chosen]
             found = []
             for key in dict.fromkeys(k for k in keys if k):
                 pattern = tuple(k == key for k in keys)
                 members = [c for c, p in zip(chosen, pattern, strict=True) if p]
-                steps = [
-                    prepare(self.adapters[s], tuple(m[i][1] for m in members) if w is None else w)
-                    for i, (s, w) in enumerate(key)
-                ]
+                steps = [(s, tuple(m[i][1] for m in members) if w is None else w) for i, (s, w) in enumerate(key)]
                 found.append(((select if all(w == 1 for _, w in key) else plan.indices)(pattern), steps))
             return found
-
-        used = list(dict.fromkeys(s for pairs in rows for s, _ in pairs))  # first-use order
-        additive = [
-            s for s in used if not (a := self.adapters[s]).rotates_input and not a.adds_to_weight and a.adds_delta
-        ]
-        pooled = () if plan.gather else self.pool.spans  # a decode pass takes those from the pool
-        kron = [] if plan.gather else _per_row_kron(plan, rows, self.adapters)  # a decode pass's LoKr adapters
 
         def select(pattern: tuple[bool, ...]) -> torch.Tensor | None:
             return plan.indices(pattern) if plan.gather else plan.mask(pattern)
 
         def other(slot: int) -> tuple:
-            """(rows, adapter, weight): the weight as one number when all its rows share it, else per row."""
+            """(rows, slot, weight): the weight as one number when all its rows share it, else per row."""
             weights = [dict(pairs).get(slot) for pairs in rows]
             pattern = tuple(w is not None for w in weights)
             if len({w for w in weights if w is not None}) == 1:
-                return select(pattern), self.adapters[slot], next(w for w in weights if w is not None)
+                return select(pattern), slot, next(w for w in weights if w is not None)
             if plan.gather:  # one per selected row
                 column = plan.column(tuple(w for w in weights if w is not None), dtype)
             else:  # one per row of the batch (the others are not selected)
                 column = plan.column(tuple(1.0 if w is None else w for w in weights), dtype)
-            return select(pattern), self.adapters[slot], column
+            return select(pattern), slot, column
 
-        def weighted(adapter: LayerAdapter, weight: float) -> tuple[LayerAdapter, float]:
-            return adapter, weight
-
+        used = list(dict.fromkeys(s for pairs in rows for s, _ in pairs))  # first-use order
         affine, rescales = [], []
-        if any(a.rescales_output for a in self.adapters.values()):
-            for r, steps in groups(lambda a: isinstance(a, LoraLayer), plan.indices, weighted):
-                if not any(a.rescales_output for a, _ in steps[1:]) and steps[0][0].rescales_output:
-                    adapter, weight = steps[0]
-                    change = adapter.ratio_minus_one * weight  # float32: y * (1 + c) - c * b
-                    bias = self.base.bias
-                    affine.append((r, 1 + change, None if bias is None else change * bias.float()))
-                elif any(a.rescales_output for a, _ in steps):
+        if any(t.rescales for t in traits.values()):
+            for r, steps in groups(lambda t: t.lora, plan.indices):
+                if not any(traits[s].rescales for s, _ in steps[1:]) and traits[steps[0][0]].rescales:
+                    affine.append((r, *steps[0]))
+                elif any(traits[s].rescales for s, _ in steps):
                     rescales.append((r, steps))
-        biases = [
-            (r, sum((a.bias_delta * w for a, w in steps[1:]), steps[0][0].bias_delta * steps[0][1]))
-            for r, steps in groups(lambda a: a.bias_delta is not None, plan.indices, weighted)
-        ]
-        return _LayerPlan(
-            rotations=groups(lambda a: a.rotates_input, plan.indices if plan.gather else plan.mask, _rotation),
-            sparse=groups(lambda a: a.adds_to_weight, plan.indices, weighted),
+        return cls(
+            rotations=groups(lambda t: t.rotates, plan.indices if plan.gather else plan.mask),
+            sparse=groups(lambda t: t.sparse, plan.indices),
+            # a decode pass takes the low-rank adapters from the pool, and runs LoKr adapters per row
             other=[
                 other(s)
-                for s in additive
-                if s not in pooled and (plan.gather or not isinstance(self.adapters[s], LoKrLayer))
+                for s in used
+                if traits[s].additive and (plan.gather or not (traits[s].pooled or traits[s].kron))
             ],
-            zero=plan.cached(("zero", dtype), lambda: torch.zeros((), dtype=dtype)),
             affine=affine,
             rescales=rescales,
-            biases=biases,
-            kron=kron,
+            biases=groups(lambda t: t.bias, plan.indices),
+            kron=[] if plan.gather else _kron_passes(plan, rows, signature),
         )
 
 
-def _per_row_kron(plan: BatchPlan, rows: list, adapters: dict[int, LayerAdapter]) -> list:
-    """The LoKr adapters of a decode pass, per row (rows: BatchPlan.weighted's): one pass per depth (each row's
-    first LoKr adapter here, its second, ...) and factor shapes, holding each row's W1 (times its weight) and W2^T
-    stacked, zeros for the rows outside the pass (their input is selected out); built once per batch composition."""
-    chosen = [[(adapters[s], w) for s, w in pairs if isinstance(adapters[s], LoKrLayer)] for pairs in rows]
+def _kron_passes(plan: BatchPlan, rows: list, signature: tuple) -> list:
+    """_SharedPlan.kron (rows: BatchPlan.weighted's). A layer's stacks hold its LoKr adapters of some shapes in the
+    order of their slots, after the zero entry (MixedLinear._kron_stacks)."""
+    traits = dict(signature)
+    index = {}
+    for slot, t in signature:
+        if t.kron is not None:
+            index[slot] = 1 + sum(1 for s in index if traits[s].kron == t.kron)
+    chosen = [[(s, w) for s, w in pairs if traits[s].kron is not None] for pairs in rows]
     passes = []
     for depth in range(max(map(len, chosen))):
         at = [c[depth] if depth < len(c) else None for c in chosen]
-        for shape in dict.fromkeys((p[0].w1.shape, p[0].w2_t.shape) for p in at if p is not None):
-            own = [p if p is not None and (p[0].w1.shape, p[0].w2_t.shape) == shape else None for p in at]
-            first = next(p[0] for p in own if p is not None)
-            zero_w1, zero_w2_t = first.w1.new_zeros(shape[0]), first.w2_t.new_zeros(shape[1])
-            w1 = [zero_w1 if p is None else _weighted(p[0].w1, p[1]) for p in own]
-            w2_t = [zero_w2_t if p is None else p[0].w2_t for p in own]
-            passes.append((plan.mask(tuple(p is not None for p in own)), torch.stack(w1), torch.stack(w2_t)))
+        for shape in dict.fromkeys(traits[p[0]].kron for p in at if p is not None):
+            own = [p if p is not None and traits[p[0]].kron == shape else None for p in at]
+            positions = tuple(0 if p is None else index[p[0]] for p in own)
+            weights = tuple(1.0 if p is None else p[1] for p in own)
+            passes.append(
+                (
+                    plan.mask(tuple(p is not None for p in own)),
+                    shape,
+                    plan.cached(("positions", positions), lambda p=positions: torch.tensor(p)),
+                    None if all(w == 1 for w in weights) else plan.column(weights, torch.float32),
+                )
+            )
     return passes
-
-
-def _weighted(tensor: torch.Tensor, weight: float) -> torch.Tensor:
-    """tensor * weight, the product rounded once to the tensor's dtype."""
-    return tensor if weight == 1 else (tensor.float() * weight).to(tensor.dtype)
 
 
 def _rotation(adapter: LayerAdapter, weight: float | tuple[float, ...]) -> tuple[LayerAdapter, object]:

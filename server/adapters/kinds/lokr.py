@@ -10,7 +10,8 @@ from .base import Kind, LayerAdapter, expect_params, expect_shape, pattern_value
 
 class LoKrLayer(LayerAdapter):
     """In a decode pass the mixed layer applies the LoKr adapters of every row at once (`add_per_row`), each row
-    with its own factors (its weight folded into W1), stacked once per batch composition."""
+    with its own factors (its weight folded into W1), selected once per batch composition from the layer's stacks of
+    its LoKr adapters' factors."""
 
     def __init__(self, w1: torch.Tensor, w2: torch.Tensor):
         self.w1 = w1  # [a, c], times the scaling
