@@ -20,8 +20,10 @@ kernels launched (on a GPU), and scalar syncs, the points where the host waits f
 float / int / bool of a tensor (`aten::_local_scalar_dense`), data-dependent shapes (`aten::nonzero`: boolean
 indexing; `aten::_unique2`), and `.tolist()` of a tensor on the model's device (counted by a TorchFunctionMode, as
 the profiler does not see it); and H2D copies per step: copies of host data to the model's device (`.to(device)` of
-a host tensor, `torch.tensor(..., device=)`; counted on CPU too, where they copy nothing). On CPU, `torch.multinomial`
-checks its input with two `_local_scalar_dense` (no wait on a CPU); these rows are greedy.
+a host tensor, `torch.tensor(..., device=)`; counted on CPU too, where they copy nothing); and GFLOP/step, the
+FLOPs of the step's matrix products (the profiler's formulas, and 2 M K N for the in-place `addmm_` / `baddbmm_` it
+has none for): the arithmetic a contender does, exact where timings are noise. On CPU, `torch.multinomial` checks its
+input with two `_local_scalar_dense` (no wait on a CPU); these rows are greedy.
 
 --compile adds base and mixed contenders whose model forward runs under torch.compile (mode reduce-overhead on CUDA),
 interleaved with the eager ones; printed: the time of a first round on shorter prompts (compile time; the timed
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import sys
 import tempfile
@@ -187,15 +190,28 @@ def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device
     step."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
-    with profile(activities=activities, with_flops=True) as prof, CountTransfers(device) as transfers:
+    with (
+        profile(activities=activities, with_flops=True, record_shapes=True) as prof,
+        CountTransfers(device) as transfers,
+    ):
         step(runner, rows)
         synchronize(device)
     events = prof.events()
     ops = sum(1 for e in events if e.name.startswith("aten::"))
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     syncs = sum(1 for e in events if e.name in SYNC_OPS) + transfers.tolist
-    flops = sum(e.flops or 0 for e in events if e.device_type == torch.autograd.DeviceType.CPU)
+    flops = sum(_flops(e) for e in events if e.device_type == torch.autograd.DeviceType.CPU)
     return ops, kernels, syncs, transfers.copies_in, flops
+
+
+def _flops(event) -> int:
+    """The profiler's FLOPs of a matrix product, and those of the in-place ones it has no formula for."""
+    if event.flops:
+        return event.flops
+    if event.name in ("aten::addmm_", "aten::baddbmm_"):  # self [(B,) M, N] += [(B,) M, K] @ [(B,) K, N]
+        out, left = event.input_shapes[0], event.input_shapes[1]
+        return 2 * math.prod(out) * left[-1]
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
