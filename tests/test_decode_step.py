@@ -5,17 +5,25 @@ stays PEFT's, alone, at every step."""
 from __future__ import annotations
 
 import itertools
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
+from peft import LoHaConfig, LoKrConfig
 from torch.profiler import profile
 
 from bench.mixed_decode import SYNC_OPS, CountTransfers
 from server.adapters.kinds.base import PoolSpan
-from server.adapters.mixing import MIN_CAPACITY, MixingContext, RankPool
+from server.adapters.kinds.lokr import LoKrLayer
+from server.adapters.mixing import MIN_CAPACITY, MixedLinear, MixingContext, RankPool
+from server.adapters.store import AdapterStore
+from server.demo.tiny import save_adapter
 from server.engine.kv_cache import BLOCK_SIZE
-from server.engine.runner import PromptSequence
-from server.model import encode_prompt
+from server.engine.runner import ModelRunner, PromptSequence
+from server.model import encode_prompt, load_tokenizer
+from tests.builders import ATTN
+from tests.conftest import private_model
 from tests.reference import reference_logits
 
 ATOL = 1e-5
@@ -376,3 +384,106 @@ def test_a_pass_computes_its_adapters_ranks_side_by_side_apart_or_padded_and_eac
     factors[4] = pool.factors(4)
     assert pool.spans[4][:2] == (0, 16)
     each_row_gets_its_own(((4, 2), (2,), (), (3,)), ((1.0, -0.5), (2.0,), (), (1.0,)), apart)
+
+
+# Layers that carry the same adapter slots share one decode plan when their adapters' traits agree (MixedLinear's
+# signature): a second LoKr factor shape on a layer, a LoHa pooled on some layers and dense on others
+SHARING = {
+    "lokr.f4": (
+        LoKrConfig(r=2, alpha=4, decompose_factor=4, target_modules=["up_proj", "q_proj"], init_weights=False),
+        0.5,
+    ),
+    "lokr.mid": (LoKrConfig(r=4, alpha=8, target_modules=["up_proj", "q_proj", "o_proj"], init_weights=False), 0.3),
+    # r x r ranks x (in + out) under in x out on q and o (64 x 64): pooled there; dense on k and v (64 -> 32)
+    "loha.r5": (LoHaConfig(r=5, alpha=4, target_modules=ATTN, init_weights=False), 1.0),
+}
+
+
+@pytest.fixture(scope="module")
+def sharing_world(llama, tmp_path_factory):
+    store = tmp_path_factory.mktemp("sharing") / "store"
+    shutil.copytree(llama.store, store)
+    for seed, (name, (config, scale)) in enumerate(SHARING.items(), start=101):
+        save_adapter(llama.model_dir, config, store / name, seed=seed, base_name=llama.model_dir.name, scale=scale)
+    return SimpleNamespace(model_dir=llama.model_dir, store=store)
+
+
+def _decode_joining(world, registry, runner, tokenizer, rows, steps: int, between=None) -> None:
+    """Rows join one a step and the oldest leaves every other step; each row held to PEFT at every step."""
+    pending, running, done = list(rows), [], []
+    for step in range(steps):
+        if pending:
+            prompt, weights = pending.pop(0)
+            seq = _sequence(registry, prompt, weights, tokenizer)
+            logits = runner.prefill([seq])[0]
+            seq.tokens.append(int(logits.argmax()))
+            running.append((seq, weights, [logits]))
+        if step % 2 and len(running) > 2:
+            done.append(running.pop(0))
+            runner.release(done[-1][0])
+        if between is not None:
+            between(step)
+        for (seq, _, seen), row in zip(running, runner.decode(), strict=True):
+            seen.append(row)
+            seq.tokens.append(int(row.argmax()))
+    for seq, _, _ in running:
+        runner.release(seq)
+    _each_row_is_the_reference(world, done + running)
+
+
+def test_lokr_of_two_factor_shapes_on_a_layer_at_weights_while_an_idle_one_is_evicted_and_reloaded(sharing_world):
+    model, registry = private_model(sharing_world.model_dir, AdapterStore(sharing_world.store))
+    runner, tokenizer = ModelRunner(model, registry.context), load_tokenizer(sharing_world.model_dir)
+    registry.load_blocking(["lokr", "lokr.mid", "lokr.decomposed", "lokr.f4", "loha.r5", "lora.patterns"])
+    shapes = [
+        {(tuple(a.w1.shape), tuple(a.w2_t.shape)) for a in m.adapters.values() if isinstance(a, LoKrLayer)}
+        for m in model.modules()
+        if isinstance(m, MixedLinear)
+    ]
+    assert any(len(s) >= 2 for s in shapes), "some layer should hold LoKr adapters of two factor shapes"
+    rows = [
+        ("Three LoKr", {"lokr": 0.7, "lokr.f4": -1.3, "lokr.decomposed": 1.0}),
+        ("F4 alone", {"lokr.f4": 1.0}),
+        ("Reverse", {"lokr.decomposed": -0.5, "lokr": 1.0}),
+        ("Loha r5 and lokr", {"loha.r5": 1.0, "lokr": 1.0}),
+        ("Loha r5 weighted", {"loha.r5": -0.7, "lora.patterns": 0.3}),
+        ("Base", {}),
+        ("f4 then lokr", {"lokr.f4": 2.0, "lokr": -0.25}),
+    ]
+
+    def churn(step: int) -> None:  # the idle LoKr leaves and comes back while the batch's plans are cached
+        if "lokr.mid" in {a.name for a in registry.loaded()}:
+            registry.unload("lokr.mid", set())
+        else:
+            registry.load_blocking(["lokr.mid"])
+
+    _decode_joining(sharing_world, registry, runner, tokenizer, rows, 10, churn)
+
+
+def test_the_same_slots_pooled_on_some_layers_and_dense_on_others_plan_apart(sharing_world):
+    model, registry = private_model(sharing_world.model_dir, AdapterStore(sharing_world.store))
+    runner, tokenizer = ModelRunner(model, registry.context), load_tokenizer(sharing_world.model_dir)
+    registry.load_blocking(["loha.r5", "lora.rs-bias"])
+    layers = [m for name, m in model.named_modules() if isinstance(m, MixedLinear) and ".0.self_attn" in name]
+    assert len({tuple(sorted(m.adapters)) for m in layers}) == 1
+    assert len({tuple(sorted((s, s in m.pool.spans) for s in m.adapters)) for m in layers}) == 2
+    rows = [
+        ("Loha r5", {"loha.r5": 1.0}),
+        ("Loha r5 neg + rs-bias", {"loha.r5": -0.7, "lora.rs-bias": 1.0}),
+        ("rs-bias only", {"lora.rs-bias": 0.5}),
+        ("Base", {}),
+        ("both", {"lora.rs-bias": -1.0, "loha.r5": 2.0}),
+    ]
+    _decode_joining(sharing_world, registry, runner, tokenizer, rows, 8)
+
+
+def test_pruned_adalora_and_oft_blocks_that_differ_per_layer(llama):
+    runner, registry, tokenizer = llama.runner()
+    rows = [
+        ("Pruned", {"adalora.pruned": 1.0, "lokr": 0.5}),
+        ("By-rank OFT", {"oft.by-rank": 0.6, "shira": -1.0, "lokr.decomposed": 1.0}),
+        ("Pruned weighted", {"oft.by-rank": 1.0, "adalora.pruned": -2.0}),
+        ("Base", {}),
+        ("shira", {"shira": 1.0, "adalora.pruned": 1.0, "lokr": 1.0, "lokr.decomposed": -0.3}),
+    ]
+    _decode_joining(llama, registry, runner, tokenizer, rows, 8)
