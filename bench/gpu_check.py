@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXACTNESS = [
     "test_oracle.py",
     "test_batching.py",
+    "test_decode_step.py",
     "test_weights.py",
     "test_precision.py",
     "test_families.py",
