@@ -52,6 +52,25 @@ def _each_row_is_the_reference(world, rows) -> None:
         assert seq.tokens == expected.argmax(-1).tolist()
 
 
+def _prefill_and_decode_twice(runner, seqs) -> list[list[torch.Tensor]]:
+    """Each row's logits of a prefill and two greedy decode steps."""
+    seen = [[row] for row in runner.prefill(seqs)]
+    for _ in range(2):
+        for seq, logits in zip(seqs, seen, strict=True):
+            seq.tokens.append(int(logits[-1].argmax()))
+        for logits, row in zip(seen, runner.decode(), strict=True):
+            logits.append(row)
+    return seen
+
+
+def _rows_are_the_reference(world, seqs, rows, seen) -> None:
+    """rows: (prompt, weights) of seqs; seen: each row's logits at each step, held to PEFT's of its tokens."""
+    for seq, (_, weights), logits in zip(seqs, rows, seen, strict=True):
+        prompt = seq.request.prompt_ids
+        expected = reference_logits(world.model_dir, world.store, list(weights), prompt + seq.tokens, weights=weights)
+        torch.testing.assert_close(torch.stack(logits), expected[len(prompt) - 1 :], atol=ATOL, rtol=0)
+
+
 def _sequence(registry, prompt: str, weights: dict[str, float], tokenizer) -> PromptSequence:
     loaded = registry.load_blocking(list(weights)) if weights else []
     seq = PromptSequence(encode_prompt(tokenizer, prompt), tuple(a.slot for a in loaded))
@@ -144,16 +163,8 @@ def test_a_freed_span_is_reused_and_what_it_held_never_reaches_a_row(llama):
     assert any(not torch.isfinite(p.a).all() for p in _pools(runner)), "some freed span should still hold its inf"
     rows = [("Base only", {}), ("Weighted", {"loha": -1.25}), ("Again", {"lora": 0.5, "loha": 1.0})]
     seqs = [_sequence(registry, prompt, weights, tokenizer) for prompt, weights in rows]
-    seen = [[row] for row in runner.prefill(seqs)]
-    for _ in range(2):
-        for seq, logits in zip(seqs, seen, strict=True):
-            seq.tokens.append(int(logits[-1].argmax()))
-        for logits, row in zip(seen, runner.decode(), strict=True):
-            logits.append(row)
-    for seq, (_, weights), logits in zip(seqs, rows, seen, strict=True):
-        prompt = seq.request.prompt_ids
-        expected = reference_logits(llama.model_dir, llama.store, list(weights), prompt + seq.tokens, weights=weights)
-        torch.testing.assert_close(torch.stack(logits), expected[len(prompt) - 1 :], atol=ATOL, rtol=0)
+    seen = _prefill_and_decode_twice(runner, seqs)
+    _rows_are_the_reference(llama, seqs, rows, seen)
 
 
 def _pools(runner) -> list:
@@ -215,10 +226,7 @@ def test_a_pooled_adapter_is_on_the_device_once_and_pools_give_memory_back(llama
             logits.append(row)
     for seq in seqs:
         runner.release(seq)
-    for seq, (_, weights), logits in zip(seqs, rows, seen, strict=True):
-        prompt = seq.request.prompt_ids
-        expected = reference_logits(llama.model_dir, llama.store, list(weights), prompt + seq.tokens, weights=weights)
-        torch.testing.assert_close(torch.stack(logits), expected[len(prompt) - 1 :], atol=ATOL, rtol=0)
+    _rows_are_the_reference(llama, seqs, rows, seen)
 
     after = {id(p): p for p in _pools(runner)}
     assert any(after[k].capacity < c for k, c in before.items()), "evictions should have shrunk some pool"
@@ -333,17 +341,9 @@ def test_a_decode_pass_computes_only_the_ranks_of_the_adapters_its_rows_use(llam
         return add_to(pool, y, x, own, coefficients, columns)
 
     monkeypatch.setattr(RankPool, "add_to", counting)
-    seen = [[row] for row in runner.prefill(seqs)]
-    for _ in range(2):
-        for seq, logits in zip(seqs, seen, strict=True):
-            seq.tokens.append(int(logits[-1].argmax()))
-        for logits, row in zip(seen, runner.decode(), strict=True):
-            logits.append(row)
+    seen = _prefill_and_decode_twice(runner, seqs)
     assert any(got < resident for got, resident in computed), "some layer should hold idle adapters"
-    for seq, (_, weights), logits in zip(seqs, rows, seen, strict=True):
-        prompt = seq.request.prompt_ids
-        expected = reference_logits(llama.model_dir, llama.store, list(weights), prompt + seq.tokens, weights=weights)
-        torch.testing.assert_close(torch.stack(logits), expected[len(prompt) - 1 :], atol=ATOL, rtol=0)
+    _rows_are_the_reference(llama, seqs, rows, seen)
 
 
 def test_a_pass_computes_its_adapters_ranks_side_by_side_apart_or_padded_and_each_row_gets_its_own():
