@@ -14,11 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
+from server.adapters.mixing import _threads
 from server.adapters.store import AdapterStore
 from server.errors import AdapterLoadFailed
 from server.model import encode_prompt
-from tests.conftest import on_cpu_only
+from tests.conftest import on_cpu_only, private_model
 from tests.reference import reference_greedy
 
 PROMPT = "Adapters come and go"
@@ -440,3 +442,20 @@ def test_shutdown_answers_waits_for_loads(llama):
     registry.close()
     with pytest.raises(ShuttingDown):
         waiting.result(timeout=5)
+
+
+def test_a_loader_thread_started_inside_an_adapted_layer_keeps_torchs_thread_count(llama):
+    """An adapted layer runs its small operations on one thread by setting torch's count on the model's thread, which
+    also sets the count a thread starting torch work meanwhile takes for good: a loader thread must not keep it."""
+    outside = torch.get_num_threads()
+    torch.set_num_threads(3)  # not 1, and not what the machine gives by default
+    try:
+        _model, registry = private_model(llama.model_dir, AdapterStore(llama.store))
+        try:
+            with _threads(1):  # as MixedLinear does on the model's thread
+                loader_threads = registry.loader._pool.submit(torch.get_num_threads).result(timeout=60)
+        finally:
+            registry.close()
+    finally:
+        torch.set_num_threads(outside)
+    assert loader_threads == 3

@@ -31,9 +31,14 @@ CPU = torch.device("cpu")
 LOADER_NICENESS = 10
 
 
-def _lower_priority() -> None:
-    """A loader thread takes what the model's threads leave idle: a lower scheduling priority (Linux: per thread;
-    elsewhere a thread id is not a process id, and it would lower the whole server). Best effort."""
+def _start_loader_thread(torch_threads: int) -> None:
+    """A loader thread uses torch's thread count as the server started with it, set here: a thread takes the count
+    last set in the process when it first runs a torch operation, and the model's thread sets it to one inside
+    adapted layers (mixing._threads), so a loader starting then would keep one thread for good.
+
+    It also takes what the model's threads leave idle: a lower scheduling priority (Linux: per thread; elsewhere a
+    thread id is not a process id, and it would lower the whole server). Best effort."""
+    torch.set_num_threads(torch_threads)  # this thread's count (and new threads'): the model's thread keeps its own
     if sys.platform != "linux":
         return
     try:
@@ -79,7 +84,12 @@ class AdapterLoader:
         self.retry_seconds = retry_seconds
         self._wake = wake
         self._on_load = on_load
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="mixserve-loader", initializer=_lower_priority)
+        self._pool = ThreadPoolExecutor(
+            threads,
+            thread_name_prefix="mixserve-loader",
+            initializer=_start_loader_thread,
+            initargs=(torch.get_num_threads(),),
+        )
         self._finished: queue.SimpleQueue[FinishedLoad] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards the two dicts for readers on other threads
         self._loading: dict[str, tuple] = {}  # name -> signature of the load in flight
