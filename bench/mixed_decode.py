@@ -13,8 +13,11 @@ rounds only): what a server holding many tenants' adapters pays for those a batc
 Shapes: Qwen2-style hidden 384 x 6 layers (6 heads, 2 KV heads, MLP 1024), or Qwen2.5-0.5B's (896 x 24, 14 heads,
 2 KV heads, MLP 4864, its 151,936-token vocabulary).
 
-Printed per contender: decode and prefill tokens/s, and a/b = with adapters / without. Beside a/b, the ideal from
-arithmetic: base FLOPs / (base + each row's own adapters' FLOPs), averaged over the rows. Then the profile of one
+Printed per contender: decode and prefill tokens/s, and a/b = with adapters / without. Beside a/b, two bounds on
+it: the ideal from arithmetic, base FLOPs / (base + each row's own adapters' FLOPs), averaged over the rows; and the
+bound from memory, the bytes of the base's linear weights / (those + the bytes of every adapter some row uses), as a
+step reads each of those at least once: a decode step whose layers are bound by memory traffic (16 rows of a large
+model on a CPU; a GPU at small batches) cannot beat it however its products are arranged. Then the profile of one
 decode step (torch profiler, after the timed rounds): operator calls (every `aten::` call, nested ones included),
 kernels launched (on a GPU), and scalar syncs, the points where the host waits for the device's values: item /
 float / int / bool of a tensor (`aten::_local_scalar_dense`), data-dependent shapes (`aten::nonzero`: boolean
@@ -136,6 +139,16 @@ def ideal_ratio(base: int, flops: dict[str, int], combos: list[list[str]]) -> fl
     return statistics.mean(base / (base + sum(flops[n] for n in combo)) for combo in combos)
 
 
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes of the base's linear weights: what every decode step reads whole (the embedding only at its rows)."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def memory_bound(base: int, sizes: dict[str, int], combos: list[list[str]]) -> float:
+    """Base bytes / (base + the bytes of every adapter some row uses): each is read at least once a step."""
+    return base / (base + sum(sizes[n] for n in {n for combo in combos for n in combo}))
+
+
 class BenchRow(PromptSequence):
     """A greedy request as the engine's sampler reads it."""
 
@@ -241,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
         base = base_flops(model)
         flops = adapter_flops(registry, list(ADAPTERS))
         loaded = {a.name: a for a in registry.load_blocking(list(ADAPTERS))}
+        weight_bytes = linear_bytes(model)
+        adapter_bytes = {name: sum(layer.nbytes for layer in a.built.layers.values()) for name, a in loaded.items()}
         mixed, lora = combinations(list(ADAPTERS), ROWS, seed=1), combinations(LORAS, ROWS, seed=2)
         contenders = {
             "(b) no adapters": [[]] * ROWS,
@@ -305,15 +320,15 @@ def main(argv: list[str] | None = None) -> None:
         f" {ROWS} rows; base {args.quantization}, {resident / 2**20:.0f} MiB resident"
     )
     print(
-        f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'prefill tok/s':>14s} {'a/b':>6s}"
+        f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'bytes':>6s} {'prefill tok/s':>14s} {'a/b':>6s}"
         f" {'ops/step':>9s} {'x base':>7s} {'kernels':>8s} {'syncs':>6s} {'H2D copies':>11s} {'GFLOP/step':>11s}"
     )
     b_decode, b_prefill = statistics.median(decode["(b) no adapters"]), statistics.median(prefill["(b) no adapters"])
     b_ops = profiles["(b) no adapters"][0]
     for name, combos in contenders.items():
-        ideal = ideal_ratio(base, flops, combos)
+        ideal, bound = ideal_ratio(base, flops, combos), memory_bound(weight_bytes, adapter_bytes, combos)
         d, p = statistics.median(decode[name]), statistics.median(prefill[name])
-        line = f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {p:14.0f} {p / b_prefill:6.2f}"
+        line = f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {bound:6.2f} {p:14.0f} {p / b_prefill:6.2f}"
         if name in profiles:
             ops, kernels, syncs, copies, step_flops = profiles[name]
             line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d} {copies:11d} {step_flops / 1e9:11.3f}"
