@@ -49,7 +49,11 @@ SERIAL_BASE_MACS = 8_000_000
 @contextmanager
 def _threads(n: int) -> Iterator[int]:
     """torch's CPU operations on n threads inside; yields the count outside. Called on the model's thread only:
-    torch.set_num_threads also sets the count that a thread starting torch work meanwhile keeps."""
+    torch.set_num_threads also sets the count that a thread starting torch work meanwhile keeps (loader threads set
+    their own). Nothing under torch.compile, whose code runs on the threads it is called on (bench.compile_step)."""
+    if torch.compiler.is_compiling():
+        yield n
+        return
     outside = torch.get_num_threads()
     if n == outside:
         yield outside

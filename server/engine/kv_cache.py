@@ -234,9 +234,9 @@ class PagedCache:
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         # key, value: [rows, kv_heads, tokens, head_dim]
         keys, values = self.keys[layer_idx].flatten(0, 1), self.values[layer_idx].flatten(0, 1)  # [slots, heads, dim]
-        if self._written is None:  # decode: one token per row
-            keys.index_copy_(0, self._write, key[:, :, 0])
-            values.index_copy_(0, self._write, value[:, :, 0])
+        if self._written is None:  # decode: one token per row (index_put_: torch.compile traces it, not index_copy_)
+            keys.index_put_((self._write,), key[:, :, 0])
+            values.index_put_((self._write,), value[:, :, 0])
         else:
             keys.index_copy_(0, self._write, key.transpose(1, 2)[self._written])
             values.index_copy_(0, self._write, value.transpose(1, 2)[self._written])

@@ -1,0 +1,144 @@
+"""What compiling the decode step would give at best: the same 16 rows decoding eager and under torch.compile, each
+on torch's threads and on one thread, in one process, contenders interleaved.
+
+    python -m bench.compile_step [--shape small|0.5b] [--rounds N] [--device cuda] [--dtype bfloat16] [--quick]
+
+The best case for a compiler: one batch composition for the whole run (the pass's plans are built by an eager step
+first, so the trace reads them and never their building), the model's forward compiled once with automatic dynamic
+shapes (the keys' length grows each step; mode reduce-overhead on CUDA: CUDA graphs). A server's batches change
+composition, and each new composition is a new plan the trace guards on: serving compiled would need the adapters as
+data (README, "The decode step"); this measures what that work could win, before anyone does it.
+
+Workloads (bench.mixed_decode's): 16 rows without adapters, and 16 rows of mixed types. Contenders per workload:
+eager as the server runs it (adapted layers switch their small operations to one thread on CPU), eager on one
+thread, compiled, compiled on one thread (CPU only). Printed per contender: decode tokens/s and its ratio to eager,
+and for the compiled ones the compile time (their first steps, not timed) and the graphs dynamo made; then the
+largest difference of a compiled contender's logits from eager's over the timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+from bench.common import add_device_arguments, combinations, describe_run, device_name, synchronize
+from bench.mixed_decode import ADAPTERS, PROMPT_TOKENS, ROWS, SHAPES, BenchRow, build, registry_order, step
+from server.adapters.registry import AdapterRegistry
+from server.adapters.store import AdapterStore
+from server.engine.runner import ModelRunner
+from server.engine.sampling import sample
+from server.model import load_model
+
+STEPS = 16
+
+
+@contextmanager
+def threads(n: int | None):
+    """torch's CPU operations on n threads inside (None: as they are)."""
+    outside = torch.get_num_threads()
+    torch.set_num_threads(n or outside)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(outside)
+
+
+def decode(runner: ModelRunner, rows: list[BenchRow], forward, steps: int, device) -> tuple[float, torch.Tensor]:
+    """(seconds of `steps` decode steps under `forward`, their logits): after a prefill and one eager step, so that
+    the rows' plans exist before any trace."""
+    model, eager = runner.model, runner.model.forward
+    for row, choice in zip(rows, sample(rows, runner.prefill(rows)), strict=True):
+        row.tokens.append(choice.token)
+    step(runner, rows)
+    model.forward = forward
+    logits = []
+    try:
+        synchronize(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            out = runner.decode()
+            logits.append(out)
+            for row, token in zip(rows, out.argmax(-1).tolist(), strict=True):
+                row.tokens.append(token)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    finally:
+        model.forward = eager
+        for row in rows:
+            runner.release(row)
+    return seconds, torch.stack(logits).float().cpu()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["small", "0.5b"], default="small")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--quick", action="store_true", help="a tiny model, one round: checks that it runs")
+    add_device_arguments(parser)
+    args = parser.parse_args(argv)
+    shape, rounds, steps = ("quick", 1, 4) if args.quick else (args.shape, args.rounds, STEPS)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(describe_run(device, args.dtype))
+    torch._dynamo.config.cache_size_limit = 64  # every contender's graphs kept: none falls back to eager
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, store = build(args.workdir or Path(tmp), shape)
+        model = load_model(model_dir, device, dtype)
+        registry = AdapterRegistry(model, AdapterStore(store), device, dtype)
+        runner = ModelRunner(model, registry.context)
+        loaded = {a.name: a for a in registry.load_blocking(list(ADAPTERS))}
+        prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
+        workloads = {"no adapters": [[]] * ROWS, "mixed types": combinations(list(ADAPTERS), ROWS, seed=1)}
+        eager = model.forward
+        compiled = torch.compile(eager, mode="reduce-overhead" if device.type == "cuda" else None)
+        contenders = {"eager": (eager, None), "compiled": (compiled, None)}
+        if device.type == "cpu":
+            contenders |= {"eager, 1 thread": (eager, 1), "compiled, 1 thread": (compiled, 1)}
+        seconds: dict[tuple[str, str], list[float]] = {}
+        compile_seconds: dict[tuple[str, str], float] = {}
+        graphs: dict[tuple[str, str], int] = {}
+        logits: dict[tuple[str, str], torch.Tensor] = {}
+        for round_ in range(rounds + 1):  # round 0 compiles (not timed)
+            for workload, combos in workloads.items():
+                for name, (forward, count) in contenders.items():
+                    rows = [
+                        BenchRow(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
+                        for p, c in zip(prompts, combos, strict=True)
+                    ]
+                    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                    with threads(count):
+                        took, out = decode(runner, rows, forward, steps, device)
+                    if round_ == 0:
+                        compile_seconds[workload, name] = took
+                        graphs[workload, name] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+                    else:
+                        seconds.setdefault((workload, name), []).append(took)
+                        logits[workload, name] = out
+        registry.close()
+
+    sizes = SHAPES[shape]
+    print(
+        f"model: Qwen2-style hidden {sizes['hidden']} x {sizes['layers']} layers, {args.dtype},"
+        f" {device_name(device)}; {ROWS} rows, {steps} decode steps a round, {rounds} rounds"
+    )
+    print(f"{'':30s} {'decode tok/s':>13s} {'/ eager':>8s} {'compile s':>10s} {'graphs':>7s} {'max |diff|':>11s}")
+    for workload in workloads:
+        eager_speed = ROWS * steps / statistics.median(seconds[workload, "eager"])
+        for name in contenders:
+            speed = ROWS * steps / statistics.median(seconds[workload, name])
+            line = f"{workload + ', ' + name:30s} {speed:13.0f} {speed / eager_speed:8.2f}"
+            if name.startswith("compiled"):
+                difference = float((logits[workload, name] - logits[workload, "eager"]).abs().max())
+                line += f" {compile_seconds[workload, name]:10.1f} {graphs[workload, name]:7d} {difference:11.2g}"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
