@@ -1,7 +1,7 @@
 """The adapter path's cost in the engine itself: decode and prefill of one mixed batch against the same batch
 without adapters, in-process (no HTTP), contenders interleaved in one run.
 
-    python -m bench.mixed_decode [--shape small|0.5b] [--device cuda] [--dtype bfloat16] [--quick] [--compile]
+    python -m bench.mixed_decode [--shape small|0.5b] [--device cuda] [--dtype bfloat16] [--quick]
         [--quantization bnb-nf4|bnb-fp4|bnb-int8|int8-weight-only]   (the base quantized at load: README, "Quantized base")
     (make bench-mixed)
 
@@ -26,12 +26,7 @@ the profiler does not see it); and H2D copies per step: copies of host data to t
 a host tensor, `torch.tensor(..., device=)`; counted on CPU too, where they copy nothing); and GFLOP/step, the
 FLOPs of the step's matrix products (the profiler's formulas, and 2 M K N for the in-place `addmm_` / `baddbmm_` it
 has none for): the arithmetic a contender does, exact where timings are noise. On CPU, `torch.multinomial` checks its
-input with two `_local_scalar_dense` (no wait on a CPU); these rows are greedy.
-
---compile adds base and mixed contenders whose model forward runs under torch.compile (mode reduce-overhead on CUDA),
-interleaved with the eager ones; printed: the time of a first round on shorter prompts (compile time; the timed
-rounds then meet new lengths, as a server does), compiled/eager decode speed, and the largest difference of their
-logits from eager's.
+input with two `_local_scalar_dense` (no wait on a CPU); these rows are greedy. (Compiled steps: bench.compile_step.)
 """
 
 from __future__ import annotations
@@ -233,12 +228,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--quick", action="store_true", help="a tiny model, one round: checks that it runs")
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="also the model's forward under torch.compile (on CUDA mode reduce-overhead), beside eager: compile time,"
-        " speed and largest difference from eager",
-    )
     parser.add_argument("--quantization", choices=MODES, default="none", help="the base's, as MIXSERVE_QUANTIZATION")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
@@ -263,11 +252,6 @@ def main(argv: list[str] | None = None) -> None:
             "(a) LoRA only": lora,
             IDLE_CONTENDER: lora,  # the same rows, with IDLE loaded for its rounds only
         }
-        eager = model.forward
-        if args.compile:
-            compiled = torch.compile(eager, mode="reduce-overhead" if device.type == "cuda" else None)
-            contenders |= {"(b) compiled": [[]] * ROWS, "(a) mixed compiled": mixed}
-        compile_seconds = 0.0
         prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
         decode: dict[str, list[float]] = {name: [] for name in contenders}
         prefill: dict[str, list[float]] = {name: [] for name in contenders}
@@ -280,9 +264,6 @@ def main(argv: list[str] | None = None) -> None:
                     BenchRow(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
                     for p, c in zip(prompts, combos, strict=True)
                 ]
-                model.forward = compiled if name.endswith("compiled") else eager
-                if round_ == 0 and name.endswith("compiled"):  # compiles, on 8 tokens shorter prompts
-                    compile_seconds += warm(runner, [BenchRow(r.request.prompt_ids[8:], r.slots) for r in rows], device)
                 synchronize(device)
                 started = time.perf_counter()
                 for row, choice in zip(rows, sample(rows, runner.prefill(rows)), strict=True):
@@ -291,8 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                 prefill[name].append(ROWS * PROMPT_TOKENS / (time.perf_counter() - started))
                 if round_ == rounds:
                     step(runner, rows)  # warm
-                    if not name.endswith("compiled"):  # (dynamo would trace the counting mode)
-                        profiles[name] = profile_step(runner, rows, device)
+                    profiles[name] = profile_step(runner, rows, device)
                 else:
                     started = time.perf_counter()
                     for _ in range(STEPS):
@@ -304,14 +284,6 @@ def main(argv: list[str] | None = None) -> None:
                 if name == IDLE_CONTENDER:
                     for idle in IDLE:
                         registry.unload(idle, set())
-        model.forward = eager
-        if args.compile:
-            differences = {
-                name: compiled_difference(
-                    runner, loaded, registry, prompts, mixed if "mixed" in name else [[]] * ROWS, eager, compiled
-                )
-                for name in ("(b) compiled", "(a) mixed compiled")
-            }
         registry.close()
 
     sizes = SHAPES[shape]
@@ -333,48 +305,6 @@ def main(argv: list[str] | None = None) -> None:
             ops, kernels, syncs, copies, step_flops = profiles[name]
             line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d} {copies:11d} {step_flops / 1e9:11.3f}"
         print(line)
-    if args.compile:
-        print(f"compile: {compile_seconds:.0f} s for the compiled contenders' first round (prefill + {STEPS} steps)")
-        for name, uncompiled in (("(b) compiled", "(b) no adapters"), ("(a) mixed compiled", "(a) mixed types")):
-            ratio = statistics.median(decode[name]) / statistics.median(decode[uncompiled])
-            print(f"{name}: decode compiled/eager = {ratio:.2f}, largest difference from eager {differences[name]:.2g}")
-
-
-def warm(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> float:
-    """Seconds of a prefill and STEPS decode steps of rows (then released): the compiled contenders' compile time.
-    Their prompts are shorter than the timed rounds', so that those meet lengths not compiled yet, as a server
-    does."""
-    synchronize(device)
-    started = time.perf_counter()
-    for row, choice in zip(rows, sample(rows, runner.prefill(rows)), strict=True):
-        row.tokens.append(choice.token)
-    for _ in range(STEPS):
-        step(runner, rows)
-    synchronize(device)
-    for row in rows:
-        runner.release(row)
-    return time.perf_counter() - started
-
-
-def compiled_difference(runner, loaded, registry, prompts, combos, eager, compiled) -> float:
-    """The largest |compiled - eager| of the logits of a prefill and 4 decode steps of the same rows."""
-    model, seen = runner.model, {}
-    for name, forward in (("eager", eager), ("compiled", compiled)):
-        model.forward = forward
-        rows = [
-            BenchRow(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
-            for p, c in zip(prompts, combos, strict=True)
-        ]
-        logits = [runner.prefill(rows)]
-        for _ in range(4):
-            for row, token in zip(rows, logits[-1].argmax(-1).tolist(), strict=True):
-                row.tokens.append(token)
-            logits.append(runner.decode())
-        for row in rows:
-            runner.release(row)
-        seen[name] = torch.stack(logits).float()
-    model.forward = eager
-    return float((seen["eager"] - seen["compiled"]).abs().max())
 
 
 def registry_order(registry: AdapterRegistry, names: list[str]) -> list[str]:
