@@ -434,7 +434,7 @@ class MixedLinear(nn.Module):
         # this layer only when a row uses one
         self._unpooled: set[int] = set()
         self._signature: tuple | None = None  # (slot, _Traits) of its adapters, by slot
-        self._kron: dict | None = None  # _kron_stacks
+        self._kron: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # LoKr factors by their shapes (_restack)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -454,8 +454,10 @@ class MixedLinear(nn.Module):
 
     def attach(self, slot: int, adapter: LayerAdapter, order: tuple = ()) -> None:
         # A new slot is in no plan built so far: the running batch keeps its plans (no stall at the next step).
+        if isinstance(adapter, LoKrLayer):  # stacked first: out of memory there leaves the layer as it was
+            self._restack(adapter.shapes, self._kron_stacks(adapter.shapes, {**self.adapters, slot: adapter}))
         self.adapters[slot] = adapter
-        self._signature = self._kron = None
+        self._signature = None
         if adapter.low_rank is None or adapter.rescales_output or adapter.bias_delta is not None:
             self._unpooled.add(slot)
         if adapter.low_rank is not None:
@@ -463,9 +465,17 @@ class MixedLinear(nn.Module):
             adapter.low_rank = PoolSpan(self.pool, slot)  # its own copy is dropped: the pool's is the only one
 
     def detach(self, slot: int, keep: bool = True) -> None:
-        """keep: the adapter gets its own copy of what the pool held for it (else it is dropped: nothing reads it)."""
-        adapter = self.adapters.pop(slot)
-        self._signature = self._kron = None
+        """keep: the adapter gets its own copy of what the pool and the LoKr stacks held for it (else it is dropped:
+        nothing reads it)."""
+        adapter = self.adapters[slot]
+        if isinstance(adapter, LoKrLayer):  # allocated before anything changes, as in attach
+            own = (adapter.w1.clone(), adapter.w2_t.clone()) if keep else None
+            rest = {s: a for s, a in self.adapters.items() if s != slot}
+            self._restack(adapter.shapes, self._kron_stacks(adapter.shapes, rest))
+            if own is not None:
+                adapter.w1, adapter.w2_t = own
+        del self.adapters[slot]
+        self._signature = None
         self._unpooled.discard(slot)
         if keep and isinstance(adapter.low_rank, PoolSpan):  # taken before the span is freed
             a, b, scale = adapter.low_rank
@@ -532,7 +542,8 @@ class MixedLinear(nn.Module):
         if low_rank is not None:
             self.pool.add_to(y, x, *low_rank)
         for rows, w1, w2_t in layer.kron if layer is not None else ():
-            # the rows outside the pass add W1 (0 W2^T) = 0 exactly: their input is selected out, not multiplied by 0
+            # the rows outside the pass add W1 (0 W2^T) = 0 exactly, whichever adapter's factors they read (finite:
+            # LoKrKind.build): their input is selected out, not multiplied by 0
             LoKrLayer.add_per_row(y, x if rows is None else torch.where(rows, x, layer.zero), w1, w2_t)
         for rows, adapter, weight in layer.other if layer is not None else ():
             per_row = isinstance(weight, torch.Tensor)
@@ -643,11 +654,9 @@ class MixedLinear(nn.Module):
             terms = [adapter(s).bias_delta * w for s, w in steps]
             biases.append((rows, sum(terms[1:], terms[0])))
         kron = []
-        if shared.kron:
-            stacks = self._kron_stacks()
-            for rows, shape, index, weights in shared.kron:
-                w1, w2_t = (stack.index_select(0, index) for stack in stacks[shape])
-                kron.append((rows, w1 if weights is None else (w1.float() * weights).to(w1.dtype), w2_t))
+        for rows, shape, index, weights in shared.kron:
+            w1, w2_t = (stack.index_select(0, index) for stack in self._kron[shape])
+            kron.append((rows, w1 if weights is None else (w1.float() * weights).to(w1.dtype), w2_t))
         return _LayerPlan(
             rotations=[(rows, [_rotation(adapter(s), w) for s, w in steps]) for rows, steps in shared.rotations],
             sparse=filled(shared.sparse),
@@ -659,20 +668,27 @@ class MixedLinear(nn.Module):
             kron=kron,
         )
 
-    def _kron_stacks(self) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
-        """Per LoKr factor shapes: (W1 [1 + n, a, c], W2^T [1 + n, d, b]) of this layer's n LoKr adapters of those
-        shapes, by slot, after a zero entry (see _SharedPlan.kron); stacked once per attach or detach."""
-        if self._kron is None:
-            by_shape: dict[tuple, list] = {}
-            for slot, traits in self._signature:
-                if traits.kron is not None:
-                    by_shape.setdefault(traits.kron, []).append(self.adapters[slot])
-            self._kron = {}
-            for shape, adapters in by_shape.items():
-                w1 = [adapters[0].w1.new_zeros(shape[0])] + [a.w1 for a in adapters]
-                w2_t = [adapters[0].w2_t.new_zeros(shape[1])] + [a.w2_t for a in adapters]
-                self._kron[shape] = (torch.stack(w1), torch.stack(w2_t))
-        return self._kron
+    @staticmethod
+    @torch.inference_mode()  # the model's tensors, as the rank pools' are
+    def _kron_stacks(shape: tuple, adapters: dict[int, LayerAdapter]) -> tuple | None:
+        """(the LoKr adapters with these factor shapes among adapters, by slot; W1 [n, a, c], W2^T [n, d, b]: their
+        factors stacked, see _SharedPlan.kron); None when there are none."""
+        members = [a for _, a in sorted(adapters.items()) if isinstance(a, LoKrLayer) and a.shapes == shape]
+        if not members:
+            return None
+        return members, torch.stack([a.w1 for a in members]), torch.stack([a.w2_t for a in members])
+
+    def _restack(self, shape: tuple, stacked: tuple[list, torch.Tensor, torch.Tensor] | None) -> None:
+        """The layer's stacks of those shapes become stacked (_kron_stacks's), and each of its adapters' factors views
+        of its entry: the stacks are the only device copy of the layer's LoKr factors, read by decode passes (a
+        selection by row) and by each adapter's own delta in prefill."""
+        if stacked is None:
+            self._kron.pop(shape, None)
+            return
+        members, w1, w2_t = stacked
+        self._kron[shape] = (w1, w2_t)
+        for i, adapter in enumerate(members):
+            adapter.w1, adapter.w2_t = w1[i], w2_t[i]
 
 
 class _Traits(NamedTuple):
@@ -699,7 +715,7 @@ class _Traits(NamedTuple):
             adapter.bias_delta is not None,
             not adapter.rotates_input and not adapter.adds_to_weight and adapter.adds_delta,
             pooled,
-            (tuple(adapter.w1.shape), tuple(adapter.w2_t.shape)) if isinstance(adapter, LoKrLayer) else None,
+            adapter.shapes if isinstance(adapter, LoKrLayer) else None,
         )
 
 
@@ -716,8 +732,8 @@ class _SharedPlan:
     rescales: list
     biases: list  # (row indices, (slot, weight))
     # LoKr in a decode pass, one pass per depth (each row's first LoKr adapter on the layer, its second, ...) and
-    # factor shapes: (rows mask, shapes, index [rows] into the layer's stacks of those shapes (0: the zero entry,
-    # for the rows outside the pass), weights [rows, 1, 1] float32 or None when all are 1)
+    # factor shapes: (rows mask, shapes, index [rows] into the layer's stacks of those shapes (0 for the rows outside
+    # the pass, whose input is selected to 0), weights [rows, 1, 1] float32 or None when all are 1)
     kron: list
 
     @classmethod
@@ -780,12 +796,12 @@ class _SharedPlan:
 
 def _kron_passes(plan: BatchPlan, rows: list, signature: tuple) -> list:
     """_SharedPlan.kron (rows: BatchPlan.weighted's). A layer's stacks hold its LoKr adapters of some shapes in the
-    order of their slots, after the zero entry (MixedLinear._kron_stacks)."""
+    order of their slots (MixedLinear._kron_stacks)."""
     traits = dict(signature)
     index = {}
     for slot, t in signature:
         if t.kron is not None:
-            index[slot] = 1 + sum(1 for s in index if traits[s].kron == t.kron)
+            index[slot] = sum(1 for s in index if traits[s].kron == t.kron)
     chosen = [[(s, w) for s, w in pairs if traits[s].kron is not None] for pairs in rows]
     passes = []
     for depth in range(max(map(len, chosen))):
@@ -938,10 +954,15 @@ class MixedModel:
 
     def attach(self, slot: int, layers: dict[str, LayerAdapter | ParameterLora], order: tuple = ()) -> None:
         """order: what places the adapter among the others in rank pools, the same for the same adapter whatever was
-        loaded before (its name and version; after those, the slot)."""
-        for module_name, layer in layers.items():
-            wrapper = self._module(module_name) if isinstance(layer, ModuleAdapter) else self._wrapper(module_name)
-            wrapper.attach(slot, layer, order)
+        loaded before (its name and version; after those, the slot). Failing midway (out of memory), it detaches
+        what it attached before raising: no layer keeps part of the adapter."""
+        try:
+            for module_name, layer in layers.items():
+                wrapper = self._module(module_name) if isinstance(layer, ModuleAdapter) else self._wrapper(module_name)
+                wrapper.attach(slot, layer, order)
+        except Exception:
+            self.detach(slot, layers)
+            raise
 
     def detach(self, slot: int, module_names, keep: bool = True) -> None:
         """keep: the adapter's layers keep their weights (the rank pools give back their copies), for a later attach;

@@ -11,11 +11,17 @@ from .base import Kind, LayerAdapter, expect_params, expect_shape, pattern_value
 class LoKrLayer(LayerAdapter):
     """In a decode pass the mixed layer applies the LoKr adapters of every row at once (`add_per_row`), each row
     with its own factors (its weight folded into W1), selected once per batch composition from the layer's stacks of
-    its LoKr adapters' factors."""
+    its LoKr adapters' factors. While attached, w1 and w2_t are views of this adapter's entries in those stacks
+    (MixedLinear._restack), their only device copy."""
 
     def __init__(self, w1: torch.Tensor, w2: torch.Tensor):
         self.w1 = w1  # [a, c], times the scaling
         self.w2_t = w2.T.contiguous()  # W2^T [d, b]; out = a*b, in = c*d
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """W1's and W2^T's shapes: adapters with the same ones share a layer's stacks."""
+        return tuple(self.w1.shape), tuple(self.w2_t.shape)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # kron(W1, W2)[i*b+j, k*d+l] = W1[i,k] W2[j,l], so with X = x viewed as [..., c, d]: y = W1 X W2^T
@@ -62,4 +68,7 @@ class LoKrKind(Kind):
             w2 = expect_shape(tensors, "lokr_w2", (out_k, in_n))
         else:
             w2 = expect_shape(tensors, "lokr_w2_a", (out_k, r)) @ expect_shape(tensors, "lokr_w2_b", (r, in_n))
-        return LoKrLayer((w1 * (alpha / r)).to(dtype), w2.to(dtype))
+        w1 = w1 * (alpha / r)
+        if not (torch.isfinite(w1).all() and torch.isfinite(w2).all()):  # rows outside a decode pass read them too
+            raise ValueError("its Kronecker factors overflow once multiplied out: retrain with smaller weights")
+        return LoKrLayer(w1.to(dtype), w2.to(dtype))
