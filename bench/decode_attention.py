@@ -1,7 +1,7 @@
 """One decode step's attention over the paged KV cache, per layer: what mixserve does today against flex_attention
 reading the block tables directly, contenders interleaved in one run.
 
-    python -m bench.decode_attention [--device cuda] [--dtype bfloat16] [--quick] [--rounds 15]
+    python -m bench.decode_attention [--device cuda] [--dtype bfloat16] [--quick] [--rounds 15] [--lengths 128 512]
 
 Qwen2.5-0.5B's attention (14 heads, 2 KV heads, head dim 64), 16 rows, one query each, of mixed lengths: the
 longest at 128, 512 and 2048 tokens, the others drawn below it. Keys and values lie in one layer's block pool as
@@ -17,12 +17,17 @@ other sequences' blocks lie between theirs), each row's table drawn at random fr
                       `_paged_attention.py` does the same): each row reads only its own blocks
   (c) (a) compiled    on CUDA only: (a) under torch.compile(mode="reduce-overhead") (CUDA graphs), the pool's
                       tensors marked static so that a replay does not copy them
+  (d) flex, full blocks
+                      (b) with each row's blocks but its last listed as full blocks, which flex's kernels read
+                      without evaluating mask_mod (what create_block_mask makes of a mask), its last as partial
 
 Printed per length: the median µs of one layer's call of each (the step's masks built once per step, as the
-runner does, and timed apart as `setup`), its ratio to (a), the largest |difference| from (a)'s output, and the
-seconds of its first calls (`first s`: for a compiled contender, its compile at that length). The
-pass's writes of its new keys and values are the same whatever reads them and are left out. A contender that fails
-(a compile error) prints its one-line error and the run goes on; the exit status is 0 unless (a) fails.
+runner does, and timed apart as `setup`; flex's includes a Python loop over the rows' tables that a server would
+keep up to date instead), its ratio to (a), the largest |difference| from (a)'s output, and the seconds of its
+first calls (`first s`: for a compiled contender, its compile at that length, less what inductor's on-disk cache
+already holds). The pass's writes of its new keys and values are the same whatever reads them and are left out.
+A contender that fails (a compile error) prints its one-line error and the run goes on; the exit status is 0
+unless (a) fails.
 
 --quick (what the suite runs): one short length, few rounds, and on the CPU flex_attention uncompiled (torch's
 eager path, which materialises every slot's score: slow, but the same semantics, so the difference column still
@@ -91,18 +96,20 @@ class Step:
         return out.transpose(1, 2)
 
     # (b)
-    def block_mask(self) -> BlockMask:
+    def block_mask(self, full: bool = False) -> BlockMask:
         """Row r reads kv blocks table[r, :held[r]] of the pool; mask_mod hides what is not its own on its own (a
         slot of a listed block past the row's length): torch's eager path ignores the block lists, its kernels skip
         unlisted blocks. A block's index in a table is the same in every table holding it (a prefix), so one map
-        from block to index in its table serves every row."""
+        from block to index in its table serves every row. full: every block but each row's last is listed as full
+        (its kernels then skip mask_mod there), the last as partial; else every block as partial."""
         device, table, width = self.device, self.table.to(self.device), self.table.shape[1]
         listed = self.blocks + 1  # kv_indices spans the pool: the eager path turns it into a dense [.., pool] mask
-        kv_indices = torch.zeros(ROWS, 1, 1, listed, dtype=torch.int32, device=device)
-        kv_indices[:, 0, 0, :width] = table
+        held = self.held.to(device, torch.int32).view(ROWS, 1, 1)
+        every = torch.zeros(ROWS, 1, 1, listed, dtype=torch.int32, device=device)
+        every[:, 0, 0, :width] = table
         index_in_table = torch.zeros(listed, dtype=torch.long)
-        for row, held in enumerate(self.held.tolist()):
-            index_in_table[self.table[row, :held]] = torch.arange(held)
+        for row, count in enumerate(self.held.tolist()):
+            index_in_table[self.table[row, :count]] = torch.arange(count)
         index_in_table, lengths = index_in_table.to(device), self.lengths
 
         def mask_mod(b, h, q, kv):
@@ -110,14 +117,18 @@ class Step:
             index = index_in_table[block]
             return (table[b, index] == block) & (index * BLOCK_SIZE + kv % BLOCK_SIZE < lengths[b])
 
-        kv_num_blocks = self.held.to(device, torch.int32).view(ROWS, 1, 1)
-        slots = listed * BLOCK_SIZE
+        if full:
+            last = torch.zeros_like(every)
+            last[:, 0, 0, 0] = table.gather(1, (held.view(ROWS, 1) - 1).long())[:, 0]
+            partial, full_blocks = (torch.ones_like(held), last), (held - 1, every)
+        else:
+            partial, full_blocks = (held, every), (None, None)
         return BlockMask.from_kv_blocks(
-            kv_num_blocks,
-            kv_indices,
+            *partial,
+            *full_blocks,
             BLOCK_SIZE=(Q_BLOCK, BLOCK_SIZE),
             mask_mod=mask_mod,
-            seq_lengths=(1, slots),
+            seq_lengths=(1, listed * BLOCK_SIZE),
             compute_q_blocks=False,  # what only the backward pass reads
         )
 
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         + ("compiled" if compile_flex else "uncompiled (--quick on CPU: torch's eager path; the full run compiles)")
     )
     print(
-        f"{'longest':>7s} {'contender':18s} {'median us':>10s} {'/ (a)':>6s} {'max |diff|':>11s}"
+        f"{'longest':>7s} {'contender':21s} {'median us':>10s} {'/ (a)':>6s} {'max |diff|':>11s}"
         f" {'setup us':>9s} {'first s':>10s}"
     )
     flex = torch.compile(flex_attention, dynamic=False) if compile_flex else flex_attention
@@ -182,11 +193,16 @@ def main(argv: list[str] | None = None) -> int:
 def measure(step: Step, flex: Callable, rounds: int, calls: int) -> None:
     """Prints one length's lines; raises if (a) fails."""
     device = step.device
-    mask, block_mask = step.additive_mask(), step.block_mask()
-    setup = {"(a) gather + SDPA": lambda: step.additive_mask(), "(b) flex paged": lambda: step.block_mask()}
+    mask, block_mask, full_mask = step.additive_mask(), step.block_mask(), step.block_mask(full=True)
+    setup = {
+        "(a) gather + SDPA": step.additive_mask,
+        "(b) flex paged": step.block_mask,
+        "(d) flex, full blocks": lambda: step.block_mask(full=True),
+    }
     contenders: dict[str, Callable[[], torch.Tensor]] = {
         "(a) gather + SDPA": lambda: step.gathered(mask),
         "(b) flex paged": lambda: step.paged(flex, block_mask),
+        "(d) flex, full blocks": lambda: step.paged(flex, full_mask),
     }
     if device.type == "cuda":
         for pool in (step.cache.keys[0], step.cache.values[0]):
@@ -217,13 +233,13 @@ def measure(step: Step, flex: Callable, rounds: int, calls: int) -> None:
     base = statistics.median(found["(a) gather + SDPA"]["samples"])
     for name, result in found.items():
         if "error" in result:
-            print(f"{step.longest:7d} {name:18s} failed: {result['error']}")
+            print(f"{step.longest:7d} {name:21s} failed: {result['error']}")
             continue
         median = statistics.median(result["samples"])
         setup_us = timed(setup[name], device, calls) * 1e6
         compiled = f"{result['compile']:10.1f}" if not name.startswith("(a)") else f"{'-':>10s}"
         print(
-            f"{step.longest:7d} {name:18s} {median * 1e6:10.1f} {median / base:6.2f} {result['diff']:11.2e}"
+            f"{step.longest:7d} {name:21s} {median * 1e6:10.1f} {median / base:6.2f} {result['diff']:11.2e}"
             f" {setup_us:9.0f} {compiled}",
             flush=True,
         )

@@ -16,7 +16,8 @@ Parts, each in a subprocess of its own with its own timeout (a hang or a crash l
   decode_attention
                 python -m bench.decode_attention --device DEVICE --dtype bfloat16: one layer's decode attention at the
                 0.5B shape, 16 rows, longest 128 / 512 / 2048 tokens: today's gather + SDPA against flex_attention
-                reading the block tables, and on CUDA today's under CUDA graphs; µs, ratios, differences, compile s
+                reading the block tables (two BlockMask forms), and on CUDA today's under CUDA graphs; µs, ratios,
+                differences, compile s
   compile       python -m bench.mixed_decode --shape small --compile --rounds 2 --device DEVICE --dtype bfloat16: the
                 decode step compiled (mode reduce-overhead on CUDA) against eager: compile time and compiled/eager
 Written: REPORT.json (every part: command, exit status, seconds, pytest's counts, its output's tail, the benchmarks'

@@ -28,7 +28,7 @@ BENCHMARKS = {
     "module_adapters": ["(a) 15 + head copy", "(c) 16 head copies", "ms/step over b"],
     "prompt_scoring": ["(b) scoring pass with top-5", "b/a =", "d/c ="],
     "structured": ["(a) half rows JSON schema", "a/b =", "new schema (compiled)", "(cached)", "d/c ="],
-    "decode_attention": ["(a) gather + SDPA", "(b) flex paged", "max |diff|"],
+    "decode_attention": ["(a) gather + SDPA", "(b) flex paged", "(d) flex, full blocks", "max |diff|"],
     "kv_cache": [
         "one block per running row",
         "new/old",
@@ -82,4 +82,5 @@ def test_decode_attention_contenders_compute_the_same_attention(outputs):
     table = attention_table(outputs["decode_attention"].stdout)
     assert table, outputs["decode_attention"].stdout
     for contenders in table.values():
-        assert contenders["(b) flex paged"]["diff"] <= 1e-5, contenders
+        for flex in ("(b) flex paged", "(d) flex, full blocks"):
+            assert contenders[flex]["diff"] <= 1e-5, contenders
