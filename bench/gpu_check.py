@@ -11,13 +11,23 @@ Parts, each in a subprocess of its own with its own timeout (a hang or a crash l
   tolerance     the largest |logit - PEFT's| per adapter type (each alone, then all six) on the tests' Llama: ours
                 in float32 against PEFT in float32; ours in bfloat16 against PEFT in bfloat16 and in float32; and
                 PEFT in bfloat16 against PEFT in float32 (what bfloat16 costs any model)
-  mixed_decode  python -m bench.mixed_decode --shape 0.5b --device DEVICE --dtype bfloat16: decode and prefill tok/s
-                with and without adapters, a/b, and the step profile (launches and syncs per decode step)
-Written: REPORT.json (every part: command, exit status, seconds, pytest's counts, its output's tail, mixed_decode's
-whole output) and REPORT.txt (the same, to read). Exit status 0 when every part passed.
+  mixed_decode  python -m bench.mixed_decode --shape 0.5b --rounds 3 --device DEVICE --dtype bfloat16: decode and
+                prefill tok/s with and without adapters, a/b, and the step profile (launches and syncs per decode step)
+  decode_attention
+                python -m bench.decode_attention --device DEVICE --dtype bfloat16: one layer's decode attention at the
+                0.5B shape, 16 rows, longest 128 / 512 / 2048 tokens: today's gather + SDPA against flex_attention
+                reading the block tables (two BlockMask forms), and on CUDA today's under CUDA graphs; µs, ratios,
+                differences, compile s
+  compile       python -m bench.mixed_decode --shape small --compile --rounds 2 --device DEVICE --dtype bfloat16: the
+                decode step compiled (mode reduce-overhead on CUDA) against eager: compile time and compiled/eager
+Written: REPORT.json (every part: command, exit status, seconds, pytest's counts, its output's tail, the benchmarks'
+whole output; the tolerance's and decode_attention's numbers read out) and REPORT.txt (the same, to read). Exit
+status 0 when every part passed.
 
 --quick (what the suite runs on the CPU, so that this cannot rot): one test of each file, the tolerance of LoRA
-alone, and mixed_decode --quick.
+alone, mixed_decode --quick, decode_attention --quick (flex uncompiled on the CPU) and the compile part's command
+on the quick model with torch.compile disabled (TORCH_COMPILE_DISABLE=1: that the part runs and reports, not what
+compiling does; inductor takes minutes on a small CPU). The two mixed_decode parts share one work directory.
 Nothing here installs anything: on a machine without network, its dependencies come from `make gpu-wheels`
 (--requirements prints them: what the server and these parts import, less torch and what torch brings).
 """
@@ -32,6 +42,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,7 +67,15 @@ QUICK_TESTS = [  # one of each file: cheap enough for the suite
     "test_families.py::test_gpt_neo_local_attention_is_refused",
 ]
 # seconds per part; together under the 9 minutes a check may take on one GPU (a lent device runs 10 at most)
-TIMEOUTS = {"device": 30, "tests float32": 190, "tests bf16": 110, "tolerance": 50, "mixed_decode": 140}
+TIMEOUTS = {
+    "device": 15,
+    "tests float32": 150,
+    "tests bf16": 80,
+    "tolerance": 35,
+    "mixed_decode": 100,
+    "decode_attention": 70,
+    "compile": 80,
+}
 # what the server, the tests and the benchmarks import beyond the standard library (make gpu-wheels)
 IMPORTED = [
     "peft",
@@ -135,25 +154,31 @@ def run_part(part: Part, timeout: float, env: dict[str, str]) -> Part:
     return part
 
 
-def parts(device: str, quick: bool) -> list[Part]:
+def parts(device: str, quick: bool, workdir: Path) -> list[Part]:
     python = sys.executable
     tests = QUICK_TESTS if quick else EXACTNESS
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
-    decode = ["--quick"] if quick else ["--shape", "0.5b"]
+    on = ["--device", device, "--dtype", "bfloat16"]
+    mixed_decode = [python, "-m", "bench.mixed_decode", "--workdir", str(workdir), *on]
+    compile_ = ["--quick"] if quick else ["--shape", "small", "--rounds", "2"]
     return [
         Part("device", [python, "-c", DEVICE_INFO.format(device=device)]),
         Part("tests float32", [*pytest, *(f"tests/{t}" for t in tests)]),
         Part("tests bf16", [*pytest, *(f"tests/{t}" for t in tests if not t.startswith("test_precision"))]),
         Part("tolerance", [python, "-m", "bench.gpu_check", "--tolerance", *(["--quick"] if quick else [])]),
-        Part("mixed_decode", [python, "-m", "bench.mixed_decode", *decode, "--device", device, "--dtype", "bfloat16"]),
+        Part("mixed_decode", [*mixed_decode, *(["--quick"] if quick else ["--shape", "0.5b", "--rounds", "3"])]),
+        Part("decode_attention", [python, "-m", "bench.decode_attention", *on, *(["--quick"] if quick else [])]),
+        Part("compile", [*mixed_decode, "--compile", *compile_]),
     ]
 
 
-def environment(part: Part, device: str) -> dict[str, str]:
+def environment(part: Part, device: str, quick: bool) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MIXSERVE_", "PYTEST_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["MIXSERVE_TEST_DEVICE"] = device
     env["MIXSERVE_TEST_DTYPE"] = "bfloat16" if part.name == "tests bf16" else "float32"
+    if quick and part.name == "compile":
+        env["TORCH_COMPILE_DISABLE"] = "1"  # see the module's docstring
     return env
 
 
@@ -168,6 +193,33 @@ def _last_json(part: Part) -> dict:
     return {}
 
 
+ATTENTION_LINE = re.compile(
+    r"^\s*(?P<longest>\d+) (?P<name>\(\w\) .+?)\s+(?:failed: (?P<error>.*)|(?P<us>[\d.]+)\s+(?P<ratio>[\d.]+)"
+    r"\s+(?P<diff>\S+)\s+(?P<setup>\d+)\s+(?P<first>\S+))$"
+)
+
+
+def attention_table(output: str) -> dict[int, dict[str, dict]]:
+    """{longest: {contender: {"us", "ratio", "diff", "first_s"} or {"error"}}} from bench.decode_attention's table."""
+    found: dict[int, dict[str, dict]] = {}
+    for line in output.splitlines():
+        match = ATTENTION_LINE.match(line)
+        if not match:
+            continue
+        row = found.setdefault(int(match["longest"]), {})
+        if match["error"] is not None:
+            row[match["name"]] = {"error": match["error"]}
+            continue
+        first = None if match["first"] == "-" else float(match["first"])
+        row[match["name"]] = {
+            "us": float(match["us"]),
+            "ratio": float(match["ratio"]),
+            "diff": float(match["diff"]),
+            "first_s": first,
+        }
+    return found
+
+
 def text_report(found: list[Part], device: str) -> str:
     lines = [f"mixserve GPU check on {device}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"]
     for part in found:
@@ -180,8 +232,6 @@ def text_report(found: list[Part], device: str) -> str:
 
 def tolerance(quick: bool) -> dict[str, dict[str, float]]:
     """See the module's docstring ("tolerance"); on MIXSERVE_TEST_DEVICE, as the tests place models."""
-    import tempfile
-
     import torch
 
     from server.adapters.store import AdapterStore
@@ -264,12 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(found))
         return 0
     found = []
-    for part in parts(args.device, args.quick):
-        run_part(part, TIMEOUTS[part.name] * args.timeout_scale, environment(part, args.device))
-        print(f"{part.name}: {'ok' if part.ok else 'FAILED'} in {part.seconds:.0f} s: {part.summary}", flush=True)
-        found.append(part)
+    with tempfile.TemporaryDirectory() as workdir:
+        for part in parts(args.device, args.quick, Path(workdir)):
+            env = environment(part, args.device, args.quick)
+            run_part(part, TIMEOUTS[part.name] * args.timeout_scale, env)
+            if "TORCH_COMPILE_DISABLE" in env:
+                part.output = "[--quick: run with TORCH_COMPILE_DISABLE=1, compiling nothing]\n" + part.output
+            print(f"{part.name}: {'ok' if part.ok else 'FAILED'} in {part.seconds:.0f} s: {part.summary}", flush=True)
+            found.append(part)
     named = {part.name: part for part in found}
-    info, measured = _last_json(named["device"]), {"tolerance": _last_json(named["tolerance"])}
+    info = _last_json(named["device"])
+    measured = {
+        "tolerance": _last_json(named["tolerance"]),
+        "decode_attention": attention_table(named["decode_attention"].output),
+    }
     report = {"device": args.device, **info, **measured, "quick": args.quick, "parts": [asdict(p) for p in found]}
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

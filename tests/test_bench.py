@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from bench.common import build_bench_model
+from bench.gpu_check import attention_table
 from tests.conftest import REPO
 
 BENCHMARKS = {
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "module_adapters": ["(a) 15 + head copy", "(c) 16 head copies", "ms/step over b"],
     "prompt_scoring": ["(b) scoring pass with top-5", "b/a =", "d/c ="],
     "structured": ["(a) half rows JSON schema", "a/b =", "new schema (compiled)", "(cached)", "d/c ="],
+    "decode_attention": ["(a) gather + SDPA", "(b) flex paged", "(d) flex, full blocks", "max |diff|"],
     "kv_cache": [
         "one block per running row",
         "new/old",
@@ -73,3 +75,12 @@ def test_benchmark_runs_in_quick_mode_and_prints_its_ratios(script, outputs):
     assert lines[0].startswith("mixserve ") and "torch " in lines[0] and " threads" in lines[0], lines[0]
     for expected in BENCHMARKS[script]:
         assert expected in done.stdout, done.stdout
+
+
+def test_decode_attention_contenders_compute_the_same_attention(outputs):
+    """flex_attention over the block tables against today's gather + SDPA, float32: the block mask is right."""
+    table = attention_table(outputs["decode_attention"].stdout)
+    assert table, outputs["decode_attention"].stdout
+    for contenders in table.values():
+        for flex in ("(b) flex paged", "(d) flex, full blocks"):
+            assert contenders[flex]["diff"] <= 1e-5, contenders

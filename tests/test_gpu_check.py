@@ -24,7 +24,15 @@ def test_the_check_runs_each_part_and_writes_its_report(tmp_path):
     text = report.with_suffix(".txt").read_text()
     assert done.returncode == 0, done.stdout + done.stderr + text
     parts = {part["name"]: part for part in found["parts"]}
-    assert list(parts) == ["device", "tests float32", "tests bf16", "tolerance", "mixed_decode"]
+    assert list(parts) == [
+        "device",
+        "tests float32",
+        "tests bf16",
+        "tolerance",
+        "mixed_decode",
+        "decode_attention",
+        "compile",
+    ]
     assert found["torch"] and found["name"] and found["device"] == "cpu"
     for name in ("tests float32", "tests bf16"):
         assert "passed" in parts[name]["summary"] and "failed" not in parts[name]["summary"], parts[name]
@@ -32,6 +40,30 @@ def test_the_check_runs_each_part_and_writes_its_report(tmp_path):
     assert 0 < found["tolerance"]["lora"]["PEFT bf16 - PEFT fp32"] < 1  # what bfloat16 costs, measured
     assert "--dtype bfloat16" in " ".join(parts["mixed_decode"]["command"])
     assert "(a) mixed types" in parts["mixed_decode"]["output"] and "(a) mixed types" in text
+    attention = found["decode_attention"]
+    assert attention and "--dtype bfloat16" in " ".join(parts["decode_attention"]["command"])
+    for contenders in attention.values():  # the same attention, in bfloat16 on both sides
+        assert set(contenders) == {"(a) gather + SDPA", "(b) flex paged", "(d) flex, full blocks"}, contenders
+        assert contenders["(b) flex paged"]["diff"] < 0.05 and contenders["(d) flex, full blocks"]["diff"] < 0.05
+    compiled = parts["compile"]
+    assert "--compile" in compiled["command"] and "TORCH_COMPILE_DISABLE=1" in compiled["output"]
+    assert "(a) mixed compiled: decode compiled/eager" in compiled["output"], compiled["output"]
+
+
+def test_the_attention_table_is_read_from_the_bench_output_failures_included():
+    output = """decode attention, one layer: 16 rows, ...
+longest contender           median us  / (a)  max |diff|  setup us    first s
+    128 (a) gather + SDPA       248.9   1.00    0.00e+00        31          -
+    128 (b) flex paged          406.7   1.63    5.96e-07        77        6.5
+   2048 (b) flex paged     failed: InductorError: CppCompileError: C++ compile error
+"""
+    assert gpu_check.attention_table(output) == {
+        128: {
+            "(a) gather + SDPA": {"us": 248.9, "ratio": 1.0, "diff": 0.0, "first_s": None},
+            "(b) flex paged": {"us": 406.7, "ratio": 1.63, "diff": 5.96e-07, "first_s": 6.5},
+        },
+        2048: {"(b) flex paged": {"error": "InductorError: CppCompileError: C++ compile error"}},
+    }
 
 
 def test_a_part_that_hangs_is_killed_at_its_timeout_and_the_check_goes_on():
