@@ -18,16 +18,17 @@ Parts, each in a subprocess of its own with its own timeout (a hang or a crash l
                 0.5B shape, 16 rows, longest 128 / 512 / 2048 tokens: today's gather + SDPA against flex_attention
                 reading the block tables (two BlockMask forms), and on CUDA today's under CUDA graphs; µs, ratios,
                 differences, compile s
-  compile       python -m bench.mixed_decode --shape small --compile --rounds 2 --device DEVICE --dtype bfloat16: the
-                decode step compiled (mode reduce-overhead on CUDA) against eager: compile time and compiled/eager
+  compile       python -m bench.compile_step --rounds 2 --device DEVICE --dtype bfloat16: the small shape's decode
+                step compiled at best (one composition, fixed shapes; mode reduce-overhead on CUDA: CUDA graphs)
+                against eager, without adapters and mixed: compiled/eager, compile time, graphs, differences
 Written: REPORT.json (every part: command, exit status, seconds, pytest's counts, its output's tail, the benchmarks'
 whole output; the tolerance's and decode_attention's numbers read out) and REPORT.txt (the same, to read). Exit
 status 0 when every part passed.
 
 --quick (what the suite runs on the CPU, so that this cannot rot): one test of each file, the tolerance of LoRA
-alone, mixed_decode --quick, decode_attention --quick (flex uncompiled on the CPU) and the compile part's command
-on the quick model with torch.compile disabled (TORCH_COMPILE_DISABLE=1: that the part runs and reports, not what
-compiling does; inductor takes minutes on a small CPU). The two mixed_decode parts share one work directory.
+alone, mixed_decode --quick, decode_attention --quick (flex uncompiled on the CPU) and compile_step --quick with
+torch.compile disabled (TORCH_COMPILE_DISABLE=1: that the part runs and reports, not what compiling does; inductor
+takes minutes on a small CPU). The benchmarks share one work directory (the models and adapters they build).
 Nothing here installs anything: on a machine without network, its dependencies come from `make gpu-wheels`
 (--requirements prints them: what the server and these parts import, less torch and what torch brings).
 """
@@ -160,7 +161,6 @@ def parts(device: str, quick: bool, workdir: Path) -> list[Part]:
     pytest = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs"]
     on = ["--device", device, "--dtype", "bfloat16"]
     mixed_decode = [python, "-m", "bench.mixed_decode", "--workdir", str(workdir), *on]
-    compile_ = ["--quick"] if quick else ["--shape", "small", "--rounds", "2"]
     return [
         Part("device", [python, "-c", DEVICE_INFO.format(device=device)]),
         Part("tests float32", [*pytest, *(f"tests/{t}" for t in tests)]),
@@ -168,7 +168,18 @@ def parts(device: str, quick: bool, workdir: Path) -> list[Part]:
         Part("tolerance", [python, "-m", "bench.gpu_check", "--tolerance", *(["--quick"] if quick else [])]),
         Part("mixed_decode", [*mixed_decode, *(["--quick"] if quick else ["--shape", "0.5b", "--rounds", "3"])]),
         Part("decode_attention", [python, "-m", "bench.decode_attention", *on, *(["--quick"] if quick else [])]),
-        Part("compile", [*mixed_decode, "--compile", *compile_]),
+        Part(
+            "compile",
+            [
+                python,
+                "-m",
+                "bench.compile_step",
+                "--workdir",
+                str(workdir),
+                *on,
+                *(["--quick"] if quick else ["--rounds", "2"]),
+            ],
+        ),
     ]
 
 

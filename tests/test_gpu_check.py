@@ -46,8 +46,8 @@ def test_the_check_runs_each_part_and_writes_its_report(tmp_path):
         assert set(contenders) == {"(a) gather + SDPA", "(b) flex paged", "(d) flex, full blocks"}, contenders
         assert contenders["(b) flex paged"]["diff"] < 0.05 and contenders["(d) flex, full blocks"]["diff"] < 0.05
     compiled = parts["compile"]
-    assert "--compile" in compiled["command"] and "TORCH_COMPILE_DISABLE=1" in compiled["output"]
-    assert "(a) mixed compiled: decode compiled/eager" in compiled["output"], compiled["output"]
+    assert "bench.compile_step" in compiled["command"] and "TORCH_COMPILE_DISABLE=1" in compiled["output"]
+    assert "mixed types, compiled" in compiled["output"], compiled["output"]
 
 
 def test_the_attention_table_is_read_from_the_bench_output_failures_included():

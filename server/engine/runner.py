@@ -51,6 +51,10 @@ class ModelRunner:
         self.cache = PagedCache.for_model(self._probe, kv_cache_memory, default_cache_tokens, self.dtype, self.device)
         self.rows: list[Sequence] = []
         self._plans: OrderedDict[tuple, BatchPlan] = OrderedDict()
+        # A decode pass's attention reads every row's keys up to the longest row's length rounded up to a multiple of
+        # this (masked past each row's own): 1 serves; a bench sets more so that the step's shapes repeat
+        # (bench.compile_step: what a compiled or graph-captured step gets at best)
+        self.decode_length_bucket = 1
         self.self_check()
 
     @torch.inference_mode()
@@ -119,7 +123,7 @@ class ModelRunner:
             for seq in self.rows:
                 new += self.cache.pool.allocate(seq, seq.num_tokens)
             positions = [s.num_tokens - 1 for s in self.rows]
-            length = max(positions) + 1
+            length = -(-(max(positions) + 1) // self.decode_length_bucket) * self.decode_length_bucket
             positions = torch.tensor(positions)
             write, read = self.cache.decode_slots(self.rows, positions, length)
             ids = torch.tensor([s.tokens[-1] for s in self.rows])
