@@ -527,9 +527,8 @@ def _lokr_layers(model) -> list[MixedLinear]:
 
 def test_a_full_lokr_is_on_the_device_once_and_its_stacks_follow_attach_and_detach(sharing_world):
     """A LoKr adapter saved with decompose_factor=1 (a full [out, in] W2) lives in its layers' stacks only: after
-    decode passes, the storages the model reaches are what the registry counts (and the pools' free ranks).
-    Attaching and detaching one rebuilds the stacks of its shapes, the others' factors re-pointed at the new ones;
-    every row stays PEFT's through attach A and B, detach A, attach A again."""
+    decode passes, the storages the model reaches are what the registry counts (and the pools' free ranks). Attaching and detaching one rebuilds the stacks of its shapes, the others'
+    factors re-pointed at the new ones; every row stays PEFT's through attach A and B, detach A, attach A again."""
     model, registry = private_model(sharing_world.model_dir, AdapterStore(sharing_world.store))
     runner, tokenizer = ModelRunner(model, registry.context), load_tokenizer(sharing_world.model_dir)
 
