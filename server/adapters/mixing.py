@@ -542,8 +542,7 @@ class MixedLinear(nn.Module):
         if low_rank is not None:
             self.pool.add_to(y, x, *low_rank)
         for rows, w1, w2_t in layer.kron if layer is not None else ():
-            # the rows outside the pass add W1 (0 W2^T) = 0 exactly, whichever adapter's factors they read (finite:
-            # LoKrKind.build): their input is selected out, not multiplied by 0
+            # the rows outside the pass add W1 (0 W2^T) = 0 exactly: their input is selected out, not multiplied by 0
             LoKrLayer.add_per_row(y, x if rows is None else torch.where(rows, x, layer.zero), w1, w2_t)
         for rows, adapter, weight in layer.other if layer is not None else ():
             per_row = isinstance(weight, torch.Tensor)
@@ -671,12 +670,14 @@ class MixedLinear(nn.Module):
     @staticmethod
     @torch.inference_mode()  # the model's tensors, as the rank pools' are
     def _kron_stacks(shape: tuple, adapters: dict[int, LayerAdapter]) -> tuple | None:
-        """(the LoKr adapters with these factor shapes among adapters, by slot; W1 [n, a, c], W2^T [n, d, b]: their
-        factors stacked, see _SharedPlan.kron); None when there are none."""
+        """(the LoKr adapters with these factor shapes among adapters, by slot; W1 [1 + n, a, c], W2^T [1 + n, d, b]:
+        their factors stacked after a zero entry, see _SharedPlan.kron); None when there are none."""
         members = [a for _, a in sorted(adapters.items()) if isinstance(a, LoKrLayer) and a.shapes == shape]
         if not members:
             return None
-        return members, torch.stack([a.w1 for a in members]), torch.stack([a.w2_t for a in members])
+        w1 = torch.stack([members[0].w1.new_zeros(shape[0])] + [a.w1 for a in members])
+        w2_t = torch.stack([members[0].w2_t.new_zeros(shape[1])] + [a.w2_t for a in members])
+        return members, w1, w2_t
 
     def _restack(self, shape: tuple, stacked: tuple[list, torch.Tensor, torch.Tensor] | None) -> None:
         """The layer's stacks of those shapes become stacked (_kron_stacks's), and each of its adapters' factors views
@@ -687,7 +688,7 @@ class MixedLinear(nn.Module):
             return
         members, w1, w2_t = stacked
         self._kron[shape] = (w1, w2_t)
-        for i, adapter in enumerate(members):
+        for i, adapter in enumerate(members, start=1):
             adapter.w1, adapter.w2_t = w1[i], w2_t[i]
 
 
@@ -732,8 +733,8 @@ class _SharedPlan:
     rescales: list
     biases: list  # (row indices, (slot, weight))
     # LoKr in a decode pass, one pass per depth (each row's first LoKr adapter on the layer, its second, ...) and
-    # factor shapes: (rows mask, shapes, index [rows] into the layer's stacks of those shapes (0 for the rows outside
-    # the pass, whose input is selected to 0), weights [rows, 1, 1] float32 or None when all are 1)
+    # factor shapes: (rows mask, shapes, index [rows] into the layer's stacks of those shapes (0: the zero entry,
+    # for the rows outside the pass), weights [rows, 1, 1] float32 or None when all are 1)
     kron: list
 
     @classmethod
@@ -796,12 +797,12 @@ class _SharedPlan:
 
 def _kron_passes(plan: BatchPlan, rows: list, signature: tuple) -> list:
     """_SharedPlan.kron (rows: BatchPlan.weighted's). A layer's stacks hold its LoKr adapters of some shapes in the
-    order of their slots (MixedLinear._kron_stacks)."""
+    order of their slots, after the zero entry (MixedLinear._kron_stacks)."""
     traits = dict(signature)
     index = {}
     for slot, t in signature:
         if t.kron is not None:
-            index[slot] = sum(1 for s in index if traits[s].kron == t.kron)
+            index[slot] = 1 + sum(1 for s in index if traits[s].kron == t.kron)
     chosen = [[(s, w) for s, w in pairs if traits[s].kron is not None] for pairs in rows]
     passes = []
     for depth in range(max(map(len, chosen))):
