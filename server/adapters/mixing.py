@@ -955,15 +955,10 @@ class MixedModel:
 
     def attach(self, slot: int, layers: dict[str, LayerAdapter | ParameterLora], order: tuple = ()) -> None:
         """order: what places the adapter among the others in rank pools, the same for the same adapter whatever was
-        loaded before (its name and version; after those, the slot). Failing midway (out of memory), it detaches
-        what it attached before raising: no layer keeps part of the adapter."""
-        try:
-            for module_name, layer in layers.items():
-                wrapper = self._module(module_name) if isinstance(layer, ModuleAdapter) else self._wrapper(module_name)
-                wrapper.attach(slot, layer, order)
-        except Exception:
-            self.detach(slot, layers)
-            raise
+        loaded before (its name and version; after those, the slot)."""
+        for module_name, layer in layers.items():
+            wrapper = self._module(module_name) if isinstance(layer, ModuleAdapter) else self._wrapper(module_name)
+            wrapper.attach(slot, layer, order)
 
     def detach(self, slot: int, module_names, keep: bool = True) -> None:
         """keep: the adapter's layers keep their weights (the rank pools give back their copies), for a later attach;
