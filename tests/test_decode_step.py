@@ -177,48 +177,25 @@ def _storages(tensors) -> dict[int, int]:
 
 
 def _device_bytes_agree(runner, registry) -> None:
-    """Each pooled adapter's weights are views of its pools and each LoKr adapter's factors views of its layer's
-    stacks (no other copy), and what the registry counts for the resident adapters is what they occupy: their pool
-    spans, their LoKr stacks' entries, their own tensors. Beyond the count: the pools' free ranks and one zero entry
-    per LoKr factor shape and layer."""
+    """Each pooled adapter's weights are views of its pools (no other copy), and what the registry counts for the
+    resident adapters is what they occupy: their pool spans plus their own tensors."""
     pools = [p for p in _pools(runner) if p.capacity]
     pool_storages = _storages(t for p in pools for t in (p.a, p.b_t))
-    stacks = [
-        t for m in runner.model.modules() if isinstance(m, MixedLinear) for pair in m._kron.values() for t in pair
-    ]
-    stack_storages = _storages(stacks)
-    own, spans, entries = [], 0, []
+    own, spans = [], 0
     for adapter in registry.loaded():
         for layer in adapter.built.layers.values():
             if isinstance(layer.low_rank, PoolSpan):
                 a, b, _ = layer.low_rank
                 assert _storages((a, b)).keys() <= pool_storages.keys(), "a pooled adapter's weights are the pool's"
                 spans += a.nbytes + b.nbytes
-            elif isinstance(layer, LoKrLayer):
-                assert _storages((layer.w1, layer.w2_t)).keys() <= stack_storages.keys(), "its stacks' entries"
-                entries += [layer.w1, layer.w2_t]
             else:
                 assert layer.low_rank is None, "a low-rank adapter on a wrapped layer is in its pool"
                 own += layer.tensors()
     assert (sum(p.nbytes for p in pools), spans) == registry.model.rank_pool_bytes()
     own_bytes = _storages(own)
-    assert not own_bytes.keys() & (pool_storages.keys() | stack_storages.keys())
-    counted = spans + sum(t.nbytes for t in entries + own)
-    assert sum(a.nbytes for a in registry.loaded()) == counted
+    assert not own_bytes.keys() & pool_storages.keys()
+    assert sum(a.nbytes for a in registry.loaded()) == spans + sum(t.nbytes for t in own)
     assert sum(pool_storages.values()) == sum(p.nbytes for p in pools)  # the slack: p.nbytes minus the spans
-    zero_entries = sum(t[0].nbytes for t in stacks)
-    assert sum(stack_storages.values()) == sum(t.nbytes for t in entries) + zero_entries
-    # every storage the model's adapter layers reach, once each: the count, the pools' free ranks, the zero entries
-    layers = [m for m in runner.model.modules() if isinstance(m, MixedLinear)]
-    reachable = _storages(
-        [
-            *(t for p in pools for t in (p.a, p.b_t)),
-            *stacks,
-            *(t for m in layers for a in m.adapters.values() for t in a.tensors()),
-        ]
-    )
-    slack = sum(p.nbytes for p in pools) - spans
-    assert sum(reachable.values()) == counted + slack + zero_entries
 
 
 def test_a_pooled_adapter_is_on_the_device_once_and_pools_give_memory_back(llama):
@@ -411,7 +388,6 @@ def test_a_pass_computes_its_adapters_ranks_side_by_side_apart_or_padded_and_eac
 
 # Layers that carry the same adapter slots share one decode plan when their adapters' traits agree (MixedLinear's
 # signature): a second LoKr factor shape on a layer, a LoHa pooled on some layers and dense on others
-MLP_UP_Q = ["up_proj", "q_proj"]
 SHARING = {
     "lokr.f4": (
         LoKrConfig(r=2, alpha=4, decompose_factor=4, target_modules=["up_proj", "q_proj"], init_weights=False),
@@ -420,9 +396,6 @@ SHARING = {
     "lokr.mid": (LoKrConfig(r=4, alpha=8, target_modules=["up_proj", "q_proj", "o_proj"], init_weights=False), 0.3),
     # r x r ranks x (in + out) under in x out on q and o (64 x 64): pooled there; dense on k and v (64 -> 32)
     "loha.r5": (LoHaConfig(r=5, alpha=4, target_modules=ATTN, init_weights=False), 1.0),
-    # factor 1: W1 is 1 x 1 and W2 the whole [out, in] (its two halves multiplied out at load)
-    "lokr.full": (LoKrConfig(r=4, alpha=8, decompose_factor=1, target_modules=MLP_UP_Q, init_weights=False), 0.5),
-    "lokr.full2": (LoKrConfig(r=2, alpha=4, decompose_factor=1, target_modules=MLP_UP_Q, init_weights=False), 0.5),
 }
 
 
@@ -514,90 +487,3 @@ def test_pruned_adalora_and_oft_blocks_that_differ_per_layer(llama):
         ("shira", {"shira": 1.0, "adalora.pruned": 1.0, "lokr": 1.0, "lokr.decomposed": -0.3}),
     ]
     _decode_joining(llama, registry, runner, tokenizer, rows, 8)
-
-
-def _lokr_layers(model) -> list[MixedLinear]:
-    return [m for m in model.modules() if isinstance(m, MixedLinear) and m._kron]
-
-
-def test_a_full_lokr_is_on_the_device_once_and_its_stacks_follow_attach_and_detach(sharing_world):
-    """A LoKr adapter saved with decompose_factor=1 (a full [out, in] W2) lives in its layers' stacks only: after
-    decode passes, the storages the model reaches are what the registry counts plus one zero entry per factor shape
-    and layer (and the pools' free ranks). Attaching and detaching one rebuilds the stacks of its shapes, the others'
-    factors re-pointed at the new ones; every row stays PEFT's through attach A and B, detach A, attach A again."""
-    model, registry = private_model(sharing_world.model_dir, AdapterStore(sharing_world.store))
-    runner, tokenizer = ModelRunner(model, registry.context), load_tokenizer(sharing_world.model_dir)
-
-    def decode(rows) -> None:
-        seqs = [_sequence(registry, prompt, weights, tokenizer) for prompt, weights in rows]
-        seen = _prefill_and_decode_twice(runner, seqs)
-        _device_bytes_agree(runner, registry)
-        for seq in seqs:
-            runner.release(seq)
-        _rows_are_the_reference(sharing_world, seqs, rows, seen)
-
-    def entries() -> set[int]:  # LoKr entries a layer stacks, zero entries left out
-        return {stack.shape[0] - 1 for m in _lokr_layers(model) for pair in m._kron.values() for stack in pair}
-
-    registry.load_blocking(["lokr.full", "lokr.full2", "lora"])
-    full = registry.get("lokr.full").built.layers
-    assert any(layer.w2_t.shape == (64, 64) for layer in full.values()), "W2 should be a whole [out, in]"
-    assert entries() == {2}
-    decode([("Both", {"lokr.full": 1.0, "lokr.full2": -0.8}), ("Full", {"lokr.full": 0.5, "lora": 1.0}), ("B", {})])
-
-    assert registry.unload("lokr.full", set())
-    assert entries() == {1}
-    decode([("Second", {"lokr.full2": 1.5}), ("Base", {}), ("Second and lora", {"lora": 1.0, "lokr.full2": 1.0})])
-
-    registry.load_blocking(["lokr.full"])  # a later slot than lokr.full2's: after it in the stacks now
-    assert entries() == {2}
-    decode([("Again", {"lokr.full": 1.0}), ("Both", {"lokr.full2": 0.3, "lokr.full": -1.0}), ("2", {"lokr.full2": 1})])
-
-
-def test_a_lokr_evicted_to_the_host_tier_or_dropped_while_another_of_its_shapes_stays_comes_back_the_same(
-    sharing_world,
-):
-    """Evicting a LoKr adapter takes its factors out of its layers' stacks (the host tier keeps a copy of them)
-    while rows of another LoKr adapter of the same shapes decode; reloaded from the host tier, then from its files,
-    it gives the same output as before."""
-    model, registry = private_model(sharing_world.model_dir, AdapterStore(sharing_world.store))
-    runner, tokenizer = ModelRunner(model, registry.context), load_tokenizer(sharing_world.model_dir)
-    registry.host_cache = 1 << 30
-    registry.load_blocking(["lokr.full", "lokr.full2"])
-    probe = [("Probe", {"lokr.full": 1.0, "lokr.full2": 0.5})]
-
-    def logits_of(rows) -> list[torch.Tensor]:
-        seqs = [_sequence(registry, prompt, weights, tokenizer) for prompt, weights in rows]
-        seen = _prefill_and_decode_twice(runner, seqs)
-        for seq in seqs:
-            runner.release(seq)
-        _rows_are_the_reference(sharing_world, seqs, rows, seen)
-        return [torch.stack(s) for s in seen]
-
-    before = logits_of(probe)
-    rows = [("Stays", {"lokr.full2": 1.0}), ("Base only", {})]
-    seqs = [_sequence(registry, prompt, weights, tokenizer) for prompt, weights in rows]
-    seen = [[row] for row in runner.prefill(seqs)]
-    for step in range(3):
-        for seq, logits in zip(seqs, seen, strict=True):
-            seq.tokens.append(int(logits[-1].argmax()))
-        if step == 1:  # evicted to the host tier while the rows decode
-            registry._evict(registry.get("lokr.full"))
-            assert registry.describe("lokr.full")["state"] == "host"
-            assert all(len(m._kron) == 1 and m._kron[k][0].shape[0] == 2 for m in _lokr_layers(model) for k in m._kron)
-            _device_bytes_agree(runner, registry)
-        for logits, row in zip(seen, runner.decode(), strict=True):
-            logits.append(row)
-    for seq in seqs:
-        runner.release(seq)
-    _rows_are_the_reference(sharing_world, seqs, rows, seen)
-
-    from_host = logits_of(probe)
-    _device_bytes_agree(runner, registry)
-    registry.host_cache = 0
-    registry._evict(registry.get("lokr.full"))  # dropped: read from its files again
-    assert registry.describe("lokr.full")["state"] == "available"
-    from_files = logits_of(probe)
-    _device_bytes_agree(runner, registry)
-    for logits in (from_host, from_files):
-        torch.testing.assert_close(logits, before, atol=0, rtol=0)

@@ -434,7 +434,7 @@ class MixedLinear(nn.Module):
         # this layer only when a row uses one
         self._unpooled: set[int] = set()
         self._signature: tuple | None = None  # (slot, _Traits) of its adapters, by slot
-        self._kron: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # LoKr factors by their shapes (_restack)
+        self._kron: dict | None = None  # _kron_stacks
 
     @property
     def weight(self) -> torch.Tensor:
@@ -454,10 +454,8 @@ class MixedLinear(nn.Module):
 
     def attach(self, slot: int, adapter: LayerAdapter, order: tuple = ()) -> None:
         # A new slot is in no plan built so far: the running batch keeps its plans (no stall at the next step).
-        if isinstance(adapter, LoKrLayer):  # stacked first: out of memory there leaves the layer as it was
-            self._restack(adapter.shapes, self._kron_stacks(adapter.shapes, {**self.adapters, slot: adapter}))
         self.adapters[slot] = adapter
-        self._signature = None
+        self._signature = self._kron = None
         if adapter.low_rank is None or adapter.rescales_output or adapter.bias_delta is not None:
             self._unpooled.add(slot)
         if adapter.low_rank is not None:
@@ -465,17 +463,9 @@ class MixedLinear(nn.Module):
             adapter.low_rank = PoolSpan(self.pool, slot)  # its own copy is dropped: the pool's is the only one
 
     def detach(self, slot: int, keep: bool = True) -> None:
-        """keep: the adapter gets its own copy of what the pool and the LoKr stacks held for it (else it is dropped:
-        nothing reads it)."""
-        adapter = self.adapters[slot]
-        if isinstance(adapter, LoKrLayer):  # allocated before anything changes, as in attach
-            own = (adapter.w1.clone(), adapter.w2_t.clone()) if keep else None
-            rest = {s: a for s, a in self.adapters.items() if s != slot}
-            self._restack(adapter.shapes, self._kron_stacks(adapter.shapes, rest))
-            if own is not None:
-                adapter.w1, adapter.w2_t = own
-        del self.adapters[slot]
-        self._signature = None
+        """keep: the adapter gets its own copy of what the pool held for it (else it is dropped: nothing reads it)."""
+        adapter = self.adapters.pop(slot)
+        self._signature = self._kron = None
         self._unpooled.discard(slot)
         if keep and isinstance(adapter.low_rank, PoolSpan):  # taken before the span is freed
             a, b, scale = adapter.low_rank
@@ -653,9 +643,11 @@ class MixedLinear(nn.Module):
             terms = [adapter(s).bias_delta * w for s, w in steps]
             biases.append((rows, sum(terms[1:], terms[0])))
         kron = []
-        for rows, shape, index, weights in shared.kron:
-            w1, w2_t = (stack.index_select(0, index) for stack in self._kron[shape])
-            kron.append((rows, w1 if weights is None else (w1.float() * weights).to(w1.dtype), w2_t))
+        if shared.kron:
+            stacks = self._kron_stacks()
+            for rows, shape, index, weights in shared.kron:
+                w1, w2_t = (stack.index_select(0, index) for stack in stacks[shape])
+                kron.append((rows, w1 if weights is None else (w1.float() * weights).to(w1.dtype), w2_t))
         return _LayerPlan(
             rotations=[(rows, [_rotation(adapter(s), w) for s, w in steps]) for rows, steps in shared.rotations],
             sparse=filled(shared.sparse),
@@ -667,29 +659,20 @@ class MixedLinear(nn.Module):
             kron=kron,
         )
 
-    @staticmethod
-    @torch.inference_mode()  # the model's tensors, as the rank pools' are
-    def _kron_stacks(shape: tuple, adapters: dict[int, LayerAdapter]) -> tuple | None:
-        """(the LoKr adapters with these factor shapes among adapters, by slot; W1 [1 + n, a, c], W2^T [1 + n, d, b]:
-        their factors stacked after a zero entry, see _SharedPlan.kron); None when there are none."""
-        members = [a for _, a in sorted(adapters.items()) if isinstance(a, LoKrLayer) and a.shapes == shape]
-        if not members:
-            return None
-        w1 = torch.stack([members[0].w1.new_zeros(shape[0])] + [a.w1 for a in members])
-        w2_t = torch.stack([members[0].w2_t.new_zeros(shape[1])] + [a.w2_t for a in members])
-        return members, w1, w2_t
-
-    def _restack(self, shape: tuple, stacked: tuple[list, torch.Tensor, torch.Tensor] | None) -> None:
-        """The layer's stacks of those shapes become stacked (_kron_stacks's), and each of its adapters' factors views
-        of its entry: the stacks are the only device copy of the layer's LoKr factors, read by decode passes (a
-        selection by row) and by each adapter's own delta in prefill."""
-        if stacked is None:
-            self._kron.pop(shape, None)
-            return
-        members, w1, w2_t = stacked
-        self._kron[shape] = (w1, w2_t)
-        for i, adapter in enumerate(members, start=1):
-            adapter.w1, adapter.w2_t = w1[i], w2_t[i]
+    def _kron_stacks(self) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
+        """Per LoKr factor shapes: (W1 [1 + n, a, c], W2^T [1 + n, d, b]) of this layer's n LoKr adapters of those
+        shapes, by slot, after a zero entry (see _SharedPlan.kron); stacked once per attach or detach."""
+        if self._kron is None:
+            by_shape: dict[tuple, list] = {}
+            for slot, traits in self._signature:
+                if traits.kron is not None:
+                    by_shape.setdefault(traits.kron, []).append(self.adapters[slot])
+            self._kron = {}
+            for shape, adapters in by_shape.items():
+                w1 = [adapters[0].w1.new_zeros(shape[0])] + [a.w1 for a in adapters]
+                w2_t = [adapters[0].w2_t.new_zeros(shape[1])] + [a.w2_t for a in adapters]
+                self._kron[shape] = (torch.stack(w1), torch.stack(w2_t))
+        return self._kron
 
 
 class _Traits(NamedTuple):
@@ -716,7 +699,7 @@ class _Traits(NamedTuple):
             adapter.bias_delta is not None,
             not adapter.rotates_input and not adapter.adds_to_weight and adapter.adds_delta,
             pooled,
-            adapter.shapes if isinstance(adapter, LoKrLayer) else None,
+            (tuple(adapter.w1.shape), tuple(adapter.w2_t.shape)) if isinstance(adapter, LoKrLayer) else None,
         )
 
 

@@ -11,17 +11,11 @@ from .base import Kind, LayerAdapter, expect_params, expect_shape, pattern_value
 class LoKrLayer(LayerAdapter):
     """In a decode pass the mixed layer applies the LoKr adapters of every row at once (`add_per_row`), each row
     with its own factors (its weight folded into W1), selected once per batch composition from the layer's stacks of
-    its LoKr adapters' factors. While attached, w1 and w2_t are views of this adapter's entries in those stacks
-    (MixedLinear._restack), their only device copy."""
+    its LoKr adapters' factors."""
 
     def __init__(self, w1: torch.Tensor, w2: torch.Tensor):
         self.w1 = w1  # [a, c], times the scaling
         self.w2_t = w2.T.contiguous()  # W2^T [d, b]; out = a*b, in = c*d
-
-    @property
-    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """W1's and W2^T's shapes: adapters with the same ones share a layer's stacks."""
-        return tuple(self.w1.shape), tuple(self.w2_t.shape)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         # kron(W1, W2)[i*b+j, k*d+l] = W1[i,k] W2[j,l], so with X = x viewed as [..., c, d]: y = W1 X W2^T
