@@ -139,6 +139,12 @@ def linear_bytes(model: nn.Module) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def read_bytes(layer) -> int:
+    """Bytes of one adapter on one layer that a decode step reads: OFT's rotation blocks, not its generator."""
+    tensors = layer.tensors()[:1] if layer.rotates_input else layer.tensors()
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def memory_bound(base: int, sizes: dict[str, int], combos: list[list[str]]) -> float:
     """Base bytes / (base + the bytes of every adapter some row uses): each is read at least once a step."""
     return base / (base + sum(sizes[n] for n in {n for combo in combos for n in combo}))
@@ -244,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         flops = adapter_flops(registry, list(ADAPTERS))
         loaded = {a.name: a for a in registry.load_blocking(list(ADAPTERS))}
         weight_bytes = linear_bytes(model)
-        adapter_bytes = {name: sum(layer.nbytes for layer in a.built.layers.values()) for name, a in loaded.items()}
+        adapter_bytes = {name: sum(map(read_bytes, a.built.layers.values())) for name, a in loaded.items()}
         mixed, lora = combinations(list(ADAPTERS), ROWS, seed=1), combinations(LORAS, ROWS, seed=2)
         contenders = {
             "(b) no adapters": [[]] * ROWS,
