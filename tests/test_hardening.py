@@ -18,6 +18,7 @@ import torch
 
 from server.adapters import loader as loader_module
 from server.adapters.build import BuiltAdapter
+from server.adapters.mixing import RankPool
 from server.auth import OPEN_PATHS, Keyring, Unauthorized
 from server.errors import AdapterOutOfMemory, Overloaded
 from tests.conftest import DEVICE
@@ -652,3 +653,35 @@ def test_the_ids_a_tokenizer_has_may_leave_gaps():
     )
     assert len(tokenizer) == 23 and tokenizer_ids(tokenizer, {300}) == 301
     assert tokenizer_ids(tokenizer, {400}) == 401  # the model's EOS, whatever the tokenizer says
+
+
+def test_out_of_memory_midway_through_attach_leaves_no_layer_holding_the_adapter(plain, monkeypatch):
+    """A rank pool that cannot grow on the adapter's second layer: the first layer lets it go again, idle adapters are
+    evicted and the attach tried once more (served, exact); failing twice, 503 and no layer holds any of it."""
+    registry, layers = plain.state.registry, plain.state.registry.model
+    body = {"inputs": PROMPT, "adapters": ["lora"], "parameters": {"max_new_tokens": 6, "ignore_eos_token": True}}
+    expected = generate_json(plain, body)
+    assert httpx.delete(f"{plain.url}/adapters/lora", timeout=60).status_code == 200
+    assert generate(plain, ["oft"]).status_code == 200  # idle, to be evicted
+    original, calls, failing = RankPool.add, [], {2}
+
+    def add(self, *args, **kwargs):
+        calls.append(None)
+        if len(calls) in failing:
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RankPool, "add", add)
+    assert generate_json(plain, body) == expected
+    assert {a.name for a in registry.loaded()} == {"lora"}  # oft evicted to make room
+
+    assert httpx.delete(f"{plain.url}/adapters/lora", timeout=60).status_code == 200
+    calls.clear()
+    failing = {1, 2, 3, 4}  # the first layer of both tries
+    response = generate(plain, ["lora"])
+    assert response.status_code == 503 and response.json()["error_type"] == AdapterOutOfMemory.error_type
+    slot = registry._entries["lora"].current.slot
+    assert not [name for name, w in layers._wrappers.items() if slot in w.adapters]
+    assert all(slot not in w.pool.spans for w in layers._wrappers.values() if hasattr(w, "pool"))
+    failing = set()
+    assert generate_json(plain, body) == expected

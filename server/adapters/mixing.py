@@ -267,8 +267,8 @@ class RankPool:
         start, width, _ = span
         if not self.spans:  # nothing left: the memory goes back
             self.a, self.b_t = self.a.new_zeros(0, self.in_features), self.b_t.new_zeros(0, self.out_features)
-        elif self.capacity > MIN_CAPACITY and self.held <= self.capacity // 4:
-            self._repack(max(MIN_CAPACITY, self.capacity // 2))
+        elif self.capacity > MIN_CAPACITY and self.held <= self.capacity // 4 and self._shrunk():
+            pass
         else:
             self.b_t[start : start + width].zero_()  # rows select these ranks out (0): 0 x B stays 0 whatever B held
         self._relayout()
@@ -327,6 +327,15 @@ class RankPool:
                 found = self.a.index_select(0, columns.index).T, self.b_t.index_select(0, columns.index)
             self._subset = (columns, found)
         return self._subset[1]
+
+    def _shrunk(self) -> bool:
+        """Halves the pool (a copy); False, and the pool as it was, when the device has no memory for the copy: a
+        detach (an eviction, which runs when memory is short) never fails for want of it."""
+        try:
+            self._repack(max(MIN_CAPACITY, self.capacity // 2))
+        except torch.OutOfMemoryError:
+            return False
+        return True
 
     def _repack(self, capacity: int, order: tuple | None = None, width: int = 0) -> int:
         """The spans moved side by side in order into new tensors of `capacity` ranks, with `width` free ranks where
@@ -936,12 +945,20 @@ class MixedModel:
         self._wrappers: dict[str, MixedLinear | MixedParameters] = {}
         self._module_wrappers: dict[str, MixedModule] = {}  # where ModuleAdapters are (modules.py)
 
-    def attach(self, slot: int, layers: dict[str, LayerAdapter | ParameterLora], order: tuple = ()) -> None:
+    def attach(
+        self, slot: int, layers: dict[str, LayerAdapter | ParameterLora], order: tuple = (), undo_keeps: bool = True
+    ) -> None:
         """order: what places the adapter among the others in rank pools, the same for the same adapter whatever was
-        loaded before (its name and version; after those, the slot)."""
-        for module_name, layer in layers.items():
-            wrapper = self._module(module_name) if isinstance(layer, ModuleAdapter) else self._wrapper(module_name)
-            wrapper.attach(slot, layer, order)
+        loaded before (its name and version; after those, the slot). Failing midway (out of memory in a rank pool),
+        it detaches what it attached before raising, keeping the layers' weights when undo_keeps (else they are a
+        copy the caller drops): no layer keeps part of the adapter."""
+        try:
+            for module_name, layer in layers.items():
+                wrapper = self._module(module_name) if isinstance(layer, ModuleAdapter) else self._wrapper(module_name)
+                wrapper.attach(slot, layer, order)
+        except BaseException:
+            self.detach(slot, layers, undo_keeps)
+            raise
 
     def detach(self, slot: int, module_names, keep: bool = True) -> None:
         """keep: the adapter's layers keep their weights (the rank pools give back their copies), for a later attach;

@@ -348,9 +348,8 @@ class AdapterRegistry:
             return adapter
         self._make_room(adapter, protected)
         started = time.perf_counter()
-        adapter.built = self._to_device(adapter, protected)
         size = adapter.nbytes  # counted (and cached) from its own tensors, before the pools take them
-        self.model.attach(adapter.slot, adapter.built.layers, (adapter.name, adapter.built.version))
+        adapter.built = self._attach(adapter, protected)
         with self._lock:
             adapter.resident = True
             self._host.pop(adapter.name, None)
@@ -362,11 +361,12 @@ class AdapterRegistry:
         )
         return adapter
 
-    def _to_device(self, adapter: LoadedAdapter, protected: set[str]) -> BuiltAdapter:
-        """The adapter's weights on the device. Out of memory, every idle adapter is evicted and the copy tried once
-        more; out of memory again fails the requests that need it (503), leaving the adapter in host memory."""
+    def _attach(self, adapter: LoadedAdapter, protected: set[str]) -> BuiltAdapter:
+        """The adapter's weights on the device, attached to the model. Out of memory (the copy, or a rank pool
+        growing), every idle adapter is evicted and both are tried once more; out of memory again fails the requests
+        that need it (503), leaving the adapter in host memory and in no layer."""
         try:
-            return adapter.built.to(self.device)
+            return self._attached_copy(adapter)
         except torch.OutOfMemoryError:
             idle = [a for a in self.loaded() if a.refs == 0 and a.name not in protected and a is not adapter]
             log.warning("adapter %s: out of device memory; evicting %d idle adapters", adapter.name, len(idle))
@@ -375,12 +375,18 @@ class AdapterRegistry:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         try:
-            return adapter.built.to(self.device)
+            return self._attached_copy(adapter)
         except torch.OutOfMemoryError as exc:
             raise AdapterOutOfMemory(
                 f"adapter {adapter.name!r}: out of device memory ({adapter.nbytes} bytes), even after evicting the"
                 " idle adapters; retry later"
             ) from exc
+
+    def _attached_copy(self, adapter: LoadedAdapter) -> BuiltAdapter:
+        built = adapter.built.to(self.device)
+        # on the CPU the copy is the adapter itself: a failed attach gives its layers their weights back
+        self.model.attach(adapter.slot, built.layers, (adapter.name, built.version), undo_keeps=built is adapter.built)
+        return built
 
     def _make_room(self, adapter: LoadedAdapter, protected: set[str]) -> None:
         while self._over_budget(adapter.nbytes):
