@@ -53,7 +53,8 @@ from server.engine.kv_cache import BLOCK_SIZE, PagedCache, blocks_for
 ROWS, HEADS, KV_HEADS, DIM = 16, 14, 2, 64
 LENGTHS, QUICK_LENGTHS = (128, 512, 2048), (40,)
 CALLS, QUICK_CALLS = 10, 2  # per contender and round; a round's time / calls is one sample
-Q_BLOCK = 128  # the mask's query tile: one tile holds a row's single query (flex's CUDA decoding kernel needs >= 16)
+GROUP = HEADS // KV_HEADS  # query heads per KV head: flex sees them as that many queries of one KV head
+Q_BLOCK = 128  # the mask's query tile: one tile holds a row's GROUP queries
 
 
 class Step:
@@ -128,14 +129,16 @@ class Step:
             *full_blocks,
             BLOCK_SIZE=(Q_BLOCK, BLOCK_SIZE),
             mask_mod=mask_mod,
-            seq_lengths=(1, listed * BLOCK_SIZE),
+            seq_lengths=(GROUP, listed * BLOCK_SIZE),
             compute_q_blocks=False,  # what only the backward pass reads
         )
 
     def paged(self, attend: Callable, block_mask: BlockMask) -> torch.Tensor:
-        """[rows, heads, 1, dim]: (b), the whole pool as one sequence of slots."""
+        """[rows, heads, 1, dim]: (b), the whole pool as one sequence of slots; each KV head's GROUP query heads as
+        GROUP queries (flex's decoding kernels take grouped heads only in powers of two: 14 / 2 is 7)."""
         keys, values = _as_sequence(self.cache.keys[0]), _as_sequence(self.cache.values[0])
-        return attend(self.query, keys, values, block_mask=block_mask, scale=DIM**-0.5, enable_gqa=True)
+        queries = self.query.view(ROWS, KV_HEADS, GROUP, DIM)
+        return attend(queries, keys, values, block_mask=block_mask, scale=DIM**-0.5).view(ROWS, HEADS, 1, DIM)
 
 
 def _as_sequence(pool: torch.Tensor) -> torch.Tensor:
@@ -216,7 +219,7 @@ def measure(step: Step, flex: Callable, rounds: int, calls: int) -> None:
         synchronize(device)
         started = time.perf_counter()
         try:
-            out = run().float()
+            out = run().float().clone()  # (float32: the same tensor, which a CUDA graph's next replay overwrites)
             run()  # reduce-overhead records its graph at the second call
             synchronize(device)
         except Exception as error:  # a contender that does not compile is a result, not a crash
