@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     shape, rounds = ("quick", 1) if args.quick else (args.shape, args.rounds)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    print(describe_run())
+    print(describe_run(device, args.dtype))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, store = build(args.workdir or Path(tmp), shape)
         model = load_model(model_dir, device, dtype, args.quantization)

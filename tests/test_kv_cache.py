@@ -10,12 +10,14 @@ from prometheus_client import generate_latest
 
 from server.adapters.combination import Combination
 from server.engine.kv_cache import BLOCK_SIZE, BlockPool
+from server.engine.runner import PromptSequence
 from server.engine.sampling import SamplingParams
 from server.engine.sequence import GenerationRequest
 from server.errors import CacheTooSmall, MixserveError
 from server.metrics import Metrics
+from server.model import encode_prompt
 from server.state import ServerState
-from tests.conftest import ATOL, EXACT
+from tests.conftest import ATOL, EXACT, greedy_logits
 from tests.reference import reference_logits
 
 COMBOS = [[], ["lora"], ["oft", "loha"], ["lokr", "shira", "adalora"]]
@@ -205,3 +207,20 @@ def streamed_in_waves(engine, request, total: int, wave: int, cancel) -> list[st
         return outcomes
 
     return asyncio.run(run())
+
+
+def test_decode_reading_keys_up_to_a_length_bucket_gives_the_same_logits(llama):
+    """ModelRunner.decode_length_bucket (bench.compile_step's fixed shapes): keys read past each row's length, up to
+    the bucket, are masked; rows of different lengths, with and without adapters, crossing a bucket's end."""
+    runner, registry, tokenizer = llama.runner()
+    slots = [tuple(a.slot for a in registry.load_blocking(names)) for names in ([], ["lora"], ["oft", "lokr"])]
+    prompts = ["A short one.", "A somewhat longer prompt than the first, by a few words.", "Third."]
+
+    def logits(bucket: int) -> list[torch.Tensor]:
+        runner.decode_length_bucket = bucket
+        rows = [PromptSequence(encode_prompt(tokenizer, p), s) for p, s in zip(prompts, slots, strict=True)]
+        return greedy_logits(runner, rows, 12)
+
+    exact, bucketed = logits(1), logits(16)
+    for row, (a, b) in enumerate(zip(exact, bucketed, strict=True)):
+        assert torch.allclose(a, b, atol=ATOL, rtol=0), (row, float((a - b).abs().max()))
