@@ -22,6 +22,7 @@ skipped CUDA graphs (`cudagraph_skips`: then the compiled step ran without captu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -54,13 +55,16 @@ def threads(n: int | None):
         torch.set_num_threads(outside)
 
 
-def decode(runner: ModelRunner, rows: list[BenchRow], forward, steps: int, device) -> tuple[float, torch.Tensor]:
+def decode(
+    runner: ModelRunner, rows: list[BenchRow], forward, steps: int, device, planned=lambda: None
+) -> tuple[float, torch.Tensor]:
     """(seconds of `steps` decode steps under `forward`, their logits): after a prefill and one eager step, so that
-    the rows' plans exist before any trace."""
+    the rows' plans exist before any trace (then `planned()`)."""
     model, eager = runner.model, runner.model.forward
     for row, choice in zip(rows, sample(rows, runner.prefill(rows)), strict=True):
         row.tokens.append(choice.token)
     step(runner, rows)
+    planned()
     model.forward = forward
     logits = []
     try:
@@ -80,16 +84,36 @@ def decode(runner: ModelRunner, rows: list[BenchRow], forward, steps: int, devic
     return seconds, torch.stack(logits).float().cpu()
 
 
-def resident_tensors(runner: ModelRunner, registry: AdapterRegistry) -> list[torch.Tensor]:
-    """What a step reads that stays put while it runs: the KV cache (written in place), the rank pools, the loaded
-    adapters' own tensors."""
-    tensors = [*runner.cache.keys.values(), *runner.cache.values.values()]
+def step_tensors(runner: ModelRunner, registry: AdapterRegistry) -> list[torch.Tensor]:
+    """What a decode step reads that stays put from step to step once its plans exist: the KV cache (written in
+    place), the rank pools and the views of them a step reads, the loaded adapters' tensors, the plans' per-row
+    tensors and LoKr stacks. Marked static on CUDA, a capture reads them where they are; unmarked, it copies each in
+    at every replay."""
+    found: dict[int, torch.Tensor] = {}
+
+    def collect(value, depth: int = 0) -> None:
+        if isinstance(value, torch.Tensor):
+            found[id(value)] = value
+        elif depth < 6:
+            if isinstance(value, dict):
+                items = list(value.values())
+            elif isinstance(value, (list, tuple)):
+                items = list(value)
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+                items = [getattr(value, field.name) for field in dataclasses.fields(value)]
+            else:
+                return
+            for item in items:
+                collect(item, depth + 1)
+
+    collect([runner.cache.keys, runner.cache.values, [plan._cache for plan in runner._plans.values()]])
     for wrapper in registry.model._wrappers.values():
-        if hasattr(wrapper, "pool"):
-            tensors += [wrapper.pool.a, wrapper.pool.b_t]
-    for adapter in registry.loaded():
-        tensors += [t for layer in adapter.built.layers.values() for t in layer.tensors() if t._base is None]
-    return tensors
+        pool = getattr(wrapper, "pool", None)
+        if pool is not None:
+            collect([pool.a, pool.b_t, pool._a_used_t, pool._b_used, pool._subset])
+        collect([getattr(wrapper, "_kron", None), getattr(wrapper, "_plans", None)])
+    collect([layer.tensors() for adapter in registry.loaded() for layer in adapter.built.layers.values()])
+    return list(found.values())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,9 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
         workloads = {"no adapters": [[]] * ROWS, "mixed types": combinations(list(ADAPTERS), ROWS, seed=1)}
         eager = model.forward
-        if device.type == "cuda":  # a capture reads these where they are (else it copies them in at every replay)
-            for tensor in resident_tensors(runner, registry):
-                torch._dynamo.mark_static_address(tensor)
+
+        def planned() -> None:
+            if device.type == "cuda":
+                for tensor in step_tensors(runner, registry):
+                    torch._dynamo.mark_static_address(tensor)
+
         compiled = torch.compile(eager, mode="reduce-overhead" if device.type == "cuda" else None)
         contenders = {"eager": (eager, None), "compiled": (compiled, None)}
         if device.type == "cpu":
@@ -134,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                     ]
                     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                     with threads(count):
-                        took, out = decode(runner, rows, forward, steps, device)
+                        took, out = decode(runner, rows, forward, steps, device, planned)
                     if round_ == 0:
                         compile_seconds[workload, name] = took
                         graphs[workload, name] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before

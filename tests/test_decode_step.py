@@ -262,6 +262,26 @@ def test_a_pool_halves_when_a_quarter_full_and_frees_its_tensors_when_empty():
     assert pool.nbytes == 0 and pool.layout is None
 
 
+def test_a_pool_that_cannot_shrink_keeps_its_capacity_and_its_adapters(monkeypatch):
+    """An eviction runs when device memory is short: the halving's copy failing must not fail the detach."""
+    pool = RankPool(torch.nn.Linear(8, 4), MixingContext())
+    factors = {slot: (torch.randn(width, 8), torch.randn(4, width)) for slot, width in enumerate([16, 16, 4, 8])}
+    for slot, (a, b) in factors.items():
+        pool.add(slot, a, b, 1.0, (slot,))
+
+    def no_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    monkeypatch.setattr(RankPool, "_repack", no_memory)
+    for slot in (0, 1, 3):
+        pool.remove(slot)
+    assert pool.capacity == 64 and set(pool.spans) == {2} and pool.held == 4
+    a, b, _ = pool.factors(2)
+    assert torch.equal(a, factors[2][0]) and torch.equal(b, factors[2][1])
+    start, width, _ = pool.spans[2]
+    assert not pool.b_t[start + width :].any() and not pool.b_t[:start].any()  # freed ranks add 0
+
+
 def test_a_decode_step_copies_its_inputs_in_once_and_never_waits(llama):
     """ids, positions, the slots written, the blocks read and the blocks to zero go in one staged copy, whether or
     not a row starts a block; the pass itself reads nothing back (sampling's one sync is the step's). The first

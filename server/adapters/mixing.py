@@ -214,9 +214,10 @@ class RankPool:
 
     The spans lie in the order of the adapters' order keys, whatever order they were attached in: a row's deltas are
     summed in the order of its ranks in the pool (the rest adds exact zeros), so that a combination's output does not
-    depend on what was loaded before (tests/test_load_history.py) — bit for bit while a pool computes fewer than 384
-    ranks: MKL splits a wider expand into blocks of ranks at fixed offsets, so where a span lies can then round its
-    sum otherwise (seen: 2.4e-7, well within the 1e-5 of the contract). An adapter that does not fit between its
+    depend on what was loaded before (tests/test_load_history.py) — bit for bit when the pools are packed alike and
+    compute fewer than about 200 ranks: MKL splits a wider expand into blocks of ranks at fixed offsets, and a gap an
+    eviction left changes which ranks a step computes, so where a span lies can then round its sum otherwise (seen:
+    2.4e-7 and 2.9e-6, within the 1e-5 of the contract). An adapter that does not fit between its
     neighbours moves the others (a copy of the pool, as when it grows or shrinks).
 
     Semantics, for rows x: y += Σ over the row's adapters a of B_a(A_a(x)) * (scale_a * weight_a), computed as
@@ -267,10 +268,10 @@ class RankPool:
         start, width, _ = span
         if not self.spans:  # nothing left: the memory goes back
             self.a, self.b_t = self.a.new_zeros(0, self.in_features), self.b_t.new_zeros(0, self.out_features)
-        elif self.capacity > MIN_CAPACITY and self.held <= self.capacity // 4 and self._shrunk():
-            pass
         else:
-            self.b_t[start : start + width].zero_()  # rows select these ranks out (0): 0 x B stays 0 whatever B held
+            shrinks = self.capacity > MIN_CAPACITY and self.held <= self.capacity // 4
+            if not (shrinks and self._shrunk()):
+                self.b_t[start : start + width].zero_()  # rows select these ranks out (0): 0 x B stays 0 whatever B held
         self._relayout()
 
     def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, float]:
