@@ -26,7 +26,6 @@ import dataclasses
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ import torch._dynamo
 
 from bench.common import add_device_arguments, combinations, describe_run, device_name, synchronize
 from bench.mixed_decode import ADAPTERS, PROMPT_TOKENS, ROWS, SHAPES, BenchRow, build, registry_order, step
+from server.adapters.mixing import _threads
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.engine.runner import ModelRunner
@@ -42,17 +42,6 @@ from server.model import load_model
 
 STEPS = 16
 LENGTH_BUCKET = 64  # >= the 32-token prompts + 2 + STEPS: one bucket for the whole run
-
-
-@contextmanager
-def threads(n: int | None):
-    """torch's CPU operations on n threads inside (None: as they are)."""
-    outside = torch.get_num_threads()
-    torch.set_num_threads(n or outside)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(outside)
 
 
 def decode(
@@ -160,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                         for p, c in zip(prompts, combos, strict=True)
                     ]
                     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-                    with threads(count):
+                    with _threads(count or torch.get_num_threads()):
                         took, out = decode(runner, rows, forward, steps, device, planned)
                     if round_ == 0:
                         compile_seconds[workload, name] = took
