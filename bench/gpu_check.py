@@ -4,8 +4,9 @@
 
 Parts, each in a subprocess of its own with its own timeout (a hang or a crash loses that part, not the others):
   device        the device's name, torch's and CUDA's versions
-  tests float32 the exactness tests on the device (oracle, batching, weights, precision, families): logits and
-                logprobs within 1e-5 of PEFT on the same device, rows independent of their batch
+  tests float32 the exactness tests on the device (oracle, batching, weights, precision, families; paged attention
+                on a family with windows and one with two kinds of layers): logits and logprobs within 1e-5 of PEFT
+                on the same device, rows independent of their batch
   tests bf16    the same but precision (which holds both dtypes itself) with MIXSERVE_TEST_DTYPE=bfloat16: PEFT's
                 mixed model in bfloat16 as the reference, at tests/conftest.py's tolerances
   tolerance     the largest |logit - PEFT's| per adapter type (each alone, then all six) on the tests' Llama: ours
@@ -15,9 +16,9 @@ Parts, each in a subprocess of its own with its own timeout (a hang or a crash l
                 prefill tok/s with and without adapters, a/b, and the step profile (launches and syncs per decode step)
   decode_attention
                 python -m bench.decode_attention --device DEVICE --dtype bfloat16: one layer's decode attention at the
-                0.5B shape, 16 rows, longest 128 / 512 / 2048 tokens: today's gather + SDPA against flex_attention
-                reading the block tables (two BlockMask forms), and on CUDA today's under CUDA graphs; µs, ratios,
-                differences, compile s
+                0.5B shape, 16 rows, longest 128 / 512 / 2048 tokens: gather + SDPA (the default) against the
+                server's paged attention (MIXSERVE_PAGED_ATTENTION=on: flex_attention reading the block tables), and
+                gather + SDPA under CUDA graphs; µs, ratios, differences, compile s
   compile       python -m bench.compile_step --rounds 1 --device DEVICE --dtype bfloat16: the small shape's decode
                 step compiled at best (one composition, fixed shapes; mode reduce-overhead on CUDA: CUDA graphs)
                 against eager, without adapters and mixed: compiled/eager, compile time, graphs, differences
@@ -26,7 +27,7 @@ whole output; the tolerance's and decode_attention's numbers read out) and REPOR
 status 0 when every part passed.
 
 --quick (what the suite runs on the CPU, so that this cannot rot): one test of each file, the tolerance of LoRA
-alone, mixed_decode --quick, decode_attention --quick (flex uncompiled on the CPU) and compile_step --quick with
+alone, mixed_decode --quick, decode_attention --quick (compiled: a small pool) and compile_step --quick with
 torch.compile disabled (TORCH_COMPILE_DISABLE=1: that the part runs and reports, not what compiling does; inductor
 takes minutes on a small CPU). The benchmarks share one work directory (the models and adapters they build).
 Nothing here installs anything: on a machine without network, its dependencies come from `make gpu-wheels`
@@ -59,6 +60,8 @@ EXACTNESS = [
     "test_dora_bias.py",
     "test_embedding_adapters.py",
     "test_quantized.py",
+    "test_paged_attention.py::test_each_family_decodes_paged_as_peft[qwen2-window]",
+    "test_paged_attention.py::test_each_family_decodes_paged_as_peft[gemma3]",
 ]
 QUICK_TESTS = [  # one of each file: cheap enough for the suite
     "test_oracle.py::test_logits_equal_reference[llama-lora]",
@@ -70,12 +73,12 @@ QUICK_TESTS = [  # one of each file: cheap enough for the suite
 # seconds per part; together under the 9 minutes a check may take on one GPU (a lent device runs 10 at most)
 TIMEOUTS = {
     "device": 20,
-    "tests float32": 160,
-    "tests bf16": 60,
+    "tests float32": 170,
+    "tests bf16": 65,
     "tolerance": 35,
     "mixed_decode": 85,
     "decode_attention": 75,
-    "compile": 105,
+    "compile": 90,
 }
 # what the server, the tests and the benchmarks import beyond the standard library (make gpu-wheels)
 IMPORTED = [

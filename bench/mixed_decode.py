@@ -3,13 +3,17 @@ without adapters, in-process (no HTTP), contenders interleaved in one run.
 
     python -m bench.mixed_decode [--shape small|0.5b] [--device cuda] [--dtype bfloat16] [--quick]
         [--quantization bnb-nf4|bnb-fp4|bnb-int8|int8-weight-only]   (the base quantized at load: README, "Quantized base")
+        [--paged-attention] [--prompt-tokens N]
     (make bench-mixed)
 
 16 rows, each with its own combination of 1-3 adapters drawn from seven (LoRA r8, r16, r32 on all linear layers,
 LoRA r16 on attention only, LoHa r4, LoKr r4, OFT block size 32), or, for the LoRA-only line, from the four LoRAs;
 the "16 idle" line runs the LoRA-only rows with 16 more LoRA r16 adapters resident that no row uses (loaded for its
 rounds only): what a server holding many tenants' adapters pays for those a batch does not use.
-32-token prompts, 24 decode steps (each: the runner's decode pass and the engine's sampling, greedy), random weights.
+32-token prompts (--prompt-tokens), 24 decode steps (each: the runner's decode pass and the engine's sampling,
+greedy), random weights. --paged-attention adds the no-adapter and mixed contenders again on a second runner whose
+decode attention reads the cache in place (MIXSERVE_PAGED_ATTENTION=on, compiled before the rounds; a/b stays against
+the first runner's "(b) no adapters").
 Shapes: Qwen2-style hidden 384 x 6 layers (6 heads, 2 KV heads, MLP 1024), or Qwen2.5-0.5B's (896 x 24, 14 heads,
 2 KV heads, MLP 4864, its 151,936-token vocabulary).
 
@@ -32,6 +36,7 @@ input with two `_local_scalar_dense` (no wait on a CPU); these rows are greedy. 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import statistics
@@ -199,23 +204,26 @@ def _copies_in(func, args, kwargs, device: torch.device) -> bool:
     return target is not None and torch.device(target).type == device.type
 
 
-def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> tuple[int, int, int, int, int]:
+def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> tuple:
     """(operator calls, kernels launched, scalar syncs, copies in, FLOPs of its matrix products) of one decode
-    step."""
+    step. A runner with paged attention is profiled without CountTransfers (its compiled code is guarded on the
+    TorchFunctionMode stack: a mode makes it refuse and turn paged attention off): its `.tolist()` syncs and copies
+    in are not counted (None)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
+    counting = runner.paged is None
     with (
         profile(activities=activities, with_flops=True, record_shapes=True) as prof,
-        CountTransfers(device) as transfers,
+        CountTransfers(device) if counting else contextlib.nullcontext() as transfers,
     ):
         step(runner, rows)
         synchronize(device)
     events = prof.events()
     ops = sum(1 for e in events if e.name.startswith("aten::"))
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    syncs = sum(1 for e in events if e.name in SYNC_OPS) + transfers.tolist
+    syncs = sum(1 for e in events if e.name in SYNC_OPS) + (transfers.tolist if counting else 0)
     flops = sum(_flops(e) for e in events if e.device_type == torch.autograd.DeviceType.CPU)
-    return ops, kernels, syncs, transfers.copies_in, flops
+    return ops, kernels, syncs, transfers.copies_in if counting else None, flops
 
 
 def _flops(event) -> int:
@@ -235,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--quick", action="store_true", help="a tiny model, one round: checks that it runs")
     parser.add_argument("--quantization", choices=MODES, default="none", help="the base's, as MIXSERVE_QUANTIZATION")
+    parser.add_argument("--paged-attention", action="store_true", help="also with MIXSERVE_PAGED_ATTENTION=on")
+    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     shape, rounds = ("quick", 1) if args.quick else (args.shape, args.rounds)
@@ -258,7 +268,14 @@ def main(argv: list[str] | None = None) -> None:
             "(a) LoRA only": lora,
             IDLE_CONTENDER: lora,  # the same rows, with IDLE loaded for its rounds only
         }
-        prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(PROMPT_TOKENS)] for r in range(ROWS)]
+        runners = dict.fromkeys(contenders, runner)
+        if args.paged_attention:
+            paged = ModelRunner(model, registry.context, paged_rows=ROWS)
+            print(f"paged attention: {paged.paged.wait() if paged.paged else 'off (see the log)'}")
+            runners |= {"(b) no adapters, paged": paged, "(a) mixed types, paged": paged}
+            contenders |= {"(b) no adapters, paged": [[]] * ROWS, "(a) mixed types, paged": mixed}
+        prompt_tokens = args.prompt_tokens
+        prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(prompt_tokens)] for r in range(ROWS)]
         decode: dict[str, list[float]] = {name: [] for name in contenders}
         prefill: dict[str, list[float]] = {name: [] for name in contenders}
         profiles: dict[str, tuple[int, int, int, int]] = {}
@@ -272,21 +289,21 @@ def main(argv: list[str] | None = None) -> None:
                 ]
                 synchronize(device)
                 started = time.perf_counter()
-                for row, choice in zip(rows, sample(rows, runner.prefill(rows)), strict=True):
+                for row, choice in zip(rows, sample(rows, runners[name].prefill(rows)), strict=True):
                     row.tokens.append(choice.token)
                 synchronize(device)
-                prefill[name].append(ROWS * PROMPT_TOKENS / (time.perf_counter() - started))
+                prefill[name].append(ROWS * prompt_tokens / (time.perf_counter() - started))
                 if round_ == rounds:
-                    step(runner, rows)  # warm
-                    profiles[name] = profile_step(runner, rows, device)
+                    step(runners[name], rows)  # warm
+                    profiles[name] = profile_step(runners[name], rows, device)
                 else:
                     started = time.perf_counter()
                     for _ in range(STEPS):
-                        step(runner, rows)
+                        step(runners[name], rows)
                     synchronize(device)
                     decode[name].append(ROWS * STEPS / (time.perf_counter() - started))
                 for row in rows:
-                    runner.release(row)
+                    runners[name].release(row)
                 if name == IDLE_CONTENDER:
                     for idle in IDLE:
                         registry.unload(idle, set())
@@ -309,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
         line = f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {bound:6.2f} {p:14.0f} {p / b_prefill:6.2f}"
         if name in profiles:
             ops, kernels, syncs, copies, step_flops = profiles[name]
-            line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d} {copies:11d} {step_flops / 1e9:11.3f}"
+            copies = "-" if copies is None else str(copies)
+            line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d} {copies:>11s} {step_flops / 1e9:11.3f}"
         print(line)
 
 

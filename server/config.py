@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     prefix_cache: bool = Field(
         True, description="reuse the KV cache blocks of a prompt prefix seen before with the same adapters (on|off)"
     )
+    paged_attention: bool = Field(
+        False,
+        description="decode attention reads each row's KV cache blocks in place (flex_attention, compiled in the"
+        " background at start; decode gathers blocks until then) instead of gathering them (on|off; README, 'Paged"
+        " attention': not faster on CPUs measured so far)",
+    )
     max_loaded_adapters: int | None = Field(None, ge=1, description="adapters resident at once (default: no limit)")
     adapter_memory: int | None = Field(None, description="bytes of resident adapters, e.g. 512MB (default: no limit)")
     host_cache: int = Field(parse_bytes("1GB"), description="bytes of evicted adapters kept in host memory")

@@ -95,6 +95,7 @@ class ServerState:
                 kv_cache_memory=settings.kv_cache_memory,
                 max_sequence_tokens=settings.max_input_tokens + settings.max_new_tokens,
                 prefix_cache=settings.prefix_cache,
+                paged_attention=settings.paged_attention,
                 on_finished=metrics.observe_finished,
             )
         except BaseException:  # e.g. a KV cache budget too small: the registry's threads stop too

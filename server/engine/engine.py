@@ -66,18 +66,27 @@ class Engine:
         kv_cache_memory: int | float | None = None,
         max_sequence_tokens: int | None = None,
         prefix_cache: bool = True,
+        paged_attention: bool = False,
         on_finished=lambda seq: None,
         on_fatal=lambda reason: exit_soon(),
     ):
         """inbox: the one the registry wakes (`AdapterRegistry(wake=inbox.wake)`); kv_cache_memory: the KV cache's
         budget (bytes, or a fraction of free GPU memory); max_sequence_tokens: the longest a request may be, which
         the cache must hold; prefix_cache: whether a request reuses the cached blocks of an earlier one's prefix (same
-        tenant, adapters, versions and weights); on_finished(seq): for metrics, called on the engine's thread;
+        tenant, adapters, versions and weights); paged_attention: whether decode attention reads the cache in
+        place once compiled (server/engine/paged_attention.py); on_finished(seq): for metrics, called on the engine's thread;
         on_fatal(reason): once, after a device error that no request caused (server/engine/fatal.py)."""
         self.tokenizer = tokenizer
         self.registry = registry
         default_tokens = max_batch_size * (max_sequence_tokens or DEFAULT_SEQUENCE_TOKENS)
-        self.runner = ModelRunner(model, registry.context, kv_cache_memory, default_tokens, prefix_cache)
+        self.runner = ModelRunner(
+            model,
+            registry.context,
+            kv_cache_memory,
+            default_tokens,
+            prefix_cache,
+            paged_rows=max_batch_size if paged_attention else None,
+        )
         capacity = self.runner.cache.capacity_tokens
         if max_sequence_tokens is not None and capacity < max_sequence_tokens:
             raise RuntimeError(

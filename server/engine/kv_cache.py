@@ -225,9 +225,10 @@ class PagedCache:
         write = table[torch.arange(len(seqs)), positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
         return write, table.flatten()
 
-    def begin_decode(self, write: torch.Tensor, read: torch.Tensor, length: int) -> None:
+    def begin_decode(self, write: torch.Tensor, read: torch.Tensor | None, length: int) -> None:
         """The next pass writes one token per row at the flat slots `write` and reads the blocks `read`, up to
-        length, of every row (decode_slots's, on the device)."""
+        length, of every row (decode_slots's, on the device); read None: attention reads the pool in place
+        (paged_attention.py), and update returns the pass's own keys and values."""
         self._write, self._read = write, read
         self._written, self._length, self._query_length = None, length, 1
 

@@ -16,7 +16,9 @@ from transformers import PreTrainedModel
 
 from server.adapters.mixing import BatchPlan, MixingContext
 from server.engine.attention import MaskLayout, UnsupportedModel
+from server.engine.fatal import raise_if_device_fatal
 from server.engine.kv_cache import BLOCK_SIZE, PagedCache, chain_keys
+from server.engine.paged_attention import PagedAttention, PagedAttentionError
 from server.engine.sequence import Sequence
 from server.quantization import quantization_of
 
@@ -34,10 +36,13 @@ class ModelRunner:
         kv_cache_memory: int | float | None = None,
         default_cache_tokens: int = DEFAULT_CACHE_TOKENS,
         prefix_cache: bool = True,
+        paged_rows: int | None = None,
     ):
         """kv_cache_memory: the KV cache's budget, bytes or a fraction of free GPU memory (kv_cache.PagedCache);
         prefix_cache: whether sequences with a cache_scope share their cached leading blocks (not for ALiBi models,
-        whose 2D padding mask cannot place rows' queries at different offsets)."""
+        whose 2D padding mask cannot place rows' queries at different offsets); paged_rows: the most rows a decode
+        pass has, for decode attention that reads the cache in place (server/engine/paged_attention.py: compiled in
+        the background once the self-check passes, where the model can take it); None: decode passes gather."""
         self.model = model
         self.context = context
         self.device = model.device
@@ -55,7 +60,13 @@ class ModelRunner:
         # this (masked past each row's own): 1 serves; a bench sets more so that the step's shapes repeat
         # (bench.compile_step: what a compiled or graph-captured step gets at best)
         self.decode_length_bucket = 1
+        self.paged: PagedAttention | None = None
         self.self_check()
+        self.paged = (
+            PagedAttention.for_model(model, self._probe, self.cache, self.layout, paged_rows) if paged_rows else None
+        )
+        if self.paged is not None:
+            self.paged.start()
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -136,6 +147,16 @@ class ModelRunner:
             if new:
                 self.cache.zero(torch.tensor(new, device=self.device))
             raise
+        if self.paged is not None and self.paged.begin(rows):
+            try:
+                self.cache.begin_decode(write, None, length)  # attention reads the pool in place
+                mask = self.paged.masks(read.view(rows, -1), positions)
+                return self._forward(self.rows, ids[:, None], mask, positions[:, None], 1)[:, -1]
+            except PagedAttentionError as exc:  # then again, gathered
+                raise_if_device_fatal(exc.__cause__)
+                self.paged.turn_off(str(exc))
+            finally:
+                self.paged.end()
         self.cache.begin_decode(write, read, length)
         mask = self.layout.masks(positions[:, None], rows, length, self.dtype)
         return self._forward(self.rows, ids[:, None], mask, positions[:, None], 1)[:, -1]

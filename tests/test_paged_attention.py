@@ -1,0 +1,183 @@
+"""Paged decode attention (server/engine/paged_attention.py, MIXSERVE_PAGED_ATTENTION): flex_attention reading each
+row's blocks where they lie, compiled. Exact against PEFT on every family that takes it, with rows joining and
+leaving, windows crossed and prefixes cached; off, with the reason, on those that cannot take it; a pass whose
+attention fails runs again gathered, and it stays off."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+import torch
+
+from server.adapters.combination import Combination
+from server.adapters.store import AdapterStore
+from server.config import Settings
+from server.engine.runner import ModelRunner, PromptSequence
+from server.engine.sampling import SamplingParams
+from server.engine.sequence import GenerationRequest
+from server.model import encode_prompt
+from server.state import ServerState
+from tests.conftest import ATOL, DEVICE, DTYPE, dtype_name, private_model
+from tests.families import FAMILIES, build_family
+from tests.reference import reference_logits
+
+# the families whose attention cannot read the cache in place: ALiBi's bias comes from a padding mask, Gemma 2's
+# softcap is not SDPA's (transformers runs it eagerly), Falcon's attention does not go through transformers'
+# attention functions
+GATHERED = {"bloom", "falcon", "falcon-new", "falcon-alibi", "gemma2"}
+ROWS = 4  # the most rows a decode pass has: the compiled batch
+COMPILE_SECONDS = 600  # a bound on a cold compile on a loaded 2-core machine, not an expectation
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    model_dir, store, built = build_family(tmp_path_factory.mktemp(request.param), request.param)
+    model, registry = private_model(model_dir, AdapterStore(store))
+    runner = ModelRunner(model, registry.context, paged_rows=ROWS)
+    yield request.param, model_dir, store, built, runner, registry
+    registry.close()
+
+
+def _slots(registry, names: list[str]) -> tuple[int, ...]:
+    return tuple(a.slot for a in registry.load_blocking(names)) if names else ()
+
+
+def _drive(runner: ModelRunner, seqs: list[PromptSequence]) -> dict:
+    """Greedy logits of each sequence, prefill's then each decode's: three prefilled together, one of them leaving
+    after two steps, a fourth joining (its first blocks cached from the first), then a fifth; the batch's
+    composition changes at nearly every step."""
+    logits_of = {seq: [] for seq in seqs}
+
+    def take(rows, logits):
+        for seq, row in zip(rows, logits, strict=True):
+            logits_of[seq].append(row.float().cpu())
+            seq.tokens.append(int(row.argmax()))
+
+    take(seqs[:3], runner.prefill(seqs[:3]))
+    for step in range(8):
+        if step == 2:
+            runner.release(seqs[1])
+        if step == 3:
+            take([seqs[3]], runner.prefill([seqs[3]]))
+        if step == 5:
+            take([seqs[4]], runner.prefill([seqs[4]]))
+        rows = list(runner.rows)
+        take(rows, runner.decode())
+    for seq in list(runner.rows):
+        runner.release(seq)
+    return logits_of
+
+
+def test_each_family_decodes_paged_as_peft(family):
+    name, model_dir, store, built, runner, registry = family
+    if name in GATHERED:
+        assert runner.paged is None
+        return
+    assert runner.paged.wait(COMPILE_SECONDS) == "on"
+    combos = [built[:2], built[:1], [], built[:2], built[::-1]]
+    vocab = runner.model.config.vocab_size
+    prompts = [[(5 * i + 7 * n + 3) % (vocab - 3) + 3 for i in range(n)] for n in (40, 23, 9, 0, 17)]
+    prompts[3] = prompts[0][:32] + [4, 5, 6]  # its first two blocks cached by the first's prefill
+    scope = b"paged-attention test"
+    seqs = [
+        PromptSequence(prompt, _slots(registry, names), cache_scope=scope if i in (0, 3) else None)
+        for i, (prompt, names) in enumerate(zip(prompts, combos, strict=True))
+    ]
+    paged_passes = []
+    begin = runner.paged.begin
+    runner.paged.begin = lambda rows: paged_passes.append(begin(rows)) or paged_passes[-1]
+    try:
+        logits_of = _drive(runner, seqs)
+    finally:
+        del runner.paged.begin
+    assert paged_passes and all(paged_passes), "every decode pass should have read the cache in place"
+    assert runner.prefix_hit_tokens == 32
+    for seq, names in zip(seqs, combos, strict=True):
+        prompt = seq.request.prompt_ids
+        expected = reference_logits(model_dir, store, names, prompt + seq.tokens[:-1])[len(prompt) - 1 :]
+        got = torch.stack(logits_of[seq])
+        assert got.shape == expected.shape
+        assert (got - expected.float()).abs().max() <= ATOL, (name, names)
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    model_dir, store, built = build_family(tmp_path_factory.mktemp("mistral"), "mistral")
+    model, registry = private_model(model_dir, AdapterStore(store))
+    yield model_dir, store, built, model, registry
+    registry.close()
+
+
+def test_a_failing_pass_runs_again_gathered_and_paged_attention_stays_off(mistral, caplog):
+    model_dir, store, built, model, registry = mistral
+    runner = ModelRunner(model, registry.context, paged_rows=ROWS)
+    assert runner.paged.wait(COMPILE_SECONDS) == "on"
+    seqs = [PromptSequence([3 + i % 50 for i in range(n)], _slots(registry, built[:1])) for n in (20, 7)]
+    for seq, row in zip(seqs, runner.prefill(seqs), strict=True):
+        seq.tokens.append(int(row.argmax()))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    runner.paged._flex = fails
+    with caplog.at_level(logging.ERROR, logger="server.engine.paged_attention"):
+        logits = runner.decode()
+    assert runner.paged.state.startswith("off: flex_attention on layer 0") and "injected" in runner.paged.state
+    assert "paged decode attention turned off" in caplog.text
+    assert runner.paged.begin(1) is False
+    for seq, row in zip(seqs, logits, strict=True):
+        seq.tokens.append(int(row.argmax()))
+    for seq in seqs:
+        prompt = seq.request.prompt_ids + seq.tokens[:-1]
+        expected = reference_logits(model_dir, store, built[:1], prompt)[-1]
+        assert (logits[seqs.index(seq)].float().cpu() - expected.float()).abs().max() <= ATOL
+
+
+def test_decode_gathers_while_compiling_or_past_the_compiled_rows(mistral):
+    *_, model, registry = mistral
+    runner = ModelRunner(model, registry.context, paged_rows=2)
+    with runner.paged._lock:  # what the compile holds
+        assert runner.paged.begin(1) is False
+    assert runner.paged.wait(COMPILE_SECONDS) == "on"
+    seqs = [PromptSequence([3 + i % 50 for i in range(n)]) for n in (20, 7, 11)]
+    for seq, row in zip(seqs, runner.prefill(seqs), strict=True):
+        seq.tokens.append(int(row.argmax()))
+    used = []
+    begin = runner.paged.begin
+    runner.paged.begin = lambda rows: used.append(begin(rows)) or used[-1]
+    for seq, row in zip(seqs, runner.decode(), strict=True):  # three rows: more than were compiled
+        seq.tokens.append(int(row.argmax()))
+    runner.release(seqs[0])
+    runner.decode()
+    del runner.paged.begin
+    assert used == [False, True]
+    assert runner.paged.begin(2) is True  # the pass let go of the compiled function
+    runner.paged.end()
+
+
+def test_the_setting_reaches_the_engine(tmp_path):
+    model_dir, store, built = build_family(tmp_path, "qwen2-window")
+    settings = Settings(
+        model=str(model_dir),
+        adapters_dir=store,
+        device=DEVICE,
+        dtype=dtype_name(DTYPE),
+        max_batch_size=ROWS,
+        paged_attention=True,
+    )
+    state = ServerState.start(settings)
+    try:
+        assert state.engine.runner.paged.wait(COMPILE_SECONDS) == "on"
+        assert state.engine.runner.paged.rows == ROWS
+        prompt = encode_prompt(state.tokenizer, "The quick brown fox jumps over the lazy dog.")
+        request = GenerationRequest(
+            "r0", prompt, Combination((built[0],), (1.0,)), SamplingParams(max_new_tokens=6, ignore_eos=True)
+        )
+        seq = asyncio.run(state.engine.generate(request))
+        expected = reference_logits(model_dir, store, [built[0]], prompt + seq.tokens[:-1])[len(prompt) - 1 :]
+        assert seq.tokens == expected.argmax(-1).tolist()
+    finally:
+        state.stop()
+    assert Settings(model=str(model_dir)).paged_attention is False  # off unless asked: not faster on the CPU
