@@ -69,6 +69,7 @@ QUICK_TESTS = [  # one of each file: cheap enough for the suite
     "test_weights.py::test_weighted_logits_equal_the_reference[lora@0.5]",
     "test_precision.py::test_oft_at_a_weight_is_its_float32_rotation_cast_once",
     "test_families.py::test_gpt_neo_local_attention_is_refused",
+    "test_paged_attention.py::test_each_family_decodes_paged_as_peft[qwen2-window]",
 ]
 # seconds per part; together under the 9 minutes a check may take on one GPU (a lent device runs 10 at most)
 TIMEOUTS = {

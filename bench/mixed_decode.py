@@ -12,8 +12,9 @@ the "16 idle" line runs the LoRA-only rows with 16 more LoRA r16 adapters reside
 rounds only): what a server holding many tenants' adapters pays for those a batch does not use.
 32-token prompts (--prompt-tokens), 24 decode steps (each: the runner's decode pass and the engine's sampling,
 greedy), random weights. --paged-attention adds the no-adapter and mixed contenders again on a second runner whose
-decode attention reads the cache in place (MIXSERVE_PAGED_ATTENTION=on, compiled before the rounds; a/b stays against
-the first runner's "(b) no adapters").
+decode attention reads the cache in place at every length (MIXSERVE_PAGED_ATTENTION=on, whose runner gathers below
+paged_attention.MIN_LENGTH tokens; compiled before the rounds; a/b stays against the first runner's "(b) no
+adapters").
 Shapes: Qwen2-style hidden 384 x 6 layers (6 heads, 2 KV heads, MLP 1024), or Qwen2.5-0.5B's (896 x 24, 14 heads,
 2 KV heads, MLP 4864, its 151,936-token vocabulary).
 
@@ -207,8 +208,8 @@ def _copies_in(func, args, kwargs, device: torch.device) -> bool:
 def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device) -> tuple:
     """(operator calls, kernels launched, scalar syncs, copies in, FLOPs of its matrix products) of one decode
     step. A runner with paged attention is profiled without CountTransfers (its compiled code is guarded on the
-    TorchFunctionMode stack: a mode makes it refuse and turn paged attention off): its `.tolist()` syncs and copies
-    in are not counted (None)."""
+    TorchFunctionMode stack: a mode makes it refuse and turn paged attention off): its syncs and copies in are not
+    counted (None; the profiler alone would miss `.tolist()`)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
     counting = runner.paged is None
@@ -221,7 +222,7 @@ def profile_step(runner: ModelRunner, rows: list[BenchRow], device: torch.device
     events = prof.events()
     ops = sum(1 for e in events if e.name.startswith("aten::"))
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    syncs = sum(1 for e in events if e.name in SYNC_OPS) + (transfers.tolist if counting else 0)
+    syncs = sum(1 for e in events if e.name in SYNC_OPS) + transfers.tolist if counting else None
     flops = sum(_flops(e) for e in events if e.device_type == torch.autograd.DeviceType.CPU)
     return ops, kernels, syncs, transfers.copies_in if counting else None, flops
 
@@ -271,7 +272,9 @@ def main(argv: list[str] | None = None) -> None:
         runners = dict.fromkeys(contenders, runner)
         if args.paged_attention:
             paged = ModelRunner(model, registry.context, paged_rows=ROWS)
-            print(f"paged attention: {paged.paged.wait() if paged.paged else 'off (see the log)'}")
+            if paged.paged is not None:
+                paged.paged.min_length = 0  # at every length (the server's gathers below MIN_LENGTH tokens)
+            print(f"paged attention: {'on' if paged.paged else 'off (see the log)'}")
             runners |= {"(b) no adapters, paged": paged, "(a) mixed types, paged": paged}
             contenders |= {"(b) no adapters, paged": [[]] * ROWS, "(a) mixed types, paged": mixed}
         prompt_tokens = args.prompt_tokens
@@ -326,8 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         line = f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {bound:6.2f} {p:14.0f} {p / b_prefill:6.2f}"
         if name in profiles:
             ops, kernels, syncs, copies, step_flops = profiles[name]
-            copies = "-" if copies is None else str(copies)
-            line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:6d} {copies:>11s} {step_flops / 1e9:11.3f}"
+            syncs, copies = ("-" if n is None else str(n) for n in (syncs, copies))
+            line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:>6s} {copies:>11s} {step_flops / 1e9:11.3f}"
         print(line)
 
 

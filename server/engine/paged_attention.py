@@ -2,18 +2,20 @@
 
 In a decode pass, each row's query attends to its own blocks of the pool: `flex_attention` over the whole pool seen
 as one sequence of slots, with a block mask built on the device from the rows' tables each step. A row lists the
-blocks wholly inside what its query sees (its window, or all it holds) as full, which flex reads without evaluating
-mask_mod, and its first and last as partial, where mask_mod compares a slot's position with the row's start and end;
-every other block of the pool is skipped. Each KV head's query heads are its queries (grouped-query attention; flex's
-CUDA kernels take grouped heads only in powers of two).
+blocks its query sees (those of its window, or all it holds); every other block of the pool is skipped. On a CPU the
+blocks wholly inside are listed as full, which flex reads without evaluating mask_mod, and the first and last as
+partial, where mask_mod compares a slot's position with the row's start and end; on a GPU every listed block is
+partial (flex's CUDA decoding kernel, given full blocks, splits the whole pool's length among its programs rather
+than the blocks listed). Each KV head's query heads are its queries (grouped-query attention; flex's CUDA kernels take
+grouped heads only in powers of two), each query scaled before (one graph whatever scale a layer passes).
 
-flex_attention runs compiled (its eager form scores every slot of the pool): one graph per layer shape, for a batch
-of a fixed number of rows (the engine's largest; a smaller batch is padded with rows that read one slot of the zero
-block). Compiling takes seconds to tens of seconds on a CPU, so it runs on a thread of its own once the model's
-self-check has passed, and is checked there against a plain computation; until then decode passes gather blocks as
-before (PagedCache). Serving never compiles: a call runs with torch's stance `fail_on_recompile`, and a call that would
-compile, or fails, turns paged attention off for good (logged) and its pass runs again gathered. Prefill passes
-always gather (SDPA).
+flex_attention runs compiled (its eager form scores every slot of the pool): one graph, for a batch of a fixed
+number of rows (the engine's largest; a smaller batch is padded with rows that see nothing) over the pool's shape. It
+is compiled when the runner starts, after the model's self-check, and checked against a plain computation on blocks
+of the pool itself (taken from it and given back, zeroed): seconds to tens of seconds before the server starts, and
+none after. Serving never compiles: a call runs with torch's stance `fail_on_recompile`, and a call that would
+compile, or fails, turns paged attention off for good (logged) and its pass runs again gathered. Decode passes whose
+longest row is under MIN_LENGTH tokens gather, and prefill passes always do (SDPA).
 
 Taken only where the model computes attention through transformers' SDPA function (which this one calls for
 everything that is not a paged decode), and not for ALiBi models (their bias comes from a padding mask).
@@ -22,7 +24,6 @@ everything that is not a paged decode), and not for ALiBi models (their bias com
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import torch
@@ -32,13 +33,17 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from server.engine.attention import MaskLayout
-from server.engine.kv_cache import BLOCK_SIZE, PagedCache, _ShapeProbe
+from server.engine.kv_cache import BLOCK_SIZE, PagedCache
 
 log = logging.getLogger(__name__)
 NAME = "mixserve_paged"  # the attention implementation the model is switched to
 Q_BLOCK = 128  # the mask's query tile: one tile holds a row's queries (its KV head's query heads)
 CHECK_ROWS = 5  # rows of the check run after compiling (the rest of the batch padding)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # of the check, absolute
+# A decode pass whose longest row is shorter gathers: below it the block masks and each call's guards cost more than
+# the gather's copy (README, "Paged attention": in the step 0.87-0.96 of the gather at 56-536 tokens, 1.25-1.55 at 2,072
+# on this CPU)
+MIN_LENGTH = 1024
 
 
 class PagedAttentionError(RuntimeError):
@@ -55,22 +60,39 @@ class PagedMask(BlockMask):
 
 
 class PagedAttention:
-    """Compiles flex_attention for one model's cache, in the background, then builds each decode pass's masks."""
+    """flex_attention compiled for one model's cache, and the block masks of each decode pass."""
 
-    def __init__(self, cache: PagedCache, layout: MaskLayout, rows: int, heads: int, scales: set[float | None]):
-        """rows: the most rows a decode pass has; heads: query heads per layer; scales: the layers' score scales."""
-        self.cache, self.layout, self.rows, self.scales = cache, layout, rows, scales
+    def __init__(self, cache: PagedCache, layout: MaskLayout, rows: int, heads: int):
+        """rows: the most rows a decode pass has; heads: query heads per layer."""
+        self.cache, self.layout, self.rows = cache, layout, rows
         kv_heads, self.dim = next(iter(cache.shapes.values()))[0]
         self.kv_heads, self.group = kv_heads, heads // kv_heads  # each KV head's query heads
-        self.state = "compiling"  # then "on", or "off: why"
+        self.full_blocks = cache.device.type == "cpu"
+        # flex's CPU decoding kernel (one query per KV head: group 1) reads the lists of rows that list different
+        # numbers of blocks as if each row could hold any slot of the pool (its time grew with the pool's size):
+        # there every row lists as many full blocks as the row with the fewest, the rest as partial
+        self.same_counts = self.full_blocks and self.group == 1
+        self.off: str | None = None  # why paged attention is off, once it is
+        self.min_length = MIN_LENGTH
         self._flex = torch.compile(flex_attention, dynamic=False)
-        self._lock = threading.Lock()  # held by a decode pass using the compiled function, or by the compile
-        self._thread: threading.Thread | None = None
+        self._lists: dict[int | None, tuple] = {}
+
+    def _buffers(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """What the masks of the layers with this window read, written in place each step: the block lists (partial,
+        full: [rows, 1, 1, pool's blocks + 1], of which a kernel reads a row's first `count` entries) and each block's
+        index in its row's table (mask_mod reads those of the partial blocks listed). (2 x rows + 1) x blocks x 4
+        bytes a window; full None on a GPU."""
+        if window not in self._lists:
+            device, blocks = self.cache.device, self.cache.pool.total + 1
+            lists = [torch.zeros(self.rows, 1, 1, blocks, dtype=torch.int32, device=device) for _ in range(2)]
+            index = torch.zeros(blocks, dtype=torch.int32, device=device)
+            self._lists[window] = (lists[0], lists[1] if self.full_blocks else None, index)
+        return self._lists[window]
 
     @classmethod
-    def for_model(cls, model, probe, cache: PagedCache, layout: MaskLayout, rows: int) -> PagedAttention | None:
-        """Switches the model's attention to NAME where it can take it; None (logged) where it cannot. probe(cache):
-        one token through the model (the scales its layers pass are compiled in)."""
+    def for_model(cls, model, cache: PagedCache, layout: MaskLayout, rows: int) -> PagedAttention | None:
+        """Switches the model's attention to NAME, compiles and checks, where the model can take it; None (logged)
+        where it cannot, the model's attention as it was."""
         config = model.config
         heads = getattr(config, "num_attention_heads", None)
         shapes = set(cache.shapes.values())
@@ -88,39 +110,37 @@ class PagedAttention:
             why = f"{heads} query heads over {kv_heads} KV heads"
         elif not model._can_set_attn_implementation():
             why = "its attention does not go through transformers' attention functions"
-        else:
-            model.set_attn_implementation(NAME)
-            scales = _scales_passed(probe)
-            if not scales:
-                why = "no layer's attention reached transformers' attention functions"
         if why is not None:
             log.info("paged decode attention off: %s; decode passes gather each row's blocks", why)
             return None
-        return cls(cache, layout, rows, heads, scales)
+        started = time.monotonic()
+        try:
+            paged = cls.compiled(cache, layout, rows, heads)
+        except Exception as exc:
+            log.error("paged decode attention off: compiling or checking flex_attention failed: %r", exc)
+            return None
+        model.set_attn_implementation(NAME)
+        log.info("paged decode attention on: flex_attention compiled and checked in %.1f s", time.monotonic() - started)
+        return paged
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._compile, name="mixserve-paged-attention", daemon=True)
-        self._thread.start()
-
-    def wait(self, timeout: float | None = None) -> str:
-        """The state once the compile has ended (benches and tests)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self.state
+    @classmethod
+    def compiled(cls, cache: PagedCache, layout: MaskLayout, rows: int, heads: int) -> PagedAttention:
+        """Compiled and checked against a plain computation on some of the cache's blocks (which must be free);
+        raises where it cannot be (a compile error, a result off the plain one)."""
+        paged = cls(cache, layout, rows, heads)
+        worst = paged._check()
+        if not worst <= TOLERANCE.get(cache.dtype, 2e-2):
+            raise AssertionError(f"{worst:.3g} off a plain computation")
+        return paged
 
     def turn_off(self, why: str) -> None:
-        if not self.state.startswith("off"):
+        if self.off is None:
             log.error("paged decode attention turned off: %s; decode passes gather each row's blocks", why)
-        self.state = f"off: {why}"
+            self.off = why
 
-    def begin(self, rows: int) -> bool:
-        """Whether a decode pass of `rows` rows reads the cache in place; if so, end() must follow."""
-        if self.state != "on" or rows > self.rows:
-            return False
-        return self._lock.acquire(blocking=False)
-
-    def end(self) -> None:
-        self._lock.release()
+    def takes(self, rows: int, length: int) -> bool:
+        """Whether a decode pass of `rows` rows, the longest `length` tokens, reads the cache in place."""
+        return self.off is None and rows <= self.rows and length >= self.min_length
 
     def masks(self, table: torch.Tensor, positions: torch.Tensor):
         """The model's attention_mask argument for a decode pass: table [rows, width] each row's blocks (padded with
@@ -133,35 +153,43 @@ class PagedAttention:
             raise PagedAttentionError(f"building the block masks: {exc!r}") from exc
 
     def _mask(self, table: torch.Tensor, positions: torch.Tensor, window: int | None) -> PagedMask:
-        """Every row lists as many full blocks as the row with the fewest (flex's CPU kernel reads the lists of a
-        batch whose rows list different numbers as if each row could hold any slot of the pool: time in the pool's
-        size), and as many partial ones as the row with the most: its first, its last, its other blocks past the
-        full ones, then the zero block, which mask_mod hides. Padding rows list the zero block."""
+        """A row lists its blocks from its first seen to its last: the first and last partial, those between full
+        (on a CPU: `full_blocks`), after them the zero block, which mask_mod hides, up to the counts. Padding rows
+        see nothing."""
         rows, width = table.shape
-        device, slots = table.device, self.cache.pool.total + 1
+        device = table.device
         end = positions + 1
         start = (end - window).clamp(min=0) if window else torch.zeros_like(end)
         first, last = start // BLOCK_SIZE, positions // BLOCK_SIZE
         inner = (last - first - 1).clamp(min=0)  # blocks wholly seen: those between the first and the last
-        full_count = inner.min()
+        if not self.full_blocks:
+            full_count = torch.zeros_like(inner)
+        elif self.same_counts:
+            full_count = inner.min().expand_as(inner)
+        else:
+            full_count = inner
+        extra = inner - full_count  # listed as partial past the full ones
         columns = torch.arange(width, device=device)
-        full = torch.zeros(self.rows, 1, 1, slots, dtype=torch.int32, device=device)
-        after = table.gather(1, (columns + first[:, None] + 1).clamp(max=width - 1))  # the blocks past the first
-        full[:rows, 0, 0, :width] = torch.where(columns < full_count, after, 0)
-        partial = torch.zeros_like(full)
+        partial, full, index = self._buffers(window)
+        if full is not None:
+            past_first = table.gather(1, (columns + first[:, None] + 1).clamp(max=width - 1))
+            full[:rows, 0, 0, :width] = torch.where(columns < full_count[:, None], past_first, 0)
         partial[:rows, 0, 0, 0] = table.gather(1, first[:, None])[:, 0]
         partial[:rows, 0, 0, 1] = torch.where(last > first, table.gather(1, last[:, None])[:, 0], 0)
         if width > 2:
-            extra = columns[: width - 2]
-            past = table.gather(1, (extra + first[:, None] + 1 + full_count).clamp(max=width - 1))
-            partial[:rows, 0, 0, 2:width] = torch.where(extra < (inner - full_count)[:, None], past, 0)
-        counts = torch.stack([2 + (inner - full_count).max(), full_count]).to(torch.int32)
-        partial_count, full_count = counts.view(2, 1, 1, 1).repeat(1, self.rows, 1, 1)
+            beyond = table.gather(1, (columns[:-2] + first[:, None] + 1 + full_count[:, None]).clamp(max=width - 1))
+            partial[:rows, 0, 0, 2:width] = torch.where(columns[:-2] < extra[:, None], beyond, 0)
+        partial[rows:, 0, 0, 0] = 0  # padding rows: the zero block, hidden
+        counts = torch.zeros(2, self.rows, dtype=torch.int32, device=device)  # partial, full
+        counts[0] = 1
+        if self.same_counts:
+            counts[0], counts[1] = 2 + extra.max(), full_count[0]
+        else:
+            counts[0, :rows], counts[1, :rows] = 2 + extra, full_count
         # a block's index in its row's table: the same in every table holding it (a cached prefix)
-        index = torch.zeros(slots, dtype=torch.int32, device=device)
         index[table.flatten()] = columns.to(torch.int32).repeat(rows)
         starts = torch.zeros(self.rows, dtype=torch.int32, device=device)
-        ends = torch.zeros_like(starts)
+        ends = torch.zeros_like(starts)  # padding rows: nothing
         starts[:rows], ends[:rows] = start, end
 
         def mask_mod(b, h, q, kv):
@@ -169,13 +197,13 @@ class PagedAttention:
             return (kv >= BLOCK_SIZE) & (starts[b] <= position) & (position < ends[b])
 
         parts = {
-            "kv_num_blocks": partial_count,
+            "kv_num_blocks": counts[0].view(self.rows, 1, 1),
             "kv_indices": partial,
-            "full_kv_num_blocks": full_count,
+            "full_kv_num_blocks": counts[1].view(self.rows, 1, 1) if full is not None else None,
             "full_kv_indices": full,
             "BLOCK_SIZE": (Q_BLOCK, BLOCK_SIZE),
             "mask_mod": mask_mod,
-            "seq_lengths": (self.group, slots * BLOCK_SIZE),
+            "seq_lengths": (self.group, partial.shape[-1] * BLOCK_SIZE),
             "compute_q_blocks": False,  # what only a backward pass reads
         }
         mask = PagedMask.from_kv_blocks(**parts)
@@ -190,61 +218,57 @@ class PagedAttention:
     def _attend(self, query, keys, values, mask, scaling, layer, stance="fail_on_recompile") -> torch.Tensor:
         rows, heads, _, dim = query.shape
         padded = query.new_zeros(self.rows, self.kv_heads, self.group, dim)
-        padded[:rows] = query.reshape(rows, self.kv_heads, self.group, dim)
+        scale = dim**-0.5 if scaling is None else scaling
+        padded[:rows] = query.reshape(rows, self.kv_heads, self.group, dim) * scale
         try:
             with torch.compiler.set_stance(stance):
-                out = self._flex(padded, _as_sequence(keys), _as_sequence(values), block_mask=mask.plain, scale=scaling)
+                out = self._flex(padded, _as_sequence(keys), _as_sequence(values), block_mask=mask.plain, scale=1.0)
         except Exception as exc:
             raise PagedAttentionError(f"flex_attention on layer {layer}: {exc!r}") from exc
         return out[:rows].reshape(rows, heads, 1, dim).transpose(1, 2).contiguous()
 
-    def _compile(self) -> None:
-        """Compiles the function (at the first call) and checks it against a plain computation; then on."""
-        started = time.monotonic()
-        try:
-            with torch.inference_mode():  # as the passes call it: the compiled code is guarded on it
-                for scale in self.scales:
-                    with self._lock:
-                        worst = self._check(scale)
-                    if not worst <= TOLERANCE.get(self.cache.dtype, 2e-2):
-                        raise AssertionError(f"{worst:.3g} off a plain computation")
-        except Exception as exc:
-            self.turn_off(f"compiling flex_attention failed: {exc!r}")
-            return
-        self.state = "on"
-        log.info("paged decode attention on: flex_attention compiled and checked in %.1f s", time.monotonic() - started)
-
-    def _check(self, scale: float | None) -> float:
-        """The largest difference of the compiled function from each row's own slots' plain attention, on scratch
-        pools shaped as the cache's (the graph is specialised to their shape, not to the pools): up to CHECK_ROWS rows
-        of random lengths, each holding the same number of blocks, without a window and with one."""
+    @torch.inference_mode()  # as the passes call it: the compiled code is guarded on it
+    def _check(self) -> float:
+        """Compiles the function (its first call) and returns its largest difference from each row's own slots'
+        plain attention: up to CHECK_ROWS rows of random lengths, without a window and with one, their blocks taken
+        from the pool (unused yet: the runner has just started) and given back zeroed."""
         generator = torch.Generator().manual_seed(0)
-        pool = self.cache.keys[next(iter(self.cache.keys))]
-        device, dtype = pool.device, pool.dtype
-        blocks = min(self.cache.pool.total, 4 * CHECK_ROWS)
-        rows = min(CHECK_ROWS, self.rows, blocks)
-        held = blocks // rows
-        with torch.inference_mode(pool.is_inference()):  # as the pool's (the compiled code is guarded on it)
-            keys, values = torch.empty_like(pool), torch.empty_like(pool)  # pages untouched but for the blocks drawn
-        for scratch in (keys, values):
-            scratch[: blocks + 1] = torch.randn(blocks + 1, *pool.shape[1:], generator=generator).to(device, dtype)
-        table = (torch.randperm(blocks, generator=generator)[: rows * held] + 1).view(rows, held)
-        positions = torch.randint(0, held * BLOCK_SIZE, (rows,), generator=generator)
-        query = torch.randn(rows, self.kv_heads * self.group, 1, self.dim, generator=generator).to(device, dtype)
-        worst = 0.0
-        for window in (None, int(torch.randint(1, 3 * BLOCK_SIZE, (), generator=generator))):
-            mask = self._mask(table.to(device), positions.to(device), window)
-            out = self._attend(query, keys, values, mask, scale, "(check)", stance="default")  # [rows, 1, heads, dim]
-            for row in range(rows):
-                end = int(positions[row]) + 1
-                start = max(0, end - window) if window else 0
-                slots = (table[row, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).flatten()[start:end].to(device)
-                k, v = (t.flatten(0, 1)[slots].transpose(0, 1).float() for t in (keys, values))  # [kv_heads, n, dim]
-                q = query[row, :, 0].float().view(self.kv_heads, self.group, self.dim)
-                expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-                got = out[row, 0].float().view(self.kv_heads, self.group, self.dim)
-                worst = max(worst, float((got - expected).abs().max()))
-        return worst
+        layer = next(iter(self.cache.keys))
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        device, dtype = keys.device, keys.dtype
+        rows = min(CHECK_ROWS, self.rows, self.cache.pool.total)
+        held = min(4, self.cache.pool.total // rows)
+        owners = [object() for _ in range(rows)]
+        try:
+            for owner in owners:
+                self.cache.allocate(owner, held * BLOCK_SIZE)
+            table = torch.tensor([self.cache.pool.tables[owner] for owner in owners])
+            blocks = table.flatten().to(device)
+            for pool in (keys, values):
+                pool[blocks] = torch.randn(len(blocks), *pool.shape[1:], generator=generator).to(device, dtype)
+            positions = torch.randint(0, held * BLOCK_SIZE, (rows,), generator=generator)
+            query = torch.randn(rows, self.kv_heads * self.group, 1, self.dim, generator=generator).to(device, dtype)
+            scale = float(torch.rand((), generator=generator)) + 0.1  # any: scaled before the call
+            worst = 0.0
+            for window in dict.fromkeys([*self.layout.windows.values(), 1 + int(positions.max()) // 2]):
+                mask = self._mask(table.to(device), positions.to(device), window)
+                out = self._attend(query, keys, values, mask, scale, "(check)", stance="default")
+                for row in range(rows):
+                    end = int(positions[row]) + 1
+                    start = max(0, end - window) if window else 0
+                    slots = (table[row, :, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).flatten()[start:end]
+                    k, v = (t.flatten(0, 1)[slots.to(device)].transpose(0, 1).float() for t in (keys, values))
+                    q = query[row, :, 0].float().view(self.kv_heads, self.group, self.dim)
+                    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+                    got = out[row, 0].float().view(self.kv_heads, self.group, self.dim)
+                    worst = max(worst, float((got - expected).abs().max()))
+            return worst
+        finally:
+            self._lists = {w: lists for w, lists in self._lists.items() if w in self.layout.windows.values()}
+            for owner in owners:
+                if owner in self.cache.pool.tables:
+                    self.cache.zero(torch.tensor(self.cache.pool.tables[owner], device=device))
+                self.cache.free(owner)
 
 
 def _as_sequence(pool: torch.Tensor) -> torch.Tensor:
@@ -252,24 +276,8 @@ def _as_sequence(pool: torch.Tensor) -> torch.Tensor:
     return pool.flatten(0, 1).transpose(0, 1).unsqueeze(0)
 
 
-_probing = threading.local()  # while _scales_passed probes the model on this thread: the scales its layers pass
-
-
-def _scales_passed(probe) -> set[float | None]:
-    """The scales the model's layers pass to the attention function (some scale their queries themselves and pass
-    1), seen in one token's pass (probe)."""
-    _probing.scales = set()
-    try:
-        probe(_ShapeProbe())
-        return _probing.scales
-    finally:
-        _probing.scales = None
-
-
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The model's attention: a paged decode pass's (its mask a PagedMask), else transformers' SDPA."""
-    if getattr(_probing, "scales", None) is not None:
-        _probing.scales.add(scaling)
     if isinstance(attention_mask, PagedMask):
         if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or dropout:
             raise PagedAttentionError("attention with a softcap, sinks or dropout is not paged")

@@ -41,8 +41,8 @@ class ModelRunner:
         """kv_cache_memory: the KV cache's budget, bytes or a fraction of free GPU memory (kv_cache.PagedCache);
         prefix_cache: whether sequences with a cache_scope share their cached leading blocks (not for ALiBi models,
         whose 2D padding mask cannot place rows' queries at different offsets); paged_rows: the most rows a decode
-        pass has, for decode attention that reads the cache in place (server/engine/paged_attention.py: compiled in
-        the background once the self-check passes, where the model can take it); None: decode passes gather."""
+        pass has, for decode attention that reads the cache in place (server/engine/paged_attention.py: compiled and
+        checked here once the self-check passes, where the model can take it); None: decode passes gather."""
         self.model = model
         self.context = context
         self.device = model.device
@@ -62,11 +62,7 @@ class ModelRunner:
         self.decode_length_bucket = 1
         self.paged: PagedAttention | None = None
         self.self_check()
-        self.paged = (
-            PagedAttention.for_model(model, self._probe, self.cache, self.layout, paged_rows) if paged_rows else None
-        )
-        if self.paged is not None:
-            self.paged.start()
+        self.paged = PagedAttention.for_model(model, self.cache, self.layout, paged_rows) if paged_rows else None
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -147,7 +143,7 @@ class ModelRunner:
             if new:
                 self.cache.zero(torch.tensor(new, device=self.device))
             raise
-        if self.paged is not None and self.paged.begin(rows):
+        if self.paged is not None and self.paged.takes(rows, length):
             try:
                 self.cache.begin_decode(write, None, length)  # attention reads the pool in place
                 mask = self.paged.masks(read.view(rows, -1), positions)
@@ -155,8 +151,6 @@ class ModelRunner:
             except PagedAttentionError as exc:  # then again, gathered
                 raise_if_device_fatal(exc.__cause__)
                 self.paged.turn_off(str(exc))
-            finally:
-                self.paged.end()
         self.cache.begin_decode(write, read, length)
         mask = self.layout.masks(positions[:, None], rows, length, self.dtype)
         return self._forward(self.rows, ids[:, None], mask, positions[:, None], 1)[:, -1]
