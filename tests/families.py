@@ -95,12 +95,15 @@ ONLY_FOR = {"adalora": {"gpt2"}}
 PEFT_CANNOT_BUILD = {"gpt2": {"loha", "oft"}}  # on GPT-2's Conv1D layers
 
 
-def build_family(root: Path, family: str, seed: int = 0, adapters: bool = True) -> tuple[Path, Path, list[str]]:
-    """The model's folder, its store and the names of the adapters PEFT could build for it."""
+def build_family(
+    root: Path, family: str, seed: int = 0, adapters: bool = True, config=None
+) -> tuple[Path, Path, list[str]]:
+    """The model's folder, its store and the names of the adapters PEFT could build for it; config: the family's
+    model with these settings instead of FAMILIES's."""
     torch.manual_seed(seed)
     model_dir, store = root / family, root / f"{family}-adapters"
     tokenizer = ByT5Tokenizer()
-    model = AutoModelForCausalLM.from_config(FAMILIES[family]())
+    model = AutoModelForCausalLM.from_config(config or FAMILIES[family]())
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(20)  # random init gives near-uniform logits: widen them
     model.save_pretrained(model_dir)

@@ -11,6 +11,7 @@ import logging
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from transformers import MistralConfig
 
 from server.adapters.combination import Combination
 from server.adapters.store import AdapterStore
@@ -22,7 +23,7 @@ from server.engine.sequence import GenerationRequest
 from server.model import encode_prompt
 from server.state import ServerState
 from tests.conftest import ATOL, DEVICE, DTYPE, dtype_name, private_model
-from tests.families import FAMILIES, build_family
+from tests.families import DECODER, FAMILIES, build_family
 from tests.reference import reference_logits
 
 # the families whose attention cannot read the cache in place: ALiBi's bias comes from a padding mask, Gemma 2's
@@ -102,6 +103,7 @@ def test_each_family_decodes_paged_as_peft(family):
     finally:
         del runner.paged.takes
     assert paged_passes and all(paged_passes), "every decode pass should have read the cache in place"
+    assert runner.paged.off is None, runner.paged.off  # none ran again gathered
     assert runner.prefix_hit_tokens == 32
     for seq, names in zip(seqs, combos, strict=True):
         prompt = seq.request.prompt_ids
@@ -109,6 +111,32 @@ def test_each_family_decodes_paged_as_peft(family):
         got = torch.stack(logits_of[seq])
         assert got.shape == expected.shape
         assert (got - expected.float()).abs().max() <= ATOL, (name, names)
+
+
+def test_a_window_of_whole_blocks_with_one_query_per_kv_head(tmp_path):
+    """The families' windows (6 tokens) hold no whole block, and their one-query-per-KV-head models no window: here
+    a 40-token window over rows of up to 130 tokens (full blocks inside it, partial ones at its ends), every row
+    listing as many full blocks as the row with the fewest."""
+    config = MistralConfig(sliding_window=40, **{**DECODER, "num_key_value_heads": DECODER["num_attention_heads"]})
+    model_dir, store, built = build_family(tmp_path, "mistral", config=config)
+    model, registry = private_model(model_dir, AdapterStore(store))
+    runner = _paged(model, registry)
+    assert runner.paged.same_counts == (DEVICE == "cpu")
+    vocab = model.config.vocab_size
+    prompts = [[(3 * i + 5 * n) % (vocab - 3) + 3 for i in range(n)] for n in (130, 70, 33, 0, 5)]
+    prompts[3] = prompts[0][:48] + [4, 5]
+    combos = [built[:1], [], built[::-1], built[:1], built[1:2]]
+    seqs = [
+        PromptSequence(prompt, _slots(registry, names), cache_scope=b"w" if i in (0, 3) else None)
+        for i, (prompt, names) in enumerate(zip(prompts, combos, strict=True))
+    ]
+    logits_of = _drive(runner, seqs)
+    assert runner.paged.off is None and runner.prefix_hit_tokens == 48
+    for seq, names in zip(seqs, combos, strict=True):
+        prompt = seq.request.prompt_ids
+        expected = reference_logits(model_dir, store, names, prompt + seq.tokens[:-1])[len(prompt) - 1 :]
+        assert (torch.stack(logits_of[seq]) - expected.float()).abs().max() <= ATOL, names
+    registry.close()
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +196,9 @@ def test_a_pass_that_would_compile_runs_gathered_instead(mistral):
 def test_a_batch_past_the_compiled_rows_or_shorter_than_min_length_gathers(mistral):
     *_, model, registry = mistral
     runner = _paged(model, registry, rows=2)
+    pool = runner.cache.pool  # the start's check gave back the blocks it took, zeroed
+    assert pool.used == 0 and pool.cached == 0 and not pool.tables
+    assert all(not t.any() for t in (*runner.cache.keys.values(), *runner.cache.values.values()))
     seqs = _prefilled(runner, registry, [], lengths=(20, 7, 11))
     used = []
     takes = runner.paged.takes

@@ -40,9 +40,9 @@ NAME = "mixserve_paged"  # the attention implementation the model is switched to
 Q_BLOCK = 128  # the mask's query tile: one tile holds a row's queries (its KV head's query heads)
 CHECK_ROWS = 5  # rows of the check run after compiling (the rest of the batch padding)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # of the check, absolute
-# A decode pass whose longest row is shorter gathers: below it the block masks and each call's guards cost more than
-# the gather's copy (README, "Paged attention": in the step 0.87-0.96 of the gather at 56-536 tokens, 1.25-1.55 at 2,072
-# on this CPU)
+# A decode pass whose longest row is shorter gathers: there the block masks and each call's guards cost more than the
+# gather's copy (README, "Paged attention": in the step 0.87-0.96 of the gather at 56-536 tokens, 1.34-1.55x at 2,072
+# on this CPU; the threshold lies between, not measured at)
 MIN_LENGTH = 1024
 
 
@@ -155,7 +155,7 @@ class PagedAttention:
     def _mask(self, table: torch.Tensor, positions: torch.Tensor, window: int | None) -> PagedMask:
         """A row lists its blocks from its first seen to its last: the first and last partial, those between full
         (on a CPU: `full_blocks`), after them the zero block, which mask_mod hides, up to the counts. Padding rows
-        see nothing."""
+        see nothing (with `same_counts` they read the zero block as often as the rows list full blocks)."""
         rows, width = table.shape
         device = table.device
         end = positions + 1
@@ -180,6 +180,8 @@ class PagedAttention:
             beyond = table.gather(1, (columns[:-2] + first[:, None] + 1 + full_count[:, None]).clamp(max=width - 1))
             partial[:rows, 0, 0, 2:width] = torch.where(columns[:-2] < extra[:, None], beyond, 0)
         partial[rows:, 0, 0, 0] = 0  # padding rows: the zero block, hidden
+        if full is not None and self.same_counts:
+            full[rows:, 0, 0, :width] = 0  # padding rows: the zero block (their count is the rows', under width)
         counts = torch.zeros(2, self.rows, dtype=torch.int32, device=device)  # partial, full
         counts[0] = 1
         if self.same_counts:
