@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     paged_attention: bool = Field(
         False,
         description="decode passes of rows of 1,024 tokens or more read each row's KV cache blocks in place"
-        " (flex_attention, compiled and checked at start) instead of gathering them (on|off; README, 'Paged attention')",
+        " (flex_attention, compiled and checked at start) instead of gathering them (on|off; README, 'Paged"
+        " attention')",
     )
     max_loaded_adapters: int | None = Field(None, ge=1, description="adapters resident at once (default: no limit)")
     adapter_memory: int | None = Field(None, description="bytes of resident adapters, e.g. 512MB (default: no limit)")

@@ -73,8 +73,8 @@ class Engine:
         """inbox: the one the registry wakes (`AdapterRegistry(wake=inbox.wake)`); kv_cache_memory: the KV cache's
         budget (bytes, or a fraction of free GPU memory); max_sequence_tokens: the longest a request may be, which
         the cache must hold; prefix_cache: whether a request reuses the cached blocks of an earlier one's prefix (same
-        tenant, adapters, versions and weights); paged_attention: whether decode attention reads the cache in
-        place once compiled (server/engine/paged_attention.py); on_finished(seq): for metrics, called on the engine's thread;
+        tenant, adapters, versions and weights); paged_attention: whether long decode passes read the cache in place
+        (server/engine/paged_attention.py); on_finished(seq): for metrics, called on the engine's thread;
         on_fatal(reason): once, after a device error that no request caused (server/engine/fatal.py)."""
         self.tokenizer = tokenizer
         self.registry = registry
