@@ -76,18 +76,24 @@ class PagedAttention:
         self.min_length = MIN_LENGTH
         self._flex = torch.compile(flex_attention, dynamic=False)
         self._lists: dict[int | None, tuple] = {}
+        # each block's index in its row's table, written in place each step for every kind of layer (mask_mod reads
+        # those of the partial blocks listed): the same in every table holding it (a cached prefix)
+        self._index = torch.zeros(cache.pool.total + 1, dtype=torch.int32, device=cache.device)
 
-    def _buffers(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """What the masks of the layers with this window read, written in place each step: the block lists (partial,
-        full: [rows, 1, 1, pool's blocks + 1], of which a kernel reads a row's first `count` entries) and each block's
-        index in its row's table (mask_mod reads those of the partial blocks listed). (2 x rows + 1) x blocks x 4
-        bytes a window; full None on a GPU."""
+    def _buffers(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block lists of the layers with this window, (partial, full) [rows, 1, 1, pool's blocks + 1], written in
+        place each step: a kernel reads a row's first `count` entries only. 2 x rows x blocks x 4 bytes a window;
+        full None on a GPU."""
         if window not in self._lists:
             device, blocks = self.cache.device, self.cache.pool.total + 1
             lists = [torch.zeros(self.rows, 1, 1, blocks, dtype=torch.int32, device=device) for _ in range(2)]
-            index = torch.zeros(blocks, dtype=torch.int32, device=device)
-            self._lists[window] = (lists[0], lists[1] if self.full_blocks else None, index)
+            self._lists[window] = (lists[0], lists[1] if self.full_blocks else None)
         return self._lists[window]
+
+    def _place(self, table: torch.Tensor) -> None:
+        """Each block of the rows' tables [rows, width] at its index in its table, for the step's masks."""
+        rows, width = table.shape
+        self._index[table.flatten()] = torch.arange(width, dtype=torch.int32, device=table.device).repeat(rows)
 
     @classmethod
     def for_model(cls, model, cache: PagedCache, layout: MaskLayout, rows: int) -> PagedAttention | None:
@@ -146,6 +152,7 @@ class PagedAttention:
         """The model's attention_mask argument for a decode pass: table [rows, width] each row's blocks (padded with
         the zero block), positions [rows] each row's query's; on the device."""
         try:
+            self._place(table)
             if len(self.layout.windows) == 1:
                 return self._mask(table, positions, next(iter(self.layout.windows.values())))
             return {kind: self._mask(table, positions, window) for kind, window in self.layout.windows.items()}
@@ -170,7 +177,8 @@ class PagedAttention:
             full_count = inner
         extra = inner - full_count  # listed as partial past the full ones
         columns = torch.arange(width, device=device)
-        partial, full, index = self._buffers(window)
+        partial, full = self._buffers(window)
+        index = self._index
         if full is not None:
             past_first = table.gather(1, (columns + first[:, None] + 1).clamp(max=width - 1))
             full[:rows, 0, 0, :width] = torch.where(columns < full_count[:, None], past_first, 0)
@@ -188,8 +196,6 @@ class PagedAttention:
             counts[0], counts[1] = 2 + extra.max(), full_count[0]
         else:
             counts[0, :rows], counts[1, :rows] = 2 + extra, full_count
-        # a block's index in its row's table: the same in every table holding it (a cached prefix)
-        index[table.flatten()] = columns.to(torch.int32).repeat(rows)
         starts = torch.zeros(self.rows, dtype=torch.int32, device=device)
         ends = torch.zeros_like(starts)  # padding rows: nothing
         starts[:rows], ends[:rows] = start, end
@@ -252,6 +258,7 @@ class PagedAttention:
             query = torch.randn(rows, self.kv_heads * self.group, 1, self.dim, generator=generator).to(device, dtype)
             scale = float(torch.rand((), generator=generator)) + 0.1  # any: scaled before the call
             worst = 0.0
+            self._place(table.to(device))
             for window in dict.fromkeys([*self.layout.windows.values(), 1 + int(positions.max()) // 2]):
                 mask = self._mask(table.to(device), positions.to(device), window)
                 out = self._attend(query, keys, values, mask, scale, "(check)", stance="default")
