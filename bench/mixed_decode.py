@@ -13,12 +13,16 @@ rounds only): what a server holding many tenants' adapters pays for those a batc
 32-token prompts (--prompt-tokens), 24 decode steps (each: the runner's decode pass and the engine's sampling,
 greedy), random weights. --paged-attention adds the no-adapter and mixed contenders again on a second runner whose
 decode attention reads the cache in place at every length (MIXSERVE_PAGED_ATTENTION=on, whose runner gathers below
-paged_attention.MIN_LENGTH tokens; compiled before the rounds; a/b stays against the first runner's "(b) no
-adapters").
+paged_attention.MIN_LENGTH tokens; compiled before the rounds; a/b stays against the base's rows decoding
+gathered).
 Shapes: Qwen2-style hidden 384 x 6 layers (6 heads, 2 KV heads, MLP 1024), or Qwen2.5-0.5B's (896 x 24, 14 heads,
 2 KV heads, MLP 4864, its 151,936-token vocabulary).
 
-Printed per contender: decode and prefill tokens/s, and a/b = with adapters / without. Beside a/b, two bounds on
+Each contender's rows run beside the base's (on a runner of their own), step for step, the two alternating which
+goes first: a round is both prefills and STEPS steps of each (after a warm-up of each contender). Printed per
+contender: decode and prefill tokens/s (medians over its rounds), and a/b = with adapters / without, the median over
+rounds of the base's seconds over the contender's in the same round: a machine whose speed drifts (other tenants'
+jobs) slows both alike, where timing contenders one after the other measured the drift. Beside a/b, two bounds on
 it: the ideal from arithmetic, base FLOPs / (base + each row's own adapters' FLOPs), averaged over the rows; and the
 bound from memory, the bytes of the base's linear weights / (those + the bytes of every adapter some row uses), as a
 step reads each of those at least once: a decode step whose layers are bound by memory traffic (16 rows of a large
@@ -172,6 +176,7 @@ def step(runner: ModelRunner, rows: list[BenchRow]) -> None:
         row.tokens.append(choice.token)
 
 
+BASE = "(b) no adapters"
 IDLE_CONTENDER = f"(a) LoRA, {len(IDLE)} idle"
 SERVER = str(Path(__file__).resolve().parents[1] / "server")
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2")
@@ -264,12 +269,14 @@ def main(argv: list[str] | None = None) -> None:
         adapter_bytes = {name: sum(map(read_bytes, a.built.layers.values())) for name, a in loaded.items()}
         mixed, lora = combinations(list(ADAPTERS), ROWS, seed=1), combinations(LORAS, ROWS, seed=2)
         contenders = {
-            "(b) no adapters": [[]] * ROWS,
+            BASE: [[]] * ROWS,
             "(a) mixed types": mixed,
             "(a) LoRA only": lora,
             IDLE_CONTENDER: lora,  # the same rows, with IDLE loaded for its rounds only
         }
-        runners = dict.fromkeys(contenders, runner)
+        # the base's rows decode on a runner of their own, beside each contender's rows, step for step
+        base_runner = ModelRunner(model, registry.context)
+        runners = dict.fromkeys(contenders, runner) | {BASE: base_runner}
         if args.paged_attention:
             paged = ModelRunner(model, registry.context, paged_rows=ROWS)
             if paged.paged is not None:
@@ -279,37 +286,78 @@ def main(argv: list[str] | None = None) -> None:
             contenders |= {"(b) no adapters, paged": [[]] * ROWS, "(a) mixed types, paged": mixed}
         prompt_tokens = args.prompt_tokens
         prompts = [[(7 * i + 13 * r) % 250 + 3 for i in range(prompt_tokens)] for r in range(ROWS)]
-        decode: dict[str, list[float]] = {name: [] for name in contenders}
-        prefill: dict[str, list[float]] = {name: [] for name in contenders}
+
+        def start(name: str) -> tuple[list[BenchRow], float]:
+            """name's rows, prefilled, and the seconds that took."""
+            rows = [
+                BenchRow(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
+                for p, c in zip(prompts, contenders[name], strict=True)
+            ]
+            synchronize(device)
+            started = time.perf_counter()
+            for row, choice in zip(rows, sample(rows, runners[name].prefill(rows)), strict=True):
+                row.tokens.append(choice.token)
+            synchronize(device)
+            return rows, time.perf_counter() - started
+
+        def timed_step(name: str, rows: list[BenchRow]) -> None:
+            synchronize(device)
+            started = time.perf_counter()
+            step(runners[name], rows)
+            synchronize(device)
+            seconds[name]["decode"][-1] += time.perf_counter() - started
+
+        # seconds per round: each contender's prefill and STEPS decode steps, and the base's paired with them
+        seconds = {name: {"prefill": [], "decode": []} for name in contenders}
+        paired = {name: {"prefill": [], "decode": []} for name in contenders}  # the base's, in the same rounds
         profiles: dict[str, tuple[int, int, int, int]] = {}
-        for round_ in range(rounds + 1):  # the last round profiles one step of each
-            for name, combos in contenders.items():
-                if name == IDLE_CONTENDER:
-                    registry.load_blocking(IDLE)
-                rows = [
-                    BenchRow(p, tuple(loaded[n].slot for n in registry_order(registry, c)))
-                    for p, c in zip(prompts, combos, strict=True)
-                ]
-                synchronize(device)
-                started = time.perf_counter()
-                for row, choice in zip(rows, sample(rows, runners[name].prefill(rows)), strict=True):
-                    row.tokens.append(choice.token)
-                synchronize(device)
-                prefill[name].append(ROWS * prompt_tokens / (time.perf_counter() - started))
-                if round_ == rounds:
-                    step(runners[name], rows)  # warm
-                    profiles[name] = profile_step(runners[name], rows, device)
-                else:
-                    started = time.perf_counter()
-                    for _ in range(STEPS):
-                        step(runners[name], rows)
-                    synchronize(device)
-                    decode[name].append(ROWS * STEPS / (time.perf_counter() - started))
-                for row in rows:
-                    runners[name].release(row)
+
+        @contextlib.contextmanager
+        def loaded_for(name: str):
+            """IDLE resident while name's rows run, if name is IDLE_CONTENDER."""
+            if name == IDLE_CONTENDER:
+                registry.load_blocking(IDLE)
+            try:
+                yield
+            finally:
                 if name == IDLE_CONTENDER:
                     for idle in IDLE:
                         registry.unload(idle, set())
+
+        def release(name: str, rows: list[BenchRow]) -> None:
+            for row in rows:
+                runners[name].release(row)
+
+        for name in contenders:  # warm: each runner's first passes, and each contender's plans
+            with loaded_for(name):
+                rows, _ = start(name)
+                for _ in range(2):
+                    step(runners[name], rows)
+                release(name, rows)
+        for round_ in range(rounds):
+            for name in contenders:
+                if name == BASE:
+                    continue
+                with loaded_for(name):
+                    first, second = (BASE, name) if round_ % 2 == 0 else (name, BASE)
+                    rows = {}
+                    for which in (first, second):
+                        rows[which], prefill = start(which)
+                        seconds[which]["prefill"].append(prefill)
+                        seconds[which]["decode"].append(0.0)
+                    for i in range(STEPS):  # alternating which goes first, so that neither gains from the other
+                        for which in (first, second) if i % 2 == 0 else (second, first):
+                            timed_step(which, rows[which])
+                    for key in ("prefill", "decode"):
+                        paired[name][key].append(seconds[BASE][key][-1])
+                    for which, own in rows.items():
+                        release(which, own)
+        for name in contenders:  # one step of each profiled
+            with loaded_for(name):
+                rows, _ = start(name)
+                step(runners[name], rows)  # warm
+                profiles[name] = profile_step(runners[name], rows, device)
+                release(name, rows)
         registry.close()
 
     sizes = SHAPES[shape]
@@ -321,16 +369,23 @@ def main(argv: list[str] | None = None) -> None:
         f"{'':20s} {'decode tok/s':>13s} {'a/b':>6s} {'ideal':>6s} {'bytes':>6s} {'prefill tok/s':>14s} {'a/b':>6s}"
         f" {'ops/step':>9s} {'x base':>7s} {'kernels':>8s} {'syncs':>6s} {'H2D copies':>11s} {'GFLOP/step':>11s}"
     )
-    b_decode, b_prefill = statistics.median(decode["(b) no adapters"]), statistics.median(prefill["(b) no adapters"])
-    b_ops = profiles["(b) no adapters"][0]
+    b_ops = profiles[BASE][0]
     for name, combos in contenders.items():
         ideal, bound = ideal_ratio(base, flops, combos), memory_bound(weight_bytes, adapter_bytes, combos)
-        d, p = statistics.median(decode[name]), statistics.median(prefill[name])
-        line = f"{name:20s} {d:13.0f} {d / b_decode:6.2f} {ideal:6.2f} {bound:6.2f} {p:14.0f} {p / b_prefill:6.2f}"
-        if name in profiles:
-            ops, kernels, syncs, copies, step_flops = profiles[name]
-            syncs, copies = ("-" if n is None else str(n) for n in (syncs, copies))
-            line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:>6s} {copies:>11s} {step_flops / 1e9:11.3f}"
+        own = seconds[name]
+        d, p = (
+            ROWS * STEPS / statistics.median(own["decode"]),
+            ROWS * prompt_tokens / statistics.median(own["prefill"]),
+        )
+        # a/b: the median over rounds of the base's seconds over the contender's, in the same round (interleaved)
+        d_ratio, p_ratio = (
+            1.0 if name == BASE else statistics.median(b / a for b, a in zip(paired[name][key], own[key], strict=True))
+            for key in ("decode", "prefill")
+        )
+        line = f"{name:20s} {d:13.0f} {d_ratio:6.2f} {ideal:6.2f} {bound:6.2f} {p:14.0f} {p_ratio:6.2f}"
+        ops, kernels, syncs, copies, step_flops = profiles[name]
+        syncs, copies = ("-" if n is None else str(n) for n in (syncs, copies))
+        line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:>6s} {copies:>11s} {step_flops / 1e9:11.3f}"
         print(line)
 
 
