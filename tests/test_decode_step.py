@@ -150,20 +150,39 @@ def test_oft_and_lokr_rows_stay_exact_while_the_composition_changes_every_step(l
     _each_row_is_the_reference(llama, done + running)
 
 
-def test_a_freed_span_is_reused_and_what_it_held_never_reaches_a_row(llama):
-    """A detached adapter's ranks go back to the pool; a row never reads them, even where they are not finite
-    (they are selected out, not multiplied by zero), and the next adapter copied there overwrites them. lora.patterns
-    stays, so that the pools keep their tensors (an emptied pool frees them)."""
+@pytest.mark.parametrize("memory", ["enough", "none"])
+def test_a_freed_span_is_reused_and_what_it_held_never_reaches_a_row(llama, monkeypatch, memory):
+    """A detached adapter's ranks go back to the pool, which packs the spans after them down; where the device has
+    no memory for that copy, the gap stays, and a row never reads it, even where it is not finite (its ranks are
+    selected out, not multiplied by zero); the next adapter copied there overwrites them. lora.patterns stays, so
+    that the pools keep their tensors (an emptied pool frees them)."""
     runner, registry, tokenizer = llama.runner()
-    freed = {a.slot for a in registry.load_blocking(["lora", "adalora", "lora.patterns"]) if a.name != "lora.patterns"}
+    loaded = registry.load_blocking(["adalora", "lora", "lora.patterns"])
+    freed = {a.slot for a in loaded if a.name != "lora.patterns"}
     with torch.inference_mode():
         for pool in _pools(runner):  # the worst an adapter could leave behind
             for slot, (start, width, _) in pool.spans.items():
                 if slot in freed:
                     pool.a[start : start + width] = float("inf")
                     pool.b_t[start : start + width] = float("nan")
+    if memory == "none":
+
+        def no_memory(self, *args, **kwargs):
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+        monkeypatch.setattr(RankPool, "_repack", no_memory)  # the copies a detach makes
+        monkeypatch.setattr(torch.Tensor, "clone", no_memory)
     assert registry.unload("lora", set()) and registry.unload("adalora", set())
-    assert any(not torch.isfinite(p.a).all() for p in _pools(runner)), "some freed span should still hold its inf"
+    monkeypatch.undo()
+    kept = [p for p in _pools(runner) if p.spans]
+    assert kept and all(len(p.spans) == 1 for p in kept)
+    starts = [p.spans[next(iter(p.spans))][0] for p in kept]
+    if memory == "none":
+        assert any(starts), "some gap should stay before lora.patterns"
+    else:
+        assert not any(starts), "lora.patterns should be packed down"
+    assert any(not torch.isfinite(p.a).all() for p in kept), "some freed rank should still hold its inf"
+    assert all(torch.isfinite(p.b_t).all() for p in kept), "a freed rank's B is zero"
     rows = [("Base only", {}), ("Weighted", {"loha": -1.25}), ("Again", {"lora": 0.5, "loha": 1.0})]
     seqs = [_sequence(registry, prompt, weights, tokenizer) for prompt, weights in rows]
     seen = _prefill_and_decode_twice(runner, seqs)
@@ -260,6 +279,27 @@ def test_a_pool_halves_when_a_quarter_full_and_frees_its_tensors_when_empty():
         capacities.append(pool.capacity)
     assert capacities == [64, 32, 16, 0]  # 28 ranks left of 64 stay; 12 of 64 halve; 4 of 32 halve; none: freed
     assert pool.nbytes == 0 and pool.layout is None
+
+
+def test_a_pool_packs_its_spans_after_a_detach_as_if_the_adapter_had_never_been_loaded():
+    """A gap would widen the run of ranks a pass computes (it computes the run where the ranks it needs fill over
+    half of it) and make which ranks it computes depend on the load history."""
+    torch.manual_seed(0)
+    factors = {slot: (torch.randn(width, 8), torch.randn(4, width)) for slot, width in enumerate([8, 32, 16, 8])}
+    context = MixingContext()
+    pools = [RankPool(torch.nn.Linear(8, 4), context) for _ in range(2)]
+    for slot in (3, 0, 1, 2):
+        pools[0].add(slot, *factors[slot], 1.0, (slot,))
+    for slot in (2, 0, 3):
+        pools[1].add(slot, *factors[slot], 1.0, (slot,))
+    pools[0].remove(1)  # the widest, in the middle
+    assert pools[0].spans == pools[1].spans == {0: (0, 8, 1.0), 2: (8, 16, 1.0), 3: (24, 8, 1.0)}
+    assert pools[0].layout is pools[1].layout and pools[0].layout.columns({0, 2}) == tuple(range(24))
+    for slot in (0, 2, 3):
+        assert all(
+            torch.equal(p, q) for p, q in zip(pools[0].factors(slot)[:2], pools[1].factors(slot)[:2], strict=True)
+        )
+    assert not pools[0].b_t[32:].any()
 
 
 def test_a_pool_that_cannot_shrink_keeps_its_capacity_and_its_adapters(monkeypatch):
@@ -385,7 +425,8 @@ def test_a_pass_computes_its_adapters_ranks_side_by_side_apart_or_padded_and_eac
     assert layout.columns({0, 2}) == (*range(16), *range(80, 96))  # apart, a third of the run: copied out
     pool.add(3, torch.randn(4, 32), torch.randn(24, 4), 1.0, (3,))  # ranks 96-99: padded to 16, a run
     assert pool.layout.columns({3}) == tuple(range(84, 100))
-    factors[3] = pool.factors(3)
+    a, b, scale = pool.factors(3)  # views of the pool until it next changes
+    factors[3] = (a.clone(), b.clone(), scale)
 
     def each_row_gets_its_own(combos, weights, ranks):
         x = torch.randn(len(combos), 1, 32)

@@ -208,17 +208,18 @@ class RankPool:
     """The low-rank adapters (delta(x) = B(A(x)) * scale) of one layer side by side, in fixed-shape tensors:
     A [capacity, in] and B^T [capacity, out], each adapter on a span of free ranks. Attaching copies an adapter
     into its span, which is then its only device copy (MixedLinear.attach: the adapter reads it through `factors`);
-    detaching frees the span (what it held is never read again: rows select their own ranks). The capacity doubles
+    detaching frees the span and moves the spans after it down onto it, in place (a copy of what lies after it;
+    where the device has no memory for that copy, the gap stays). What freed ranks held is never read again: rows
+    select their own ranks, and a freed rank's B is zero. The capacity doubles
     when an adapter does not fit and halves when what is held falls to a quarter of it (down to MIN_CAPACITY; an
     empty pool frees its tensors): the only times the shapes change.
 
-    The spans lie in the order of the adapters' order keys, whatever order they were attached in: a row's deltas are
-    summed in the order of its ranks in the pool (the rest adds exact zeros), so that a combination's output does not
-    depend on what was loaded before (tests/test_load_history.py) — bit for bit when the pools are packed alike and
-    compute fewer than about 200 ranks: MKL splits a wider expand into blocks of ranks at fixed offsets, and a gap an
-    eviction left changes which ranks a step computes, so where a span lies can then round its sum otherwise (seen:
-    2.4e-7 and 2.9e-6, within the 1e-5 of the contract). An adapter that does not fit between its
-    neighbours moves the others (a copy of the pool, as when it grows or shrinks).
+    The spans lie side by side in the order of the adapters' order keys, whatever order they were attached and
+    detached in: a row's deltas are summed in the order of its ranks in the pool (the rest adds exact zeros), so that
+    a combination's output does not depend on what was loaded before (tests/test_load_history.py) — bit for bit while
+    a pass computes fewer than about 200 ranks: MKL splits a wider expand into blocks of ranks at fixed offsets, so
+    where a span lies can then round its sum otherwise (seen: 2.4e-7, within the 1e-5 of the contract). An adapter
+    that does not fit between its neighbours moves the others (a copy of the pool, as when it grows or shrinks).
 
     Semantics, for rows x: y += Σ over the row's adapters a of B_a(A_a(x)) * (scale_a * weight_a), computed as
     (where(own, x A^T, 0) * coefficients) B^T over the ranks of the adapters the pass's rows use (RankLayout.columns;
@@ -269,9 +270,15 @@ class RankPool:
         if not self.spans:  # nothing left: the memory goes back
             self.a, self.b_t = self.a.new_zeros(0, self.in_features), self.b_t.new_zeros(0, self.out_features)
         else:
-            shrinks = self.capacity > MIN_CAPACITY and self.held <= self.capacity // 4
-            if not (shrinks and self._shrunk()):
-                self.b_t[start : start + width].zero_()  # rows select these ranks out (0): 0 x B stays 0 whatever B held
+            # packed again where spans lay after it: a gap would widen the run of ranks a pass computes, and change
+            # which ranks it computes with the load history (tests/test_load_history.py)
+            if self.capacity > MIN_CAPACITY and self.held <= self.capacity // 4:
+                packed = self._repacked(max(MIN_CAPACITY, self.capacity // 2))
+            else:
+                packed = self._moved_down(start, width)
+            if not packed:
+                # rows select these ranks out (0): 0 x B stays 0 whatever B held
+                self.b_t[start : start + width].zero_()
         self._relayout()
 
     def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -329,11 +336,34 @@ class RankPool:
             self._subset = (columns, found)
         return self._subset[1]
 
-    def _shrunk(self) -> bool:
-        """Halves the pool (a copy); False, and the pool as it was, when the device has no memory for the copy: a
-        detach (an eviction, which runs when memory is short) never fails for want of it."""
+    def _moved_down(self, start: int, width: int) -> bool:
+        """The spans after the freed ranks [start, start + width) moved down onto them (in place: one copy of what
+        lies after them); False, and the pool as it was, when nothing lies after them or the device has no memory for
+        the copy."""
+        after = sorted((begin, w) for begin, w, _ in self.spans.values() if begin > start)
+        if not after:
+            return False
+        end = after[-1][0] + after[-1][1]
+        if after[0][0] != start + width or sum(w for _, w in after) != end - after[0][0]:
+            return self._repacked(self.capacity)  # not one run: gaps a copy that failed for want of memory left
         try:
-            self._repack(max(MIN_CAPACITY, self.capacity // 2))
+            moved = [t[start + width : end].clone() for t in (self.a, self.b_t)]
+        except torch.OutOfMemoryError:
+            return False
+        for t, run in zip((self.a, self.b_t), moved, strict=True):
+            t[start : end - width].copy_(run)
+        self.b_t[end - width : end].zero_()
+        for slot, (begin, w, scale) in list(self.spans.items()):
+            if begin > start:
+                self.spans[slot] = (begin - width, w, scale)
+        return True
+
+    def _repacked(self, capacity: int) -> bool:
+        """The spans packed side by side into `capacity` ranks (a copy); False, and the pool as it was, when the
+        device has no memory for the copy: a detach (an eviction, which runs when memory is short) never fails for
+        want of it."""
+        try:
+            self._repack(capacity)
         except torch.OutOfMemoryError:
             return False
         return True
