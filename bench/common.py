@@ -36,8 +36,9 @@ ADAPTERS = {
 
 
 def describe_run(device: str | torch.device | None = None, dtype: str | None = None) -> str:
-    """What produced a result, for the first line of every benchmark's output: with the device (its name, and
-    CUDA's version) and dtype the benchmark runs on, when given."""
+    """What produced a result, for the first line of every benchmark's output: with the machine's load average
+    over the last minute (other jobs on its cores move every timing), and the device (its name, and CUDA's version)
+    and dtype the benchmark runs on, when given."""
     try:
         found = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
@@ -52,7 +53,7 @@ def describe_run(device: str | torch.device | None = None, dtype: str | None = N
         commit = "unknown"
     line = (
         f"mixserve {commit}, torch {torch.__version__}, {torch.get_num_threads()} threads,"
-        f" python {platform.python_version()}, {platform.machine()}"
+        f" python {platform.python_version()}, {platform.machine()}, load average {os.getloadavg()[0]:.2f}"
     )
     if device is not None:
         cuda = f", CUDA {torch.version.cuda}" if torch.device(device).type == "cuda" else ""

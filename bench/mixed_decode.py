@@ -21,8 +21,13 @@ Shapes: Qwen2-style hidden 384 x 6 layers (6 heads, 2 KV heads, MLP 1024), or Qw
 Each contender's rows run beside the base's (on a runner of their own), step for step, the two alternating which
 goes first: a round is both prefills and STEPS steps of each (after a warm-up of each contender). Printed per
 contender: decode and prefill tokens/s (medians over its rounds), and a/b = with adapters / without, the median over
-rounds of the base's seconds over the contender's in the same round: a machine whose speed drifts (other tenants'
-jobs) slows both alike, where timing contenders one after the other measured the drift. Beside a/b, two bounds on
+rounds of the base's seconds over the contender's in the same round, so that a change of the machine's load during
+the run lands on both sides of a ratio (timing contenders one after the other measured it). It does not make a/b
+independent of the load: under other jobs a step of many one-thread operations (the adapters', "CPU threads" in the
+README) and one of fewer two-thread ones (the base's) slow down unlike, so state ratios measured on a quiet machine
+(the load average is printed at the start and the end). Also printed: what unloading one of the 16 idle adapters
+took (median and most; the engine's thread does it at a step boundary: each moves the spans after it down in its
+rank pools). Beside a/b, two bounds on
 it: the ideal from arithmetic, base FLOPs / (base + each row's own adapters' FLOPs), averaged over the rows; and the
 bound from memory, the bytes of the base's linear weights / (those + the bytes of every adapter some row uses), as a
 step reads each of those at least once: a decode step whose layers are bound by memory traffic (16 rows of a large
@@ -44,6 +49,7 @@ import argparse
 import contextlib
 import copy
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -311,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = {name: {"prefill": [], "decode": []} for name in contenders}
         paired = {name: {"prefill": [], "decode": []} for name in contenders}  # the base's, in the same rounds
         profiles: dict[str, tuple[int, int, int, int]] = {}
+        unloads: list[float] = []  # seconds, each of IDLE's
 
         @contextlib.contextmanager
         def loaded_for(name: str):
@@ -321,8 +328,11 @@ def main(argv: list[str] | None = None) -> None:
                 yield
             finally:
                 if name == IDLE_CONTENDER:
-                    for idle in IDLE:
+                    for idle in IDLE[::2] + IDLE[1::2]:  # every other one first: each moves those after it down
+                        started = time.perf_counter()
                         registry.unload(idle, set())
+                        synchronize(device)
+                        unloads.append(time.perf_counter() - started)
 
         def release(name: str, rows: list[BenchRow]) -> None:
             for row in rows:
@@ -387,6 +397,11 @@ def main(argv: list[str] | None = None) -> None:
         syncs, copies = ("-" if n is None else str(n) for n in (syncs, copies))
         line += f" {ops:9d} {ops / b_ops:7.2f} {kernels:8d} {syncs:>6s} {copies:>11s} {step_flops / 1e9:11.3f}"
         print(line)
+    print(
+        f"unloading one of the {len(IDLE)} idle adapters ({len(ADAPTERS)} others resident): median"
+        f" {statistics.median(unloads) * 1e3:.1f} ms, most {max(unloads) * 1e3:.1f} ms ({len(unloads)} unloads);"
+        f" load average at the end {os.getloadavg()[0]:.2f}"
+    )
 
 
 def registry_order(registry: AdapterRegistry, names: list[str]) -> list[str]:

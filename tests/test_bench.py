@@ -23,7 +23,7 @@ BENCHMARKS = {
     ],
     "engine_choice": ["mixserve / transformers"],
     "adapter_load": ["cold load, POST .../load", "host-tier reload", "gap ratio p99 loading / quiet ="],
-    "mixed_decode": ["(a) mixed types", "(a) LoRA only", "ideal", "bytes"],
+    "mixed_decode": ["(a) mixed types", "(a) LoRA only", "ideal", "bytes", "unloading one of the 16 idle adapters"],
     "dora": ["(a) 4 DoRA rows", "a/b (4 DoRA rows", "c/d (a DoRA row"],
     "module_adapters": ["(a) 15 + head copy", "(c) 16 head copies", "ms/step over b"],
     "prompt_scoring": ["(b) scoring pass with top-5", "b/a =", "d/c ="],

@@ -208,9 +208,8 @@ class RankPool:
     """The low-rank adapters (delta(x) = B(A(x)) * scale) of one layer side by side, in fixed-shape tensors:
     A [capacity, in] and B^T [capacity, out], each adapter on a span of free ranks. Attaching copies an adapter
     into its span, which is then its only device copy (MixedLinear.attach: the adapter reads it through `factors`);
-    detaching frees the span and moves the spans after it down onto it, in place (a copy of what lies after it;
-    where the device has no memory for that copy, the gap stays). What freed ranks held is never read again: rows
-    select their own ranks, and a freed rank's B is zero. The capacity doubles
+    detaching frees the span and moves the spans after it down onto it, in place (allocating nothing). What freed
+    ranks held is never read again: rows select their own ranks, and a freed rank's B is zero. The capacity doubles
     when an adapter does not fit and halves when what is held falls to a quarter of it (down to MIN_CAPACITY; an
     empty pool frees its tensors): the only times the shapes change.
 
@@ -269,17 +268,17 @@ class RankPool:
         start, width, _ = span
         if not self.spans:  # nothing left: the memory goes back
             self.a, self.b_t = self.a.new_zeros(0, self.in_features), self.b_t.new_zeros(0, self.out_features)
-        else:
-            # packed again where spans lay after it: a gap would widen the run of ranks a pass computes, and change
-            # which ranks it computes with the load history (tests/test_load_history.py)
-            if self.capacity > MIN_CAPACITY and self.held <= self.capacity // 4:
-                packed = self._repacked(max(MIN_CAPACITY, self.capacity // 2))
-            else:
-                packed = self._moved_down(start, width)
-            if not packed:
-                # rows select these ranks out (0): 0 x B stays 0 whatever B held
-                self.b_t[start : start + width].zero_()
-        self._relayout()
+            self._relayout()
+            return
+        self.b_t[start : start + width].zero_()  # a freed rank's B is zero: rows select it out, and 0 x 0 is 0
+        try:
+            # packed again: a gap would widen the run of ranks a pass computes, and change which ranks it computes
+            # with the load history (tests/test_load_history.py)
+            halves = self.capacity > MIN_CAPACITY and self.held <= self.capacity // 4
+            if not (halves and self._repacked(max(MIN_CAPACITY, self.capacity // 2))):
+                self._packed_from(start)
+        finally:
+            self._relayout()
 
     def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(A [width, in], B [out, width], scale) of the adapter in slot: views of its span (valid until the pool
@@ -336,27 +335,22 @@ class RankPool:
             self._subset = (columns, found)
         return self._subset[1]
 
-    def _moved_down(self, start: int, width: int) -> bool:
-        """The spans after the freed ranks [start, start + width) moved down onto them (in place: one copy of what
-        lies after them); False, and the pool as it was, when nothing lies after them or the device has no memory for
-        the copy."""
-        after = sorted((begin, w) for begin, w, _ in self.spans.values() if begin > start)
-        if not after:
-            return False
-        end = after[-1][0] + after[-1][1]
-        if after[0][0] != start + width or sum(w for _, w in after) != end - after[0][0]:
-            return self._repacked(self.capacity)  # not one run: gaps a copy that failed for want of memory left
-        try:
-            moved = [t[start + width : end].clone() for t in (self.a, self.b_t)]
-        except torch.OutOfMemoryError:
-            return False
-        for t, run in zip((self.a, self.b_t), moved, strict=True):
-            t[start : end - width].copy_(run)
-        self.b_t[end - width : end].zero_()
-        for slot, (begin, w, scale) in list(self.spans.items()):
-            if begin > start:
-                self.spans[slot] = (begin - width, w, scale)
-        return True
+    def _packed_from(self, start: int) -> None:
+        """The spans from rank `start` on moved down side by side from there, in place, in order (their B left
+        behind zeroed). Each span moves in chunks no longer than the distance it moves, lowest first, so that no
+        chunk overlaps where it goes: nothing is allocated, and a detach never fails for want of memory."""
+        cursor, end = start, max(begin + w for begin, w, _ in self.spans.values())
+        for slot, (begin, w, scale) in sorted(self.spans.items(), key=lambda item: item[1][0]):
+            if begin < start:
+                continue
+            if begin > cursor:
+                for t in (self.a, self.b_t):
+                    for at in range(0, w, begin - cursor):
+                        n = min(begin - cursor, w - at)
+                        t[cursor + at : cursor + at + n].copy_(t[begin + at : begin + at + n])
+                self.spans[slot] = (cursor, w, scale)
+            cursor += w
+        self.b_t[cursor:end].zero_()
 
     def _repacked(self, capacity: int) -> bool:
         """The spans packed side by side into `capacity` ranks (a copy); False, and the pool as it was, when the
@@ -372,16 +366,16 @@ class RankPool:
         """The spans moved side by side in order into new tensors of `capacity` ranks, with `width` free ranks where
         `order` goes; returns where those start."""
         a, b_t = self.a.new_zeros(capacity, self.in_features), self.b_t.new_zeros(capacity, self.out_features)
-        start, free = 0, None
+        start, free, spans = 0, None, {}
         for slot in sorted(self.spans, key=self.orders.__getitem__):
             if free is None and order is not None and self.orders[slot] > order:
                 free, start = start, start + width
             begin, w, scale = self.spans[slot]
             a[start : start + w].copy_(self.a[begin : begin + w])
             b_t[start : start + w].copy_(self.b_t[begin : begin + w])
-            self.spans[slot] = (start, w, scale)
+            spans[slot] = (start, w, scale)
             start += w
-        self.a, self.b_t = a, b_t
+        self.a, self.b_t, self.spans = a, b_t, spans  # the pool as it was until here, whatever failed before
         return start if free is None else free
 
     def _relayout(self) -> None:
