@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import weakref
 from array import array
 from collections import OrderedDict
@@ -35,7 +36,10 @@ from server.adapters.kinds.base import LayerShape, PoolSpan
 from server.adapters.kinds.lokr import LoKrLayer
 from server.adapters.kinds.lora import LoraLayer, ParameterLora
 from server.adapters.modules import MixedModule, ModuleAdapter
+from server.engine.fatal import raise_if_device_fatal
 from server.quantization import quantized
+
+log = logging.getLogger(__name__)
 
 _plan_ids = itertools.count()
 
@@ -276,7 +280,7 @@ class RankPool:
             # with the load history (tests/test_load_history.py)
             halves = self.capacity > MIN_CAPACITY and self.held <= self.capacity // 4
             if not (halves and self._repacked(max(MIN_CAPACITY, self.capacity // 2))):
-                self._packed_from(start)
+                self._pack()
         finally:
             self._relayout()
 
@@ -335,22 +339,42 @@ class RankPool:
             self._subset = (columns, found)
         return self._subset[1]
 
-    def _packed_from(self, start: int) -> None:
-        """The spans from rank `start` on moved down side by side from there, in place, in order (their B left
-        behind zeroed). Each span moves in chunks no longer than the distance it moves, lowest first, so that no
-        chunk overlaps where it goes: nothing is allocated, and a detach never fails for want of memory."""
-        cursor, end = start, max(begin + w for begin, w, _ in self.spans.values())
+    def _pack(self) -> None:
+        """The spans moved down side by side from rank 0, in order, in place (the B they leave zeroed); each run of
+        them that moves alike is moved at once, lowest first, so that no run is written before it is read."""
+        cursor, end, runs, packed = 0, max(begin + w for begin, w, _ in self.spans.values()), [], {}
         for slot, (begin, w, scale) in sorted(self.spans.items(), key=lambda item: item[1][0]):
-            if begin < start:
-                continue
-            if begin > cursor:
-                for t in (self.a, self.b_t):
-                    for at in range(0, w, begin - cursor):
-                        n = min(begin - cursor, w - at)
-                        t[cursor + at : cursor + at + n].copy_(t[begin + at : begin + at + n])
-                self.spans[slot] = (cursor, w, scale)
+            if begin != cursor:
+                run = runs[-1] if runs else None  # (from, to, ranks)
+                if run and run[0] + run[2] == begin and run[0] - run[1] == begin - cursor:  # goes on, moved alike
+                    runs[-1] = (run[0], run[1], run[2] + w)
+                else:
+                    runs.append((begin, cursor, w))
+                packed[slot] = (cursor, w, scale)
             cursor += w
+        for begin, to, n in runs:
+            self._moved_down(begin, to, n)
+        self.spans.update(packed)  # once the data is there
         self.b_t[cursor:end].zero_()
+
+    def _moved_down(self, begin: int, to: int, n: int) -> None:
+        """Ranks [begin, begin + n) of A and B^T copied down to [to, to + n): through one temporary copy where that
+        saves many chunks and there is memory for it, else in chunks no longer than the distance moved, lowest first
+        (no chunk overlaps where it goes: nothing allocated, so a detach never fails for want of memory)."""
+        distance = begin - to
+        if n > 8 * distance:
+            try:
+                moved = [t[begin : begin + n].clone() for t in (self.a, self.b_t)]
+            except RuntimeError as exc:  # torch.OutOfMemoryError on a device; the CPU's allocator raises RuntimeError
+                raise_if_device_fatal(exc)
+            else:
+                for t, run in zip((self.a, self.b_t), moved, strict=True):
+                    t[to : to + n].copy_(run)
+                return
+        for t in (self.a, self.b_t):
+            for at in range(0, n, distance):
+                size = min(distance, n - at)
+                t[to + at : to + at + size].copy_(t[begin + at : begin + at + size])
 
     def _repacked(self, capacity: int) -> bool:
         """The spans packed side by side into `capacity` ranks (a copy); False, and the pool as it was, when the
@@ -358,7 +382,9 @@ class RankPool:
         want of it."""
         try:
             self._repack(capacity)
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:  # torch.OutOfMemoryError on a device; the CPU's allocator raises RuntimeError
+            raise_if_device_fatal(exc)
+            log.warning("rank pool %d x %d: not halved (%s); packed in place", self.in_features, self.out_features, exc)
             return False
         return True
 
