@@ -203,6 +203,13 @@ class RankColumns:
         self.index = None if self.run else torch.tensor(ranks).to(device)
 
 
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """Whether exc is an allocation that failed: torch.OutOfMemoryError on a device, a RuntimeError from the CPU's
+    allocator. A device error after which nothing can be computed goes up."""
+    raise_if_device_fatal(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
 # The smallest pool: MKL's products with fewer than 16 columns take another kernel, whose sums round otherwise, and
 # a row's output must not depend on how many ranks the adapters loaded before it took.
 MIN_CAPACITY = 16
@@ -212,8 +219,9 @@ class RankPool:
     """The low-rank adapters (delta(x) = B(A(x)) * scale) of one layer side by side, in fixed-shape tensors:
     A [capacity, in] and B^T [capacity, out], each adapter on a span of free ranks. Attaching copies an adapter
     into its span, which is then its only device copy (MixedLinear.attach: the adapter reads it through `factors`);
-    detaching frees the span and moves the spans after it down onto it, in place (allocating nothing). What freed
-    ranks held is never read again: rows select their own ranks, and a freed rank's B is zero. The capacity doubles
+    detaching frees the span and moves the spans after it down onto it, in place (in chunks, or through one temporary
+    copy where that saves many: a detach never fails for want of memory). What freed ranks held is never read again:
+    rows select their own ranks, and a freed rank's B is zero. The capacity doubles
     when an adapter does not fit and halves when what is held falls to a quarter of it (down to MIN_CAPACITY; an
     empty pool frees its tensors): the only times the shapes change.
 
@@ -365,8 +373,9 @@ class RankPool:
         if n > 8 * distance:
             try:
                 moved = [t[begin : begin + n].clone() for t in (self.a, self.b_t)]
-            except RuntimeError as exc:  # torch.OutOfMemoryError on a device; the CPU's allocator raises RuntimeError
-                raise_if_device_fatal(exc)
+            except RuntimeError as exc:
+                if not _out_of_memory(exc):
+                    log.exception("rank pool %d x %d: a temporary copy failed; moved in chunks", *self._shape)
             else:
                 for t, run in zip((self.a, self.b_t), moved, strict=True):
                     t[to : to + n].copy_(run)
@@ -377,16 +386,19 @@ class RankPool:
                 t[to + at : to + at + size].copy_(t[begin + at : begin + at + size])
 
     def _repacked(self, capacity: int) -> bool:
-        """The spans packed side by side into `capacity` ranks (a copy); False, and the pool as it was, when the
-        device has no memory for the copy: a detach (an eviction, which runs when memory is short) never fails for
-        want of it."""
+        """The spans packed side by side into `capacity` ranks (a copy); False, and the pool as it was, when there is
+        no memory for the copy: a detach (an eviction, which runs when memory is short) never fails for want of it."""
         try:
             self._repack(capacity)
-        except RuntimeError as exc:  # torch.OutOfMemoryError on a device; the CPU's allocator raises RuntimeError
-            raise_if_device_fatal(exc)
-            log.warning("rank pool %d x %d: not halved (%s); packed in place", self.in_features, self.out_features, exc)
+        except RuntimeError as exc:
+            level = logging.WARNING if _out_of_memory(exc) else logging.ERROR
+            log.log(level, "rank pool %d x %d: not halved (%s); packed in place", *self._shape, exc, exc_info=exc)
             return False
         return True
+
+    @property
+    def _shape(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
 
     def _repack(self, capacity: int, order: tuple | None = None, width: int = 0) -> int:
         """The spans moved side by side in order into new tensors of `capacity` ranks, with `width` free ranks where
